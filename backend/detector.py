@@ -1,0 +1,240 @@
+"""Grounding DINO: text phrases -> labelled boxes.
+
+The model's forward is split in two so the text-independent half (Swin backbone + input
+projections) can be cached per image and reused when only the prompt changes. Each box is scored
+per *requested phrase* from the token logits of that phrase's tokens, so merged or sub-word outputs
+("##van", "car taxi") can't produce a label nobody asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.ops import batched_nms, box_convert
+
+from .types import Detection
+
+MAX_TEXT_TOKENS = 256  # Grounding DINO's max_text_len
+
+
+class PromptError(ValueError):
+    """The prompt can't be used: empty, or too long for the text encoder."""
+
+
+def parse_prompt(prompt: str | Sequence[str]) -> list[str]:
+    """``"cat . dog"`` or ``["cat", "dog"]`` -> ``["cat", "dog"]``: stripped, de-duplicated (case-insensitive)."""
+    pieces = prompt.split(".") if isinstance(prompt, str) else [str(p) for p in prompt]
+    phrases: list[str] = []
+    seen: set[str] = set()
+    for piece in pieces:
+        phrase = " ".join(piece.split())
+        if phrase and phrase.lower() not in seen:
+            seen.add(phrase.lower())
+            phrases.append(phrase)
+    if not phrases:
+        raise PromptError("prompt is empty: give at least one phrase, e.g. 'cat . dog'")
+    return phrases
+
+
+@dataclass(frozen=True)
+class Caption:
+    """The text Grounding DINO reads, and which of its tokens belong to which requested phrase."""
+
+    text: str
+    phrases: tuple[str, ...]
+    phrase_tokens: tuple[tuple[int, ...], ...]  # token indices of each phrase
+    tokens: tuple[str, ...]  # every token of the caption (incl. [CLS], '.', [SEP])
+
+    @classmethod
+    def build(cls, phrases: Sequence[str], tokenizer) -> "Caption":
+        # Same text groundingdino.util.inference.preprocess_caption makes of "a . b": lower-case, ending in '.'.
+        spans, text = [], ""
+        for i, phrase in enumerate(phrases):
+            if i:
+                text += " . "
+            spans.append((len(text), len(text) + len(phrase)))
+            text += phrase.lower()
+        text += " ."
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        if len(encoded["input_ids"]) > MAX_TEXT_TOKENS:
+            raise PromptError(
+                f"prompt is too long: {len(encoded['input_ids'])} tokens, Grounding DINO reads at most "
+                f"{MAX_TEXT_TOKENS}; use fewer or shorter phrases"
+            )
+        offsets = encoded["offset_mapping"]
+        phrase_tokens = []
+        for phrase, (start, end) in zip(phrases, spans):
+            indices = tuple(i for i, (a, b) in enumerate(offsets) if b > a and a >= start and b <= end)
+            if not indices:
+                raise PromptError(f"phrase {phrase!r} has no tokens the text encoder knows")
+            phrase_tokens.append(indices)
+        tokens = tuple(tokenizer.convert_ids_to_tokens(encoded["input_ids"]))
+        return cls(text=text, phrases=tuple(phrases), phrase_tokens=tuple(phrase_tokens), tokens=tokens)
+
+
+@dataclass
+class DinoImageFeatures:
+    """Backbone outputs after the input projections: everything in the forward that ignores text."""
+
+    srcs: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    poss: list[torch.Tensor]
+    image_size: tuple[int, int]  # original H, W
+
+
+@dataclass(frozen=True)
+class RawPredictions:
+    """All queries: sigmoid token logits (num_queries x num_tokens) and normalised cxcywh boxes."""
+
+    token_probs: torch.Tensor
+    boxes_cxcywh: torch.Tensor
+
+
+class GroundingDinoDetector:
+    """Wraps a loaded groundingdino model; stateless between calls, so threads may share it."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        image_size: int = 800,
+        max_size: int = 1333,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.dtype = dtype
+        self.image_size = image_size
+        self.max_size = max_size
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """groundingdino.util.inference.load_image's transform: resize shorter side, normalise."""
+        import groundingdino.datasets.transforms as T
+
+        transform = T.Compose([
+            T.RandomResize([self.image_size], max_size=self.max_size),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ])
+        tensor, _ = transform(Image.fromarray(image), None)
+        return tensor
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @torch.inference_mode()
+    def image_features(self, image: np.ndarray) -> DinoImageFeatures:
+        from groundingdino.util.misc import NestedTensor, nested_tensor_from_tensor_list
+
+        model = self.model
+        samples = nested_tensor_from_tensor_list([self.preprocess(image).to(self.device)])
+        with self._autocast():
+            features, poss = model.backbone(samples)
+            srcs, masks = [], []
+            for level, feature in enumerate(features):
+                src, mask = feature.decompose()
+                srcs.append(model.input_proj[level](src))
+                masks.append(mask)
+            for level in range(len(srcs), model.num_feature_levels):
+                src = model.input_proj[level](features[-1].tensors if level == len(features) else srcs[-1])
+                mask = F.interpolate(samples.mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
+                poss.append(model.backbone[1](NestedTensor(src, mask)).to(src.dtype))
+                srcs.append(src)
+                masks.append(mask)
+        return DinoImageFeatures(srcs=srcs, masks=masks, poss=list(poss), image_size=image.shape[:2])
+
+    @torch.inference_mode()
+    def raw_predictions(self, features: DinoImageFeatures, caption: Caption) -> RawPredictions:
+        """The text half of GroundingDINO.forward, run over cached image features."""
+        from groundingdino.models.GroundingDINO.bertwarper import (
+            generate_masks_with_special_tokens_and_transfer_map,
+        )
+        from groundingdino.util.misc import inverse_sigmoid
+
+        model = self.model
+        tokenized = model.tokenizer([caption.text], padding="longest", return_tensors="pt").to(self.device)
+        self_attention_masks, position_ids, _ = generate_masks_with_special_tokens_and_transfer_map(
+            tokenized, model.specical_tokens, model.tokenizer
+        )
+        with self._autocast():
+            if model.sub_sentence_present:
+                bert_inputs = {k: v for k, v in tokenized.items() if k != "attention_mask"}
+                bert_inputs["attention_mask"] = self_attention_masks
+                bert_inputs["position_ids"] = position_ids
+            else:
+                bert_inputs = dict(tokenized)
+            encoded_text = model.feat_map(model.bert(**bert_inputs)["last_hidden_state"])
+            text_dict = {
+                "encoded_text": encoded_text,
+                "text_token_mask": tokenized.attention_mask.bool(),
+                "position_ids": position_ids,
+                "text_self_attention_masks": self_attention_masks,
+            }
+            hs, reference, _, _, _ = model.transformer(
+                features.srcs, features.masks, None, features.poss, None, None, text_dict
+            )
+            # Only the last decoder layer's outputs are used (as in the model's own output dict).
+            boxes = (model.bbox_embed[-1](hs[-1]) + inverse_sigmoid(reference[-2])).sigmoid()
+            logits = model.class_embed[-1](hs[-1], text_dict)
+        return RawPredictions(token_probs=logits[0].float().sigmoid().cpu(), boxes_cxcywh=boxes[0].float().cpu())
+
+    def detect(
+        self,
+        features: DinoImageFeatures,
+        phrases: Sequence[str],
+        box_threshold: float,
+        text_threshold: float,
+        nms_iou: float,
+        max_detections: int,
+    ) -> list[Detection]:
+        """Boxes whose best requested phrase scores above both thresholds, after per-label NMS."""
+        caption = Caption.build(phrases, self.tokenizer)
+        raw = self.raw_predictions(features, caption)
+        return select_detections(raw, caption, features.image_size, box_threshold, text_threshold,
+                                 nms_iou, max_detections)
+
+
+def select_detections(
+    raw: RawPredictions,
+    caption: Caption,
+    image_size: tuple[int, int],
+    box_threshold: float,
+    text_threshold: float,
+    nms_iou: float,
+    max_detections: int,
+) -> list[Detection]:
+    """Score each query per phrase (max over the phrase's tokens), threshold, NMS per label, cap."""
+    probs = raw.token_probs
+    phrase_scores = torch.stack([probs[:, list(idx)].max(dim=1).values for idx in caption.phrase_tokens], dim=1)
+    best_score, best_phrase = phrase_scores.max(dim=1)
+    keep = (best_score > box_threshold) & (best_score > text_threshold)
+    if not keep.any():
+        return []
+    height, width = image_size
+    boxes = box_convert(raw.boxes_cxcywh[keep], "cxcywh", "xyxy") * torch.tensor([width, height, width, height])
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    scores, labels = best_score[keep], best_phrase[keep]
+    kept_queries = keep.nonzero().flatten()
+    order = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]  # sorted by score, descending
+    phrase_token_set = {i for idx in caption.phrase_tokens for i in idx}
+    detections = []
+    for i in order.tolist():
+        query = kept_queries[i]
+        detections.append(Detection(
+            label=caption.phrases[int(labels[i])],
+            box=tuple(float(v) for v in boxes[i]),
+            score=float(scores[i]),
+            phrase_scores={p: float(phrase_scores[query, j]) for j, p in enumerate(caption.phrases)},
+            token_scores=tuple((caption.tokens[t], float(probs[query, t])) for t in sorted(phrase_token_set)),
+        ))
+    return detections

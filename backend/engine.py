@@ -1,0 +1,179 @@
+"""The engine: image + prompt -> labelled masks (Grounding DINO -> SAM)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
+
+import numpy as np
+
+from .config import EngineConfig
+from .detector import DinoImageFeatures, GroundingDinoDetector, parse_prompt
+from .images import ImageInput, image_digest, load_rgb
+from .segmenter import ImageEmbedding, SamSegmenter
+from .types import Detection, Segment
+
+logger = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+
+class LruCache(Generic[V]):
+    """A small thread-safe LRU map; values are computed outside the lock by ``get_or_compute``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> V | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: Hashable, value: V) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Engine:
+    """Loads both models once; ``segment`` is safe to call from many threads."""
+
+    def __init__(self, config: EngineConfig, detector: GroundingDinoDetector | None = None,
+                 segmenter: SamSegmenter | None = None) -> None:
+        self.config = config
+        if detector is None or segmenter is None:
+            from .models import build_grounding_dino, build_sam, resolve_device, resolve_dtype
+            from .weights import ensure_ready
+
+            ensure_ready(config)
+            device = resolve_device(config.device)
+            dtype = resolve_dtype(config.precision, device)
+            detector = detector or GroundingDinoDetector(
+                build_grounding_dino(config), device, dtype, config.dino_image_size, config.dino_max_size)
+            segmenter = segmenter or SamSegmenter(build_sam(config), device, dtype)
+        self.detector = detector
+        self.segmenter = segmenter
+        self.model_version = model_version(config)
+        self._dino_features: LruCache[DinoImageFeatures] = LruCache(config.embedding_cache_size)
+        self._sam_embeddings: LruCache[ImageEmbedding] = LruCache(config.embedding_cache_size)
+        # One encoder run at a time per model: concurrent runs would only split the same cores, and
+        # explanation capture swaps module forwards for the duration of a run.
+        self.dino_lock = threading.Lock()
+        self.sam_lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> "Engine":
+        return cls(EngineConfig.from_env())
+
+    # -- per-image features (cached by image content) ---------------------------------------
+    def dino_features(self, image: np.ndarray, digest: str | None = None) -> DinoImageFeatures:
+        def compute() -> DinoImageFeatures:
+            with self.dino_lock:
+                return self.detector.image_features(image)
+
+        return self._dino_features.get_or_compute(digest or image_digest(image), compute)
+
+    def sam_embedding(self, image: np.ndarray, digest: str | None = None) -> ImageEmbedding:
+        def compute() -> ImageEmbedding:
+            with self.sam_lock:
+                return self.segmenter.embed(image)
+
+        return self._sam_embeddings.get_or_compute(digest or image_digest(image), compute)
+
+    def remember_sam_embedding(self, digest: str, embedding: ImageEmbedding) -> None:
+        self._sam_embeddings.put(digest, embedding)
+
+    # -- the pipeline ----------------------------------------------------------------------
+    def load_image(self, image: ImageInput) -> np.ndarray:
+        return load_rgb(image, max_pixels=self.config.max_image_pixels)
+
+    def detect(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
+               text_threshold: float | None = None) -> list[Detection]:
+        rgb = self.load_image(image)
+        return self._detect(rgb, image_digest(rgb), parse_prompt(prompt), box_threshold, text_threshold)
+
+    def segment(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
+                text_threshold: float | None = None) -> list[Segment]:
+        """Labelled masks for every phrase of ``prompt`` found in ``image`` (best score first)."""
+        rgb = self.load_image(image)
+        phrases = parse_prompt(prompt)
+        digest = image_digest(rgb)
+        detections = self._detect(rgb, digest, phrases, box_threshold, text_threshold)
+        if not detections:
+            return []
+        embedding = self.sam_embedding(rgb, digest)
+        masks, ious = self.segmenter.segment(embedding, np.array([d.box for d in detections]))
+        return [Segment.from_detection(d, m, float(i)) for d, m, i in zip(detections, masks, ious)]
+
+    def _detect(self, rgb: np.ndarray, digest: str, phrases: list[str], box_threshold: float | None,
+                text_threshold: float | None) -> list[Detection]:
+        box_threshold = self.config.box_threshold if box_threshold is None else _unit(box_threshold, "box_threshold")
+        text_threshold = (self.config.text_threshold if text_threshold is None
+                          else _unit(text_threshold, "text_threshold"))
+        features = self.dino_features(rgb, digest)
+        return self.detector.detect(features, phrases, box_threshold, text_threshold,
+                                    self.config.nms_iou, self.config.max_detections)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "sam": f"{self.config.sam_variant} ({self.config.sam_checkpoint_path.name})",
+            "grounding_dino": f"{self.config.dino_variant} ({self.config.dino_checkpoint_path.name})",
+            "device": str(self.segmenter.device),
+            "dtype": str(self.segmenter.dtype).replace("torch.", ""),
+        }
+
+
+def _unit(value: float, name: str) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be within [0, 1], got {value}")
+    return value
+
+
+def model_version(config: EngineConfig) -> str:
+    """A stable string for a model + settings: same files and settings -> same version everywhere."""
+    settings = {
+        "sam": config.sam_variant, "sam_arch": config.sam_arch, "dino": config.dino_variant,
+        "dino_arch": config.dino_arch, "box": config.box_threshold, "text": config.text_threshold,
+        "nms": config.nms_iou, "max": config.max_detections, "dino_size": config.dino_image_size,
+        "sam_file": _file_fingerprint(config.sam_checkpoint_path),
+        "dino_file": _file_fingerprint(config.dino_checkpoint_path),
+        "precision": config.precision,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"grounded-sam-{config.sam_variant}-{config.dino_variant}-{digest}"
+
+
+def _file_fingerprint(path) -> str:
+    """Size plus a hash of the first and last MiB: tells checkpoints apart without reading GBs."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+            f.seek(max(0, size - (1 << 20)))
+            tail = f.read()
+    except OSError:
+        return "missing"
+    return f"{size}:{hashlib.sha256(head + tail).hexdigest()[:16]}"

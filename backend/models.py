@@ -1,0 +1,179 @@
+"""Build SAM / MobileSAM / Grounding DINO from their real architecture code and load checkpoints.
+
+Files are read from the model cache only; nothing here reaches the internet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .config import SAM_CHECKPOINTS, EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# segment_anything's build_sam_vit_{h,l,b} hyper-parameters.
+SAM_ARCHS: dict[str, dict[str, Any]] = {
+    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
+                  encoder_global_attn_indexes=[7, 15, 23, 31]),
+    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+                  encoder_global_attn_indexes=[5, 11, 17, 23]),
+    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                  encoder_global_attn_indexes=[2, 5, 8, 11]),
+}
+OFFICIAL_FILE_NAMES = frozenset(SAM_CHECKPOINTS.values()) | {
+    "groundingdino_swint_ogc.pth", "groundingdino_swinb_cogcoor.pth"}
+
+# State-dict keys a Grounding DINO checkpoint may lack without harm (buffers rebuilt at init).
+_DINO_IGNORABLE_MISSING = ("bert.embeddings.position_ids", "bert.pooler.")
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint exists but can't be loaded into the configured architecture."""
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"DEVICE={requested} but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU unless asked; bf16 on GPUs that support it (fp16 otherwise)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load on CPU, tensors only; only our official files may fall back to full unpickling."""
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure
+        if path.name not in OFFICIAL_FILE_NAMES:
+            raise ModelLoadError(
+                f"can't load checkpoint {path} as plain tensors ({exc.__class__.__name__}: {exc}); "
+                "save it with torch.save(model.state_dict(), path)"
+            ) from exc
+        logger.warning("%s holds non-tensor objects; loading it with full unpickling", path.name)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def build_sam_architecture(config: EngineConfig) -> torch.nn.Module:
+    """The SAM (or MobileSAM) architecture of ``config`` with freshly initialised weights."""
+    if config.sam_variant == "vit_t":
+        if config.sam_arch:
+            raise ModelLoadError("sam_arch overrides are for vit_h/vit_l/vit_b; MobileSAM's TinyViT is fixed")
+        from mobile_sam.build_sam import build_sam_vit_t
+
+        sam = build_sam_vit_t(checkpoint=None)
+    else:
+        from segment_anything.build_sam import _build_sam
+
+        arch = {**SAM_ARCHS[config.sam_variant], **(config.sam_arch or {})}
+        unknown = set(arch) - set(SAM_ARCHS["vit_b"])
+        if unknown:
+            raise ModelLoadError(f"unknown sam_arch keys {sorted(unknown)}; allowed: {sorted(SAM_ARCHS['vit_b'])}")
+        sam = _build_sam(checkpoint=None, **arch)
+    return sam
+
+
+def build_sam(config: EngineConfig) -> torch.nn.Module:
+    """The SAM (or MobileSAM) architecture of ``config``, with its checkpoint loaded, in eval mode."""
+    sam = build_sam_architecture(config)
+    path = config.sam_checkpoint_path
+    state = load_state_dict(path)
+    try:
+        sam.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"checkpoint {path} does not match SAM architecture {config.sam_variant}"
+            f"{' with sam_arch ' + str(config.sam_arch) if config.sam_arch else ''}: {str(exc)[:500]}"
+        ) from exc
+    return sam.eval()
+
+
+_swin_patch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _custom_swin(swin_arch: dict[str, Any] | None) -> Iterator[None]:
+    """Let groundingdino's build_backbone build a Swin with our hyper-parameters.
+
+    groundingdino only knows five named Swins (a dict local to build_swin_transformer), so custom or
+    tiny backbones are built by swapping that function for the duration of the build.
+    """
+    if not swin_arch:
+        yield
+        return
+    from groundingdino.models.GroundingDINO.backbone import backbone as backbone_module
+    from groundingdino.models.GroundingDINO.backbone.swin_transformer import SwinTransformer
+
+    def build_swin_transformer(modelname: str, pretrain_img_size: int, **kwargs: Any) -> SwinTransformer:
+        return SwinTransformer(pretrain_img_size=pretrain_img_size, **{**swin_arch, **kwargs})
+
+    with _swin_patch_lock:
+        original = backbone_module.build_swin_transformer
+        backbone_module.build_swin_transformer = build_swin_transformer
+        try:
+            yield
+        finally:
+            backbone_module.build_swin_transformer = original
+
+
+def build_grounding_dino_architecture(config: EngineConfig) -> torch.nn.Module:
+    """Grounding DINO from its SLConfig file and the local text encoder; detection weights fresh."""
+    from .weights import force_offline
+
+    force_offline()
+    from groundingdino.models import build_model
+    from groundingdino.util.slconfig import SLConfig
+
+    text_encoder = config.text_encoder_path
+    if not (text_encoder / "config.json").is_file():
+        raise ModelLoadError(f"text encoder folder {text_encoder} has no config.json")
+    args = SLConfig.fromfile(str(config.dino_config_path))
+    arch = dict(config.dino_arch or {})
+    swin_arch = arch.pop("swin", None)
+    for key, value in arch.items():
+        setattr(args, key, value)
+    args.device = "cpu"
+    # groundingdino treats a folder path as a local BERT; the name "bert-base-uncased" would go to the hub.
+    args.text_encoder_type = str(text_encoder)
+    with _custom_swin(swin_arch), contextlib.redirect_stdout(open(os.devnull, "w")):
+        return build_model(args)
+
+
+def build_grounding_dino(config: EngineConfig) -> torch.nn.Module:
+    """Grounding DINO from its SLConfig file, text encoder from the local cache, checkpoint loaded."""
+    from groundingdino.util.misc import clean_state_dict
+
+    model = build_grounding_dino_architecture(config)
+    path = config.dino_checkpoint_path
+    checkpoint = load_state_dict(path)
+    state = clean_state_dict(checkpoint["model"] if "model" in checkpoint else checkpoint)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(_DINO_IGNORABLE_MISSING)]
+    if missing or result.unexpected_keys:
+        raise ModelLoadError(
+            f"checkpoint {path} does not match Grounding DINO {config.dino_variant}"
+            f"{' with dino_arch ' + str(config.dino_arch) if config.dino_arch else ''}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
+        )
+    return model.eval()

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny model cache (real architectures, random weights) and real photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A model cache written by ``python -m tests.tiny_models``; reused from TINY_MODEL_CACHE if set."""
+    from tests.tiny_models import write_cache
+
+    existing = os.environ.get("TINY_MODEL_CACHE")
+    if existing and (Path(existing) / "engine.json").is_file():
+        return Path(existing)
+    out = tmp_path_factory.mktemp("tiny_model_cache")
+    write_cache(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine_config(tiny_cache):
+    from backend.config import EngineConfig
+
+    return EngineConfig.from_file(tiny_cache / "engine.json")
+
+
+@pytest.fixture(scope="session")
+def engine(engine_config):
+    from backend.engine import Engine
+
+    return Engine(engine_config)
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.astronaut()  # 512 x 512 RGB photo
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.chelsea()  # 300 x 451 RGB photo (non-square: catches transposed geometry)

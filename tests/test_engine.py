@@ -1,0 +1,145 @@
+"""The engine on real photos with tiny random-weight models loaded through the production loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend.detector import Caption, PromptError, parse_prompt, select_detections
+
+
+def _iou(a, b) -> float:
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def test_segments_have_image_sized_masks_and_requested_labels(engine, chelsea):
+    segments = engine.segment(chelsea, "cat . dog", box_threshold=0.3, text_threshold=0.25)
+    assert segments, "random tiny models still score boxes above 0.3; nothing found means a broken pipeline"
+    assert len(segments) <= engine.config.max_detections
+    height, width = chelsea.shape[:2]
+    for segment in segments:
+        assert segment.mask.shape == (height, width) and segment.mask.dtype == bool
+        assert segment.label in ("cat", "dog")
+        x0, y0, x1, y1 = segment.box
+        assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+        assert 0.3 < segment.score <= 1.0
+        assert segment.score == pytest.approx(segment.phrase_scores[segment.label])
+        assert np.isfinite(segment.predicted_iou)
+    scores = [s.score for s in segments]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_caption_maps_subword_and_multiword_phrases_to_their_tokens(engine):
+    caption = Caption.build(["minivan", "car taxi", "Cat"], engine.detector.tokenizer)
+    assert caption.text == "minivan . car taxi . cat ."
+    tokens = [[caption.tokens[i] for i in idx] for idx in caption.phrase_tokens]
+    assert tokens == [["mini", "##van"], ["car", "taxi"], ["cat"]]
+    assert caption.phrases == ("minivan", "car taxi", "Cat")  # labels keep the user's spelling
+
+
+def test_phrase_scores_come_from_the_phrase_tokens_logits(engine, astronaut):
+    phrases = ["minivan", "astronaut"]
+    caption = Caption.build(phrases, engine.detector.tokenizer)
+    raw = engine.detector.raw_predictions(engine.dino_features(astronaut), caption)
+    detections = select_detections(raw, caption, astronaut.shape[:2], 0.0, 0.0, nms_iou=1.0, max_detections=1000)
+    # Straightforward per-query reference: best phrase by max token probability among its tokens.
+    expected = {}
+    for q in range(raw.token_probs.shape[0]):
+        per_phrase = [max(float(raw.token_probs[q, t]) for t in idx) for idx in caption.phrase_tokens]
+        best = int(np.argmax(per_phrase))
+        if per_phrase[best] > 0.0:
+            expected[q] = (phrases[best], per_phrase[best])
+    assert sorted((d.label, round(d.score, 5)) for d in detections) == sorted(
+        (label, round(score, 5)) for label, score in expected.values())
+    for d in detections:
+        assert set(d.phrase_scores) == set(phrases)
+        assert [t for t, _ in d.token_scores] == ["mini", "##van", "astronaut"]
+
+
+def test_nms_per_label_and_detection_cap(engine, astronaut):
+    phrases = ["astronaut", "rocket"]
+    caption = Caption.build(phrases, engine.detector.tokenizer)
+    raw = engine.detector.raw_predictions(engine.dino_features(astronaut), caption)
+    everything = select_detections(raw, caption, astronaut.shape[:2], 0.0, 0.0, nms_iou=1.0, max_detections=1000)
+    suppressed = select_detections(raw, caption, astronaut.shape[:2], 0.0, 0.0, nms_iou=0.3, max_detections=1000)
+    assert len(everything) == raw.token_probs.shape[0]
+    assert len(suppressed) < len(everything)
+    for i, a in enumerate(suppressed):
+        for b in suppressed[i + 1:]:
+            if a.label == b.label:
+                assert _iou(a.box, b.box) <= 0.3 + 1e-6
+    # Greedy NMS reference per label: a box survives unless a better same-label survivor overlaps it.
+    survivors = []
+    for d in everything:  # already sorted by score
+        if all(s.label != d.label or _iou(s.box, d.box) <= 0.3 for s in survivors):
+            survivors.append(d)
+    assert [(d.label, d.box) for d in suppressed] == [(d.label, d.box) for d in survivors]
+    capped = select_detections(raw, caption, astronaut.shape[:2], 0.0, 0.0, nms_iou=0.3, max_detections=2)
+    assert [d.box for d in capped] == [d.box for d in suppressed[:2]]
+
+
+def test_sam_encodes_each_image_once(engine_config, astronaut, chelsea):
+    from backend.engine import Engine
+
+    engine = Engine(engine_config)  # fresh caches
+    calls = []
+    handle = engine.segmenter.sam.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        first = engine.segment(astronaut, "astronaut . rocket . flag", box_threshold=0.2)
+        assert len(first) > 1 and len(calls) == 1  # all boxes decoded from one encoding
+        engine.segment(astronaut, "cat", box_threshold=0.2)  # re-prompt: embedding reused
+        assert len(calls) == 1
+        engine.segment(chelsea, "cat", box_threshold=0.2)
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+
+
+def test_mobile_sam_variant_segments(tiny_cache, chelsea):
+    from backend.config import EngineConfig
+    from backend.engine import Engine
+
+    engine = Engine(EngineConfig.from_file(tiny_cache / "engine-mobilesam.json"))
+    assert type(engine.segmenter.sam.image_encoder).__name__ == "TinyViT"
+    segments = engine.segment(chelsea, "cat", box_threshold=0.3)
+    assert segments and all(s.mask.shape == chelsea.shape[:2] for s in segments)
+
+
+@pytest.mark.parametrize("prompt", ["", " . . ", []])
+def test_empty_prompt_is_refused(engine, chelsea, prompt):
+    with pytest.raises(PromptError, match="empty"):
+        engine.segment(chelsea, prompt)
+
+
+def test_too_long_prompt_is_refused(engine, chelsea):
+    with pytest.raises(PromptError, match="too long"):
+        engine.segment(chelsea, " . ".join(f"cat{i}" for i in range(200)))
+
+
+def test_bad_thresholds_are_refused(engine, chelsea):
+    with pytest.raises(ValueError, match="box_threshold"):
+        engine.segment(chelsea, "cat", box_threshold=1.5)
+
+
+def test_parse_prompt_dedupes_and_strips():
+    assert parse_prompt(" Cat . dog .cat . hot  dog ") == ["Cat", "dog", "hot dog"]
+    assert parse_prompt(["car", "Car", " van "]) == ["car", "van"]
+
+
+def test_model_version_is_stable_and_tracks_settings(engine_config):
+    from backend.engine import model_version
+
+    assert model_version(engine_config) == model_version(engine_config)
+    assert model_version(engine_config) != model_version(engine_config.replace(box_threshold=0.5))
+    assert isinstance(model_version(engine_config), str)
+
+
+def test_inference_uses_no_autograd(engine, chelsea):
+    embedding = engine.sam_embedding(chelsea)
+    assert not embedding.features.requires_grad
+    assert torch.is_inference(embedding.features) or not embedding.features.requires_grad
