@@ -58,8 +58,11 @@ def _open(fp, name: str, max_pixels: int) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(fp)
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"{name}: image too large ({exc})") from exc
+        except Image.DecompressionBombError as exc:  # PIL's hard stop, far above any sane limit
+            raise ImageError(
+                f"{name}: image is too large to decode safely ({exc}); the limit is {max_pixels:,} pixels "
+                "(MAX_IMAGE_PIXELS)"
+            ) from exc
         except UnidentifiedImageError as exc:
             raise ImageError(f"{name}: not a readable image file") from exc
         except OSError as exc:
