@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite from a clean machine: installs what it needs from the repo's own files
+# (requirements.lock for the project, requirements-label-studio.txt for the real Label Studio the
+# end-to-end tests drive, Debian's chromium for the browser test), then runs pytest.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k engine
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+bash scripts/setup_venv.sh
+bash scripts/install_label_studio.sh
+if [[ -f scripts/install_browser.sh ]]; then
+    bash scripts/install_browser.sh
+fi
+
+# Tests that need Label Studio or the browser fail (rather than skip) when they are missing here.
+export REQUIRE_LABEL_STUDIO="${REQUIRE_LABEL_STUDIO:-1}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+mkdir -p test-artifacts
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests
