@@ -48,7 +48,7 @@ class EngineConfig:
     sam_variant: str = "vit_b"
     sam_checkpoint: str | None = None  # file name in cache_dir or absolute path; default by variant
     # build_sam hyper-parameters for custom/fine-tuned SAMs: encoder_embed_dim, encoder_depth,
-    # encoder_num_heads, encoder_global_attn_indexes (and prompt_embed_dim, image_size, vit_patch_size).
+    # encoder_num_heads, encoder_global_attn_indexes.
     sam_arch: dict[str, Any] | None = None
     dino_variant: str = "swint_ogc"
     dino_checkpoint: str | None = None
