@@ -52,3 +52,7 @@ def chelsea() -> np.ndarray:
     import skimage.data
 
     return skimage.data.chelsea()  # 300 x 451 RGB photo (non-square: catches transposed geometry)
+
+
+# Real Label Studio fixture (`label_studio`), see tests/conftest_ls.py.
+pytest_plugins = ["tests.conftest_ls"]
