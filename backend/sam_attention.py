@@ -1,0 +1,647 @@
+"""Fast and explainable attention for SAM's image encoder and mask decoder.
+
+Three things, all over segment_anything's own modules (and structurally identical copies such as
+MobileSAM's), without editing site-packages:
+
+* ``use_fast_attention``: the ViT encoder's attention through ``scaled_dot_product_attention``, with
+  SAM's decomposed relative position passed as an additive mask. Same numbers as stock (~1e-6).
+* ``capture_encoder_attention``: the true head-averaged softmax of the global-attention blocks,
+  recorded by the very forward pass that produces the features (no second encoder run), one head at
+  a time so the full (heads, N, N) tensor never exists.
+* ``capture_decoder_attention``: the mask decoder's final token-to-image softmax, i.e. where each
+  output token (and so each returned mask) looked in the image embedding.
+
+Plus the geometry to show token maps on the original image (``token_map_to_image``, ``colorize``,
+``overlay``) and its inverse for masks (``mask_to_token_grid``).
+
+Patching swaps the attention module's class for a subclass whose forward differs; parameters,
+``state_dict`` and ``isinstance`` checks are unchanged. A capture is a plain object owned by the
+caller and is found by the forward through a ``ContextVar``: two threads (or asyncio tasks) running
+the same or different models never see each other's captures, and with no capture active the patched
+forward costs one dictionary lookup. The forward must run in the thread/context that entered the
+``with`` block (wrap a worker's call in ``contextvars.copy_context().run`` if it is elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segment_anything.modeling.image_encoder import get_rel_pos
+
+__all__ = [
+    "EncoderBlockAttention",
+    "EncoderAttentionCapture",
+    "DecoderAttentionCapture",
+    "supports_encoder_attention",
+    "use_fast_attention",
+    "use_stock_attention",
+    "capture_encoder_attention",
+    "capture_decoder_attention",
+    "mask_attention_map",
+    "mask_token_maps",
+    "mask_to_token_grid",
+    "token_map_to_image",
+    "normalize_map",
+    "colorize",
+    "overlay",
+]
+
+# Largest additive mask (elements) built per SDPA call; global blocks then go one head at a time.
+# Besides bounding memory (stock vit_h holds 1 GiB per global block), smaller chunks are faster on
+# CPU: measured on a vit_b global block, 1 head per call ran ~4x faster than all 12 heads at once.
+_MASK_BUDGET = 1 << 22
+
+# Active captures of the current thread/task: {attention module: sink}. The value is replaced, never
+# mutated, so each context only ever sees the captures it entered itself.
+_SINKS: ContextVar[Mapping[nn.Module, Any]] = ContextVar(
+    "sam_attention_sinks", default=MappingProxyType({})
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderBlockAttention:
+    """Head-averaged softmax attention of one global encoder block.
+
+    Rows are queries, columns keys, both in row-major order over the token grid (padded region
+    included: SAM pads the image bottom/right, and those tokens attend and are attended to too).
+    """
+
+    block_index: int
+    num_heads: int
+    grid: tuple[int, int]  # (H_tok, W_tok), 64 x 64 for a 1024 input
+    # Attention received by each key: mean over queries of the head-averaged matrix, (B, H_tok, W_tok)
+    # float32. Each map sums to 1.
+    received: np.ndarray
+    # The head-averaged matrix itself, (B, N, N) float16 with N = H_tok * W_tok; None unless kept.
+    matrix: Optional[np.ndarray] = None
+
+
+@dataclass
+class EncoderAttentionCapture:
+    """Filled by ``capture_encoder_attention`` during the encoder forward; the last forward wins."""
+
+    encoder_type: str
+    block_indices: tuple[int, ...]
+    keep_matrix: bool = True
+    head_chunk: int = 1
+    blocks: dict[int, EncoderBlockAttention] = field(default_factory=dict)
+
+    @property
+    def last(self) -> EncoderBlockAttention:
+        """The deepest captured block (SAM's last block, a global one, by default)."""
+        if not self.blocks:
+            raise RuntimeError("no encoder attention was captured: did the encoder run inside the `with`?")
+        return self.blocks[max(self.blocks)]
+
+
+@dataclass
+class DecoderAttentionCapture:
+    """Filled by ``capture_decoder_attention``: one entry per mask decoder call, in call order."""
+
+    decoder_type: str
+    num_mask_tokens: int
+    # Each (B, num_tokens, H_emb * W_emb) float32: final token-to-image softmax, heads averaged.
+    # B is the number of prompts; tokens are [iou_token, mask tokens..., prompt tokens...].
+    calls: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def attention(self) -> np.ndarray:
+        """All calls concatenated along the prompt axis: (B_total, num_tokens, H_emb * W_emb)."""
+        if not self.calls:
+            raise RuntimeError("no decoder attention was captured: did the decoder run inside the `with`?")
+        if len(self.calls) == 1:
+            return self.calls[0]
+        if len({c.shape[1:] for c in self.calls}) != 1:
+            raise ValueError(
+                f"decoder calls have different token counts {[c.shape for c in self.calls]}; use .calls"
+            )
+        return np.concatenate(self.calls, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class swapping
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _patched_class(stock: type, patch: type) -> type:
+    # One subclass per (stock class, patch), so a patched module stays an instance of its stock class
+    # and repeated patching yields the same type.
+    return type(
+        f"{patch.__name__.lstrip('_')}[{stock.__name__}]",
+        (patch, stock),
+        {"_stock_class": stock, "_patch_class": patch, "__module__": __name__},
+    )
+
+
+def _new_patched(stock: type, patch: type) -> nn.Module:
+    cls = _patched_class(stock, patch)
+    return cls.__new__(cls)
+
+
+class _Patch:
+    """Base of the forward patches: pickles/deep-copies as stock class + patch (no dynamic names)."""
+
+    _stock_class: type
+    _patch_class: type
+
+    def __reduce__(self):  # type: ignore[override]
+        return (_new_patched, (self._stock_class, self._patch_class), self.__getstate__())
+
+
+def _swap_in(module: nn.Module, patch: type) -> None:
+    stock = getattr(type(module), "_stock_class", type(module))
+    module.__class__ = _patched_class(stock, patch)
+
+
+def _swap_out(module: nn.Module) -> None:
+    stock = getattr(type(module), "_stock_class", None)
+    if stock is not None:
+        module.__class__ = stock
+
+
+@contextlib.contextmanager
+def _sinks_active(sinks: Mapping[nn.Module, Any]) -> Iterator[None]:
+    token = _SINKS.set(MappingProxyType({**_SINKS.get(), **sinks}))
+    try:
+        yield
+    finally:
+        _SINKS.reset(token)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_vit_attention(module: Any) -> bool:
+    return all(hasattr(module, a) for a in ("qkv", "proj", "num_heads", "scale", "use_rel_pos"))
+
+
+def _vit_blocks(image_encoder: nn.Module) -> Sequence[nn.Module]:
+    """SAM ViT blocks of the encoder, or NotImplementedError naming what the encoder is instead."""
+    blocks = getattr(image_encoder, "blocks", None)
+    if (
+        isinstance(blocks, nn.ModuleList)
+        and len(blocks) > 0
+        and all(hasattr(b, "window_size") and _is_vit_attention(getattr(b, "attn", None)) for b in blocks)
+    ):
+        return blocks
+    kind = f"{type(image_encoder).__module__}.{type(image_encoder).__qualname__}"
+    raise NotImplementedError(
+        f"encoder attention needs SAM's ViT image encoder (ImageEncoderViT: blocks with windowed and "
+        f"global attention); got {kind}. MobileSAM's TinyViT has only windowed attention (plus "
+        f"convolutions), so there is no global attention map to fuse or capture; the mask decoder's "
+        f"attention (capture_decoder_attention) works for it."
+    )
+
+
+def supports_encoder_attention(image_encoder: nn.Module) -> bool:
+    """Whether ``use_fast_attention`` / ``capture_encoder_attention`` apply to this encoder."""
+    try:
+        _vit_blocks(image_encoder)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def use_fast_attention(image_encoder: nn.Module) -> int:
+    """Make every ViT attention of the encoder use SDPA; idempotent. Returns the number patched."""
+    blocks = _vit_blocks(image_encoder)
+    for block in blocks:
+        _swap_in(block.attn, _FastEncoderAttention)
+    return len(blocks)
+
+
+def use_stock_attention(image_encoder: nn.Module) -> None:
+    """Undo ``use_fast_attention`` (and the patching done by captures)."""
+    for block in _vit_blocks(image_encoder):
+        _swap_out(block.attn)
+
+
+def _resolve_blocks(blocks: Sequence[nn.Module], which: Union[None, str, Sequence[int]]) -> tuple[int, ...]:
+    global_indices = [i for i, b in enumerate(blocks) if b.window_size == 0]
+    if not global_indices:
+        raise ValueError("the encoder has no global-attention blocks (window_size == 0) to capture")
+    if which is None or which == "global":
+        return tuple(global_indices)
+    if which == "last":
+        return (global_indices[-1],)
+    if isinstance(which, str):
+        raise ValueError(f"blocks must be None, 'global', 'last' or block indices; got {which!r}")
+    resolved = []
+    for i in which:
+        j = i + len(blocks) if i < 0 else i
+        if not 0 <= j < len(blocks):
+            raise ValueError(f"block index {i} out of range for {len(blocks)} blocks")
+        if blocks[j].window_size != 0:
+            raise ValueError(
+                f"block {j} uses windowed attention (window_size={blocks[j].window_size}); only global "
+                f"blocks {global_indices} give whole-image attention"
+            )
+        resolved.append(j)
+    return tuple(sorted(set(resolved)))
+
+
+@contextlib.contextmanager
+def capture_encoder_attention(
+    image_encoder: nn.Module,
+    blocks: Union[None, str, Sequence[int]] = None,
+    *,
+    keep_matrix: bool = True,
+    head_chunk: int = 1,
+) -> Iterator[EncoderAttentionCapture]:
+    """Record the true attention of global blocks during the encoder forward run inside the block.
+
+    ``blocks``: None/"global" for every global block (vit_b: 2, 5, 8, 11), "last" for the last one,
+    or explicit (global) indices. The captured blocks compute their output from the recorded softmax,
+    ``head_chunk`` heads at a time; the others run as they are (SDPA if ``use_fast_attention``).
+    ``keep_matrix=False`` skips the (B, N, N) float16 matrix (32 MiB per block for N=4096), which
+    ``mask_attention_map`` needs.
+
+    The captured blocks' attention modules are left patched (fast SDPA path when no capture is
+    active) so that another thread using the same encoder never races a class swap back.
+    """
+    vit_blocks = _vit_blocks(image_encoder)
+    if head_chunk < 1:
+        raise ValueError(f"head_chunk must be >= 1, got {head_chunk}")
+    indices = _resolve_blocks(vit_blocks, blocks)
+    capture = EncoderAttentionCapture(
+        encoder_type=f"{type(image_encoder).__module__}.{type(image_encoder).__qualname__}",
+        block_indices=indices,
+        keep_matrix=keep_matrix,
+        head_chunk=head_chunk,
+    )
+    sinks = {}
+    for i in indices:
+        _swap_in(vit_blocks[i].attn, _FastEncoderAttention)
+        sinks[vit_blocks[i].attn] = _EncoderSink(capture, i)
+    with _sinks_active(sinks):
+        yield capture
+
+
+class _EncoderSink:
+    def __init__(self, capture: EncoderAttentionCapture, block_index: int) -> None:
+        self.capture = capture
+        self.block_index = block_index
+
+    def record(self, mean_attn: torch.Tensor, num_heads: int, grid: tuple[int, int]) -> None:
+        # mean_attn: (B, N, N) float32, head-averaged softmax.
+        b = mean_attn.shape[0]
+        received = mean_attn.mean(dim=1).reshape(b, *grid)
+        matrix = mean_attn.to(torch.float16).cpu().numpy() if self.capture.keep_matrix else None
+        self.capture.blocks[self.block_index] = EncoderBlockAttention(
+            block_index=self.block_index,
+            num_heads=num_heads,
+            grid=grid,
+            received=received.cpu().numpy().astype(np.float32, copy=False),
+            matrix=matrix,
+        )
+
+
+def _decomposed_rel_pos(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's add_decomposed_rel_pos terms for q of shape (B, heads, H*W, C), query size == key size.
+
+    Returns rel_h (B, heads, H, W, H) and rel_w (B, heads, H, W, W), from the *unscaled* q exactly as
+    SAM computes them; the attention logit is (q * scale) @ k^T + rel_h[..., :, None] + rel_w[..., None, :].
+    """
+    b, heads, _, c = q.shape
+    h, w = size
+    Rh = get_rel_pos(h, h, rel_pos_h)
+    Rw = get_rel_pos(w, w, rel_pos_w)
+    r_q = q.reshape(b * heads, h, w, c)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
+    return rel_h.view(b, heads, h, w, h), rel_w.view(b, heads, h, w, w)
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel: Optional[tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+) -> torch.Tensor:
+    b, heads, n, _ = q.shape
+    chunk = max(1, _MASK_BUDGET // (b * n * n))
+    if chunk >= heads:
+        chunk = heads
+    out = None if chunk == heads else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for h0 in range(0, heads, chunk):
+        s = slice(h0, h0 + chunk)
+        mask = None
+        if rel is not None:
+            # SDPA computes softmax(q @ k^T * scale + mask); SAM adds the rel-pos terms (made from the
+            # unscaled q) after scaling, so the mask is the terms themselves, unscaled.
+            rel_h, rel_w = rel
+            mask = (rel_h[:, s, ..., :, None] + rel_w[:, s, ..., None, :]).reshape(b, -1, n, n)
+        o = F.scaled_dot_product_attention(q[:, s], k[:, s], v[:, s], attn_mask=mask, scale=scale)
+        if out is None:
+            return o
+        out[:, s] = o
+    assert out is not None
+    return out
+
+
+def _attend_and_capture(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel: Optional[tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    size: tuple[int, int],
+    head_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stock SAM attention, ``head_chunk`` heads at a time; also returns the head-mean softmax (fp32).
+
+    Peak extra memory is a few (B, head_chunk, N, N) tensors plus one (B, N, N) float32 accumulator.
+    """
+    b, heads, n, _ = q.shape
+    h, w = size
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    acc = torch.zeros((b, n, n), dtype=torch.float32, device=q.device)
+    # Writing the rel-pos mask into a reused buffer and adding q @ k^T onto it (baddbmm_) saves an
+    # N x N allocation and two passes per head over stock's matmul-then-add; out= and in-place ops
+    # are not differentiable, so with autograd on, allocate instead.
+    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    buf = None
+    for h0 in range(0, heads, head_chunk):
+        s = slice(h0, min(h0 + head_chunk, heads))
+        c = s.stop - s.start
+        qs = (q[:, s] * scale).reshape(b * c, n, -1)
+        kt = k[:, s].reshape(b * c, n, -1).transpose(1, 2)
+        if rel is None:
+            logits = torch.bmm(qs, kt)
+        else:
+            # SAM's logit: (q * scale) @ k^T + rel_h + rel_w, the rel-pos terms from the unscaled q.
+            rel_h, rel_w = rel[0][:, s, ..., :, None], rel[1][:, s, ..., None, :]
+            if reuse:
+                if buf is None or buf.shape[0] != b * c:
+                    buf = torch.empty((b * c, n, n), dtype=q.dtype, device=q.device)
+                torch.add(rel_h, rel_w, out=buf.view(b, c, h, w, h, w))
+                logits = buf.baddbmm_(qs, kt)
+            else:
+                logits = torch.baddbmm((rel_h + rel_w).reshape(b * c, n, n), qs, kt)
+        attn = logits.softmax(dim=-1)
+        out[:, s] = torch.bmm(attn, v[:, s].reshape(b * c, n, -1)).view(b, c, n, -1)
+        attn = attn.detach().view(b, c, n, n)
+        acc.add_(attn[:, 0] if c == 1 else attn.sum(dim=1, dtype=torch.float32))
+        del attn, logits
+    return out, acc.div_(heads)
+
+
+class _FastEncoderAttention(_Patch):
+    """Forward for segment_anything.modeling.image_encoder.Attention: SDPA, or capture if active."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        heads = self.num_heads
+        # q, k, v: (B, heads, H*W, head_dim); SAM folds heads into the batch, SDPA takes them apart.
+        q, k, v = self.qkv(x).reshape(B, H * W, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        rel = None
+        if self.use_rel_pos:
+            rel = _decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W))
+        sink = _SINKS.get().get(self)
+        if sink is None:
+            out = _sdpa(q, k, v, rel, self.scale)
+        else:
+            out, mean_attn = _attend_and_capture(q, k, v, rel, self.scale, (H, W), sink.capture.head_chunk)
+            sink.record(mean_attn, heads, (H, W))
+        x = out.view(B, heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        return self.proj(x)
+
+
+def mask_attention_map(
+    block: EncoderBlockAttention, token_mask: np.ndarray, batch_index: int = 0
+) -> np.ndarray:
+    """Where the mask's own tokens look: mean of the attention rows of the tokens in ``token_mask``.
+
+    ``token_mask`` is (H_tok, W_tok): boolean, or non-negative weights (e.g. the coverage fractions
+    from ``mask_to_token_grid``) for a weighted mean. Returns an (H_tok, W_tok) float32 map summing
+    to 1. A mask of the valid (unpadded) tokens gives attention received from the image proper.
+    """
+    if block.matrix is None:
+        raise ValueError("this capture was made with keep_matrix=False; the attention matrix was not kept")
+    token_mask = np.asarray(token_mask)
+    if token_mask.shape != tuple(block.grid):
+        raise ValueError(f"token_mask shape {token_mask.shape} != token grid {tuple(block.grid)}")
+    weights = token_mask.astype(np.float32).ravel()
+    if np.any(weights < 0) or not np.all(np.isfinite(weights)):
+        raise ValueError("token_mask weights must be finite and non-negative")
+    rows = np.flatnonzero(weights)
+    if rows.size == 0:
+        raise ValueError("token_mask selects no tokens")
+    w = weights[rows] / weights[rows].sum(dtype=np.float64)
+    matrix = block.matrix[batch_index]
+    total = np.zeros(matrix.shape[1], dtype=np.float64)
+    # Row chunks keep the float32 copy small even for a mask covering the whole image.
+    for start in range(0, rows.size, 512):
+        idx = rows[start : start + 512]
+        total += w[start : start + 512] @ matrix[idx].astype(np.float32)
+    return total.astype(np.float32).reshape(block.grid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask decoder
+# ----------------------------------------------------------------------------------------------
+
+
+def _final_token_to_image(mask_decoder: nn.Module) -> nn.Module:
+    attn = getattr(getattr(mask_decoder, "transformer", None), "final_attn_token_to_image", None)
+    needed = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "_separate_heads", "_recombine_heads")
+    if attn is None or not all(hasattr(attn, a) for a in needed) or not hasattr(mask_decoder, "num_mask_tokens"):
+        kind = f"{type(mask_decoder).__module__}.{type(mask_decoder).__qualname__}"
+        raise ValueError(
+            f"expected a SAM MaskDecoder (transformer.final_attn_token_to_image with q/k/v/out "
+            f"projections, num_mask_tokens); got {kind}"
+        )
+    return attn
+
+
+class _CapturingTokenAttention(_Patch):
+    """Forward for segment_anything.modeling.transformer.Attention: stock, recording when active."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        sink = _SINKS.get().get(self)
+        if sink is None:
+            return super().forward(q, k, v)  # type: ignore[misc]
+        # Stock computation, op for op, with the softmax recorded on the way.
+        q = self._separate_heads(self.q_proj(q), self.num_heads)
+        k = self._separate_heads(self.k_proj(k), self.num_heads)
+        v = self._separate_heads(self.v_proj(v), self.num_heads)
+        _, _, _, c_per_head = q.shape
+        attn = q @ k.permute(0, 1, 3, 2)  # B x N_heads x N_tokens x N_image
+        attn = attn / math.sqrt(c_per_head)
+        attn = torch.softmax(attn, dim=-1)
+        sink.calls.append(attn.detach().float().mean(dim=1).cpu().numpy())
+        out = self._recombine_heads(attn @ v)
+        return self.out_proj(out)
+
+
+@contextlib.contextmanager
+def capture_decoder_attention(mask_decoder: nn.Module) -> Iterator[DecoderAttentionCapture]:
+    """Record the final token-to-image attention of every mask decoder call run inside the block.
+
+    Works for any decoder built like SAM's (segment_anything, MobileSAM), matched by structure.
+    """
+    attn = _final_token_to_image(mask_decoder)
+    capture = DecoderAttentionCapture(
+        decoder_type=f"{type(mask_decoder).__module__}.{type(mask_decoder).__qualname__}",
+        num_mask_tokens=int(mask_decoder.num_mask_tokens),
+    )
+    _swap_in(attn, _CapturingTokenAttention)
+    with _sinks_active({attn: capture}):
+        yield capture
+
+
+def mask_token_maps(
+    capture: DecoderAttentionCapture,
+    multimask_output: bool = False,
+    selected: Optional[Sequence[int]] = None,
+    grid: Optional[tuple[int, int]] = None,
+) -> np.ndarray:
+    """Per prompt, the image-embedding attention of the mask token behind the returned mask.
+
+    Token order is SAM's: iou token, then mask tokens. With ``multimask_output=False`` SAM returns
+    mask token 0 (sequence index 1): result (B, h, w). With ``multimask_output=True`` it returns mask
+    tokens 1..3 (sequence 2..4): result (B, 3, h, w), or (B, h, w) when ``selected`` gives, per
+    prompt, the index (0..2) of the mask that was kept. Maps are softmax weights (each sums to 1).
+    ``grid`` defaults to the square embedding (64 x 64 for SAM).
+    """
+    attn = capture.attention
+    b, _, hw = attn.shape
+    if grid is None:
+        side = math.isqrt(hw)
+        if side * side != hw:
+            raise ValueError(f"{hw} image positions are not a square grid; pass grid=(h, w)")
+        grid = (side, side)
+    if grid[0] * grid[1] != hw:
+        raise ValueError(f"grid {grid} does not hold {hw} positions")
+    if not multimask_output:
+        return attn[:, 1].reshape(b, *grid)
+    maps = attn[:, 2 : 1 + capture.num_mask_tokens].reshape(b, -1, *grid)
+    if selected is None:
+        return maps
+    selected = np.asarray(selected, dtype=np.int64)
+    if selected.shape != (b,):
+        raise ValueError(f"selected must hold one mask index per prompt ({b}), got shape {selected.shape}")
+    return maps[np.arange(b), selected]
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry and display
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize_map(heatmap: np.ndarray) -> np.ndarray:
+    """Min-max scale to [0, 1] (float32); a constant map becomes zeros."""
+    m = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if m.size == 0:
+        return m
+    lo, hi = float(m.min()), float(m.max())
+    if hi <= lo:
+        return np.zeros_like(m)
+    return (m - lo) / (hi - lo)
+
+
+def _valid_tokens(input_size: tuple[int, int], patch: int) -> tuple[int, int]:
+    # A partial token (the resized side not a multiple of the patch) still saw real pixels: keep it.
+    return math.ceil(input_size[0] / patch), math.ceil(input_size[1] / patch)
+
+
+def token_map_to_image(
+    token_map: np.ndarray,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    img_size: int = 1024,
+    normalize: bool = True,
+) -> np.ndarray:
+    """Lay a token-grid map over the original image: (H, W) float32.
+
+    SAM resized the image so its long side is ``img_size`` (giving ``input_size``) and padded the
+    bottom/right to a square. The map is cropped to the tokens that saw real pixels, upsampled to
+    their pixel extent (token centres on patch centres), cropped exactly to ``input_size`` and
+    resized to ``original_size``. ``normalize`` min-max scales the result to [0, 1].
+    """
+    token_map = np.asarray(token_map, dtype=np.float32)
+    if token_map.ndim != 2:
+        raise ValueError(f"token_map must be 2-D (h_tok, w_tok), got shape {token_map.shape}")
+    h_tok, w_tok = token_map.shape
+    patch = img_size // h_tok
+    if patch * h_tok != img_size or patch * w_tok != img_size:
+        raise ValueError(f"token grid {token_map.shape} does not tile a {img_size} x {img_size} input")
+    h_in, w_in = int(input_size[0]), int(input_size[1])
+    height, width = int(original_size[0]), int(original_size[1])
+    if not (0 < h_in <= img_size and 0 < w_in <= img_size) or height <= 0 or width <= 0:
+        raise ValueError(f"bad sizes: input_size={input_size}, original_size={original_size}")
+    th, tw = _valid_tokens((h_in, w_in), patch)
+    valid = np.ascontiguousarray(token_map[:th, :tw])
+    # cv2 sizes are (width, height). INTER_LINEAR maps pixel centres, so token i's value sits at the
+    # centre of its patch, pixels [i*patch, (i+1)*patch).
+    resized = cv2.resize(valid, (tw * patch, th * patch), interpolation=cv2.INTER_LINEAR)[:h_in, :w_in]
+    shrink = height < h_in or width < w_in
+    out = cv2.resize(
+        np.ascontiguousarray(resized),
+        (width, height),
+        interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+    )
+    out = out.reshape(height, width).astype(np.float32, copy=False)
+    return normalize_map(out) if normalize else out
+
+
+def mask_to_token_grid(
+    mask: np.ndarray, input_size: tuple[int, int], img_size: int = 1024, patch_size: int = 16
+) -> np.ndarray:
+    """Fraction of each token covered by an original-image mask: (img_size/patch,)*2 float32.
+
+    The inverse of ``token_map_to_image``: resize to ``input_size``, pad bottom/right as SAM does,
+    average over patches. Usable directly as ``mask_attention_map`` weights.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    h_in, w_in = int(input_size[0]), int(input_size[1])
+    grid = img_size // patch_size
+    resized = cv2.resize(mask.astype(np.float32), (w_in, h_in), interpolation=cv2.INTER_AREA)
+    padded = np.zeros((grid * patch_size, grid * patch_size), dtype=np.float32)
+    padded[:h_in, :w_in] = resized.reshape(h_in, w_in)
+    return padded.reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))
+
+
+def colorize(heatmap: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """(H, W) map in [0, 1] -> (H, W, 3) uint8 RGB with an OpenCV colormap ("jet", "turbo", ...)."""
+    code = getattr(cv2, f"COLORMAP_{cmap.upper()}", None)
+    if code is None:
+        raise ValueError(f"unknown colormap {cmap!r}")
+    m = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
+    bgr = cv2.applyColorMap(np.round(m * 255).astype(np.uint8), code)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # applyColorMap gives BGR
+
+
+def overlay(image_rgb: np.ndarray, heatmap_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a colorized heatmap over an RGB image: (1 - alpha) * image + alpha * heatmap, uint8."""
+    if image_rgb.shape != heatmap_rgb.shape or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise ValueError(f"need two (H, W, 3) arrays of one shape, got {image_rgb.shape} and {heatmap_rgb.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    blend = (1.0 - alpha) * image_rgb.astype(np.float32) + alpha * heatmap_rgb.astype(np.float32)
+    return np.clip(np.round(blend), 0, 255).astype(np.uint8)
