@@ -67,6 +67,10 @@ class EngineConfig:
     max_detections: int = 100
     max_image_pixels: int = 64_000_000  # larger images are refused (decompression bombs)
     embedding_cache_size: int = 8  # images whose SAM/DINO features stay cached for re-prompts
+    # Record attention while segmenting so explanations need no second run (costs ~32 MiB per cached
+    # vit image for the last global block's matrix).
+    explanations: bool = True
+    explanation_cache_size: int = 16  # entries hold the masks (H x W bool each)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -183,4 +187,6 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "MAX_DETECTIONS": ("max_detections", int),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", int),
     "EMBEDDING_CACHE_SIZE": ("embedding_cache_size", int),
+    "EXPLANATIONS": ("explanations", lambda v: v.strip().lower() not in ("0", "false", "no", "off")),
+    "EXPLANATION_CACHE_SIZE": ("explanation_cache_size", int),
 }

@@ -15,7 +15,8 @@ from .config import EngineConfig
 from .detector import DinoImageFeatures, GroundingDinoDetector, parse_prompt
 from .images import ImageInput, image_digest, load_rgb
 from .segmenter import ImageEmbedding, SamSegmenter
-from .types import Detection, Segment
+from .explainer import build_explanation
+from .types import Detection, Explanation, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Engine:
         self.model_version = model_version(config)
         self._dino_features: LruCache[DinoImageFeatures] = LruCache(config.embedding_cache_size)
         self._sam_embeddings: LruCache[ImageEmbedding] = LruCache(config.embedding_cache_size)
+        self._explanations: LruCache[Explanation] = LruCache(config.explanation_cache_size)
         # One encoder run at a time per model: concurrent runs would only split the same cores, and
         # explanation capture swaps module forwards for the duration of a run.
         self.dino_lock = threading.Lock()
@@ -98,12 +100,9 @@ class Engine:
     def sam_embedding(self, image: np.ndarray, digest: str | None = None) -> ImageEmbedding:
         def compute() -> ImageEmbedding:
             with self.sam_lock:
-                return self.segmenter.embed(image)
+                return self.segmenter.embed(image, capture_attention=self.config.explanations)
 
         return self._sam_embeddings.get_or_compute(digest or image_digest(image), compute)
-
-    def remember_sam_embedding(self, digest: str, embedding: ImageEmbedding) -> None:
-        self._sam_embeddings.put(digest, embedding)
 
     # -- the pipeline ----------------------------------------------------------------------
     def load_image(self, image: ImageInput) -> np.ndarray:
@@ -112,29 +111,47 @@ class Engine:
     def detect(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
                text_threshold: float | None = None) -> list[Detection]:
         rgb = self.load_image(image)
-        return self._detect(rgb, image_digest(rgb), parse_prompt(prompt), box_threshold, text_threshold)
+        digest, phrases, box_threshold, text_threshold = self._explanation_key(rgb, prompt, box_threshold,
+                                                                               text_threshold)
+        return self.detector.detect(self.dino_features(rgb, digest), phrases, box_threshold, text_threshold,
+                                    self.config.nms_iou, self.config.max_detections)
 
     def segment(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
                 text_threshold: float | None = None) -> list[Segment]:
         """Labelled masks for every phrase of ``prompt`` found in ``image`` (best score first)."""
-        rgb = self.load_image(image)
-        phrases = parse_prompt(prompt)
-        digest = image_digest(rgb)
-        detections = self._detect(rgb, digest, phrases, box_threshold, text_threshold)
-        if not detections:
-            return []
-        embedding = self.sam_embedding(rgb, digest)
-        masks, ious = self.segmenter.segment(embedding, np.array([d.box for d in detections]))
-        return [Segment.from_detection(d, m, float(i)) for d, m, i in zip(detections, masks, ious)]
+        return list(self.explain(image, prompt, box_threshold, text_threshold).segments)
 
-    def _detect(self, rgb: np.ndarray, digest: str, phrases: list[str], box_threshold: float | None,
-                text_threshold: float | None) -> list[Detection]:
+    def explain(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
+                text_threshold: float | None = None) -> Explanation:
+        """The segments with the attention that made them; cached per image, prompt and thresholds."""
+        rgb = self.load_image(image)
+        key = self._explanation_key(rgb, prompt, box_threshold, text_threshold)
+        return self._explanations.get_or_compute(key, lambda: self._explain(rgb, *key))
+
+    def cached_explanation(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
+                           text_threshold: float | None = None) -> Explanation | None:
+        """The explanation if this image + prompt + thresholds ran already, without running anything."""
+        return self._explanations.get(self._explanation_key(self.load_image(image), prompt, box_threshold,
+                                                            text_threshold))
+
+    def _explanation_key(self, rgb: np.ndarray, prompt, box_threshold, text_threshold) -> tuple:
         box_threshold = self.config.box_threshold if box_threshold is None else _unit(box_threshold, "box_threshold")
         text_threshold = (self.config.text_threshold if text_threshold is None
                           else _unit(text_threshold, "text_threshold"))
+        return image_digest(rgb), tuple(parse_prompt(prompt)), box_threshold, text_threshold
+
+    def _explain(self, rgb: np.ndarray, digest: str, phrases: tuple[str, ...], box_threshold: float,
+                 text_threshold: float) -> Explanation:
         features = self.dino_features(rgb, digest)
-        return self.detector.detect(features, phrases, box_threshold, text_threshold,
-                                    self.config.nms_iou, self.config.max_detections)
+        detections = self.detector.detect(features, phrases, box_threshold, text_threshold,
+                                          self.config.nms_iou, self.config.max_detections)
+        embedding = self.sam_embedding(rgb, digest)
+        decoded = self.segmenter.segment(embedding, np.array([d.box for d in detections]).reshape(-1, 4),
+                                         capture_attention=self.config.explanations)
+        segments = [Segment.from_detection(d, m, float(i)) for d, m, i in zip(detections, decoded.masks, decoded.ious)]
+        encoder = self.segmenter.sam.image_encoder
+        patch = self.segmenter.img_size // embedding.features.shape[-1]
+        return build_explanation(self.model_version, segments, embedding, decoded, int(encoder.img_size), patch)
 
     def describe(self) -> dict[str, str]:
         return {

@@ -6,13 +6,27 @@ embedding is a value the caller holds (and caches), so threads never share per-i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from . import sam_attention
+
 DECODE_CHUNK = 32  # boxes per decoder call: bounds memory of full-resolution mask logits
+
+
+@dataclass
+class EncoderAttention:
+    """The encoder's attention for one image, reduced right after the forward that produced it."""
+
+    # Global block -> attention received by each token from the image's own (unpadded) tokens.
+    received: dict[int, np.ndarray]
+    # The last global block with its head-averaged matrix kept (float16), for per-mask maps.
+    last_block: sam_attention.EncoderBlockAttention
 
 
 @dataclass
@@ -22,6 +36,17 @@ class ImageEmbedding:
     features: torch.Tensor  # 1 x C x 64 x 64
     original_size: tuple[int, int]  # H, W of the image
     input_size: tuple[int, int]  # H, W after resizing the long side to the encoder's img_size
+    attention: EncoderAttention | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+@dataclass
+class Decoded:
+    """Masks of N boxes at the original size, SAM's predicted IoUs, and (if captured) decoder maps."""
+
+    masks: np.ndarray  # N x H x W bool
+    ious: np.ndarray  # N
+    decoder_maps: np.ndarray | None  # N x 64 x 64: where each mask token looked
 
 
 class SamSegmenter:
@@ -32,6 +57,11 @@ class SamSegmenter:
         self.device = device
         self.dtype = dtype
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.img_size = int(sam.image_encoder.img_size)
+        self.has_global_attention = sam_attention.supports_encoder_attention(sam.image_encoder)
+        if self.has_global_attention:
+            # SDPA with the relative position as an additive mask: same numbers (~1e-6), ~1.7x faster.
+            sam_attention.use_fast_attention(sam.image_encoder)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -43,34 +73,69 @@ class SamSegmenter:
         return self.sam.preprocess(tensor), tuple(resized.shape[:2])
 
     @torch.inference_mode()
-    def embed(self, image: np.ndarray) -> ImageEmbedding:
-        """Run the image encoder once (the expensive step)."""
+    def embed(self, image: np.ndarray, capture_attention: bool = False) -> ImageEmbedding:
+        """Run the image encoder once (the expensive step), recording its global attention if asked.
+
+        The capture *is* the forward pass (its softmax makes the features), so explanations cost no
+        second encoder run; the matrices are reduced before returning.
+        """
         x, input_size = self.preprocess(image)
+        encoder = self.sam.image_encoder
+        attention, notes = None, ()
         with self._autocast():
-            features = self.sam.image_encoder(x)
-        return ImageEmbedding(features=features.float(), original_size=tuple(image.shape[:2]), input_size=input_size)
+            if capture_attention and self.has_global_attention:
+                with sam_attention.capture_encoder_attention(encoder, "global", keep_matrix=True) as capture:
+                    features = encoder(x)
+                attention = self._reduce(capture, input_size)
+            else:
+                features = encoder(x)
+                if capture_attention:
+                    notes = (f"{type(encoder).__name__} has no global attention: encoder maps are not available "
+                             "for this SAM variant; the mask decoder's maps are.",)
+        return ImageEmbedding(features=features.float(), original_size=tuple(image.shape[:2]),
+                              input_size=input_size, attention=attention, notes=notes)
+
+    def _reduce(self, capture: sam_attention.EncoderAttentionCapture, input_size: tuple[int, int]) -> EncoderAttention:
+        last = capture.last
+        valid = np.zeros(last.grid, dtype=bool)
+        patch = self.img_size // last.grid[0]
+        valid[: -(-input_size[0] // patch), : -(-input_size[1] // patch)] = True
+        received = {i: sam_attention.mask_attention_map(block, valid) for i, block in capture.blocks.items()}
+        for block in capture.blocks.values():
+            if block is not last:
+                block.matrix = None  # only the last block's matrix is needed later (per-mask maps)
+        return EncoderAttention(received=received, last_block=last)
 
     @torch.inference_mode()
-    def segment(self, embedding: ImageEmbedding, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Masks (N x H x W bool at the original size) and SAM's predicted IoUs (N) for N pixel boxes."""
+    def segment(self, embedding: ImageEmbedding, boxes_xyxy: np.ndarray, capture_attention: bool = False) -> Decoded:
+        """Masks for N pixel boxes, decoded in batches from one embedding."""
         height, width = embedding.original_size
         if len(boxes_xyxy) == 0:
-            return np.zeros((0, height, width), dtype=bool), np.zeros((0,), dtype=np.float32)
+            grid = embedding.features.shape[-2:]
+            return Decoded(np.zeros((0, height, width), dtype=bool), np.zeros((0,), dtype=np.float32),
+                           np.zeros((0, *grid), dtype=np.float32) if capture_attention else None)
         boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32), device=self.device)
         boxes = self.transform.apply_boxes_torch(boxes, embedding.original_size)
         masks, ious = [], []
         dense_pe = self.sam.prompt_encoder.get_dense_pe()
-        for chunk in boxes.split(DECODE_CHUNK):
-            with self._autocast():
-                sparse, dense = self.sam.prompt_encoder(points=None, boxes=chunk, masks=None)
-                low_res, iou = self.sam.mask_decoder(
-                    image_embeddings=embedding.features,
-                    image_pe=dense_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=False,
-                )
-            logits = self.sam.postprocess_masks(low_res.float(), embedding.input_size, embedding.original_size)
-            masks.append((logits > self.sam.mask_threshold)[:, 0].cpu().numpy())
-            ious.append(iou[:, 0].float().cpu().numpy())
-        return np.concatenate(masks), np.concatenate(ious)
+        with contextlib.ExitStack() as stack:
+            capture = (stack.enter_context(sam_attention.capture_decoder_attention(self.sam.mask_decoder))
+                       if capture_attention else None)
+            for chunk in boxes.split(DECODE_CHUNK):
+                with self._autocast():
+                    sparse, dense = self.sam.prompt_encoder(points=None, boxes=chunk, masks=None)
+                    low_res, iou = self.sam.mask_decoder(
+                        image_embeddings=embedding.features,
+                        image_pe=dense_pe,
+                        sparse_prompt_embeddings=sparse,
+                        dense_prompt_embeddings=dense,
+                        multimask_output=False,
+                    )
+                logits = self.sam.postprocess_masks(low_res.float(), embedding.input_size, embedding.original_size)
+                masks.append((logits > self.sam.mask_threshold)[:, 0].cpu().numpy())
+                ious.append(iou[:, 0].float().cpu().numpy())
+        decoder_maps = None
+        if capture is not None:
+            decoder_maps = sam_attention.mask_token_maps(capture, multimask_output=False,
+                                                         grid=tuple(embedding.features.shape[-2:]))
+        return Decoded(np.concatenate(masks), np.concatenate(ious), decoder_maps)

@@ -49,3 +49,32 @@ class Segment:
     @property
     def area(self) -> int:
         return int(self.mask.sum())
+
+
+@dataclass(frozen=True, eq=False)
+class MaskExplanation:
+    """Why SAM drew one mask. Maps are on SAM's token grid (64 x 64 for a 1024 input)."""
+
+    # Mask decoder: the final token-to-image attention of the mask token that produced the mask.
+    decoder_map: np.ndarray
+    # Encoder: where the mask's own tokens look, per global block (head-averaged softmax rows).
+    token_look: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Segments of one image + prompt with the attention that produced them.
+
+    Token-grid maps stay small here; ``backend.explainer`` lays them over the original image.
+    """
+
+    model_version: str
+    segments: tuple[Segment, ...]
+    masks: tuple[MaskExplanation, ...]  # one per segment, same order
+    # Encoder "attention received" per global block: mean attention each location gets from the
+    # image's own (unpadded) tokens. Empty when the encoder has no global attention (MobileSAM).
+    encoder_received: dict[int, np.ndarray]
+    original_size: tuple[int, int]  # H, W of the image
+    input_size: tuple[int, int]  # H, W SAM saw after resizing (before padding)
+    img_size: int  # SAM's square input side (1024)
+    notes: tuple[str, ...] = ()  # what is missing and why
