@@ -1,0 +1,167 @@
+"""Explanations at the engine level: recorded in the passes that make the masks, reduced right,
+cached, and laid over the original image (tiny random-weight models, real photos)."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from backend import sam_attention
+from backend.config import EngineConfig
+from backend.engine import Engine
+from backend.explainer import render_explanation
+
+PROMPT = "cat . dog"
+THRESHOLDS = dict(box_threshold=0.3, text_threshold=0.25)
+
+
+@contextmanager
+def counting_forwards(*modules):
+    """Counts forward calls of each module (hooks, so the models' own code runs untouched)."""
+    counts = [0] * len(modules)
+    handles = []
+    for i, module in enumerate(modules):
+        def hook(*_args, i=i):
+            counts[i] += 1
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture(scope="module")
+def explanation(engine, chelsea):
+    return engine.explain(chelsea, PROMPT, **THRESHOLDS)
+
+
+def engine_features(engine: Engine, image: np.ndarray) -> np.ndarray:
+    return engine.sam_embedding(image).features.numpy()
+
+
+def test_capture_does_not_change_masks(engine, engine_config, explanation, chelsea):
+    plain = Engine(dataclasses.replace(engine_config, explanations=False))
+    segments = plain.segment(chelsea, PROMPT, **THRESHOLDS)
+    assert segments and len(segments) == len(explanation.segments)
+    for ours, theirs in zip(explanation.segments, segments):
+        assert ours.label == theirs.label and ours.box == pytest.approx(theirs.box)
+        # The capturing attention computes softmax explicitly where the plain one uses SDPA: the
+        # same numbers up to float rounding, so at most a pixel sitting on the threshold may flip.
+        assert np.count_nonzero(ours.mask != theirs.mask) <= max(1, ours.mask.size // 10_000)
+        assert ours.predicted_iou == pytest.approx(theirs.predicted_iou, abs=1e-5)
+    np.testing.assert_allclose(engine_features(plain, chelsea), engine_features(engine, chelsea), atol=1e-4)
+    # Without capture nothing is pretended: no encoder maps, and the note says the decoder's are off.
+    bare = plain.explain(chelsea, PROMPT, **THRESHOLDS)
+    assert bare.encoder_received == {}
+    assert any("EXPLANATIONS=0" in note for note in bare.notes)
+
+
+def test_explanation_structure_and_math(engine, explanation, chelsea):
+    encoder = engine.segmenter.sam.image_encoder
+    grid = (encoder.img_size // encoder.patch_embed.proj.kernel_size[0],) * 2
+    assert explanation.original_size == chelsea.shape[:2]
+    assert max(explanation.input_size) == encoder.img_size
+    # Every global-attention block of the encoder, no windowed one.
+    global_blocks = [i for i, block in enumerate(encoder.blocks) if block.window_size == 0]
+    assert sorted(explanation.encoder_received) == global_blocks
+    for token_map in explanation.encoder_received.values():
+        assert token_map.shape == grid
+        assert token_map.min() >= 0 and token_map.sum() == pytest.approx(1.0, abs=1e-3)
+
+    last_block = engine.sam_embedding(chelsea).attention.last_block
+    assert last_block.block_index == global_blocks[-1] == len(encoder.blocks) - 1
+    matrix = last_block.matrix[0].astype(np.float64)
+    assert len(explanation.masks) == len(explanation.segments) > 0
+    for segment, mask in zip(explanation.segments, explanation.masks):
+        # Decoder map: softmax over image tokens averaged over heads -> a distribution over the grid.
+        assert mask.decoder_map.shape == grid
+        assert mask.decoder_map.min() >= 0 and mask.decoder_map.sum() == pytest.approx(1.0, abs=1e-3)
+        if not segment.mask.any():
+            continue
+        # "Where the mask looks" against a straightforward computation: coverage-weighted mean of rows.
+        weights = sam_attention.mask_to_token_grid(segment.mask, explanation.input_size, encoder.img_size,
+                                                   encoder.img_size // grid[0]).ravel()
+        reference = (weights @ matrix / weights.sum()).reshape(grid)
+        np.testing.assert_allclose(mask.token_look[last_block.block_index], reference, rtol=1e-4, atol=1e-7)
+
+
+def test_received_map_counts_only_unpadded_queries(engine, explanation, chelsea):
+    attention = engine.sam_embedding(chelsea).attention
+    block = attention.last_block
+    grid = block.grid
+    patch = engine.segmenter.img_size // grid[0]
+    rows = -(-explanation.input_size[0] // patch)
+    cols = -(-explanation.input_size[1] // patch)
+    assert (rows, cols) != grid, "chelsea is not square: part of SAM's input is padding"
+    valid = np.zeros(grid, dtype=bool)
+    valid[:rows, :cols] = True
+    reference = block.matrix[0].astype(np.float64)[valid.ravel()].mean(axis=0).reshape(grid)
+    np.testing.assert_allclose(explanation.encoder_received[block.block_index], reference, rtol=1e-4, atol=1e-7)
+
+
+def test_grounding_scores_explain_the_label(explanation):
+    for segment in explanation.segments:
+        assert set(segment.phrase_scores) == {"cat", "dog"}
+        assert segment.label == max(segment.phrase_scores, key=segment.phrase_scores.get)
+        tokens = dict(segment.token_scores)
+        # The label's score is its best token's score: the grounding bars show where it came from.
+        assert tokens[segment.label] == pytest.approx(segment.phrase_scores[segment.label])
+
+
+def test_cached_explanation_runs_no_model(engine, explanation, chelsea):
+    sam_encoder = engine.segmenter.sam.image_encoder
+    dino_backbone = engine.detector.model.backbone
+    decoder = engine.segmenter.sam.mask_decoder
+    with counting_forwards(sam_encoder, dino_backbone, decoder) as counts:
+        again = engine.explain(chelsea, PROMPT, **THRESHOLDS)
+        cached = engine.cached_explanation(chelsea, PROMPT, **THRESHOLDS)
+        segments = engine.segment(chelsea, PROMPT, **THRESHOLDS)
+    assert counts == [0, 0, 0]
+    assert again is explanation and cached is explanation
+    assert [s.mask for s in segments] == list(s.mask for s in explanation.segments)
+    assert engine.cached_explanation(chelsea, "a prompt never run", **THRESHOLDS) is None
+
+
+def test_reprompt_reuses_both_image_encoders(engine, explanation, chelsea):
+    sam_encoder = engine.segmenter.sam.image_encoder
+    dino_backbone = engine.detector.model.backbone
+    with counting_forwards(sam_encoder, dino_backbone) as counts:
+        engine.explain(chelsea, "tabby . whiskers", **THRESHOLDS)
+    assert counts == [0, 0]
+
+
+def test_render_is_rgb_at_the_image_size(explanation, chelsea):
+    rendered = render_explanation(explanation, chelsea)
+    height, width = chelsea.shape[:2]
+    assert [m.title for m in rendered.encoder][-1].endswith("last layer)")
+    images = [img for h in rendered.encoder for img in (h.heatmap, h.overlay)]
+    for mask in rendered.masks:
+        images += [mask["decoder"].heatmap, mask["decoder"].overlay]
+        images += [img for h in mask["token_look"] for img in (h.heatmap, h.overlay)]
+        assert mask["grounding"] and all(0 <= g["score"] <= 1 for g in mask["grounding"])
+    assert len(images) == 2 * len(rendered.encoder) + 4 * len(rendered.masks)
+    for image in images:
+        assert image.shape == (height, width, 3) and image.dtype == np.uint8
+    # The hottest decoder pixel is red in the jet colormap (R high, B low): RGB, not BGR.
+    heat = rendered.masks[0]["decoder"].heatmap.astype(int)
+    hottest = np.unravel_index(np.argmax(heat[..., 0] - heat[..., 2]), heat.shape[:2])
+    assert heat[hottest][0] > 200 and heat[hottest][2] < 60
+    with pytest.raises(ValueError, match="made for"):
+        render_explanation(explanation, chelsea[:100])
+
+
+def test_mobile_sam_explains_with_decoder_maps_only(tiny_cache, chelsea):
+    engine = Engine(EngineConfig.from_file(tiny_cache / "engine-mobilesam.json"))
+    explanation = engine.explain(chelsea, PROMPT, **THRESHOLDS)
+    assert explanation.segments
+    assert explanation.encoder_received == {}
+    assert any("no global attention" in note for note in explanation.notes)
+    for mask in explanation.masks:
+        assert mask.token_look == {}
+        assert mask.decoder_map.sum() == pytest.approx(1.0, abs=1e-3)
+    rendered = render_explanation(explanation, chelsea)
+    assert rendered.encoder == [] and len(rendered.masks) == len(explanation.segments)
