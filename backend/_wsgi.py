@@ -1,0 +1,289 @@
+"""The HTTP server Label Studio talks to: label-studio-ml's routes and JSON, on Flask 3.
+
+    gunicorn backend._wsgi:app            # production (settings in gunicorn.conf.py)
+    python -m backend._wsgi -p 9090       # development server
+
+Routes (label-studio-ml conventions): GET / and /health, POST /setup, /predict, /webhook, /train,
+GET /metrics; the explain UI's JSON API lives under /api (backend/http_api.py).
+
+Environment: BASIC_AUTH_USER / BASIC_AUTH_PASS, LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, PROMPT,
+ALLOWED_IMAGE_HOSTS, MAX_IMAGE_BYTES, IMAGE_FETCH_TIMEOUT, ENGINE_WAIT_S, LOG_LEVEL, plus the engine's
+own (ENGINE_CONFIG, MODEL_CACHE_DIR, BOX_THRESHOLD, TEXT_THRESHOLD, ... see backend/config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import logging.config
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .detector import PromptError
+from .fetch import FetchError, HostNotAllowedError, ImageTooLargeError
+from .images import ImageError
+from .label_config import LabelConfigError, TaskDataError
+from .ls_api import LabelStudioError, install_log_redaction, register_secret
+from .ls_model import BadRequest, EngineHolder, EngineNotReady, GroundedSamModel, ModelSettings, project_key
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASS = "GroundedSamModel"
+EXTENSION = "grounded_sam"  # app.extensions key holding the GroundedSamModel
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    basic_auth: tuple[str, str] | None = None  # BASIC_AUTH_USER, BASIC_AUTH_PASS
+    model: ModelSettings = field(default_factory=ModelSettings)
+    engine_config: Any | None = None  # an EngineConfig to load instead of the environment's
+    load_on_start: bool = True  # start loading the models when the app is created
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
+        env = os.environ if env is None else env
+        user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
+        if bool(user) != bool(password):
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS to require basic auth, or neither")
+        return cls(basic_auth=(user, password) if user else None, model=ModelSettings.from_env(env))
+
+    @property
+    def max_request_bytes(self) -> int:
+        # An image can arrive base64-encoded inside JSON (4/3 larger) next to a few fields.
+        return self.model.fetch.max_bytes * 4 // 3 + (1 << 20)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+def _status_for(exc: BaseException) -> int:
+    if isinstance(exc, (BadRequest, LabelConfigError, PromptError)):
+        return 400
+    if isinstance(exc, HostNotAllowedError):
+        return 403
+    if isinstance(exc, ImageTooLargeError):
+        return 413
+    if isinstance(exc, (ImageError, TaskDataError)):
+        return 422
+    if isinstance(exc, (LabelStudioError, FetchError)):
+        return 502  # Label Studio or the image host failed us; never 401, which would mean *our* auth
+    if isinstance(exc, EngineNotReady):
+        return 503
+    return 500
+
+
+def _reason(message: str) -> str:
+    """The message as an HTTP reason phrase: Label Studio shows ``"<code> Client Error: <reason>"``
+    for a failed ML request and drops the body, so the reason phrase is where the cause can go."""
+    text = " ".join("".join(c if 32 <= ord(c) < 127 else " " for c in message).split())
+    return text[:180] or "Error"
+
+
+def error_response(status: int, message: str, **extra: Any) -> Response:
+    response = jsonify({"error": message, **extra})
+    response.status = f"{status} {_reason(message)}"
+    return response
+
+
+def _handle_error(exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        return error_response(exc.code or 500, exc.description or exc.name)
+    status = _status_for(exc)
+    if status == 500:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+    logger.warning("%s %s -> %d: %s", request.method, request.path, status, exc)
+    return error_response(status, str(exc) or type(exc).__name__)
+
+
+# -- request parsing --------------------------------------------------------------------------------
+def json_body() -> dict[str, Any]:
+    """The request's JSON object (whatever the Content-Type says); 400 when it isn't one."""
+    data = request.get_json(force=True, silent=True)
+    if data is None:
+        raise BadRequest("request body must be JSON" + ("" if request.get_data(cache=True) else " (it is empty)"))
+    if not isinstance(data, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def field_of(data: Mapping[str, Any], name: str, types: type | tuple[type, ...], required: bool = False) -> Any:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(f"'{name}' is required")
+        return None
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise BadRequest(f"'{name}' has the wrong type: bool")
+    if not isinstance(value, types):
+        expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise BadRequest(f"'{name}' must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def current_model() -> GroundedSamModel:
+    from flask import current_app
+
+    return current_app.extensions[EXTENSION]
+
+
+# -- the app ----------------------------------------------------------------------------------------
+def create_app(engine: Any | None = None, settings: ServerSettings | None = None) -> Flask:
+    """The Flask app. ``engine``: an already loaded Engine (tests); otherwise the engine is loaded
+    in the background from ``settings.engine_config`` or the environment."""
+    settings = settings or ServerSettings.from_env()
+    install_log_redaction()
+    if settings.basic_auth:
+        register_secret(settings.basic_auth[1])
+    if engine is not None:
+        holder = EngineHolder(engine)
+    else:
+        config = settings.engine_config
+        holder = EngineHolder(config_loader=(lambda: config) if config is not None else None)
+        if settings.load_on_start:
+            holder.start()
+    model = GroundedSamModel(holder, settings.model)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False
+    app.extensions[EXTENSION] = model
+    app.register_error_handler(Exception, _handle_error)
+
+    @app.before_request
+    def check_auth() -> Response | None:
+        if settings.basic_auth is None:
+            return None
+        auth = request.authorization
+        user, password = settings.basic_auth
+        if (auth is not None and auth.type == "basic"
+                and hmac.compare_digest((auth.username or "").encode(), user.encode())
+                and hmac.compare_digest((auth.password or "").encode(), password.encode())):
+            return None
+        response = error_response(401, "basic auth required: send BASIC_AUTH_USER / BASIC_AUTH_PASS")
+        response.headers["WWW-Authenticate"] = 'Basic realm="Grounded SAM ML backend"'
+        return response
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        status, reason = holder.status()
+        body: dict[str, Any] = {"status": status, "model_class": MODEL_CLASS,
+                                "model_version": holder.model_version}
+        if holder.engine is not None:
+            body["models"] = holder.engine.describe()
+        else:
+            body["models"] = {}
+            if reason:
+                body["reason"] = reason
+                if holder.problems:
+                    body["problems"] = holder.problems
+        # Always 200: Label Studio only checks that the backend answers, and shows the body.
+        return jsonify(body)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return jsonify({})
+
+    @app.post("/setup")
+    def setup() -> Response:
+        data = json_body()
+        version = model.setup(
+            project=field_of(data, "project", (str, int)),
+            schema=field_of(data, "schema", str),
+            hostname=field_of(data, "hostname", str),
+            access_token=field_of(data, "access_token", str),
+            extra_params=field_of(data, "extra_params", (dict, str)),
+        )
+        return jsonify({"model_version": version})
+
+    @app.post("/predict")
+    def predict() -> Response:
+        data = json_body()
+        tasks = field_of(data, "tasks", list, required=True)
+        for i, task in enumerate(tasks):
+            if not isinstance(task, dict):
+                raise BadRequest(f"tasks[{i}] must be a task object, got {type(task).__name__}")
+        params = field_of(data, "params", dict) or {}
+        outcome = model.predict(
+            tasks,
+            project=field_of(data, "project", (str, int)),
+            label_config=field_of(data, "label_config", str),
+            context=params.get("context"),
+        )
+        body: dict[str, Any] = {"results": outcome.results, "model_version": model.model_version}
+        if outcome.errors:
+            body["errors"] = outcome.errors  # Label Studio ignores it; for people reading responses
+        return jsonify(body)
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        data = json_body()
+        action = field_of(data, "action", str, required=True)
+        return jsonify(model.webhook(action, data))
+
+    @app.post("/train")
+    def train() -> Response:
+        data = request.get_json(force=True, silent=True)
+        project = project_key(data.get("project")) if isinstance(data, dict) else None
+        logger.info("train requested for project %s: nothing to do (zero-shot model)", project)
+        return jsonify({"status": "ok", "job": None,
+                        "detail": "Grounded SAM is zero-shot: training is a no-op"})
+
+    from .http_api import api
+
+    app.register_blueprint(api)
+    return app
+
+
+# -- logging, the module-level app, the dev server ----------------------------------------------------
+def configure_logging(level: str | None = None) -> None:
+    """label-studio-ml's log format, on stdout, at LOG_LEVEL (default INFO); tokens redacted."""
+    level = (level or os.getenv("LOG_LEVEL") or "INFO").upper()
+    logging.config.dictConfig({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"standard": {
+            "format": "[%(asctime)s] [%(levelname)s] [%(name)s::%(funcName)s::%(lineno)d] %(message)s"}},
+        "handlers": {"console": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
+                                 "formatter": "standard"}},
+        "root": {"level": level, "handlers": ["console"]},
+    })
+    install_log_redaction()
+
+
+_app: Flask | None = None
+_app_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    # `gunicorn backend._wsgi:app` reads this attribute; building the app on first access keeps
+    # `import backend._wsgi` (tests, tools) from loading models.
+    if name != "app":
+        raise AttributeError(name)
+    global _app
+    with _app_lock:
+        if _app is None:
+            configure_logging()
+            _app = create_app()
+        return _app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Grounded SAM ML backend for Label Studio (dev server)")
+    parser.add_argument("-p", "--port", type=int, default=int(os.getenv("PORT", "9090")), help="server port")
+    parser.add_argument("--host", default=os.getenv("HOST", "0.0.0.0"), help="server host")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    parser.add_argument("-d", "--debug", action="store_true", help="Flask debug mode (no reloader)")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    app = create_app()
+    app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""JSON API for the explain UI, under /api. Routes only parse, validate and serialise; the work is
+the engine's and ``backend.ls_model``'s.
+
+    POST /api/segment                 image (multipart file, or JSON data URL / base64) + prompt
+    GET  /api/tasks/<id>              a Label Studio task: image URL, data, stored predictions
+    GET  /api/tasks/<id>/image        the task's image bytes (fetched with the backend's LS key)
+    POST /api/tasks/<id>/segment      segment a task's image (project labels, or a given prompt)
+    POST /api/explain                 like /api/segment, plus attention heatmaps (``explanation_json``)
+    POST /api/tasks/<id>/explain      like /api/tasks/<id>/segment, plus attention heatmaps
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from flask import Blueprint, Response, jsonify, request
+from PIL import Image
+
+from ._wsgi import current_model, field_of, json_body
+from . import sam_attention
+from .detector import parse_prompt
+from .explainer import LEGEND, HeatmapImage, render_explanation
+from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
+from .label_config import LabelConfig, parse_label_config
+from .ls_api import LabelStudioClient, LabelStudioError
+from .ls_model import (BadRequest, PromptInput, PromptPlan, mask_to_rle, parse_threshold, plan_prompt, prediction,
+                       segments_to_results, split_typed_prompt)
+from .render import draw_segments
+from .types import Explanation, Segment
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+def segment_request() -> tuple[bytes | None, dict[str, Any]]:
+    """(image bytes or None, the other fields) from a multipart form or a JSON body."""
+    max_bytes = current_model().settings.fetch.max_bytes
+    if request.files or request.form:
+        fields: dict[str, Any] = dict(request.form)
+        upload = request.files.get("image")
+        image = upload.read(max_bytes + 1) if upload is not None else None
+        if image is not None and len(image) > max_bytes:
+            raise ImageTooLargeError(f"image is over {max_bytes:,} bytes (MAX_IMAGE_BYTES)")
+        return image, fields
+    fields = json_body() if request.get_data(cache=True) else {}
+    encoded = field_of(fields, "image", str)
+    if encoded is None:
+        return None, fields
+    if encoded.startswith("data:"):
+        return decode_data_url(encoded, max_bytes), fields
+    if len(encoded) * 3 // 4 > max_bytes:
+        raise ImageTooLargeError(f"image is over {max_bytes:,} bytes (MAX_IMAGE_BYTES)")
+    return decode_base64(encoded), fields
+
+
+def prompt_input(fields: Mapping[str, Any], required: bool) -> PromptInput:
+    """prompt ("cat . dog", "cat, dog" or a list) and thresholds from request fields."""
+    prompt = fields.get("prompt")
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip() and not required):
+        if required:
+            raise BadRequest("'prompt' is required: what to segment, e.g. 'cat . dog'")
+        phrases = None
+    elif isinstance(prompt, (str, list)):
+        phrases = tuple(split_typed_prompt(prompt))
+    else:
+        raise BadRequest(f"'prompt' must be a string or a list of phrases, got {type(prompt).__name__}")
+    thresholds = {name: parse_threshold(fields[name], name) for name in ("box_threshold", "text_threshold")
+                  if fields.get(name) not in (None, "")}
+    return PromptInput(phrases, thresholds.get("box_threshold"), thresholds.get("text_threshold"))
+
+
+# -- serialising --------------------------------------------------------------------------------------
+def mask_png(mask: np.ndarray) -> str:
+    """Base64 PNG of a mask: white where the mask is set, black elsewhere (1 bit per pixel)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def segment_json(segment: Segment) -> dict[str, Any]:
+    return {
+        "label": segment.label,
+        "score": float(segment.score),
+        "predicted_iou": float(segment.predicted_iou),
+        "box": [float(v) for v in segment.box],
+        "area": segment.area,
+        "phrase_scores": {k: float(v) for k, v in segment.phrase_scores.items()},
+        "token_scores": [[token, float(score)] for token, score in segment.token_scores],
+        "mask_rle": mask_to_rle(segment.mask),
+        "mask_png": mask_png(segment.mask),
+    }
+
+
+def segmentation_json(segments: list[Segment], phrases: tuple[str, ...], width: int, height: int,
+                      version: str) -> dict[str, Any]:
+    return {
+        "model_version": version,
+        "width": int(width),
+        "height": int(height),
+        "prompt": list(phrases),
+        "segments": [segment_json(s) for s in segments],
+    }
+
+
+# -- image segmentation -------------------------------------------------------------------------------
+@api.post("/segment")
+def segment() -> Response:
+    image, fields = segment_request()
+    if image is None:
+        raise BadRequest("'image' is required: a multipart file field 'image', or JSON {\"image\": <data URL "
+                         "or base64>}")
+    given = prompt_input(fields, required=True)
+    model = current_model()
+    engine = model.engine.get(timeout=model.settings.engine_wait_s)
+    rgb = engine.load_image(image)
+    segments = engine.segment(rgb, list(given.phrases or ()), given.box_threshold, given.text_threshold)
+    height, width = rgb.shape[:2]
+    return jsonify(segmentation_json(segments, given.phrases or (), width, height, engine.model_version))
+
+
+# -- Label Studio tasks -------------------------------------------------------------------------------
+def _ls_client(project: str | None = None) -> LabelStudioClient:
+    client = current_model().client_for(project)
+    if client is None:
+        raise LabelStudioError("no Label Studio is known: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
+                               "(or connect this backend to a project first)")
+    return client
+
+
+def _task_and_config(task_id: int) -> tuple[dict[str, Any], LabelConfig, LabelStudioClient]:
+    model = current_model()
+    client = _ls_client()
+    task = client.get_task(task_id)
+    project = str(task.get("project")) if task.get("project") is not None else None
+    schema = model.memory.get(project).label_config
+    if not schema and project is not None:
+        schema = client.get_project(int(project)).get("label_config")
+    if not schema:
+        raise LabelStudioError(f"can't find the labeling config of task {task_id}'s project")
+    return task, parse_label_config(schema), client
+
+
+def _task_image(task: Mapping[str, Any], config: LabelConfig, client: LabelStudioClient) -> tuple[str, bytes]:
+    target = config.targets[0]
+    url = target.image_url(task.get("data") or {})
+    data = fetch_image(url, client, current_model().settings.fetch, task.get("id"))
+    return url, data
+
+
+@api.get("/tasks/<int:task_id>")
+def get_task(task_id: int) -> Response:
+    task, config, _ = _task_and_config(task_id)
+    target = config.targets[0]
+    return jsonify({
+        "id": task.get("id", task_id),
+        "project": task.get("project"),
+        "image_url": target.image_url(task.get("data") or {}),
+        "image_key": target.value.lstrip("$"),
+        "labels": config.brush_labels,
+        "data": task.get("data"),
+        "predictions": task.get("predictions") or [],
+    })
+
+
+@api.get("/tasks/<int:task_id>/image")
+def get_task_image(task_id: int) -> Response:
+    task, config, client = _task_and_config(task_id)
+    _, data = _task_image(task, config, client)
+    mimetype = Image.MIME.get(_image_format(data), "application/octet-stream")
+    return Response(data, mimetype=mimetype)
+
+
+def _image_format(data: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format or ""
+    except Exception:
+        return ""
+
+
+@dataclass
+class TaskRun:
+    """What a task route works on: the task, its config, the prompt, the engine and the image."""
+
+    task: dict[str, Any]
+    config: LabelConfig
+    plan: PromptPlan
+    engine: Any
+    rgb: np.ndarray
+    fields: dict[str, Any]
+
+    def describe(self, task_id: int) -> dict[str, Any]:
+        return {"task": self.task.get("id", task_id), "project": self.task.get("project"),
+                "prompt_source": self.plan.source}
+
+
+def _task_run(task_id: int) -> TaskRun:
+    fields = json_body() if request.get_data(cache=True) else {}
+    given = prompt_input(fields, required=False)
+    model = current_model()
+    task, config, client = _task_and_config(task_id)
+    plan = plan_prompt(config, given)  # the given prompt, else the project's labels
+    engine = model.engine.get(timeout=model.settings.engine_wait_s)
+    _, data = _task_image(task, config, client)
+    return TaskRun(task, config, plan, engine, engine.load_image(data), fields)
+
+
+@api.post("/tasks/<int:task_id>/segment")
+def segment_task(task_id: int) -> Response:
+    run = _task_run(task_id)
+    height, width = run.rgb.shape[:2]
+    segments = run.engine.segment(run.rgb, list(run.plan.phrases), run.plan.box_threshold, run.plan.text_threshold)
+    results, scores = segments_to_results(segments, run.config.targets[0], width, height)
+    version = run.engine.model_version
+    body = segmentation_json(segments, run.plan.phrases, width, height, version)
+    body.update(run.describe(task_id), prediction=prediction(results, scores, version))
+    return jsonify(body)
+
+
+# -- explanations -------------------------------------------------------------------------------------
+DEFAULT_ALPHA = 0.5  # heatmap opacity over the photo in the overlay PNGs
+
+
+def rgb_png(image: np.ndarray) -> str:
+    """Base64 PNG of an (H, W, 3) uint8 RGB image (no data: prefix)."""
+    buffer = io.BytesIO()
+    # Low compression: these are big photo-like images and encoding time matters more than bytes.
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(buffer, format="PNG", compress_level=3)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def parse_alpha(fields: Mapping[str, Any]) -> float:
+    value = fields.get("alpha")
+    return DEFAULT_ALPHA if value in (None, "") else parse_threshold(value, "alpha")
+
+
+def heatmap_json(heatmap: HeatmapImage, rgb: np.ndarray, alpha: float) -> dict[str, Any]:
+    # render_explanation blends at DEFAULT_ALPHA; re-blend only when another opacity was asked for.
+    blended = heatmap.overlay if alpha == DEFAULT_ALPHA else sam_attention.overlay(rgb, heatmap.heatmap, alpha)
+    return {"title": heatmap.title, "heatmap_png": rgb_png(heatmap.heatmap), "overlay_png": rgb_png(blended)}
+
+
+def explanation_json(explanation: Explanation, rgb: np.ndarray, phrases: tuple[str, ...], cached: bool,
+                     alpha: float = DEFAULT_ALPHA) -> dict[str, Any]:
+    """The /api/*explain response: segments, their overlay, and every attention map as PNGs."""
+    rendered = render_explanation(explanation, rgb)
+    height, width = rgb.shape[:2]
+    blocks = sorted(explanation.encoder_received)
+    available = bool(blocks)
+    reason = None
+    if not available:
+        reason = "; ".join(explanation.notes) or "the image encoder's attention was not captured"
+    masks = []
+    for mask, segment, explained in zip(rendered.masks, explanation.segments, explanation.masks):
+        decoder = heatmap_json(mask["decoder"], rgb, alpha)
+        masks.append({
+            "index": mask["index"],
+            "label": mask["label"],
+            "score": float(mask["score"]),
+            "iou": float(segment.predicted_iou),
+            "decoder_heatmap_png": decoder["heatmap_png"],
+            "decoder_overlay_png": decoder["overlay_png"],
+            "token_look": [{"block": int(block), **heatmap_json(look, rgb, alpha)}
+                           for block, look in zip(sorted(explained.token_look), mask["token_look"])],
+            "grounding": [{"token": g["token"], "score": float(g["score"])} for g in mask["grounding"]],
+            "phrase_scores": {k: float(v) for k, v in mask["phrase_scores"].items()},
+        })
+    return {
+        "model_version": explanation.model_version,
+        "width": int(width),
+        "height": int(height),
+        "cached": bool(cached),
+        "prompt_phrases": list(phrases),
+        "segments": [segment_json(s) for s in explanation.segments],
+        "overlay_png": rgb_png(draw_segments(rgb, explanation.segments)),
+        "encoder": {
+            "available": available,
+            "reason": reason,
+            "blocks": [{"block": int(block), "kind": "last" if block == blocks[-1] else "global",
+                        **heatmap_json(image, rgb, alpha)}
+                       for block, image in zip(blocks, rendered.encoder)],
+        },
+        "masks": masks,
+        "legend": LEGEND,
+        "notes": list(explanation.notes),
+    }
+
+
+def explain_image(engine: Any, rgb: np.ndarray, phrases: tuple[str, ...], box_threshold: float | None,
+                  text_threshold: float | None, alpha: float) -> dict[str, Any]:
+    """Explain (from the engine's cache when this image + prompt + thresholds ran before)."""
+    prompt = list(phrases)
+    cached = engine.cached_explanation(rgb, prompt, box_threshold, text_threshold) is not None
+    explanation = engine.explain(rgb, prompt, box_threshold, text_threshold)
+    return explanation_json(explanation, rgb, tuple(parse_prompt(prompt)), cached, alpha)
+
+
+@api.post("/explain")
+def explain() -> Response:
+    image, fields = segment_request()
+    if image is None:
+        raise BadRequest("'image' is required: a multipart file field 'image', or JSON {\"image\": <data URL "
+                         "or base64>}")
+    given = prompt_input(fields, required=True)
+    alpha = parse_alpha(fields)
+    model = current_model()
+    engine = model.engine.get(timeout=model.settings.engine_wait_s)
+    rgb = engine.load_image(image)
+    return jsonify(explain_image(engine, rgb, given.phrases or (), given.box_threshold, given.text_threshold, alpha))
+
+
+@api.post("/tasks/<int:task_id>/explain")
+def explain_task(task_id: int) -> Response:
+    run = _task_run(task_id)
+    alpha = parse_alpha(run.fields)
+    body = explain_image(run.engine, run.rgb, run.plan.phrases, run.plan.box_threshold, run.plan.text_threshold,
+                         alpha)
+    body.update(run.describe(task_id))
+    return jsonify(body)

@@ -1,0 +1,30 @@
+"""gunicorn settings for `gunicorn backend._wsgi:app` (read from the working directory).
+
+Like label-studio-ml's Dockerfile: PORT, WORKERS, THREADS. One worker by default: each worker
+process loads its own copy of the models (GBs), and threads share one copy safely (the engine runs
+one encoder pass at a time and keeps per-project state behind locks). No preload: the models are
+loaded in each worker after the fork, in the background, so /health answers at once.
+"""
+
+import os
+
+bind = os.getenv("BIND") or f"{os.getenv('HOST', '0.0.0.0')}:{os.getenv('PORT', '9090')}"
+workers = int(os.getenv("WORKERS", "1"))
+threads = int(os.getenv("THREADS", "8"))
+worker_class = "gthread"
+# The gthread main loop keeps notifying while requests run in threads, so this only catches a
+# wedged worker; a long batch prediction is not cut short by it.
+timeout = int(os.getenv("GUNICORN_TIMEOUT", "120"))
+graceful_timeout = 30
+keepalive = 5
+preload_app = False
+accesslog = "-"
+errorlog = "-"
+loglevel = os.getenv("LOG_LEVEL", "info").lower()
+
+
+def post_worker_init(worker):  # noqa: ANN001 - gunicorn hook signature
+    # Tokens never reach gunicorn's logs either (the app installs the same redaction for its own).
+    from backend.ls_api import install_log_redaction
+
+    install_log_redaction()
