@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import json
 import logging
 import logging.config
 import os
@@ -103,9 +104,13 @@ def _handle_error(exc: Exception) -> Response:
 # -- request parsing --------------------------------------------------------------------------------
 def json_body() -> dict[str, Any]:
     """The request's JSON object (whatever the Content-Type says); 400 when it isn't one."""
-    data = request.get_json(force=True, silent=True)
-    if data is None:
-        raise BadRequest("request body must be JSON" + ("" if request.get_data(cache=True) else " (it is empty)"))
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise BadRequest("request body must be JSON (it is empty)")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -139,6 +144,8 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
     install_log_redaction()
     if settings.basic_auth:
         register_secret(settings.basic_auth[1])
+    if settings.model.credentials is not None:
+        register_secret(settings.model.credentials.api_key)
     if engine is not None:
         holder = EngineHolder(engine)
     else:

@@ -36,7 +36,8 @@ from .fetch import FetchError, FetchSettings, fetch_image
 from .images import ImageError
 from .label_config import (BRUSH, POLYGON, RECTANGLE, ImageTarget, LabelConfig, LabelControl, TaskDataError,
                            parse_label_config)
-from .ls_api import ClientRegistry, Credentials, LabelStudioClient, LabelStudioError, normalise_url
+from .ls_api import (ClientRegistry, Credentials, LabelStudioClient, LabelStudioError, normalise_url,
+                     register_secret)
 from .types import Segment
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,24 @@ def plan_prompt(config: LabelConfig, context: PromptInput, remembered: PromptInp
         return next((getattr(g, attr) for _, g in sources if getattr(g, attr) is not None), None)
 
     return PromptPlan(phrases, source, first("box_threshold"), first("text_threshold"))
+
+
+def _maps_to_labels(config: LabelConfig, phrases: Sequence[str]) -> bool:
+    return any(target.labels_for(phrase) for target in config.targets for phrase in phrases)
+
+
+def check_prompt_labels(config: LabelConfig, plan: PromptPlan) -> None:
+    """BadRequest when no phrase of a typed prompt maps to a label: every mask would be dropped.
+
+    Phrases that map to nothing next to ones that do are kept (they still guide Grounding DINO) and
+    logged when their detections are skipped.
+    """
+    if plan.source == "labels" or _maps_to_labels(config, plan.phrases):
+        return
+    labels = ", ".join(repr(label) for label in config.brush_labels)
+    raise BadRequest(
+        f"unknown labels: the prompt {list(plan.phrases)} (from {plan.source}) matches none of the BrushLabels "
+        f"labels ({labels}); use label names, or list synonyms in a label's predicted_values")
 
 
 # -- segments -> Label Studio results ---------------------------------------------------------------
@@ -562,6 +581,7 @@ class GroundedSamModel:
               extra_params: Any) -> str:
         """Remember the project's connection details and extra_params; returns the model version."""
         key = project_key(project)
+        register_secret(access_token)  # before anything can log it
         if schema:
             parse_label_config(schema)  # fail at connection time, not at the first prediction
         extra = read_extra_params(extra_params)
@@ -592,8 +612,16 @@ class GroundedSamModel:
     # -- /predict --------------------------------------------------------------------------------
     def plan(self, project: str | None, config: LabelConfig, context: Any) -> PromptPlan:
         state = self.memory.get(project)
-        return plan_prompt(config, read_context(context), state.remembered, state.extra,
-                           self.settings.default_prompt)
+        given = read_context(context)
+        plan = plan_prompt(config, given, state.remembered, state.extra, self.settings.default_prompt)
+        if plan.source == "project" and not _maps_to_labels(config, plan.phrases):
+            # A remembered prompt (e.g. from an annotation webhook) for labels this config lacks
+            # must not break every later batch: fall back to the next source.
+            logger.info("project %s: remembered prompt %s matches no label; not using it", project,
+                        list(plan.phrases))
+            remembered = PromptInput(None, state.remembered.box_threshold, state.remembered.text_threshold)
+            plan = plan_prompt(config, given, remembered, state.extra, self.settings.default_prompt)
+        return plan
 
     def predict(self, tasks: Sequence[Any], project: Any, label_config: str | None,
                 context: Any = None) -> PredictOutcome:
@@ -607,6 +635,7 @@ class GroundedSamModel:
         config = parse_label_config(label_config)
         given = read_context(context)
         plan = self.plan(key, config, context)
+        check_prompt_labels(config, plan)
         engine = self.engine.get(timeout=self.settings.engine_wait_s)
         if given.phrases or given.box_threshold is not None or given.text_threshold is not None:
             self._remember(key, given)
@@ -618,12 +647,16 @@ class GroundedSamModel:
         for task in tasks:
             try:
                 results.append(self.predict_task(engine, task, config, plan, client, version))
-            except (FetchError, ImageError, LabelStudioError, TaskDataError) as exc:
+            except Exception as exc:
                 if context is not None and len(tasks) == 1:
                     raise
-                message = _message(exc)
                 task_id = task.get("id") if isinstance(task, Mapping) else None
-                logger.warning("task %s: no prediction: %s", task_id, message)
+                if isinstance(exc, (FetchError, ImageError, LabelStudioError, TaskDataError)):
+                    message = _message(exc)
+                    logger.warning("task %s: no prediction: %s", task_id, message)
+                else:  # a bug or a model failure: keep the traceback, and still answer for the others
+                    message = f"internal error ({type(exc).__name__}); see the server log"
+                    logger.exception("task %s: no prediction", task_id)
                 errors.append({"task": task_id, "error": message})
                 results.append(prediction([], [], version))
         return PredictOutcome(results, errors, plan)
