@@ -28,6 +28,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
+from urllib.parse import urlencode
 
 import numpy as np
 
@@ -535,6 +536,7 @@ class ModelSettings:
     credentials: Credentials | None = None  # LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY
     fetch: FetchSettings = FetchSettings()
     engine_wait_s: float = 60.0  # how long a request waits for models still loading
+    explain_ui_url: str | None = None  # EXPLAIN_UI_URL: link each predicted region to its explanation
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ModelSettings":
@@ -549,7 +551,15 @@ class ModelSettings:
             credentials=credentials,
             fetch=FetchSettings.from_env(env),
             engine_wait_s=float(env.get("ENGINE_WAIT_S") or 60.0),
+            explain_ui_url=(env.get("EXPLAIN_UI_URL") or "").strip().rstrip("/") or None,
         )
+
+    def explain_link(self, task_id: Any, project: str | None) -> str | None:
+        """``{EXPLAIN_UI_URL}/?task=<id>&project=<project>``, or None without a URL or task id."""
+        if not self.explain_ui_url or task_id is None or isinstance(task_id, bool):
+            return None
+        query = {"task": task_id, **({"project": project} if project is not None else {})}
+        return f"{self.explain_ui_url}/?{urlencode(query)}"
 
 
 @dataclass
@@ -646,7 +656,12 @@ class GroundedSamModel:
         results, errors = [], []
         for task in tasks:
             try:
-                results.append(self.predict_task(engine, task, config, plan, client, version))
+                entry = self.predict_task(engine, task, config, plan, client, version)
+                link = self.settings.explain_link(task.get("id"), key)
+                if link:  # Label Studio shows a region's meta text in the region panel
+                    for result in entry["result"]:
+                        result["meta"] = {"text": [f"Why this mask: {link}"]}
+                results.append(entry)
             except Exception as exc:
                 if context is not None and len(tasks) == 1:
                     raise

@@ -270,6 +270,17 @@ def test_webhook_events_and_prompt_persisting_to_the_next_prediction(client, qui
     assert client.post("/webhook", json={"project": project}).status_code == 400  # no action
 
 
+def test_explain_ui_link_on_every_region(quick_engine):
+    client = make_client(quick_engine, model=ModelSettings(explain_ui_url="http://ui.example:7860"))
+    entry = predict(client, [{"id": 70, "data": {"image": data_url(photo(3))}}], project="3.17").get_json()
+    results = entry["results"][0]["result"]
+    assert results
+    for result in results:
+        assert result["meta"] == {"text": ["Why this mask: http://ui.example:7860/?task=70&project=3"]}
+    assert LabelInterface(CONFIG).validate_prediction(entry["results"][0], return_errors=True) == []
+    assert ModelSettings.from_env({"EXPLAIN_UI_URL": "http://ui:7860/"}).explain_link(5, None) == "http://ui:7860/?task=5"
+
+
 @pytest.mark.parametrize("body, message", [
     ("{not json", "not valid JSON"),
     ("", "empty"),
