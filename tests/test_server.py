@@ -474,3 +474,19 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
     segmented = client.post("/api/tasks/60/segment", json={"prompt": "car"}).get_json()
     assert segmented["prompt_source"] == "context" and segmented["prediction"]["model_version"] == entry["model_version"]
     assert client.post("/api/tasks/61/explain").status_code == 502  # Label Studio has no such task
+
+
+def test_explain_without_encoder_attention_says_why(tiny_cache):
+    """MobileSAM's TinyViT has no global attention: no encoder maps, a reason, decoder maps still."""
+    from backend.config import EngineConfig
+    from backend.engine import Engine
+
+    engine = Engine(EngineConfig.from_file(tiny_cache / "engine-mobilesam.json").replace(max_detections=1))
+    image = photo(12)
+    body = make_client(engine).post("/api/explain", json={"image": base64.b64encode(image).decode(),
+                                                          "prompt": "cat", "box_threshold": 0.0,
+                                                          "text_threshold": 0.0}).get_json()
+    assert body["encoder"]["available"] is False and body["encoder"]["blocks"] == []
+    assert "TinyViT" in body["encoder"]["reason"] and body["encoder"]["reason"] in " ".join(body["notes"])
+    assert len(body["masks"]) == 1 and body["masks"][0]["token_look"] == []
+    assert decode_png(body["masks"][0]["decoder_overlay_png"]).size == Image.open(io.BytesIO(image)).size
