@@ -268,6 +268,12 @@ def test_webhook_events_and_prompt_persisting_to_the_next_prediction(client, qui
     entry = predict(client, [{"id": 32, "data": {"image": data_url(image)}}], project="9").get_json()
     assert_matches_engine(entry["results"][0], quick_engine, image, ["car"])
     assert client.post("/webhook", json={"project": project}).status_code == 400  # no action
+    # A remembered prompt this config has no label for doesn't break batches: the labels are used.
+    client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 10},
+                                  "annotation": {"result": [textarea("zebra")]}})
+    image = photo(3)
+    entry = predict(client, [{"id": 33, "data": {"image": data_url(image)}}], project="10").get_json()
+    assert_matches_engine(entry["results"][0], quick_engine, image, LABEL_PROMPT)
 
 
 def test_explain_ui_link_on_every_region(quick_engine):
