@@ -27,7 +27,7 @@ from .explainer import LEGEND, HeatmapImage, render_explanation
 from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
 from .label_config import LabelConfig, parse_label_config
 from .ls_api import LabelStudioClient, LabelStudioError
-from .ls_model import (BadRequest, PromptInput, PromptPlan, mask_to_rle, parse_threshold, plan_prompt, prediction,
+from .ls_model import (BadRequest, PromptInput, PromptPlan, mask_to_rle, parse_threshold, prediction,
                        segments_to_results, split_typed_prompt)
 from .render import draw_segments
 from .types import Explanation, Segment
@@ -203,7 +203,10 @@ def _task_run(task_id: int) -> TaskRun:
     given = prompt_input(fields, required=False)
     model = current_model()
     task, config, client = _task_and_config(task_id)
-    plan = plan_prompt(config, given)  # the given prompt, else the project's labels
+    # The given prompt, else what a batch prediction of the project uses (its remembered prompt,
+    # extra_params, PROMPT, or its labels), so explaining a predicted task hits the engine's cache.
+    project = str(task["project"]) if task.get("project") is not None else None
+    plan = model.plan_for(project, config, given)
     engine = model.engine.get(timeout=model.settings.engine_wait_s)
     _, data = _task_image(task, config, client)
     return TaskRun(task, config, plan, engine, engine.load_image(data), fields)

@@ -621,8 +621,11 @@ class GroundedSamModel:
 
     # -- /predict --------------------------------------------------------------------------------
     def plan(self, project: str | None, config: LabelConfig, context: Any) -> PromptPlan:
+        return self.plan_for(project, config, read_context(context))
+
+    def plan_for(self, project: str | None, config: LabelConfig, given: PromptInput) -> PromptPlan:
+        """The plan a /predict of ``project`` would use, with ``given`` in the place of a context."""
         state = self.memory.get(project)
-        given = read_context(context)
         plan = plan_prompt(config, given, state.remembered, state.extra, self.settings.default_prompt)
         if plan.source == "project" and not _maps_to_labels(config, plan.phrases):
             # A remembered prompt (e.g. from an annotation webhook) for labels this config lacks

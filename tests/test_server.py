@@ -480,6 +480,12 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
     segmented = client.post("/api/tasks/60/segment", json={"prompt": "car"}).get_json()
     assert segmented["prompt_source"] == "context" and segmented["prediction"]["model_version"] == entry["model_version"]
     assert client.post("/api/tasks/61/explain").status_code == 502  # Label Studio has no such task
+    # After an interactive prediction, the task's explanation uses the prompt the project remembers.
+    predict(client, [fake_ls.tasks[60]], project="6.17", context={"result": [textarea("truck")]})
+    calls.clear()
+    body = client.post("/api/tasks/60/explain").get_json()
+    assert (body["cached"], body["prompt_source"], body["prompt_phrases"]) == (True, "project", ["truck"])
+    assert not calls
 
 
 def test_explain_without_encoder_attention_says_why(tiny_cache):
