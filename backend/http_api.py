@@ -27,7 +27,7 @@ from .explainer import LEGEND, HeatmapImage, render_explanation
 from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
 from .label_config import LabelConfig, parse_label_config
 from .ls_api import LabelStudioClient, LabelStudioError
-from .ls_model import (BadRequest, PromptInput, PromptPlan, mask_to_rle, parse_threshold, prediction,
+from .ls_model import (BadRequest, PromptInput, PromptPlan, mask_to_rle, parse_threshold, prediction, project_key,
                        segments_to_results, split_typed_prompt)
 from .render import draw_segments
 from .types import Explanation, Segment
@@ -133,9 +133,11 @@ def _ls_client(project: str | None = None) -> LabelStudioClient:
 
 def _task_and_config(task_id: int) -> tuple[dict[str, Any], LabelConfig, LabelStudioClient]:
     model = current_model()
-    client = _ls_client()
+    # ?project=<id> (the explain UI passes it) picks that project's /setup connection to Label Studio.
+    hint = project_key(request.args.get("project") or None)
+    client = _ls_client(hint)
     task = client.get_task(task_id)
-    project = str(task.get("project")) if task.get("project") is not None else None
+    project = project_key(task.get("project")) or hint
     schema = model.memory.get(project).label_config
     if not schema and project is not None:
         schema = client.get_project(int(project)).get("label_config")
@@ -205,8 +207,8 @@ def _task_run(task_id: int) -> TaskRun:
     task, config, client = _task_and_config(task_id)
     # The given prompt, else what a batch prediction of the project uses (its remembered prompt,
     # extra_params, PROMPT, or its labels), so explaining a predicted task hits the engine's cache.
-    project = str(task["project"]) if task.get("project") is not None else None
-    plan = model.plan_for(project, config, given)
+    plan = model.plan_for(project_key(task.get("project")) or project_key(request.args.get("project") or None),
+                          config, given)
     engine = model.engine.get(timeout=model.settings.engine_wait_s)
     _, data = _task_image(task, config, client)
     return TaskRun(task, config, plan, engine, engine.load_image(data), fields)
@@ -236,6 +238,21 @@ def rgb_png(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def parse_flag(fields: Mapping[str, Any], name: str, default: bool) -> bool:
+    """A boolean from JSON (true/false) or a form field ("true"/"false"/"1"/"0")."""
+    value = fields.get(name)
+    if value in (None, ""):
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest(f"'{name}' must be true or false, got {value!r}")
+
+
 def parse_alpha(fields: Mapping[str, Any]) -> float:
     value = fields.get("alpha")
     return DEFAULT_ALPHA if value in (None, "") else parse_threshold(value, "alpha")
@@ -248,7 +265,7 @@ def heatmap_json(heatmap: HeatmapImage, rgb: np.ndarray, alpha: float) -> dict[s
 
 
 def explanation_json(explanation: Explanation, rgb: np.ndarray, phrases: tuple[str, ...], cached: bool,
-                     alpha: float = DEFAULT_ALPHA) -> dict[str, Any]:
+                     alpha: float = DEFAULT_ALPHA, show_labels: bool = True) -> dict[str, Any]:
     """The /api/*explain response: segments, their overlay, and every attention map as PNGs."""
     rendered = render_explanation(explanation, rgb)
     height, width = rgb.shape[:2]
@@ -279,7 +296,7 @@ def explanation_json(explanation: Explanation, rgb: np.ndarray, phrases: tuple[s
         "cached": bool(cached),
         "prompt_phrases": list(phrases),
         "segments": [segment_json(s) for s in explanation.segments],
-        "overlay_png": rgb_png(draw_segments(rgb, explanation.segments)),
+        "overlay_png": rgb_png(draw_segments(rgb, explanation.segments, show_labels=show_labels)),
         "encoder": {
             "available": available,
             "reason": reason,
@@ -294,12 +311,14 @@ def explanation_json(explanation: Explanation, rgb: np.ndarray, phrases: tuple[s
 
 
 def explain_image(engine: Any, rgb: np.ndarray, phrases: tuple[str, ...], box_threshold: float | None,
-                  text_threshold: float | None, alpha: float) -> dict[str, Any]:
-    """Explain (from the engine's cache when this image + prompt + thresholds ran before)."""
+                  text_threshold: float | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Explain (from the engine's cache when this image + prompt + thresholds ran before); ``fields``
+    give the drawing options ``alpha`` and ``show_labels``."""
+    alpha, show_labels = parse_alpha(fields), parse_flag(fields, "show_labels", True)
     prompt = list(phrases)
     cached = engine.cached_explanation(rgb, prompt, box_threshold, text_threshold) is not None
     explanation = engine.explain(rgb, prompt, box_threshold, text_threshold)
-    return explanation_json(explanation, rgb, tuple(parse_prompt(prompt)), cached, alpha)
+    return explanation_json(explanation, rgb, tuple(parse_prompt(prompt)), cached, alpha, show_labels)
 
 
 @api.post("/explain")
@@ -309,18 +328,17 @@ def explain() -> Response:
         raise BadRequest("'image' is required: a multipart file field 'image', or JSON {\"image\": <data URL "
                          "or base64>}")
     given = prompt_input(fields, required=True)
-    alpha = parse_alpha(fields)
+    parse_alpha(fields), parse_flag(fields, "show_labels", True)  # bad options fail before any model runs
     model = current_model()
     engine = model.engine.get(timeout=model.settings.engine_wait_s)
     rgb = engine.load_image(image)
-    return jsonify(explain_image(engine, rgb, given.phrases or (), given.box_threshold, given.text_threshold, alpha))
+    return jsonify(explain_image(engine, rgb, given.phrases or (), given.box_threshold, given.text_threshold, fields))
 
 
 @api.post("/tasks/<int:task_id>/explain")
 def explain_task(task_id: int) -> Response:
     run = _task_run(task_id)
-    alpha = parse_alpha(run.fields)
     body = explain_image(run.engine, run.rgb, run.plan.phrases, run.plan.box_threshold, run.plan.text_threshold,
-                         alpha)
+                         run.fields)
     body.update(run.describe(task_id))
     return jsonify(body)

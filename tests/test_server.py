@@ -457,6 +457,11 @@ def test_api_explain_json_and_cache(client, quick_engine, monkeypatch):
     assert again["masks"][0]["decoder_overlay_png"] != body["masks"][0]["decoder_overlay_png"]
     bad = client.post("/api/explain", json={**request, "alpha": 2})
     assert bad.status_code == 400 and "alpha" in bad.get_json()["error"]
+    plain = client.post("/api/explain", json={**request, "show_labels": False}).get_json()
+    assert plain["cached"] is True and plain["overlay_png"] != body["overlay_png"]  # no label text drawn
+    bad = client.post("/api/explain", json={**request, "show_labels": "maybe"})
+    assert bad.status_code == 400 and "show_labels" in bad.get_json()["error"]
+    assert len(calls) == 1
 
 
 def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeypatch):
@@ -483,7 +488,7 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
     # After an interactive prediction, the task's explanation uses the prompt the project remembers.
     predict(client, [fake_ls.tasks[60]], project="6.17", context={"result": [textarea("truck")]})
     calls.clear()
-    body = client.post("/api/tasks/60/explain").get_json()
+    body = client.post("/api/tasks/60/explain?project=6").get_json()
     assert (body["cached"], body["prompt_source"], body["prompt_phrases"]) == (True, "project", ["truck"])
     assert not calls
 
