@@ -27,7 +27,7 @@ from backend.fetch import FetchSettings
 from backend.label_config import parse_label_config
 from backend.ls_api import Credentials
 from backend.ls_model import ModelSettings
-from tests.test_fetch import LEGACY_TOKEN, FakeLabelStudio, data_url, free_port, png_bytes
+from tests.test_fetch import LEGACY_TOKEN, FakeLabelStudio, data_url, free_port
 
 CONFIG = """
 <View>
