@@ -1,0 +1,273 @@
+"""End to end: a real Label Studio 1.23.2 drives our backend running under real gunicorn.
+
+Nothing is mocked: Label Studio (tests/ls_server.py) stores uploads, calls /health, /setup and
+/predict with basic auth, and keeps the predictions we read back; the backend runs the tiny
+random-weight models (real architectures, tests/tiny_models.py) and fetches each image from Label
+Studio with the API key. The expected masks come from the same tiny engine run in this process.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.ls_server import (
+    REPO_ROOT,
+    LabelStudioServer,
+    _free_port,
+    connect_ml_backend,
+    create_project,
+    import_files,
+    list_predictions,
+    list_tasks,
+    predict_interactive,
+    retrieve_predictions,
+)
+
+# Labels are multi-word phrases: Grounding DINO gets them as the prompt, and they must come back as
+# the labels of the masks. Rectangles are made from the same detections.
+LABELS = ("tabby cat", "coffee cup", "astronaut helmet")
+BATCH_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<BrushLabels name="mask" toName="image">' + "".join(f'<Label value="{x}"/>' for x in LABELS)
+    + '</BrushLabels><RectangleLabels name="box" toName="image">'
+    + "".join(f'<Label value="{x}"/>' for x in LABELS) + "</RectangleLabels></View>"
+)
+INTERACTIVE_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<BrushLabels name="mask" toName="image">' + "".join(f'<Label value="{x}"/>' for x in LABELS)
+    + '</BrushLabels><TextArea name="prompt" toName="image" editable="true"/></View>'
+)
+# Thresholds and a detection cap for the tiny random models: they find boxes, and SAM stays cheap.
+ENGINE_ENV = {"BOX_THRESHOLD": "0.2", "TEXT_THRESHOLD": "0.2", "MAX_DETECTIONS": "3"}
+AUTH = ("ml-e2e", secrets.token_urlsafe(12))
+# Variables of ours or Label Studio's that must not leak from the test environment into gunicorn.
+_DROP_PREFIXES = ("LABEL_STUDIO_", "BASIC_AUTH_", "GROUNDING_DINO_", "SAM_")
+_DROP_NAMES = {"PROMPT", "ENGINE_CONFIG", "MODEL_CACHE_DIR", "EXPLAIN_UI_URL", "ALLOWED_IMAGE_HOSTS", "BIND",
+               "HOST", "PORT", "WORKERS", "THREADS", "PYTHONPATH", "TEXT_ENCODER", "DEVICE", "PRECISION",
+               "NMS_IOU", "BOX_THRESHOLD", "TEXT_THRESHOLD", "MAX_DETECTIONS"}
+
+
+class GunicornBackend:
+    """``gunicorn -c gunicorn.conf.py backend._wsgi:app`` on a free port of 127.0.0.1."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(_DROP_PREFIXES) and k not in _DROP_NAMES}
+        self.env.update(env, BIND=f"127.0.0.1:{self.port}", WORKERS="1", THREADS="4",
+                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.session = requests.Session()
+        self.session.trust_env = False  # never send 127.0.0.1 traffic through a proxy
+
+    def start(self, timeout: float = 180.0) -> "GunicornBackend":
+        gunicorn = Path(sys.executable).parent / "gunicorn"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "backend._wsgi:app"],
+                                         cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline, last = time.monotonic() + timeout, "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}\n{self.log_tail()}")
+            try:
+                body = self.session.get(f"{self.url}/health", auth=AUTH, timeout=5).json()
+                if body.get("status") == "UP":
+                    return self
+                last = str(body)
+            except (requests.RequestException, ValueError) as exc:
+                last = type(exc).__name__
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"backend not UP after {timeout:.0f}s ({last})\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)  # the arbiter and its worker: our own process group
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+
+# -- fixtures -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three scikit-image photos of different sizes, as PNG and JPEG uploads."""
+    import skimage.data
+
+    d = tmp_path_factory.mktemp("e2e-photos")
+    out = []
+    for name, suffix in (("chelsea", ".png"), ("astronaut", ".jpg"), ("coffee", ".png")):
+        path = d / f"{name}{suffix}"
+        Image.fromarray(getattr(skimage.data, name)()).save(path, **({"quality": 90} if suffix == ".jpg" else {}))
+        out.append(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio: LabelStudioServer, tiny_cache: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornBackend]:
+    env = {"ENGINE_CONFIG": str(tiny_cache / "engine.json"), **ENGINE_ENV,
+           "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "LOG_LEVEL": "INFO"}
+    server = GunicornBackend(env, tmp_path_factory.mktemp("gunicorn") / "gunicorn.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference_engine(engine: Any, tiny_cache: Path) -> Any:
+    """The engine the backend runs (same config and env), sharing the session engine's models."""
+    from backend.config import EngineConfig
+    from backend.engine import Engine
+
+    config = EngineConfig.from_env({"ENGINE_CONFIG": str(tiny_cache / "engine.json"), **ENGINE_ENV})
+    return Engine(config, detector=engine.detector, segmenter=engine.segmenter)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def decode_brush(result: dict[str, Any]) -> np.ndarray:
+    """label-studio-sdk's brush decoder: RLE -> bool mask at the result's original size."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    h, w = result["original_height"], result["original_width"]
+    flat = decode_rle(result["value"]["rle"])
+    assert flat.size == h * w * 4, f"RLE decodes to {flat.size} values, not {h}x{w}x4"
+    return flat.reshape(h, w, 4)[:, :, 3] > 0
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def textarea_context(text: str) -> dict[str, Any]:
+    return {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
+                        "value": {"text": [text]}}]}
+
+
+# -- the tests ------------------------------------------------------------------------------------------------
+def test_backend_serves_health_with_auth(backend: GunicornBackend) -> None:
+    up = backend.session.get(f"{backend.url}/health", auth=AUTH, timeout=10)
+    assert up.status_code == 200 and up.json()["status"] == "UP", up.text
+    assert up.json()["model_version"].startswith("grounded-sam-vit_b-swint_ogc-")
+    anon = backend.session.get(f"{backend.url}/health", timeout=10)
+    assert anon.status_code == 401 and "WWW-Authenticate" in anon.headers
+
+
+def test_retrieve_predictions_stores_labelled_masks(label_studio: LabelStudioServer, backend: GunicornBackend,
+                                                    photos: list[Path], reference_engine: Any) -> None:
+    from backend.engine import model_version
+
+    ls = label_studio
+    pid = create_project(ls, BATCH_CONFIG, title="e2e-batch")
+    task_ids = import_files(ls, pid, photos)
+    # One task whose upload doesn't exist: its prediction is empty, the others are unaffected.
+    missing = ls.api("POST", f"/api/projects/{pid}/import?return_task_ids=true",
+                     json=[{"image": f"/data/upload/{pid}/no-such-file.png"}]).json()["task_ids"][0]
+    ml = connect_ml_backend(ls, pid, backend.url, title="grounded-sam", basic_auth=AUTH)
+    assert ml["state"] == "CO", ml
+    version = model_version(reference_engine.config)
+
+    retrieve_predictions(ls, pid)
+    tasks = {t["id"]: t for t in list_tasks(ls, pid)}
+    assert sorted(tasks) == sorted([*task_ids, missing])
+    for tid in tasks:
+        assert len(tasks[tid]["predictions"]) == 1, (tid, tasks[tid]["predictions"], backend.log_tail())
+        assert tasks[tid]["predictions"][0]["model_version"] == version
+    assert tasks[missing]["predictions"][0]["result"] == []
+    assert f"task {missing}: no prediction" in backend.log()  # logged, named, and the batch went on
+
+    for tid, photo in zip(task_ids, photos):
+        pred = tasks[tid]["predictions"][0]
+        with Image.open(photo) as im:
+            width, height = im.size
+        brushes = [r for r in pred["result"] if r["type"] == "brushlabels"]
+        boxes = [r for r in pred["result"] if r["type"] == "rectanglelabels"]
+        assert brushes, f"task {tid} ({photo.name}): no masks; {pred}"
+        assert len(boxes) == len(brushes)  # one rectangle per mask, same detections
+        for r in pred["result"]:
+            assert (r["original_width"], r["original_height"]) == (width, height)
+            (label,) = r["value"][r["type"]]
+            assert label in LABELS
+        # The stored masks are the engine's on the same upload (fetched by the backend from LS).
+        expected = [s for s in reference_engine.segment(photo.read_bytes(), list(LABELS)) if s.mask.any()]
+        assert len(expected) == len(brushes)
+        for segment, result in zip(expected, brushes):
+            mask = decode_brush(result)
+            assert mask.shape == (height, width)
+            assert result["value"]["brushlabels"] == [segment.label]
+            assert iou(mask, segment.mask) >= 0.99, (photo.name, segment.label)
+        assert 0.0 < pred["score"] <= 1.0
+
+    # Same model version: Label Studio asks for nothing new and stores no duplicates.
+    before = len(list_predictions(ls, pid))
+    retrieve_predictions(ls, pid)
+    assert len(list_predictions(ls, pid)) == before == len(tasks)
+    assert all(len(t["predictions"]) == 1 for t in list_tasks(ls, pid))
+
+
+def test_interactive_textarea_prompt_sets_the_label(label_studio: LabelStudioServer, backend: GunicornBackend,
+                                                    photos: list[Path]) -> None:
+    ls = label_studio
+    pid = create_project(ls, INTERACTIVE_CONFIG, title="e2e-interactive")
+    (task_id,) = import_files(ls, pid, photos[:1])
+    ml = connect_ml_backend(ls, pid, backend.url, title="grounded-sam-interactive", is_interactive=True,
+                            basic_auth=AUTH)
+    for prompt in ("coffee cup", "astronaut helmet"):
+        answer = predict_interactive(ls, ml["id"], task_id, textarea_context(prompt))
+        assert "errors" not in answer, (answer, backend.log_tail())
+        result = answer["data"]["result"]
+        assert result, f"no mask for {prompt!r}: {answer}"
+        assert {tuple(r["value"]["brushlabels"]) for r in result} == {(prompt,)}
+        assert all(r["type"] == "brushlabels" and decode_brush(r).any() for r in result)
+    # A prompt that names none of the labels: Label Studio relays our 400 and its reason.
+    answer = predict_interactive(ls, ml["id"], task_id, textarea_context("zebra"))
+    assert "unknown labels" in " ".join(answer.get("errors", [])), answer
+
+
+def test_wrong_basic_auth_is_refused_and_backend_keeps_serving(label_studio: LabelStudioServer,
+                                                              backend: GunicornBackend) -> None:
+    ls = label_studio
+    pid = create_project(ls, BATCH_CONFIG, title="e2e-wrong-auth")
+    r = ls.api("POST", "/api/ml/", expect=(400,), json={
+        "project": pid, "url": backend.url, "title": "wrong", "auth_method": "BASIC_AUTH",
+        "basic_auth_user": AUTH[0], "basic_auth_pass": AUTH[1] + "-wrong"})
+    assert "authentication parameters" in r.text, r.text  # LS's message for a 401 from /health
+    assert ls.api("GET", "/api/ml/", params={"project": pid}).json() == []
+    assert "401" in backend.log()
+    ok = backend.session.get(f"{backend.url}/health", auth=AUTH, timeout=10)
+    assert ok.status_code == 200 and ok.json()["status"] == "UP"
+    assert backend.proc is not None and backend.proc.poll() is None
+
+
+def test_backend_log_has_no_secrets(label_studio: LabelStudioServer, backend: GunicornBackend) -> None:
+    log = backend.log()
+    assert "/predict" in log and "/setup" in log  # the log is the one the requests went to
+    assert label_studio.token not in log
+    assert AUTH[1] not in log
