@@ -1,0 +1,212 @@
+"""HTTP client of the backend's /api (the explain UI never loads a model itself), plus image codecs.
+
+    client = BackendClient.from_env()          # BACKEND_URL, BASIC_AUTH_USER / BASIC_AUTH_PASS
+    body = client.explain(rgb, "cat . dog", box_threshold=0.3, text_threshold=0.25)
+    heatmap = decode_png(body["encoder"]["blocks"][0]["heatmap_png"])
+
+Only ``backend.images`` (PIL + numpy) is shared with the backend, so images decode the same way on
+both sides; no model code is imported.
+
+Every failure (HTTP error, backend down, a body that isn't JSON) is a ``BackendError`` whose message
+is the backend's own ``{"error": ...}`` text where there is one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import requests
+from PIL import Image
+
+from backend.images import ImageError, load_rgb
+
+DEFAULT_BACKEND_URL = "http://127.0.0.1:9090"
+
+
+class BackendError(RuntimeError):
+    """The backend refused or failed a request; ``str()`` is a message for people."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- images ---------------------------------------------------------------------------------------
+def _b64(data: str | bytes) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        return base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise BackendError(f"the backend sent an image that isn't base64: {exc}") from exc
+
+
+def decode_png(data: str | bytes) -> np.ndarray:
+    """A base64 (or data URL) PNG from the backend -> HxWx3 uint8 RGB."""
+    return decode_image_bytes(_b64(data))
+
+
+def decode_mask(data: str | bytes) -> np.ndarray:
+    """A base64 mask PNG (white = set) -> HxW bool."""
+    try:
+        with Image.open(io.BytesIO(_b64(data))) as image:
+            return np.asarray(image.convert("L")) > 127
+    except OSError as exc:
+        raise BackendError(f"can't decode a mask the backend sent: {exc}") from exc
+
+
+def decode_image_bytes(data: bytes) -> np.ndarray:
+    """Image file bytes -> HxWx3 uint8 RGB, decoded like the backend does (EXIF orientation,
+    alpha on white, pixel limit), so masks and maps line up with it."""
+    try:
+        return load_rgb(data)
+    except ImageError as exc:
+        raise BackendError(f"can't decode the image: {exc}") from exc
+
+
+def encode_png(image: np.ndarray | Image.Image) -> bytes:
+    """numpy (HxW, HxWx3, HxWx4) or PIL image -> PNG bytes."""
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            array = np.clip(array, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=3)  # sent once over a local link: speed over bytes
+    return buffer.getvalue()
+
+
+def data_url(image: np.ndarray | Image.Image | bytes) -> str:
+    """An image as a ``data:`` URL (bytes are sent as they are: the backend sniffs the format)."""
+    raw = image if isinstance(image, bytes) else encode_png(image)
+    return "data:image/png;base64," + base64.b64encode(raw).decode("ascii")
+
+
+def decode_ls_brush(result: Mapping[str, Any]) -> np.ndarray:
+    """A Label Studio brush result (``value.rle`` at ``original_height`` x ``original_width``) ->
+    HxW bool mask, with label-studio-sdk's decoder."""
+    from label_studio_sdk.converter import brush
+
+    try:
+        height, width = int(result["original_height"]), int(result["original_width"])
+        flat = brush.decode_rle(result["value"]["rle"])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise BackendError(f"a stored brush result can't be decoded ({type(exc).__name__}: {exc})") from exc
+    if flat.size != height * width * 4:
+        raise BackendError(f"a stored brush RLE holds {flat.size} values, expected {height}x{width}x4")
+    return flat.reshape(height, width, 4)[:, :, 3] > 0
+
+
+# -- the HTTP client ------------------------------------------------------------------------------
+@dataclass
+class BackendClient:
+    base_url: str = DEFAULT_BACKEND_URL
+    auth: tuple[str, str] | None = None
+    timeout: float = 600.0  # explaining a big image on CPU takes a while
+    connect_timeout: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "BackendClient":
+        env = os.environ if env is None else env
+        user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
+        return cls(
+            base_url=(env.get("BACKEND_URL") or DEFAULT_BACKEND_URL).rstrip("/"),
+            auth=(user, password) if user else None,
+            timeout=float(env.get("EXPLAIN_UI_TIMEOUT") or 600),
+        )
+
+    # -- plumbing --
+    def _request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
+        url = f"{self.base_url.rstrip('/')}{path}"
+        try:
+            response = requests.request(method, url, auth=self.auth,
+                                        timeout=(self.connect_timeout, self.timeout), **kwargs)
+        except requests.Timeout as exc:
+            raise BackendError(f"the backend at {self.base_url} didn't answer within {self.timeout:.0f} s") from exc
+        except requests.RequestException as exc:
+            raise BackendError(f"can't reach the backend at {self.base_url} ({type(exc).__name__}); "
+                               "is it running? (BACKEND_URL)") from exc
+        if response.status_code >= 400:
+            raise BackendError(_error_message(response), response.status_code)
+        if raw:
+            return response.content
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise BackendError(f"the backend's answer to {method} {path} isn't JSON "
+                               f"(HTTP {response.status_code})", response.status_code) from exc
+        if not isinstance(body, dict):
+            raise BackendError(f"the backend's answer to {method} {path} isn't a JSON object")
+        return body
+
+    @staticmethod
+    def _fields(prompt: str | None, box_threshold: float | None, text_threshold: float | None,
+                show_labels: bool | None = None) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if prompt is not None and prompt.strip():
+            fields["prompt"] = prompt.strip()
+        if box_threshold is not None:
+            fields["box_threshold"] = float(box_threshold)
+        if text_threshold is not None:
+            fields["text_threshold"] = float(text_threshold)
+        if show_labels is not None:
+            fields["show_labels"] = bool(show_labels)
+        return fields
+
+    # -- routes --
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    def segment(self, image: np.ndarray | Image.Image | bytes, prompt: str, box_threshold: float | None = None,
+                text_threshold: float | None = None) -> dict[str, Any]:
+        body = {"image": data_url(image), **self._fields(prompt, box_threshold, text_threshold)}
+        return self._request("POST", "/api/segment", json=body)
+
+    def explain(self, image: np.ndarray | Image.Image | bytes, prompt: str, box_threshold: float | None = None,
+                text_threshold: float | None = None, show_labels: bool = True) -> dict[str, Any]:
+        body = {"image": data_url(image), **self._fields(prompt, box_threshold, text_threshold, show_labels)}
+        return self._request("POST", "/api/explain", json=body)
+
+    def task(self, task_id: int, project: str | int | None = None) -> dict[str, Any]:
+        return self._request("GET", f"/api/tasks/{int(task_id)}", params=_project(project))
+
+    def task_image(self, task_id: int, project: str | int | None = None) -> np.ndarray:
+        return decode_image_bytes(self._request("GET", f"/api/tasks/{int(task_id)}/image",
+                                                params=_project(project), raw=True))
+
+    def segment_task(self, task_id: int, project: str | int | None = None, prompt: str | None = None,
+                     box_threshold: float | None = None, text_threshold: float | None = None) -> dict[str, Any]:
+        return self._request("POST", f"/api/tasks/{int(task_id)}/segment", params=_project(project),
+                             json=self._fields(prompt, box_threshold, text_threshold))
+
+    def explain_task(self, task_id: int, project: str | int | None = None, prompt: str | None = None,
+                     box_threshold: float | None = None, text_threshold: float | None = None,
+                     show_labels: bool = True) -> dict[str, Any]:
+        return self._request("POST", f"/api/tasks/{int(task_id)}/explain", params=_project(project),
+                             json=self._fields(prompt, box_threshold, text_threshold, show_labels))
+
+
+def _project(project: str | int | None) -> dict[str, str]:
+    text = "" if project is None else str(project).strip()
+    return {"project": text} if text else {}
+
+
+def _error_message(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("error"):
+        return str(body["error"])
+    if response.status_code == 404:
+        return f"the backend has no {response.request.method} {response.request.path_url} (HTTP 404): is BACKEND_URL right and the backend up to date?"
+    text = " ".join(response.text.split())[:300]
+    return f"the backend answered HTTP {response.status_code} {response.reason}" + (f": {text}" if text else "")

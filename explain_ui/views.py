@@ -1,0 +1,382 @@
+"""What the explain page shows, as plain functions of the backend's JSON (testable without a browser).
+
+Each function takes a ``BackendClient`` and the widgets' values and returns dataclasses of numpy
+images, gallery items and HTML/markdown; ``explain_ui/app.py`` only lays them out. Bad input raises
+``InputError`` and backend failures ``BackendError``: both carry a message meant for people.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from backend.render import draw_segments
+from backend.types import Segment
+
+from .client import BackendClient, BackendError, decode_ls_brush, decode_mask, decode_png
+
+GalleryItem = tuple[np.ndarray, str]
+Progress = Callable[..., Any]  # gr.Progress: progress(fraction, desc=...)
+
+
+class InputError(ValueError):
+    """Something the person typed or uploaded can't be used; ``str()`` says what and how to fix it."""
+
+
+def _no_progress(fraction: float, desc: str | None = None) -> None:
+    return None
+
+
+# -- inputs --------------------------------------------------------------------------------------------
+def check_image(image: Any) -> np.ndarray:
+    if image is None:
+        raise InputError("Upload an image first (Input panel), then run again.")
+    array = np.asarray(image)
+    if array.ndim not in (2, 3) or array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"The uploaded image can't be used (array shape {array.shape}).")
+    return array
+
+
+def check_prompt(prompt: str | None) -> str:
+    text = (prompt or "").strip()
+    if not text or not text.strip(" .,;"):
+        raise InputError("Type a text prompt: what to segment, e.g. 'cat . dog' (phrases separated by '.' or ',').")
+    return text
+
+
+def check_task_id(value: Any) -> int:
+    """A Label Studio task id from a textbox or number field (``"12"``, ``12.0``)."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise InputError("Enter a Label Studio task ID (the number in the task's URL, e.g. 12).")
+    try:
+        number = float(text)
+    except ValueError:
+        raise InputError(f"Task ID must be a whole number, got {text!r}.") from None
+    if not number.is_integer() or number < 1:
+        raise InputError(f"Task ID must be a positive whole number, got {text!r}.")
+    return int(number)
+
+
+def deep_link(query: Mapping[str, str]) -> tuple[int, str] | None:
+    """``?task=ID&project=P`` (what the backend links each predicted region to) -> (task id, project)."""
+    if not query.get("task"):
+        return None
+    return check_task_id(query["task"]), str(query.get("project") or "").strip()
+
+
+# -- segmentations ---------------------------------------------------------------------------------------
+@dataclass
+class Segmentation:
+    """Masks on an image: what the Output panel draws."""
+
+    rgb: np.ndarray
+    segments: list[Segment]
+    summary: str = ""  # markdown
+    task: tuple[int, str] | None = None  # (task id, project as asked) when the image is a task's
+
+    def overlay(self, show_labels: bool = True) -> np.ndarray:
+        """The image with coloured masks, boxes and (optionally) ``label score`` text."""
+        return draw_segments(self.rgb, self.segments, show_labels=show_labels)
+
+    def mask_gallery(self) -> list[GalleryItem]:
+        """One cut-out per mask: the photo inside the mask, dimmed outside it."""
+        items = []
+        for i, segment in enumerate(self.segments, 1):
+            cut = np.where(segment.mask[..., None], self.rgb, (self.rgb * 0.2).astype(np.uint8))
+            iou = f" · IoU {segment.predicted_iou:.2f}" if np.isfinite(segment.predicted_iou) else ""
+            items.append((cut, f"#{i} {segment.label} · score {segment.score:.2f}{iou}"))
+        return items
+
+
+def segments_from_json(items: Sequence[Mapping[str, Any]], rgb: np.ndarray) -> list[Segment]:
+    """The backend's ``segments`` JSON -> Segments with masks at the image's size."""
+    segments = []
+    for item in items:
+        mask = decode_mask(item["mask_png"])
+        if mask.shape != rgb.shape[:2]:
+            raise BackendError(f"the backend sent a {mask.shape[1]}x{mask.shape[0]} mask for a "
+                               f"{rgb.shape[1]}x{rgb.shape[0]} image")
+        segments.append(Segment(
+            label=str(item["label"]), box=tuple(float(v) for v in item["box"]), score=float(item["score"]),
+            predicted_iou=float(item.get("predicted_iou", item.get("iou", 0.0))), mask=mask,
+            phrase_scores=dict(item.get("phrase_scores") or {}),
+            token_scores=tuple((str(t), float(s)) for t, s in item.get("token_scores") or ()),
+        ))
+    return segments
+
+
+def _image_for(body: Mapping[str, Any], rgb: np.ndarray) -> np.ndarray:
+    """The image the backend worked on: ours, checked against the size it reports."""
+    size = (int(body.get("height", rgb.shape[0])), int(body.get("width", rgb.shape[1])))
+    if size != rgb.shape[:2]:
+        raise BackendError(f"the backend worked on a {size[1]}x{size[0]} image, but this one is "
+                           f"{rgb.shape[1]}x{rgb.shape[0]}")
+    return rgb
+
+
+def _summary(body: Mapping[str, Any], segments: Sequence[Segment]) -> str:
+    phrases = body.get("prompt_phrases", body.get("prompt")) or []
+    found = ", ".join(f"{s.label} ({s.score:.2f})" for s in segments) or "nothing above the thresholds"
+    lines = [f"**{len(segments)} mask{'s' if len(segments) != 1 else ''}** for "
+             f"{' . '.join(map(str, phrases)) or 'the prompt'}: {found}"]
+    if body.get("task") is not None:
+        source = body.get("prompt_source")
+        lines.append(f"Task {body['task']} (project {body.get('project')})"
+                     + (f", prompt from {source}" if source else ""))
+    lines.append(f"Model version `{body.get('model_version', '?')}`")
+    return "  \n".join(lines)
+
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).convert("RGB")) if image.ndim == 2 or image.shape[2] != 3 else image
+
+
+def segment_image(client: BackendClient, image: Any, prompt: str | None, box_threshold: float | None,
+                  text_threshold: float | None, progress: Progress = _no_progress) -> Segmentation:
+    """Run Segmentation on an uploaded image."""
+    rgb = _to_rgb(check_image(image))
+    text = check_prompt(prompt)
+    progress(0.1, desc="Segmenting on the backend")
+    body = client.segment(rgb, text, box_threshold, text_threshold)
+    progress(0.8, desc="Drawing the masks")
+    segments = segments_from_json(body.get("segments") or [], _image_for(body, rgb))
+    return Segmentation(rgb, segments, _summary(body, segments))
+
+
+# -- explanations ---------------------------------------------------------------------------------------
+@dataclass
+class ExplanationView:
+    """Everything the Explanation panel shows."""
+
+    encoder_heatmaps: list[GalleryItem] = field(default_factory=list)
+    encoder_overlays: list[GalleryItem] = field(default_factory=list)
+    decoder_maps: list[GalleryItem] = field(default_factory=list)  # per mask: overlay, then heatmap
+    mask_looks: list[GalleryItem] = field(default_factory=list)  # per mask and block: where its tokens look
+    grounding_html: str = ""
+    legend_html: str = ""
+    status: str = ""  # markdown: cached or not, encoder availability, notes
+    encoder_reason: str | None = None  # why encoder maps are missing (e.g. MobileSAM), else None
+
+
+def _block_caption(block: Mapping[str, Any]) -> str:
+    return str(block.get("title") or f"block {block.get('block')}")
+
+
+def explanation_view(body: Mapping[str, Any], progress: Progress = _no_progress) -> ExplanationView:
+    """The backend's explain JSON -> decoded images, bars and legend."""
+    view = ExplanationView()
+    encoder = body.get("encoder") or {}
+    blocks = list(encoder.get("blocks") or [])
+    masks = list(body.get("masks") or [])
+    total = max(1, len(blocks) + len(masks))
+    for i, block in enumerate(blocks):
+        progress(0.6 + 0.35 * i / total, desc="Decoding encoder attention maps")
+        view.encoder_heatmaps.append((decode_png(block["heatmap_png"]), _block_caption(block)))
+        view.encoder_overlays.append((decode_png(block["overlay_png"]), _block_caption(block)))
+    for j, mask in enumerate(masks):
+        progress(0.6 + 0.35 * (len(blocks) + j) / total, desc="Decoding per-mask maps")
+        name = f"#{int(mask.get('index', j)) + 1} {mask.get('label', '')}"
+        view.decoder_maps.append((decode_png(mask["decoder_overlay_png"]), f"{name}: decoder, overlay"))
+        view.decoder_maps.append((decode_png(mask["decoder_heatmap_png"]), f"{name}: decoder, heatmap"))
+        for look in mask.get("token_look") or []:
+            view.mask_looks.append((decode_png(look["overlay_png"]), f"#{int(mask.get('index', j)) + 1} {_block_caption(look)}"))
+    if not encoder.get("available", bool(blocks)):
+        view.encoder_reason = str(encoder.get("reason") or "the backend captured no encoder attention")
+    view.grounding_html = grounding_html(masks)
+    view.legend_html = legend_html(body.get("legend") or {})
+    view.status = _explanation_status(body, view.encoder_reason)
+    return view
+
+
+def _explanation_status(body: Mapping[str, Any], encoder_reason: str | None) -> str:
+    lines = ["From the backend's cache: no model ran." if body.get("cached")
+             else "Computed now (later requests for this image and prompt come from the cache)."]
+    if encoder_reason:
+        lines.append(f"**Encoder attention maps are unavailable:** {encoder_reason}")
+    lines += [f"- {note}" for note in body.get("notes") or [] if note != encoder_reason]
+    return "  \n".join(lines)
+
+
+def _bar(name: str, score: float, strongest: bool) -> str:
+    width = max(0.0, min(1.0, float(score))) * 100
+    colour = "#e4572e" if strongest else "#7a9cc6"
+    return (f'<div style="display:flex;align-items:center;gap:6px;margin:2px 0">'
+            f'<span style="width:9em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap">{html.escape(name)}</span>'
+            f'<span style="flex:1;background:#eee;height:12px;border-radius:3px">'
+            f'<span style="display:block;width:{width:.1f}%;height:100%;background:{colour};border-radius:3px"></span></span>'
+            f'<span style="width:3.5em;text-align:right">{float(score):.2f}</span></div>')
+
+
+def grounding_html(masks: Sequence[Mapping[str, Any]]) -> str:
+    """Per mask: Grounding DINO's score of every prompt token (bars), then the per-phrase scores."""
+    if not masks:
+        return "<p>No masks: nothing to ground.</p>"
+    parts = []
+    for j, mask in enumerate(masks):
+        tokens = [(str(g["token"]), float(g["score"])) for g in mask.get("grounding") or []]
+        top = max((s for _, s in tokens), default=None)
+        head = (f"#{int(mask.get('index', j)) + 1} {html.escape(str(mask.get('label', '')))} · score "
+                f"{float(mask.get('score', 0)):.2f} · IoU {float(mask.get('iou', 0)):.2f}")
+        bars = "".join(_bar(token, score, score == top) for token, score in tokens) or "<p>(no token scores)</p>"
+        phrases = ", ".join(f"{html.escape(str(k))} {float(v):.2f}" for k, v in (mask.get("phrase_scores") or {}).items())
+        parts.append(f'<div class="grounding-mask" style="margin-bottom:10px"><b>{head}</b>{bars}'
+                     + (f"<small>phrase scores: {phrases}</small>" if phrases else "") + "</div>")
+    return "".join(parts)
+
+
+def _gradient(colormap: str) -> str:
+    try:
+        import matplotlib
+
+        cmap = matplotlib.colormaps[colormap]
+        stops = [cmap(x / 8) for x in range(9)]
+        return ", ".join(f"rgb({r * 255:.0f},{g * 255:.0f},{b * 255:.0f})" for r, g, b, _ in stops)
+    except (ImportError, KeyError):
+        return "blue, red"
+
+
+def legend_html(legend: Mapping[str, Any]) -> str:
+    """A colour bar for the heatmaps' colour map and the backend's notes on what each map means."""
+    colormap = str(legend.get("colormap") or "jet")
+    notes = "".join(f"<li>{html.escape(str(n))}</li>" for n in legend.get("notes") or [])
+    return (f'<div class="legend"><div style="height:14px;border-radius:3px;'
+            f'background:linear-gradient(to right, {_gradient(colormap)})"></div>'
+            f'<div style="display:flex;justify-content:space-between"><small>{html.escape(str(legend.get("low", "low")))}</small>'
+            f'<small>{html.escape(str(legend.get("high", "high")))}</small></div>'
+            f'<ul>{notes}</ul></div>')
+
+
+def explain_image(client: BackendClient, image: Any, prompt: str | None, box_threshold: float | None,
+                  text_threshold: float | None, show_labels: bool = True,
+                  progress: Progress = _no_progress) -> tuple[Segmentation, ExplanationView]:
+    """Explain Segmentation for an uploaded image: its masks and every map."""
+    rgb = _to_rgb(check_image(image))
+    text = check_prompt(prompt)
+    progress(0.05, desc="Explaining on the backend (attention maps)")
+    body = client.explain(rgb, text, box_threshold, text_threshold, show_labels=show_labels)
+    return _explained(body, rgb, progress)
+
+
+def _explained(body: Mapping[str, Any], rgb: np.ndarray, progress: Progress) -> tuple[Segmentation, ExplanationView]:
+    progress(0.5, desc="Decoding masks")
+    segments = segments_from_json(body.get("segments") or [], _image_for(body, rgb))
+    view = explanation_view(body, progress)
+    progress(1.0, desc="Done")
+    return Segmentation(rgb, segments, _summary(body, segments)), view
+
+
+# -- Label Studio tasks ------------------------------------------------------------------------------------
+@dataclass
+class TaskView:
+    """A task's image and its newest stored prediction."""
+
+    task_id: int
+    project: str
+    rgb: np.ndarray
+    stored: Segmentation
+    info: str  # markdown
+
+
+def _newest(predictions: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    dated = [p for p in predictions if isinstance(p, Mapping)]
+    if not dated:
+        return None
+    # Label Studio lists predictions oldest first; created_at (ISO text) orders them when present.
+    return max(enumerate(dated), key=lambda ip: (str(ip[1].get("created_at") or ""), ip[0]))[1]
+
+
+def stored_segments(prediction: Mapping[str, Any] | None, rgb: np.ndarray) -> list[Segment]:
+    """The brush masks of a stored Label Studio prediction as Segments (boxes from the masks)."""
+    segments = []
+    for result in (prediction or {}).get("result") or []:
+        if result.get("type") != "brushlabels":
+            continue
+        mask = decode_ls_brush(result)
+        if mask.shape != rgb.shape[:2]:
+            # Stored at another size (the image changed since): scale to the image we show.
+            mask = np.asarray(Image.fromarray(mask).resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST))
+        ys, xs = np.nonzero(mask)
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)) if xs.size else (0.0,) * 4
+        labels = (result.get("value") or {}).get("brushlabels") or ["?"]
+        score = result.get("score", prediction.get("score", 0.0))
+        # Label Studio keeps no IoU estimate: NaN leaves it out of the captions.
+        segments.append(Segment(label=str(labels[0]), box=box, score=float(score or 0.0), predicted_iou=float("nan"),
+                                mask=mask))
+    return segments
+
+
+def load_task(client: BackendClient, task_id: Any, project: str | None = None,
+              progress: Progress = _no_progress) -> TaskView:
+    """A task's image and its newest stored prediction, through the backend (which holds the LS key)."""
+    number = check_task_id(task_id)
+    project = asked = (project or "").strip()
+    progress(0.1, desc=f"Fetching task {number}")
+    task = client.task(number, project or None)
+    progress(0.4, desc="Fetching the task's image")
+    rgb = client.task_image(number, project or None)
+    predictions = task.get("predictions") or []
+    newest = _newest(predictions)
+    segments = stored_segments(newest, rgb)
+    project = project or str(task.get("project") or "")
+    if newest is None:
+        stored = "No stored prediction yet: run or explain the segmentation."
+    else:
+        stored = (f"Newest of {len(predictions)} stored prediction(s): {len(segments)} brush mask(s), score "
+                  f"{float(newest.get('score') or 0):.2f}, model version `{newest.get('model_version', '?')}`")
+    info = "  \n".join([f"**Task {task.get('id', number)}** (project {project or '?'}), labels: "
+                        f"{', '.join(map(str, task.get('labels') or [])) or '?'}", stored])
+    return TaskView(number, project, rgb, Segmentation(rgb, segments, info, (number, asked)), info)
+
+
+def task_image_on_show(shown: Segmentation | None, task_id: Any, project: str | None) -> np.ndarray | None:
+    """The image on show when it is this task's (saves fetching it again), else None."""
+    if shown is None or shown.task is None:
+        return None
+    try:
+        asked = (check_task_id(task_id), (project or "").strip())
+    except InputError:
+        return None
+    return shown.rgb if shown.task == asked else None
+
+
+def _task_rgb(client: BackendClient, task_id: int, project: str, rgb: np.ndarray | None) -> np.ndarray:
+    return rgb if rgb is not None else client.task_image(task_id, project or None)
+
+
+def _task_thresholds(use_project: bool, box_threshold: float | None,
+                     text_threshold: float | None) -> tuple[float | None, float | None]:
+    # The project's own thresholds (None) make a predicted task's explanation a cache hit.
+    return (None, None) if use_project else (box_threshold, text_threshold)
+
+
+def segment_task(client: BackendClient, task_id: Any, project: str | None, prompt: str | None,
+                 box_threshold: float | None, text_threshold: float | None, use_project_thresholds: bool = True,
+                 rgb: np.ndarray | None = None, progress: Progress = _no_progress) -> Segmentation:
+    """Run Segmentation on a task's image (empty prompt: the project's labels / remembered prompt)."""
+    number, project = check_task_id(task_id), (project or "").strip()
+    rgb = _task_rgb(client, number, project, rgb)
+    progress(0.1, desc=f"Segmenting task {number} on the backend")
+    body = client.segment_task(number, project or None, prompt, *_task_thresholds(
+        use_project_thresholds, box_threshold, text_threshold))
+    segments = segments_from_json(body.get("segments") or [], _image_for(body, rgb))
+    return Segmentation(rgb, segments, _summary(body, segments), (number, project))
+
+
+def explain_task(client: BackendClient, task_id: Any, project: str | None, prompt: str | None,
+                 box_threshold: float | None, text_threshold: float | None, use_project_thresholds: bool = True,
+                 show_labels: bool = True, rgb: np.ndarray | None = None,
+                 progress: Progress = _no_progress) -> tuple[Segmentation, ExplanationView]:
+    """Explain a task's segmentation (a task the backend already predicted comes from its cache)."""
+    number, project = check_task_id(task_id), (project or "").strip()
+    rgb = _task_rgb(client, number, project, rgb)
+    progress(0.05, desc=f"Explaining task {number} on the backend")
+    body = client.explain_task(number, project or None, prompt, *_task_thresholds(
+        use_project_thresholds, box_threshold, text_threshold), show_labels=show_labels)
+    result, view = _explained(body, rgb, progress)
+    result.task = (number, project)
+    return result, view

@@ -1,0 +1,209 @@
+"""The explain UI's logic (explain_ui.views + client) against the real backend app.
+
+The backend is ``backend._wsgi.create_app`` with the tiny random-weight engine, served by werkzeug
+on a free port; the UI's functions reach it over HTTP exactly as the page does. Expected masks come
+from the same engine called in this process. The task test drives a real Label Studio.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from explain_ui import views
+from explain_ui.app import UISettings, build_demo, shown_errors
+from explain_ui.client import BackendClient, BackendError
+from tests.ui_servers import ThreadedBackend, free_port
+
+PROMPT = "cat . rocket"
+# Thresholds the tiny random models find boxes at; the cap keeps SAM cheap on CPU.
+BOX, TEXT = 0.2, 0.2
+
+
+@pytest.fixture(scope="module")
+def quick_engine(engine):
+    from backend.engine import Engine
+
+    return Engine(engine.config.replace(max_detections=2), detector=engine.detector, segmenter=engine.segmenter)
+
+
+@pytest.fixture(scope="module")
+def backend(quick_engine):
+    with ThreadedBackend(quick_engine) as server:
+        yield server
+
+
+@pytest.fixture
+def client(backend) -> BackendClient:
+    return BackendClient(backend.url)
+
+
+def test_segment_fills_image_and_gallery(client, quick_engine, chelsea):
+    result = views.segment_image(client, chelsea, PROMPT, BOX, TEXT)
+    expected = quick_engine.segment(chelsea, ["cat", "rocket"], BOX, TEXT)
+    assert len(expected) >= 1, "the tiny engine finds boxes at these thresholds"
+    assert [s.label for s in result.segments] == [s.label for s in expected]
+    for got, want in zip(result.segments, expected):
+        assert np.array_equal(got.mask, want.mask)
+        assert got.score == pytest.approx(want.score, abs=1e-6)
+
+    overlay = result.overlay(show_labels=True)
+    assert overlay.shape == chelsea.shape and overlay.dtype == np.uint8
+    inside = expected[0].mask
+    assert not np.array_equal(overlay[inside], chelsea[inside]), "masks are drawn in colour"
+    assert not np.array_equal(overlay, result.overlay(show_labels=False)), "the labels toggle changes the drawing"
+
+    gallery = result.mask_gallery()
+    assert len(gallery) == len(expected)
+    for (image, caption), segment in zip(gallery, expected):
+        assert image.shape == chelsea.shape
+        assert np.array_equal(image[segment.mask], chelsea[segment.mask])
+        assert segment.label in caption and f"{segment.score:.2f}" in caption
+    assert "cat" in result.summary and str(len(expected)) in result.summary
+
+
+def test_explain_fills_galleries_at_the_image_size(client, quick_engine, chelsea):
+    views.segment_image(client, chelsea, PROMPT, BOX, TEXT)  # a prediction first: explain is then cached
+    result, view = views.explain_image(client, chelsea, PROMPT, BOX, TEXT, show_labels=True)
+    global_blocks = quick_engine.config.sam_arch["encoder_global_attn_indexes"]
+    assert len(view.encoder_heatmaps) == len(view.encoder_overlays) == len(global_blocks)
+    assert "last layer" in view.encoder_heatmaps[-1][1]
+    n = len(result.segments)
+    assert n >= 1
+    assert len(view.decoder_maps) == 2 * n  # overlay + heatmap per mask
+    body = client.explain(chelsea, PROMPT, BOX, TEXT)  # the raw JSON (cached): what the page had to show
+    assert len(view.mask_looks) == sum(len(m["token_look"]) for m in body["masks"]) >= 1
+    for image, _ in view.encoder_heatmaps + view.encoder_overlays + view.decoder_maps + view.mask_looks:
+        assert image.shape == chelsea.shape and image.dtype == np.uint8
+        assert image.std() > 0, "a map is not a flat colour"
+    heat, over = view.encoder_heatmaps[0][0], view.encoder_overlays[0][0]
+    assert not np.array_equal(heat, over), "overlays blend the heatmap with the photo"
+    assert view.encoder_reason is None
+    assert "cache" in view.status.lower() and "no model ran" in view.status
+    for segment in result.segments:
+        assert segment.label in view.grounding_html
+    assert view.grounding_html.count('class="grounding-mask"') == n
+    assert "linear-gradient" in view.legend_html and "Decoder map" in view.legend_html
+
+
+def test_explain_without_encoder_maps_says_why(tiny_cache, engine, chelsea):
+    """MobileSAM's image encoder has no global attention: the page says so and still shows decoder maps."""
+    from backend.config import EngineConfig
+    from backend.engine import Engine
+
+    mobile = Engine(EngineConfig.from_file(tiny_cache / "engine-mobilesam.json").replace(max_detections=1),
+                    detector=engine.detector)
+    small = chelsea[::2, ::2].copy()
+    with ThreadedBackend(mobile) as server:
+        _, view = views.explain_image(BackendClient(server.url), small, "cat", 0.0, 0.0)
+    assert view.encoder_heatmaps == [] and view.encoder_overlays == []
+    assert view.encoder_reason and "TinyViT" in view.encoder_reason
+    assert "unavailable" in view.status and view.encoder_reason in view.status
+    assert len(view.decoder_maps) == 2 and view.decoder_maps[0][0].shape == small.shape
+
+
+# -- bad inputs -------------------------------------------------------------------------------------------------
+def test_bad_inputs_say_what_is_wrong(client, chelsea):
+    with pytest.raises(views.InputError, match="Upload an image"):
+        views.segment_image(client, None, PROMPT, BOX, TEXT)
+    with pytest.raises(views.InputError, match="Upload an image"):
+        views.explain_image(client, None, PROMPT, BOX, TEXT)
+    for prompt in ("", "   ", " . ", None):
+        with pytest.raises(views.InputError, match="Type a text prompt"):
+            views.segment_image(client, chelsea, prompt, BOX, TEXT)
+    for task in ("", "abc", "1.5", "-3", None):
+        with pytest.raises(views.InputError, match="(?i)task ID"):
+            views.load_task(client, task, "")
+    # The backend's own message comes through (a threshold outside 0..1).
+    with pytest.raises(BackendError, match="box_threshold") as info:
+        views.segment_image(client, chelsea[:64, :64], PROMPT, 1.5, TEXT)
+    assert info.value.status == 400
+    # No Label Studio is configured for this backend: its task routes say so.
+    with pytest.raises(BackendError, match="LABEL_STUDIO_URL"):
+        views.load_task(client, 7, "")
+
+
+def test_backend_down_is_a_clear_message(chelsea):
+    down = BackendClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2)
+    with pytest.raises(BackendError, match="can't reach the backend .*BACKEND_URL"):
+        views.segment_image(down, chelsea, PROMPT, BOX, TEXT)
+
+
+def test_errors_reach_the_page_as_gr_error_without_a_trace(client, chelsea):
+    with pytest.raises(gr.Error) as info:
+        shown_errors(views.segment_image)(client, chelsea, "", BOX, TEXT)
+    assert "Type a text prompt" in info.value.message and "Traceback" not in info.value.message
+    down = BackendClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2)
+    with pytest.raises(gr.Error, match="can't reach the backend"):
+        shown_errors(views.explain_image)(down, chelsea, PROMPT, BOX, TEXT)
+
+
+def test_settings_and_deep_link():
+    settings = UISettings.from_env({"EXPLAIN_UI_AUTH": "ann:s3cret", "EXPLAIN_UI_PORT": "7999",
+                                    "BOX_THRESHOLD": "0.4"})
+    assert (settings.auth, settings.port, settings.host, settings.box_threshold) == (("ann", "s3cret"), 7999,
+                                                                                       "0.0.0.0", 0.4)
+    with pytest.raises(ValueError, match="EXPLAIN_UI_AUTH"):
+        UISettings.from_env({"EXPLAIN_UI_AUTH": "no-colon"})
+    client = BackendClient.from_env({"BACKEND_URL": "http://h:1/", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p"})
+    assert (client.base_url, client.auth) == ("http://h:1", ("u", "p"))
+    assert views.deep_link({"task": "12", "project": "3"}) == (12, "3")
+    assert views.deep_link({"task": "12"}) == (12, "")
+    assert views.deep_link({}) is None
+    with pytest.raises(views.InputError):
+        views.deep_link({"task": "x"})
+    build_demo(client, settings)  # the layout builds with these settings
+
+
+# -- a Label Studio task ------------------------------------------------------------------------------------------
+BRUSH_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
+                '<Label value="cat"/><Label value="rocket"/></BrushLabels></View>')
+
+
+def test_task_tab_against_real_label_studio(label_studio, quick_engine, chelsea, tmp_path: Path):
+    """A task in a real Label Studio: its image and stored prediction load, segment and explain work,
+    and explaining the predicted task is served from the backend's cache."""
+    from backend.ls_api import Credentials
+    from backend.ls_model import ModelSettings
+    from tests.ls_server import create_project, import_files
+
+    photo = tmp_path / "chelsea.png"
+    Image.fromarray(chelsea[::2, ::2]).save(photo)
+    project = create_project(label_studio, BRUSH_CONFIG, title="explain ui")
+    (task_id,) = import_files(label_studio, project, [photo])
+    settings = ModelSettings(credentials=Credentials(label_studio.url, label_studio.token))
+    with ThreadedBackend(quick_engine, model=settings) as server:
+        client = BackendClient(server.url)
+        empty = views.load_task(client, task_id, str(project))
+        assert empty.rgb.shape == chelsea[::2, ::2].shape and empty.stored.segments == []
+        assert "No stored prediction" in empty.info
+
+        # The backend's own prediction for the task, stored in Label Studio as a prediction.
+        body = client.segment_task(task_id, str(project), None, BOX, TEXT)
+        assert body["segments"], "the tiny engine finds boxes at these thresholds"
+        label_studio.api("POST", "/api/predictions/", json={"task": task_id, **body["prediction"]})
+
+        loaded = views.load_task(client, task_id, str(project))
+        stored = [s for s in body["segments"] if s["area"] > 0]  # empty masks make no brush result
+        assert [s.label for s in loaded.stored.segments] == [s["label"] for s in stored]
+        for segment, item in zip(loaded.stored.segments, stored):
+            assert np.array_equal(segment.mask, views.segments_from_json([item], loaded.rgb)[0].mask)
+        assert "1 stored prediction" in loaded.info
+        assert loaded.stored.overlay().shape == loaded.rgb.shape
+
+        result, view = views.explain_task(client, task_id, str(project), None, BOX, TEXT,
+                                          use_project_thresholds=False, rgb=loaded.rgb)
+        assert "no model ran" in view.status, "the task was segmented with this prompt: explain is cached"
+        assert [s.label for s in result.segments] == [s["label"] for s in body["segments"]]
+        assert view.encoder_heatmaps and view.encoder_heatmaps[0][0].shape == loaded.rgb.shape
+        assert result.task == (task_id, str(project))
+        assert views.task_image_on_show(result, str(task_id), str(project)) is loaded.rgb
+        assert views.task_image_on_show(result, task_id + 1, str(project)) is None
+
+    with pytest.raises(BackendError):
+        views.load_task(client, task_id, str(project))  # that backend is gone now
