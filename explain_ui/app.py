@@ -158,7 +158,8 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
     client = client or BackendClient.from_env()
     settings = settings or UISettings()
 
-    with gr.Blocks(title=TITLE) as demo:
+    # No usage analytics: an annotation tool on an internal network should not phone home.
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"## {TITLE}\nGrounding DINO finds what the prompt names, SAM cuts it out; "
                     "**Explain Segmentation** shows where SAM's attention went and why each label was chosen.")
         with gr.Tabs(selected="image") as tabs:

@@ -15,7 +15,7 @@ if [[ -f scripts/install_browser.sh ]]; then
 fi
 
 # Tests that need Label Studio or the browser fail (rather than skip) when they are missing here.
-export REQUIRE_LABEL_STUDIO="${REQUIRE_LABEL_STUDIO:-1}"
+export REQUIRE_LABEL_STUDIO="${REQUIRE_LABEL_STUDIO:-1}" REQUIRE_BROWSER="${REQUIRE_BROWSER:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p test-artifacts
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests

@@ -1,0 +1,124 @@
+"""A real browser on the explain page: Debian's headless Chromium driven by selenium.
+
+The backend app (tiny random-weight engine) and the Gradio page both run in this process on free
+ports; Chromium uploads a scikit-image photo, types a prompt, runs the segmentation and the
+explanation, and the galleries must fill. A screenshot is kept in test-artifacts/explain_ui.png.
+Skipped when chromium/chromedriver/selenium are missing, unless REQUIRE_BROWSER=1 (then it fails).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from PIL import Image
+
+from tests.ui_servers import ThreadedBackend, free_port
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+WAIT_S = 180  # CPU-only models: a first segmentation takes a while
+
+
+def _browser_missing() -> str | None:
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            return f"{path} is missing: run scripts/install_browser.sh"
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium is not installed in this venv (requirements.lock)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("REQUIRE_BROWSER", "") not in ("", "0"):
+            pytest.fail(f"REQUIRE_BROWSER is set but {missing}", pytrace=False)
+        pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1600,2200", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    # An explicit chromedriver: selenium never fetches a browser or driver of its own.
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page(engine) -> Iterator[str]:
+    """The backend (tiny models, at most 2 masks) and the explain page; yields the page's URL."""
+    from backend.engine import Engine
+    from explain_ui.app import UISettings, build_demo
+    from explain_ui.client import BackendClient
+
+    quick = Engine(engine.config.replace(max_detections=2), detector=engine.detector, segmenter=engine.segmenter)
+    with ThreadedBackend(quick) as backend:
+        # Thresholds the tiny random models find boxes at, as the sliders' starting values.
+        demo = build_demo(BackendClient(backend.url), UISettings(box_threshold=0.2, text_threshold=0.2))
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()
+
+
+def test_upload_run_and_explain_in_chromium(browser, page, engine, chelsea, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = tmp_path / "chelsea.png"
+    Image.fromarray(chelsea).save(photo)
+    wait = WebDriverWait(browser, WAIT_S)
+
+    def images(selector: str) -> list:
+        return [img for img in browser.find_elements(By.CSS_SELECTOR, f"{selector} img")
+                if (img.get_attribute("src") or "").strip()]
+
+    def shot() -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "explain_ui.png"))
+
+    browser.get(page)
+    try:
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image-input input[type=file]")))
+        upload.send_keys(str(photo))
+        wait.until(lambda _: images("#image-input"))
+        prompt = browser.find_element(By.CSS_SELECTOR, "#image-prompt textarea")
+        prompt.send_keys("cat . rocket")
+        browser.find_element(By.CSS_SELECTOR, "#image-run").click()
+
+        wait.until(lambda _: images("#image-output") and images("#image-masks"))
+        masks = images("#image-masks")
+        assert len(masks) >= 1
+        assert "mask" in browser.find_element(By.CSS_SELECTOR, "#image-summary").text
+
+        browser.find_element(By.CSS_SELECTOR, "#image-explain").click()
+        wait.until(lambda _: images("#image-encoder-heatmaps") and images("#image-decoder-maps"))
+        heatmaps = images("#image-encoder-heatmaps")
+        assert len(heatmaps) == len(engine.config.sam_arch["encoder_global_attn_indexes"])
+        assert len(images("#image-encoder-overlays")) == len(heatmaps)
+        assert len(images("#image-decoder-maps")) >= 2
+        grounding = browser.find_elements(By.CSS_SELECTOR, "#image-grounding .grounding-mask")
+        assert len(grounding) == len(masks)
+        assert "linear-gradient" in browser.find_element(By.CSS_SELECTOR, "#image-legend").get_attribute("innerHTML")
+        # The heatmap as the browser decoded it has the photo's size (a preview may show it smaller).
+        natural = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", heatmaps[0])
+        assert natural == [chelsea.shape[1], chelsea.shape[0]]
+        assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body.error")
+    finally:
+        shot()
+    assert (ARTIFACTS / "explain_ui.png").stat().st_size > 10_000
