@@ -323,6 +323,16 @@ def list_tasks(ls: LabelStudioServer, project_id: int) -> list[dict[str, Any]]:
     return tasks
 
 
+def personal_access_token(ls: LabelStudioServer) -> str:
+    """The superuser's personal access token (a JWT refresh token; LS allows one per user, so it is
+    created on first use and kept on ``ls``)."""
+    token = getattr(ls, "_personal_access_token", None)
+    if token is None:
+        token = str(ls.api("POST", "/api/token/").json()["token"])
+        ls._personal_access_token = token  # type: ignore[attr-defined]
+    return token
+
+
 def list_predictions(ls: LabelStudioServer, project_id: int) -> list[dict[str, Any]]:
     """GET /api/predictions/?project={id}."""
     return list(ls.api("GET", "/api/predictions/", params={"project": project_id}).json())

@@ -32,6 +32,7 @@ from tests.ls_server import (
     import_files,
     list_predictions,
     list_tasks,
+    personal_access_token,
     predict_interactive,
     retrieve_predictions,
 )
@@ -132,8 +133,10 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="module")
 def backend(label_studio: LabelStudioServer, tiny_cache: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornBackend]:
+    # A personal access token (LS 1.23's default kind; legacy tokens are off in new organizations):
+    # the backend trades it for short-lived access tokens to download the uploads.
     env = {"ENGINE_CONFIG": str(tiny_cache / "engine.json"), **ENGINE_ENV,
-           "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": personal_access_token(label_studio),
            "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "LOG_LEVEL": "INFO"}
     server = GunicornBackend(env, tmp_path_factory.mktemp("gunicorn") / "gunicorn.log").start()
     yield server
@@ -269,5 +272,6 @@ def test_wrong_basic_auth_is_refused_and_backend_keeps_serving(label_studio: Lab
 def test_backend_log_has_no_secrets(label_studio: LabelStudioServer, backend: GunicornBackend) -> None:
     log = backend.log()
     assert "/predict" in log and "/setup" in log  # the log is the one the requests went to
-    assert label_studio.token not in log
+    assert label_studio.token not in log and personal_access_token(label_studio) not in log
+    assert "eyJ" not in log  # no JWT at all: neither the PAT nor the access tokens it was traded for
     assert AUTH[1] not in log

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.ls_server import REPO_ROOT, LabelStudioServer, create_project, import_files, list_predictions, list_tasks
+from tests.ls_server import (REPO_ROOT, LabelStudioServer, create_project, import_files, list_predictions, list_tasks,
+                             personal_access_token)
 
 LABELS = ("tabby cat", "coffee cup")
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
@@ -135,6 +136,23 @@ def test_interrupted_run_resumes(label_studio: LabelStudioServer, photos: list[P
     stored = predictions_by_task(ls, pid)
     assert [len(stored[t]) for t in task_ids] == [1, 1]
     assert {p[0]["model_version"] for p in stored.values()} == {model.model_version}
+
+
+def test_personal_access_token(label_studio: LabelStudioServer, photos: list[Path], quick_engine: Any,
+                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A PAT (JWT refresh token) works for listing, image downloads and storing predictions."""
+    from backend.preannotate import main
+
+    ls = label_studio
+    pid = create_project(ls, CONFIG, title="preannotate-pat")
+    (task_id,) = import_files(ls, pid, photos[:1])
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", personal_access_token(ls))
+    assert main(["--project", str(pid), "--url", ls.url, "--no-progress"], engine=quick_engine) == 0
+    out = capsys.readouterr()
+    assert "done 1 (empty 0), skipped 0, failed 0 of 1 tasks" in out.out, (out.out, out.err)
+    assert "eyJ" not in out.out + out.err  # neither the PAT nor an access token is printed
+    (pred,) = predictions_by_task(ls, pid)[task_id]
+    assert pred["model_version"] == quick_engine.model_version and pred["result"]
 
 
 @pytest.mark.parametrize("case, expected", [
