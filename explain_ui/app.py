@@ -243,23 +243,30 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         task_labels.change(redraw, [task_labels, task_panels.state], [task_panels.overlay])
 
         # -- deep link: /?task=ID&project=P opens the task tab, loads the task and explains it --
+        # Two steps: switching tabs re-renders the tab's components, which would lose the end of a
+        # slow event that also fills them (they'd spin forever).
         @shown_errors
-        def on_page_load(request: gr.Request, progress=gr.Progress()):
+        def open_link(request: gr.Request):
             link = views.deep_link(dict(request.query_params)) if request is not None else None
             if link is None:
-                return [gr.skip()] * (3 + len(all_task_outputs))
-            tid, proj = link
-            view = views.load_task(client, tid, proj, progress)
-            values = loaded_values(view, True)
-            try:
-                result, explanation = views.explain_task(client, tid, view.project, None, None, None, True, True,
-                                                         view.rgb, progress)
-                values = segmentation_values(result, True) + explanation_values(explanation)
-            except BackendError as exc:  # keep the stored prediction on show, say why there is no explanation
-                gr.Warning(f"Task {tid} loaded, but explaining it failed: {exc}")
-            return [gr.Tabs(selected="task"), str(tid), view.project] + values
+                return [gr.skip()] * 3
+            return [gr.Tabs(selected="task"), str(link[0]), link[1]]
 
-        demo.load(on_page_load, None, [tabs, task_id, project] + all_task_outputs)
+        @shown_errors
+        def explain_link(tid, proj, show, progress=gr.Progress()):
+            if not str(tid or "").strip():
+                return [gr.skip()] * len(all_task_outputs)
+            view = views.load_task(client, tid, proj, progress)
+            try:
+                result, explanation = views.explain_task(client, tid, proj, None, None, None, True, show,
+                                                         view.rgb, progress)
+            except BackendError as exc:  # keep the stored prediction on show, say why there is no explanation
+                gr.Warning(f"Task {view.task_id} loaded, but explaining it failed: {exc}")
+                return loaded_values(view, show)
+            return segmentation_values(result, show) + explanation_values(explanation)
+
+        demo.load(open_link, None, [tabs, task_id, project]).success(
+            explain_link, [task_id, project, task_labels], all_task_outputs)
     return demo
 
 

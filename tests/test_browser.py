@@ -8,6 +8,7 @@ Skipped when chromium/chromedriver/selenium are missing, unless REQUIRE_BROWSER=
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -56,15 +57,15 @@ def browser() -> Iterator[object]:
         driver.quit()
 
 
-@pytest.fixture(scope="module")
-def page(engine) -> Iterator[str]:
+@contextlib.contextmanager
+def serve_page(engine, **backend_settings) -> Iterator[str]:
     """The backend (tiny models, at most 2 masks) and the explain page; yields the page's URL."""
     from backend.engine import Engine
     from explain_ui.app import UISettings, build_demo
     from explain_ui.client import BackendClient
 
     quick = Engine(engine.config.replace(max_detections=2), detector=engine.detector, segmenter=engine.segmenter)
-    with ThreadedBackend(quick) as backend:
+    with ThreadedBackend(quick, **backend_settings) as backend:
         # Thresholds the tiny random models find boxes at, as the sliders' starting values.
         demo = build_demo(BackendClient(backend.url), UISettings(box_threshold=0.2, text_threshold=0.2))
         port = free_port()
@@ -75,7 +76,27 @@ def page(engine) -> Iterator[str]:
             demo.close()
 
 
-def test_upload_run_and_explain_in_chromium(browser, page, engine, chelsea, tmp_path):
+def images(browser, selector: str) -> list:
+    """The <img>s under ``selector`` that have a source."""
+    from selenium.webdriver.common.by import By
+
+    return [img for img in browser.find_elements(By.CSS_SELECTOR, f"{selector} img")
+            if (img.get_attribute("src") or "").strip()]
+
+
+def busy(browser) -> int:
+    """How many progress/timer indicators Gradio shows (an event still pending on some output)."""
+    from selenium.webdriver.common.by import By
+
+    return len(browser.find_elements(By.CSS_SELECTOR, ".eta-bar, .progress-text, .meta-text-center, .meta-text"))
+
+
+def shot(browser, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / name))
+
+
+def test_upload_run_and_explain_in_chromium(browser, engine, chelsea, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -84,41 +105,73 @@ def test_upload_run_and_explain_in_chromium(browser, page, engine, chelsea, tmp_
     Image.fromarray(chelsea).save(photo)
     wait = WebDriverWait(browser, WAIT_S)
 
-    def images(selector: str) -> list:
-        return [img for img in browser.find_elements(By.CSS_SELECTOR, f"{selector} img")
-                if (img.get_attribute("src") or "").strip()]
+    with serve_page(engine) as page:
+        browser.get(page)
+        try:
+            upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image-input input[type=file]")))
+            upload.send_keys(str(photo))
+            wait.until(lambda _: images(browser, "#image-input"))
+            browser.find_element(By.CSS_SELECTOR, "#image-prompt textarea").send_keys("cat . rocket")
+            browser.find_element(By.CSS_SELECTOR, "#image-run").click()
 
-    def shot() -> None:
-        ARTIFACTS.mkdir(exist_ok=True)
-        browser.save_screenshot(str(ARTIFACTS / "explain_ui.png"))
+            wait.until(lambda _: images(browser, "#image-output") and images(browser, "#image-masks"))
+            masks = images(browser, "#image-masks")
+            assert len(masks) >= 1
+            assert "mask" in browser.find_element(By.CSS_SELECTOR, "#image-summary").text
 
-    browser.get(page)
-    try:
-        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image-input input[type=file]")))
-        upload.send_keys(str(photo))
-        wait.until(lambda _: images("#image-input"))
-        prompt = browser.find_element(By.CSS_SELECTOR, "#image-prompt textarea")
-        prompt.send_keys("cat . rocket")
-        browser.find_element(By.CSS_SELECTOR, "#image-run").click()
-
-        wait.until(lambda _: images("#image-output") and images("#image-masks"))
-        masks = images("#image-masks")
-        assert len(masks) >= 1
-        assert "mask" in browser.find_element(By.CSS_SELECTOR, "#image-summary").text
-
-        browser.find_element(By.CSS_SELECTOR, "#image-explain").click()
-        wait.until(lambda _: images("#image-encoder-heatmaps") and images("#image-decoder-maps"))
-        heatmaps = images("#image-encoder-heatmaps")
-        assert len(heatmaps) == len(engine.config.sam_arch["encoder_global_attn_indexes"])
-        assert len(images("#image-encoder-overlays")) == len(heatmaps)
-        assert len(images("#image-decoder-maps")) >= 2
-        grounding = browser.find_elements(By.CSS_SELECTOR, "#image-grounding .grounding-mask")
-        assert len(grounding) == len(masks)
-        assert "linear-gradient" in browser.find_element(By.CSS_SELECTOR, "#image-legend").get_attribute("innerHTML")
-        # The heatmap as the browser decoded it has the photo's size (a preview may show it smaller).
-        natural = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", heatmaps[0])
-        assert natural == [chelsea.shape[1], chelsea.shape[0]]
-        assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body.error")
-    finally:
-        shot()
+            browser.find_element(By.CSS_SELECTOR, "#image-explain").click()
+            wait.until(lambda _: images(browser, "#image-encoder-heatmaps") and images(browser, "#image-decoder-maps")
+                       and not busy(browser))
+            heatmaps = images(browser, "#image-encoder-heatmaps")
+            assert len(heatmaps) == len(engine.config.sam_arch["encoder_global_attn_indexes"])
+            assert len(images(browser, "#image-encoder-overlays")) == len(heatmaps)
+            assert len(images(browser, "#image-decoder-maps")) >= 2
+            grounding = browser.find_elements(By.CSS_SELECTOR, "#image-grounding .grounding-mask")
+            assert len(grounding) == len(masks)
+            legend = browser.find_element(By.CSS_SELECTOR, "#image-legend").get_attribute("innerHTML")
+            assert "linear-gradient" in legend
+            # The heatmap as the browser decoded it has the photo's size (the preview may show it smaller).
+            natural = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
+                                             heatmaps[0])
+            assert natural == [chelsea.shape[1], chelsea.shape[0]]
+            assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body.error")
+        finally:
+            shot(browser, "explain_ui.png")
     assert (ARTIFACTS / "explain_ui.png").stat().st_size > 10_000
+
+
+BRUSH_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
+                '<Label value="cat"/><Label value="rocket"/></BrushLabels></View>')
+
+
+def test_deep_link_opens_and_explains_a_label_studio_task(browser, label_studio, engine, chelsea, tmp_path):
+    """``/?task=ID&project=P`` (the link the backend puts on each predicted region) opens the task tab,
+    shows the task's image from a real Label Studio and explains it on load."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from backend.ls_api import Credentials
+    from backend.ls_model import ModelSettings
+    from tests.ls_server import create_project, import_files
+
+    photo = tmp_path / "cat.png"
+    Image.fromarray(chelsea[::2, ::2]).save(photo)
+    project = create_project(label_studio, BRUSH_CONFIG, title="deep link")
+    (task_id,) = import_files(label_studio, project, [photo])
+    settings = ModelSettings(credentials=Credentials(label_studio.url, label_studio.token))
+    wait = WebDriverWait(browser, WAIT_S)
+    with serve_page(engine, model=settings) as page:
+        browser.get(f"{page}?task={task_id}&project={project}")
+        try:
+            # Filled, and no output left spinning (switching tabs must not orphan the loading event).
+            wait.until(lambda _: images(browser, "#task-encoder-heatmaps") and images(browser, "#task-output")
+                       and not busy(browser))
+            assert browser.find_element(By.CSS_SELECTOR, "#task-id textarea, #task-id input").get_attribute(
+                "value") == str(task_id)
+            assert f"Task {task_id}" in browser.find_element(By.CSS_SELECTOR, "#task-summary").text
+            assert images(browser, "#task-decoder-maps") and images(browser, "#task-masks")
+            natural = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
+                                             images(browser, "#task-encoder-heatmaps")[0])
+            assert natural == [chelsea[::2, ::2].shape[1], chelsea[::2, ::2].shape[0]]
+        finally:
+            shot(browser, "explain_ui_task.png")
