@@ -273,8 +273,10 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
 def main() -> None:
     logging.basicConfig(level=os.getenv("LOG_LEVEL", "INFO").upper(),
                         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
-    settings = UISettings.from_env()
-    client = BackendClient.from_env()
+    try:
+        settings, client = UISettings.from_env(), BackendClient.from_env()
+    except ValueError as exc:  # a bad setting: one line that names it, not a traceback
+        raise SystemExit(f"explain_ui: {exc}") from None
     logger.info("explain UI on http://%s:%d, backend %s", settings.host, settings.port, client.base_url)
     build_demo(client, settings).queue().launch(server_name=settings.host, server_port=settings.port,
                                                  auth=settings.auth)

@@ -117,11 +117,14 @@ class BackendClient:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "BackendClient":
         env = os.environ if env is None else env
         user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
-        return cls(
-            base_url=(env.get("BACKEND_URL") or DEFAULT_BACKEND_URL).rstrip("/"),
-            auth=(user, password) if user else None,
-            timeout=float(env.get("EXPLAIN_UI_TIMEOUT") or 600),
-        )
+        base_url = (env.get("BACKEND_URL") or DEFAULT_BACKEND_URL).strip().rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"BACKEND_URL must start with http:// or https://, got {base_url!r}")
+        try:
+            timeout = float(env.get("EXPLAIN_UI_TIMEOUT") or cls.timeout)
+        except ValueError:
+            raise ValueError(f"EXPLAIN_UI_TIMEOUT must be a number of seconds, got {env['EXPLAIN_UI_TIMEOUT']!r}") from None
+        return cls(base_url=base_url, auth=(user, password) if user else None, timeout=timeout)
 
     # -- plumbing --
     def _request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:

@@ -152,6 +152,9 @@ def test_settings_and_deep_link():
         UISettings.from_env({"EXPLAIN_UI_AUTH": "no-colon"})
     client = BackendClient.from_env({"BACKEND_URL": "http://h:1/", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p"})
     assert (client.base_url, client.auth) == ("http://h:1", ("u", "p"))
+    for bad, name in (({"BACKEND_URL": "h:1"}, "BACKEND_URL"), ({"EXPLAIN_UI_TIMEOUT": "soon"}, "EXPLAIN_UI_TIMEOUT")):
+        with pytest.raises(ValueError, match=name):
+            BackendClient.from_env(bad)
     assert views.deep_link({"task": "12", "project": "3"}) == (12, "3")
     assert views.deep_link({"task": "12"}) == (12, "")
     assert views.deep_link({}) is None
