@@ -203,7 +203,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
 
         @shown_errors
         def on_explain(img, text_prompt, box_t, text_t, show, progress=gr.Progress()):
-            result, view = views.explain_image(client, img, text_prompt, box_t, text_t, show, progress)
+            result, view = views.explain_image(client, img, text_prompt, box_t, text_t, progress)
             return segmentation_values(result, show) + explanation_values(view)
 
         image_inputs = [image, prompt, box, text, labels]
@@ -229,7 +229,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
 
         @shown_errors
         def on_explain_task(tid, proj, text_prompt, use, box_t, text_t, show, state, progress=gr.Progress()):
-            result, view = views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use, show,
+            result, view = views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use,
                                               views.task_image_on_show(state, tid, proj), progress)
             return segmentation_values(result, show) + explanation_values(view)
 
@@ -258,8 +258,8 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 return [gr.skip()] * len(all_task_outputs)
             view = views.load_task(client, tid, proj, progress)
             try:
-                result, explanation = views.explain_task(client, tid, proj, None, None, None, True, show,
-                                                         view.rgb, progress)
+                result, explanation = views.explain_task(client, tid, proj, None, None, None, True, view.rgb,
+                                                         progress)
             except BackendError as exc:  # keep the stored prediction on show, say why there is no explanation
                 gr.Warning(f"Task {view.task_id} loaded, but explaining it failed: {exc}")
                 return loaded_values(view, show)

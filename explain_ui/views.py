@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from backend.images import ImageError, load_rgb
 from backend.render import draw_segments
 from backend.types import Segment
 
@@ -33,12 +34,13 @@ def _no_progress(fraction: float, desc: str | None = None) -> None:
 
 # -- inputs --------------------------------------------------------------------------------------------
 def check_image(image: Any) -> np.ndarray:
+    """The uploaded image as HxWx3 uint8 RGB (converted like the backend converts it)."""
     if image is None:
         raise InputError("Upload an image first (Input panel), then run again.")
-    array = np.asarray(image)
-    if array.ndim not in (2, 3) or array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputError(f"The uploaded image can't be used (array shape {array.shape}).")
-    return array
+    try:
+        return load_rgb(np.asarray(image))
+    except ImageError as exc:
+        raise InputError(f"The uploaded image can't be used: {exc}") from None
 
 
 def check_prompt(prompt: str | None) -> str:
@@ -132,14 +134,10 @@ def _summary(body: Mapping[str, Any], segments: Sequence[Segment]) -> str:
     return "  \n".join(lines)
 
 
-def _to_rgb(image: np.ndarray) -> np.ndarray:
-    return np.asarray(Image.fromarray(image).convert("RGB")) if image.ndim == 2 or image.shape[2] != 3 else image
-
-
 def segment_image(client: BackendClient, image: Any, prompt: str | None, box_threshold: float | None,
                   text_threshold: float | None, progress: Progress = _no_progress) -> Segmentation:
     """Run Segmentation on an uploaded image."""
-    rgb = _to_rgb(check_image(image))
+    rgb = check_image(image)
     text = check_prompt(prompt)
     progress(0.1, desc="Segmenting on the backend")
     body = client.segment(rgb, text, box_threshold, text_threshold)
@@ -252,13 +250,12 @@ def legend_html(legend: Mapping[str, Any]) -> str:
 
 
 def explain_image(client: BackendClient, image: Any, prompt: str | None, box_threshold: float | None,
-                  text_threshold: float | None, show_labels: bool = True,
-                  progress: Progress = _no_progress) -> tuple[Segmentation, ExplanationView]:
+                  text_threshold: float | None, progress: Progress = _no_progress) -> tuple[Segmentation, ExplanationView]:
     """Explain Segmentation for an uploaded image: its masks and every map."""
-    rgb = _to_rgb(check_image(image))
+    rgb = check_image(image)
     text = check_prompt(prompt)
     progress(0.05, desc="Explaining on the backend (attention maps)")
-    body = client.explain(rgb, text, box_threshold, text_threshold, show_labels=show_labels)
+    body = client.explain(rgb, text, box_threshold, text_threshold)
     return _explained(body, rgb, progress)
 
 
@@ -369,14 +366,14 @@ def segment_task(client: BackendClient, task_id: Any, project: str | None, promp
 
 def explain_task(client: BackendClient, task_id: Any, project: str | None, prompt: str | None,
                  box_threshold: float | None, text_threshold: float | None, use_project_thresholds: bool = True,
-                 show_labels: bool = True, rgb: np.ndarray | None = None,
+                 rgb: np.ndarray | None = None,
                  progress: Progress = _no_progress) -> tuple[Segmentation, ExplanationView]:
     """Explain a task's segmentation (a task the backend already predicted comes from its cache)."""
     number, project = check_task_id(task_id), (project or "").strip()
     rgb = _task_rgb(client, number, project, rgb)
     progress(0.05, desc=f"Explaining task {number} on the backend")
     body = client.explain_task(number, project or None, prompt, *_task_thresholds(
-        use_project_thresholds, box_threshold, text_threshold), show_labels=show_labels)
+        use_project_thresholds, box_threshold, text_threshold))
     result, view = _explained(body, rgb, progress)
     result.task = (number, project)
     return result, view

@@ -69,7 +69,7 @@ def test_segment_fills_image_and_gallery(client, quick_engine, chelsea):
 
 def test_explain_fills_galleries_at_the_image_size(client, quick_engine, chelsea):
     views.segment_image(client, chelsea, PROMPT, BOX, TEXT)  # a prediction first: explain is then cached
-    result, view = views.explain_image(client, chelsea, PROMPT, BOX, TEXT, show_labels=True)
+    result, view = views.explain_image(client, chelsea, PROMPT, BOX, TEXT)
     global_blocks = quick_engine.config.sam_arch["encoder_global_attn_indexes"]
     assert len(view.encoder_heatmaps) == len(view.encoder_overlays) == len(global_blocks)
     assert "last layer" in view.encoder_heatmaps[-1][1]
@@ -113,6 +113,9 @@ def test_bad_inputs_say_what_is_wrong(client, chelsea):
         views.segment_image(client, None, PROMPT, BOX, TEXT)
     with pytest.raises(views.InputError, match="Upload an image"):
         views.explain_image(client, None, PROMPT, BOX, TEXT)
+    with pytest.raises(views.InputError, match="image can't be used.*no pixels"):
+        views.segment_image(client, np.zeros((0, 5, 3), np.uint8), PROMPT, BOX, TEXT)
+    assert views.check_image(chelsea[..., 0]).shape == chelsea.shape  # grayscale uploads become RGB
     for prompt in ("", "   ", " . ", None):
         with pytest.raises(views.InputError, match="Type a text prompt"):
             views.segment_image(client, chelsea, prompt, BOX, TEXT)
