@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import batched_nms, box_convert
 
+from . import dino_fast
 from .types import Detection
 
 MAX_TEXT_TOKENS = 256  # Grounding DINO's max_text_len
@@ -107,6 +108,8 @@ class GroundingDinoDetector:
         max_size: int = 1333,
     ) -> None:
         self.model = model.to(device).eval()
+        # Checkpointing off, level-by-level deformable attention: same outputs (~1e-6), ~13% less CPU time.
+        dino_fast.use_fast_inference(self.model)
         self.device = device
         self.dtype = dtype
         self.image_size = image_size
