@@ -1,0 +1,42 @@
+"""The benchmark script keeps working: ``python -m bench --smoke`` on the tiny models, end to end
+(reference chain, engine, /predict batch, memory probes), and its figures are sane."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TINY_MODEL_CACHE": str(tiny_cache)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--repeats", "1", "--batch-tasks", "2", "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in ("ours cold task (fp32) / reference", "mask IoU vs reference chain", "same (clipped) boxes", "re-prompt",
+                   "explain already-predicted task", "peak RSS, task with capture", "/predict:", "dino_backbone",
+                   "sam_encoder", "Speed options"):
+        assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert rows["reference_boxes"][0] >= rows["ours_boxes"][0] > 0
+    # Same weights, same photo: the engine's masks are the reference chain's.
+    assert rows["mask_iou_fp32"][0] >= 0.99 and rows["mask_iou_same_boxes"][0] >= 0.99
+    for key in ("reference_cold", "ours_cold", "ours_reprompt", "ours_explain_cached"):
+        assert rows[key][0] > 0 and math.isfinite(rows[key][0])
+    # An already-explained task comes from the cache: far below a cold run even on tiny models.
+    assert rows["ours_explain_cached"][0] < rows["ours_cold"][0] / 5
+    memory = data["notes"]["memory"]
+    assert memory["with"]["peak_mib"] > memory["with"]["baseline_mib"] > 0
+    batch = data["notes"]["batch"]
+    assert batch["tasks"] == 2 and batch["sequential_s"] > 0 and batch["batch_s"] > 0
+    probs_diff, boxes_diff = data["notes"]["detector_max_abs_diff"]
+    assert probs_diff < 1e-4 and boxes_diff < 1e-4
