@@ -140,6 +140,9 @@ def current_model() -> GroundedSamModel:
 def create_app(engine: Any | None = None, settings: ServerSettings | None = None) -> Flask:
     """The Flask app. ``engine``: an already loaded Engine (tests); otherwise the engine is loaded
     in the background from ``settings.engine_config`` or the environment."""
+    # The /api blueprint imports segment_anything; import it before the engine loader thread starts.
+    from .http_api import api
+
     settings = settings or ServerSettings.from_env()
     install_log_redaction()
     if settings.basic_auth:
@@ -240,8 +243,6 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
         logger.info("train requested for project %s: nothing to do (zero-shot model)", project)
         return jsonify({"status": "ok", "job": None,
                         "detail": "Grounded SAM is zero-shot: training is a no-op"})
-
-    from .http_api import api
 
     app.register_blueprint(api)
     return app

@@ -393,6 +393,22 @@ class ProjectMemory:
 
 
 # -- the engine of this process ---------------------------------------------------------------------
+def import_model_code() -> None:
+    """Import every module the engine loads lazily (segment_anything, groundingdino, MobileSAM)."""
+    import importlib
+
+    from . import engine, models  # noqa: F401 - imported for their side effect on sys.modules
+
+    for name in ("segment_anything", "segment_anything.build_sam", "groundingdino.models",
+                 "groundingdino.util.slconfig", "groundingdino.util.misc", "groundingdino.datasets.transforms",
+                 "groundingdino.models.GroundingDINO.bertwarper",
+                 "groundingdino.models.GroundingDINO.backbone.swin_transformer", "mobile_sam.build_sam"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # MobileSAM is optional; a missing package is reported by the loader
+            pass
+
+
 class EngineHolder:
     """Loads the engine once per process, in a background thread, so /health and /setup answer
     at once while the weights load. A failed load (weights missing) is retried after RETRY_S, so
@@ -421,6 +437,10 @@ class EngineHolder:
                 return
             self._loading, self._error = True, None
             self._loaded.clear()
+        # Import the model code here, not in the loader thread: two threads importing
+        # segment_anything / groundingdino at once can hit Python's import-lock deadlock
+        # (_DeadlockError), e.g. the loader against a request thread or the Flask app's own imports.
+        import_model_code()
         threading.Thread(target=self._load, name="engine-loader", daemon=True).start()
 
     def _load(self) -> None:
