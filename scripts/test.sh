@@ -14,8 +14,10 @@ if [[ -f scripts/install_browser.sh ]]; then
     bash scripts/install_browser.sh
 fi
 
-# Tests that need Label Studio or the browser fail (rather than skip) when they are missing here.
+# Tests that need Label Studio, the browser or docker-compose fail (rather than skip) when they are
+# missing here (scripts/validate_compose.sh installs Debian's docker-compose when it can).
 export REQUIRE_LABEL_STUDIO="${REQUIRE_LABEL_STUDIO:-1}" REQUIRE_BROWSER="${REQUIRE_BROWSER:-1}"
+export REQUIRE_DOCKER_COMPOSE="${REQUIRE_DOCKER_COMPOSE:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p test-artifacts
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests

@@ -3,7 +3,7 @@ real engine: Label Studio's ML-backend protocol, bad input, auth, concurrency, l
 JSON the explain UI reads.
 
 Label Studio's media routes (``/data/upload/...``) come from tests/test_fetch.py's local HTTP server;
-the backend against a real Label Studio is tests/test_ls_e2e.py's job.
+the backend against a real Label Studio is tests/test_e2e_label_studio.py's job.
 """
 
 from __future__ import annotations
