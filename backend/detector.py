@@ -223,7 +223,8 @@ def select_detections(
     if not keep.any():
         return []
     height, width = image_size
-    boxes = box_convert(raw.boxes_cxcywh[keep], "cxcywh", "xyxy") * torch.tensor([width, height, width, height])
+    unclipped = box_convert(raw.boxes_cxcywh[keep], "cxcywh", "xyxy") * torch.tensor([width, height, width, height])
+    boxes = unclipped.clone()
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     scores, labels = best_score[keep], best_phrase[keep]
@@ -239,5 +240,6 @@ def select_detections(
             score=float(scores[i]),
             phrase_scores={p: float(phrase_scores[query, j]) for j, p in enumerate(caption.phrases)},
             token_scores=tuple((caption.tokens[t], float(probs[query, t])) for t in sorted(phrase_token_set)),
+            sam_box=tuple(float(v) for v in unclipped[i]),
         ))
     return detections

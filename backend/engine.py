@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
 import numpy as np
@@ -24,11 +25,14 @@ V = TypeVar("V")
 
 
 class LruCache(Generic[V]):
-    """A small thread-safe LRU map; values are computed outside the lock by ``get_or_compute``."""
+    """A small thread-safe LRU map. ``get_or_compute`` runs ``compute`` outside the lock, once per
+    key at a time: threads asking for a key that is being computed wait for that result (two
+    requests for the same image must not run its encoders twice)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._items: OrderedDict[Hashable, V] = OrderedDict()
+        self._pending: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
 
     def get(self, key: Hashable) -> V | None:
@@ -48,10 +52,29 @@ class LruCache(Generic[V]):
                 self._items.popitem(last=False)
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
-        value = self.get(key)
-        if value is None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result()  # re-raises the computing thread's error
+        try:
             value = compute()
-            self.put(key, value)
+        except BaseException as exc:
+            with self._lock:
+                del self._pending[key]
+            pending.set_exception(exc)
+            raise
+        self.put(key, value)
+        with self._lock:
+            del self._pending[key]
+        pending.set_result(value)
         return value
 
     def __len__(self) -> int:
@@ -146,7 +169,7 @@ class Engine:
         detections = self.detector.detect(features, phrases, box_threshold, text_threshold,
                                           self.config.nms_iou, self.config.max_detections)
         embedding = self.sam_embedding(rgb, digest)
-        decoded = self.segmenter.segment(embedding, np.array([d.box for d in detections]).reshape(-1, 4),
+        decoded = self.segmenter.segment(embedding, np.array([d.prompt_box for d in detections]).reshape(-1, 4),
                                          capture_attention=self.config.explanations)
         segments = [Segment.from_detection(d, m, float(i)) for d, m, i in zip(detections, decoded.masks, decoded.ious)]
         encoder = self.segmenter.sam.image_encoder
@@ -178,6 +201,7 @@ def model_version(config: EngineConfig) -> str:
         "sam_file": _file_fingerprint(config.sam_checkpoint_path),
         "dino_file": _file_fingerprint(config.dino_checkpoint_path),
         "precision": config.precision,
+        "sam_prompt": "unclipped-box",  # SAM is prompted with DINO's box before clipping
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"grounded-sam-{config.sam_variant}-{config.dino_variant}-{digest}"

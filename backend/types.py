@@ -20,6 +20,13 @@ class Detection:
     phrase_scores: dict[str, float] = field(default_factory=dict)
     # (token text, sigmoid logit) for every prompt token: which words the box matched, how strongly.
     token_scores: tuple[tuple[str, float], ...] = ()
+    # The box as Grounding DINO drew it, before ``box`` was clipped to the image. SAM is prompted with
+    # this one, as the reference chain (groundingdino predict + SamPredictor) does, so masks match it.
+    sam_box: Box | None = None
+
+    @property
+    def prompt_box(self) -> Box:
+        return self.box if self.sam_box is None else self.sam_box
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,7 +21,7 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for figure in ("ours cold task (fp32) / reference", "mask IoU vs reference chain", "same (clipped) boxes", "re-prompt",
+    for figure in ("ours cold task (fp32) / reference", "mask IoU vs reference chain", "re-prompt",
                    "explain already-predicted task", "peak RSS, task with capture", "/predict:", "dino_backbone",
                    "sam_encoder", "Speed options"):
         assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
@@ -29,7 +29,7 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
     rows = data["rows"]
     assert rows["reference_boxes"][0] >= rows["ours_boxes"][0] > 0
     # Same weights, same photo: the engine's masks are the reference chain's.
-    assert rows["mask_iou_fp32"][0] >= 0.99 and rows["mask_iou_same_boxes"][0] >= 0.99
+    assert rows["mask_iou_fp32"][0] >= 0.99
     for key in ("reference_cold", "ours_cold", "ours_reprompt", "ours_explain_cached"):
         assert rows[key][0] > 0 and math.isfinite(rows[key][0])
     # An already-explained task comes from the cache: far below a cold run even on tiny models.
