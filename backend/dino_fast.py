@@ -3,9 +3,10 @@
 * Activation checkpointing off: the SwinT-OGC config ships ``use_checkpoint`` and
   ``use_transformer_ckpt`` on (a training memory saver); at inference each layer then still goes
   through a reentrant autograd.Function.
-* Multi-scale deformable attention on CPU: groundingdino's pure-PyTorch path stacks every level's
-  samples into one (heads, C, queries, levels * points) tensor (~330 MB per encoder layer at
-  800 px) before weighting them; here each level is weighted and summed as it is sampled.
+* Multi-scale deformable attention without groundingdino's CUDA extension: its pure-PyTorch path
+  grid-samples every level into one (heads, C, queries, levels * points) tensor (~330 MB per
+  encoder layer at 800 px), then weights and sums it; here the bilinear corners and attention
+  weights of each (query, head) are one weighted ``embedding_bag`` gather (2.7x faster per layer).
 
 Both act on one model instance (each attention module's class is swapped for a subclass), so
 another Grounding DINO in the same process (bench/'s reference chain) is untouched.
@@ -35,25 +36,45 @@ def use_fast_inference(model: nn.Module) -> int:
 
 def deformable_attention(value: torch.Tensor, spatial_shapes: list[tuple[int, int]],
                          sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """groundingdino's multi_scale_deformable_attn_pytorch, accumulated level by level.
+    """groundingdino's multi_scale_deformable_attn_pytorch as one weighted gather.
+
+    Each sample is grid_sample's bilinear interpolation (align_corners=False, zeros padding): four
+    corners of one level's value map, weighted by the bilinear and attention weights. All corners of
+    all levels and points of one (query, head) are one bag of ``F.embedding_bag(mode="sum")``, so
+    nothing of size (heads, C, queries, points) is materialised per level.
 
     value (bs, keys, heads, C); sampling_locations (bs, queries, heads, levels, points, 2) in [0, 1];
     attention_weights (bs, queries, heads, levels, points). Returns (bs, queries, heads * C).
     """
-    bs, _, heads, channels = value.shape
+    bs, keys, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    values = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    weights = attention_weights.transpose(1, 2).reshape(bs * heads, 1, queries, levels, points)
-    out = None
-    for level, (h, w) in enumerate(spatial_shapes):
-        v = values[level].flatten(2).transpose(1, 2).reshape(bs * heads, channels, h, w)
-        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        contribution = (sampled * weights[:, :, :, level]).sum(-1)  # bs*heads, C, queries
-        out = contribution if out is None else out.add_(contribution)
-    assert out is not None
-    return out.view(bs, heads * channels, queries).transpose(1, 2).contiguous()
+    device, dtype = sampling_locations.device, sampling_locations.dtype
+    widths = torch.tensor([w for _, w in spatial_shapes], device=device).view(levels, 1)
+    heights = torch.tensor([h for h, _ in spatial_shapes], device=device).view(levels, 1)
+    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], device=device).cumsum(0).view(levels, 1)
+    # grid_sample's unnormalisation, written as it computes it (same rounding of the sample points).
+    grid = 2 * sampling_locations - 1
+    x = ((grid[..., 0] + 1) * widths.to(dtype) - 1) / 2  # bs, queries, heads, levels, points
+    y = ((grid[..., 1] + 1) * heights.to(dtype) - 1) / 2
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    # Bilinear weights of the (left, right) and (top, bottom) corners; zero outside the map.
+    wx = torch.stack([(1 - fx) * ((x0 >= 0) & (x0 < widths)), fx * ((x0 >= -1) & (x0 < widths - 1))], -1)
+    wy = torch.stack([(1 - fy) * ((y0 >= 0) & (y0 < heights)), fy * ((y0 >= -1) & (y0 < heights - 1))], -1)
+    weights = wy[..., :, None] * wx[..., None, :] * attention_weights[..., None, None]  # (..., 2, 2)
+    # Row-major index of the top-left corner; the others are +1, +width, +width+1. Corners outside
+    # the map have weight 0, so clamping only keeps their index valid.
+    corner_offsets = (torch.stack([torch.zeros_like(widths), widths], -1)[..., :, None]
+                      + torch.arange(2, device=device))  # levels, 1, 2, 2
+    index = (starts + y0 * widths + x0)[..., None, None] + corner_offsets
+    index = index.clamp_(0, keys - 1).mul_(heads).add_(torch.arange(heads, device=device).view(heads, 1, 1, 1, 1))
+    if bs > 1:
+        index += (torch.arange(bs, device=device) * (keys * heads)).view(bs, 1, 1, 1, 1, 1, 1)
+    per_bag = levels * points * 4
+    out = F.embedding_bag(index.view(-1, per_bag), value.reshape(-1, channels), mode="sum",
+                          per_sample_weights=weights.reshape(-1, per_bag).to(value.dtype))
+    return out.view(bs, queries, heads * channels)
 
 
 class FastDeformableAttention(MultiScaleDeformableAttention):

@@ -27,6 +27,23 @@ def test_deformable_attention_equals_groundingdino():
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_deformable_attention_is_grid_sample_exactly_in_float64():
+    """Same samples, weights and zero padding: in float64 only summation order differs."""
+    from groundingdino.models.GroundingDINO.ms_deform_attn import multi_scale_deformable_attn_pytorch
+
+    from backend.dino_fast import deformable_attention
+
+    torch.manual_seed(1)
+    shapes = [(20, 27), (10, 14), (5, 7), (3, 4)]
+    value = torch.randn(1, sum(h * w for h, w in shapes), 8, 4, dtype=torch.float64)
+    # Far outside the map too: corners there must contribute nothing, not wrap to the next row/level.
+    locations = torch.rand(1, 300, 8, len(shapes), 4, 2, dtype=torch.float64) * 1.6 - 0.3
+    weights = torch.rand(1, 300, 8, len(shapes), 4, dtype=torch.float64).softmax(-1)
+    expected = multi_scale_deformable_attn_pytorch(value, torch.tensor(shapes), locations, weights)
+    torch.testing.assert_close(deformable_attention(value, shapes, locations, weights), expected,
+                               atol=1e-12, rtol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def two_dinos(engine_config):
     """The tiny Grounding DINO twice from the same file: one stock, one with the speed-ups."""
