@@ -71,6 +71,9 @@ class EngineConfig:
     # vit image for the last global block's matrix).
     explanations: bool = True
     explanation_cache_size: int = 16  # entries hold the masks (H x W bool each)
+    # On CPU, keep freed memory in the process heap for reuse (backend/heap.py): faster, but the
+    # resident size stays near its peak.
+    reuse_freed_memory: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -169,6 +172,10 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _flag(text: str) -> bool:
+    return text.strip().lower() not in ("0", "false", "no", "off")
+
+
 _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "MODEL_CACHE_DIR": ("cache_dir", Path),
     "SAM_VARIANT": ("sam_variant", str),
@@ -187,6 +194,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "MAX_DETECTIONS": ("max_detections", int),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", int),
     "EMBEDDING_CACHE_SIZE": ("embedding_cache_size", int),
-    "EXPLANATIONS": ("explanations", lambda v: v.strip().lower() not in ("0", "false", "no", "off")),
+    "EXPLANATIONS": ("explanations", _flag),
     "EXPLANATION_CACHE_SIZE": ("explanation_cache_size", int),
+    "REUSE_FREED_MEMORY": ("reuse_freed_memory", _flag),
 }

@@ -93,6 +93,10 @@ class Engine:
 
             ensure_ready(config)
             device = resolve_device(config.device)
+            if device.type == "cpu" and config.reuse_freed_memory:
+                from .heap import reuse_freed_memory
+
+                reuse_freed_memory()
             dtype = resolve_dtype(config.precision, device)
             detector = detector or GroundingDinoDetector(
                 build_grounding_dino(config), device, dtype, config.dino_image_size, config.dino_max_size)
