@@ -89,6 +89,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be within [0, 1], got {value}")
+        if not 0 < self.dino_image_size <= self.dino_max_size:
+            raise ConfigError("GROUNDING_DINO_IMAGE_SIZE must be positive and at most GROUNDING_DINO_MAX_SIZE, "
+                              f"got {self.dino_image_size} and {self.dino_max_size}")
         if self.max_detections < 1:
             raise ConfigError(f"max_detections must be >= 1, got {self.max_detections}")
 
@@ -186,6 +189,8 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "GROUNDING_DINO_CONFIG": ("dino_config", str),
     "GROUNDING_DINO_ARCH": ("dino_arch", _json_object),
     "TEXT_ENCODER": ("text_encoder", str),
+    "GROUNDING_DINO_IMAGE_SIZE": ("dino_image_size", int),
+    "GROUNDING_DINO_MAX_SIZE": ("dino_max_size", int),
     "DEVICE": ("device", str),
     "PRECISION": ("precision", str),
     "BOX_THRESHOLD": ("box_threshold", float),

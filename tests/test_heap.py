@@ -39,10 +39,3 @@ def test_freed_large_blocks_stay_mapped_for_reuse():
     # Kept for reuse: the memory stays resident and the next block of that size is served from it.
     on = _probe("on")
     assert on["kept_mb"] > 150 and on["grown_mb"] < 20
-
-
-def test_engine_config_switch_from_environment():
-    from backend.config import EngineConfig
-
-    assert EngineConfig.from_env({}).reuse_freed_memory is True
-    assert EngineConfig.from_env({"REUSE_FREED_MEMORY": "0"}).reuse_freed_memory is False

@@ -1,0 +1,21 @@
+"""EngineConfig from the environment: the settings added for speed, and their validation."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_engine_config_switch_from_environment():
+    from backend.config import EngineConfig
+
+    assert EngineConfig.from_env({}).reuse_freed_memory is True
+    assert EngineConfig.from_env({"REUSE_FREED_MEMORY": "0"}).reuse_freed_memory is False
+
+
+def test_grounding_dino_input_size_from_environment():
+    from backend.config import ConfigError, EngineConfig
+
+    config = EngineConfig.from_env({"GROUNDING_DINO_IMAGE_SIZE": "640", "GROUNDING_DINO_MAX_SIZE": "1066"})
+    assert (config.dino_image_size, config.dino_max_size) == (640, 1066)
+    with pytest.raises(ConfigError, match="GROUNDING_DINO_IMAGE_SIZE"):
+        EngineConfig.from_env({"GROUNDING_DINO_IMAGE_SIZE": "2000"})
