@@ -106,13 +106,19 @@ def segmentation_json(segments: list[Segment], phrases: tuple[str, ...], width: 
     }
 
 
-# -- image segmentation -------------------------------------------------------------------------------
-@api.post("/segment")
-def segment() -> Response:
+def required_image_request() -> tuple[bytes, dict[str, Any]]:
+    """``segment_request`` for routes that need an uploaded image."""
     image, fields = segment_request()
     if image is None:
         raise BadRequest("'image' is required: a multipart file field 'image', or JSON {\"image\": <data URL "
                          "or base64>}")
+    return image, fields
+
+
+# -- image segmentation -------------------------------------------------------------------------------
+@api.post("/segment")
+def segment() -> Response:
+    image, fields = required_image_request()
     given = prompt_input(fields, required=True)
     model = current_model()
     engine = model.engine.get(timeout=model.settings.engine_wait_s)
@@ -323,10 +329,7 @@ def explain_image(engine: Any, rgb: np.ndarray, phrases: tuple[str, ...], box_th
 
 @api.post("/explain")
 def explain() -> Response:
-    image, fields = segment_request()
-    if image is None:
-        raise BadRequest("'image' is required: a multipart file field 'image', or JSON {\"image\": <data URL "
-                         "or base64>}")
+    image, fields = required_image_request()
     given = prompt_input(fields, required=True)
     parse_alpha(fields), parse_flag(fields, "show_labels", True)  # bad options fail before any model runs
     model = current_model()
