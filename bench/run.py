@@ -551,10 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     info["load_avg_end"] = os.getloadavg()[0]
     probs_diff, boxes_diff = res.notes["detector_max_abs_diff"]
     info["options"] = [
-        f"Grounding DINO without activation checkpointing + level-by-level deformable attention (default on): "
+        f"Grounding DINO without activation checkpointing + embedding_bag deformable attention (default on): "
         f"max abs diff vs groundingdino's forward {probs_diff:.1e} (token probabilities), {boxes_diff:.1e} (boxes)",
         "SDPA attention in SAM's encoder (default on): same math, masks equal (IoU above)",
         "cached Grounding DINO image features + SAM embedding for re-prompts (default on): exact reuse",
+        "freed memory kept in the heap (REUSE_FREED_MEMORY, default on for CPU): no output change; it is "
+        "process-wide, so the reference chain timed in this process runs with it too (ratios conservative)",
         f"bf16 autocast (PRECISION=bf16): off by default on CPU, bf16 matmul here runs at "
         f"{info['matmul_bf16']:.0f} vs {info['matmul_fp32']:.0f} GFLOP/s fp32 (no native bf16 on {info['isa']})",
     ]
