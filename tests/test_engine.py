@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -145,66 +148,47 @@ def test_inference_uses_no_autograd(engine, chelsea):
     assert torch.is_inference(embedding.features) or not embedding.features.requires_grad
 
 
-def test_cache_computes_a_key_once_for_concurrent_callers():
-    import threading
-
+def _concurrent_get_or_compute(outcome: Callable[[], int], callers: int) -> tuple[list, list[int], "LruCache"]:
+    """Start one caller of a slow computation, then ``callers - 1`` more while it is pending."""
     from backend.engine import LruCache
 
     cache: LruCache[int] = LruCache(capacity=2)
-    started, release, calls = threading.Event(), threading.Event(), []
+    started, release, calls, outcomes = threading.Event(), threading.Event(), [], []
 
     def slow() -> int:
         calls.append(1)
         started.set()
         release.wait(10)
-        return 42
-
-    results: list[int] = []
-    first = threading.Thread(target=lambda: results.append(cache.get_or_compute("image", slow)))
-    first.start()
-    assert started.wait(10)
-    waiters = [threading.Thread(target=lambda: results.append(cache.get_or_compute("image", slow))) for _ in range(3)]
-    for t in waiters:
-        t.start()
-    threading.Event().wait(0.2)  # let the waiters reach the pending computation
-    release.set()
-    for t in [first, *waiters]:
-        t.join(10)
-    assert results == [42] * 4 and len(calls) == 1
-    assert cache.get_or_compute("image", lambda: 0) == 42
-
-
-def test_cache_error_reaches_every_waiter_and_is_not_stored():
-    import threading
-
-    from backend.engine import LruCache
-
-    cache: LruCache[int] = LruCache(capacity=2)
-    started, release, calls = threading.Event(), threading.Event(), []
-
-    def broken() -> int:
-        calls.append(1)
-        started.set()
-        release.wait(10)
-        raise ValueError("corrupt image")
-
-    errors: list[str] = []
+        return outcome()
 
     def call() -> None:
         try:
-            cache.get_or_compute("image", broken)
+            outcomes.append(cache.get_or_compute("image", slow))
         except ValueError as exc:
-            errors.append(str(exc))
+            outcomes.append(str(exc))
 
-    threads = [threading.Thread(target=call)]
+    threads = [threading.Thread(target=call) for _ in range(callers)]
     threads[0].start()
     assert started.wait(10)
-    threads += [threading.Thread(target=call) for _ in range(2)]
     for t in threads[1:]:
         t.start()
     threading.Event().wait(0.2)  # let the waiters reach the pending computation
     release.set()
     for t in threads:
         t.join(10)
+    return outcomes, calls, cache
+
+
+def test_cache_computes_a_key_once_for_concurrent_callers():
+    results, calls, cache = _concurrent_get_or_compute(lambda: 42, callers=4)
+    assert results == [42] * 4 and len(calls) == 1
+    assert cache.get_or_compute("image", lambda: 0) == 42
+
+
+def test_cache_error_reaches_every_waiter_and_is_not_stored():
+    def broken() -> int:
+        raise ValueError("corrupt image")
+
+    errors, calls, cache = _concurrent_get_or_compute(broken, callers=3)
     assert errors == ["corrupt image"] * 3 and len(calls) == 1
     assert cache.get("image") is None and cache.get_or_compute("image", lambda: 7) == 7
