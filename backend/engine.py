@@ -37,31 +37,21 @@ class LruCache(Generic[V]):
 
     def get(self, key: Hashable) -> V | None:
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        return None
+            return self._touch(key)
 
     def put(self, key: Hashable, value: V) -> None:
-        if self.capacity <= 0:
-            return
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self._store(key, value)
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
+            value = self._touch(key)
+            if value is not None:
+                return value
             pending = self._pending.get(key)
-            if pending is None:
+            owner = pending is None
+            if owner:
                 pending = self._pending[key] = Future()
-                owner = True
-            else:
-                owner = False
         if not owner:
             return pending.result()  # re-raises the computing thread's error
         try:
@@ -71,11 +61,26 @@ class LruCache(Generic[V]):
                 del self._pending[key]
             pending.set_exception(exc)
             raise
-        self.put(key, value)
         with self._lock:
+            self._store(key, value)
             del self._pending[key]
         pending.set_result(value)
         return value
+
+    # Both helpers expect the caller to hold self._lock.
+    def _touch(self, key: Hashable) -> V | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def _store(self, key: Hashable, value: V) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)
