@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import batched_nms, box_convert, clip_boxes_to_image
 
 from . import dino_fast
 from .types import Detection
@@ -224,9 +224,7 @@ def select_detections(
         return []
     height, width = image_size
     unclipped = box_convert(raw.boxes_cxcywh[keep], "cxcywh", "xyxy") * torch.tensor([width, height, width, height])
-    boxes = unclipped.clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    boxes = clip_boxes_to_image(unclipped, (height, width))
     scores, labels = best_score[keep], best_phrase[keep]
     kept_queries = keep.nonzero().flatten()
     order = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]  # sorted by score, descending

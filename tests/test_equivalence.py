@@ -108,9 +108,7 @@ def test_some_reference_box_reaches_past_the_image(engine, photo_path):
     from groundingdino.util.inference import load_image
 
     image, _ = load_image(str(photo_path))
-    features = engine.dino_features(image)
-    detections = engine.detector.detect(features, ["cat", "dog"], BOX_THRESHOLD, TEXT_THRESHOLD,
-                                        engine.config.nms_iou, engine.config.max_detections)
+    detections = engine.detect(image, ["cat", "dog"], BOX_THRESHOLD, TEXT_THRESHOLD)
     assert any(d.sam_box != d.box for d in detections)
     for d in detections:
         x0, y0, x1, y1 = d.box
