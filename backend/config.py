@@ -176,7 +176,12 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _flag(text: str) -> bool:
-    return text.strip().lower() not in ("0", "false", "no", "off")
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of 1/true/yes/on or 0/false/no/off")
 
 
 _ENV_FIELDS: dict[str, tuple[str, Any]] = {

@@ -10,6 +10,14 @@ def test_engine_config_switch_from_environment():
 
     assert EngineConfig.from_env({}).reuse_freed_memory is True
     assert EngineConfig.from_env({"REUSE_FREED_MEMORY": "0"}).reuse_freed_memory is False
+    assert EngineConfig.from_env({"EXPLANATIONS": "Off"}).explanations is False
+
+
+def test_unknown_switch_value_is_refused_by_name():
+    from backend.config import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match="REUSE_FREED_MEMORY='maybe' is invalid"):
+        EngineConfig.from_env({"REUSE_FREED_MEMORY": "maybe"})
 
 
 def test_grounding_dino_input_size_from_environment():
