@@ -175,7 +175,8 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _flag(text: str) -> bool:
+def parse_switch(text: str) -> bool:
+    """An on/off setting's text; ValueError for anything else (a typo must not silently mean on)."""
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -204,7 +205,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "MAX_DETECTIONS": ("max_detections", int),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", int),
     "EMBEDDING_CACHE_SIZE": ("embedding_cache_size", int),
-    "EXPLANATIONS": ("explanations", _flag),
+    "EXPLANATIONS": ("explanations", parse_switch),
     "EXPLANATION_CACHE_SIZE": ("explanation_cache_size", int),
-    "REUSE_FREED_MEMORY": ("reuse_freed_memory", _flag),
+    "REUSE_FREED_MEMORY": ("reuse_freed_memory", parse_switch),
 }

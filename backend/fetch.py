@@ -25,6 +25,7 @@ from urllib.parse import unquote_to_bytes, urljoin, urlparse
 
 import requests
 
+from .config import parse_switch
 from .ls_api import LabelStudioAuthError, LabelStudioClient, LabelStudioError, host_of
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,10 @@ class FetchSettings:
             raise ValueError(f"MAX_IMAGE_BYTES / IMAGE_FETCH_TIMEOUT must be numbers: {exc}") from exc
         if max_bytes <= 0:
             raise ValueError(f"MAX_IMAGE_BYTES must be positive, got {max_bytes}")
-        verify = (env.get("VERIFY_SSL") or "true").strip().lower() not in ("0", "false", "no", "off")
+        try:
+            verify = parse_switch(env.get("VERIFY_SSL") or "true")
+        except ValueError as exc:
+            raise ValueError(f"VERIFY_SSL={env['VERIFY_SSL']!r}: {exc}") from exc
         return cls(max_bytes=max_bytes, allowed_hosts=_parse_hosts(env.get("ALLOWED_IMAGE_HOSTS", "")),
                    timeout=timeout, verify_ssl=verify)
 

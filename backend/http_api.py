@@ -22,6 +22,7 @@ from PIL import Image
 
 from ._wsgi import current_model, field_of, json_body
 from . import sam_attention
+from .config import parse_switch
 from .detector import parse_prompt
 from .explainer import LEGEND, HeatmapImage, render_explanation
 from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
@@ -251,12 +252,10 @@ def parse_flag(fields: Mapping[str, Any], name: str, default: bool) -> bool:
         return default
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise BadRequest(f"'{name}' must be true or false, got {value!r}")
+    try:
+        return parse_switch(str(value))
+    except ValueError:
+        raise BadRequest(f"'{name}' must be true or false, got {value!r}") from None
 
 
 def parse_alpha(fields: Mapping[str, Any]) -> float:

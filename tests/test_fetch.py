@@ -334,6 +334,13 @@ def test_host_allowed_patterns():
     assert FetchSettings.from_env({"ALLOWED_IMAGE_HOSTS": " A.com, b.com:81 ,"}).allowed_hosts == ("a.com", "b.com:81")
 
 
+def test_verify_ssl_setting():
+    assert FetchSettings.from_env({}).verify_ssl is True
+    assert FetchSettings.from_env({"VERIFY_SSL": "False"}).verify_ssl is False
+    with pytest.raises(ValueError, match="VERIFY_SSL='flase'"):
+        FetchSettings.from_env({"VERIFY_SSL": "flase"})
+
+
 # -- limits and failures --------------------------------------------------------------------------------
 def test_byte_limit_is_enforced_while_streaming(fake_ls):
     allowed = FetchSettings(max_bytes=100_000, timeout=5, allowed_hosts=(fake_ls.host,))
