@@ -326,8 +326,9 @@ def _decomposed_rel_pos(
     """
     b, heads, _, c = q.shape
     h, w = size
-    Rh = get_rel_pos(h, h, rel_pos_h)
-    Rw = get_rel_pos(w, w, rel_pos_w)
+    # The tables are parameters (fp32); under autocast q is bf16/fp16, and einsum wants one dtype.
+    Rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)
+    Rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)
     r_q = q.reshape(b * heads, h, w, c)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)

@@ -1,13 +1,13 @@
 """A model cache of real-size architectures with random weights, in the real checkpoint formats.
 
-    python -m bench.cache --out DIR
+    python -m bench.cache --out DIR [--sam vit_b|vit_l|vit_h]
 
 writes into DIR
-  bench_sam_vit_b.pth             segment_anything build_sam_vit_b (no checkpoint), torch.save(state_dict)
+  bench_sam_<variant>.pth         segment_anything's builder of the variant (no checkpoint), torch.save(state_dict)
   bench_groundingdino_swint.pth   Grounding DINO SwinT-OGC, torch.save({"model": state_dict})
   bench-bert/                     BertModel with bert-base-uncased's config (random), save_pretrained
   GroundingDINO_SwinT_OGC_bench.py  the shipped SwinT-OGC config with text_encoder_type = bench-bert
-  engine.json                     EngineConfig for the project's loading code
+  engine-<variant>.json           EngineConfig for the project's loading code
 Timing needs the real sizes, not trained weights; nothing is downloaded. File names differ from the
 official ones so nobody mistakes them for real checkpoints (and the manifest's sha256 never applies).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 SEED = 0
-SAM_FILE = "bench_sam_vit_b.pth"
+SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
 DINO_FILE = "bench_groundingdino_swint.pth"
 BERT_DIR = "bench-bert"
 DINO_CONFIG_FILE = "GroundingDINO_SwinT_OGC_bench.py"
@@ -51,12 +51,16 @@ def write_bert(out: Path) -> Path:
     return folder
 
 
-def write_sam(out: Path) -> Path:
-    from segment_anything import build_sam_vit_b
+def sam_file(variant: str) -> str:
+    return f"bench_sam_{variant}.pth"
+
+
+def write_sam(out: Path, variant: str) -> Path:
+    from segment_anything import sam_model_registry
 
     torch.manual_seed(SEED)
-    path = out / SAM_FILE
-    torch.save(build_sam_vit_b(checkpoint=None).state_dict(), path)
+    path = out / sam_file(variant)
+    torch.save(sam_model_registry[variant](checkpoint=None).state_dict(), path)
     return path
 
 
@@ -89,21 +93,23 @@ def write_dino(out: Path) -> Path:
     return path
 
 
-def write_cache(out: Path) -> Path:
-    """Write (once) every file above into ``out``; returns ``out/engine.json``."""
+def write_cache(out: Path, sam_variant: str = "vit_b") -> Path:
+    """Write (once) every file above into ``out``; returns ``out/engine-<sam_variant>.json``."""
+    if sam_variant not in SAM_VARIANTS:
+        raise ValueError(f"SAM variant must be one of {SAM_VARIANTS}, got {sam_variant!r}")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    engine_json = out / "engine.json"
+    engine_json = out / f"engine-{sam_variant}.json"
     if engine_json.is_file():
         return engine_json
     bert = out / BERT_DIR if (out / BERT_DIR / "config.json").is_file() else write_bert(out)
-    if not (out / SAM_FILE).is_file():
-        write_sam(out)
+    if not (out / sam_file(sam_variant)).is_file():
+        write_sam(out, sam_variant)
     if not (out / DINO_FILE).is_file():
         write_dino(out)
     write_dino_config(out, bert)
     engine_json.write_text(json.dumps(dict(
-        cache_dir=".", sam_variant="vit_b", sam_checkpoint=SAM_FILE, dino_variant="swint_ogc",
+        cache_dir=".", sam_variant=sam_variant, sam_checkpoint=sam_file(sam_variant), dino_variant="swint_ogc",
         dino_checkpoint=DINO_FILE, text_encoder=BERT_DIR), indent=2))
     return engine_json
 
@@ -111,7 +117,9 @@ def write_cache(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
-    print(write_cache(parser.parse_args(argv).out))
+    parser.add_argument("--sam", default="vit_b", choices=SAM_VARIANTS)
+    args = parser.parse_args(argv)
+    print(write_cache(args.out, args.sam))
 
 
 if __name__ == "__main__":

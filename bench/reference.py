@@ -23,29 +23,38 @@ class ReferenceResult:
 
 
 class ReferenceChain:
-    def __init__(self, dino_config: Path, dino_checkpoint: Path, sam_checkpoint: Path,
-                 sam_arch: dict | None = None, image_size: int = 800, max_size: int = 1333) -> None:
+    def __init__(self, dino_config: Path, dino_checkpoint: Path, sam_checkpoint: Path, sam_variant: str = "vit_b",
+                 sam_arch: dict | None = None, image_size: int = 800, max_size: int = 1333,
+                 device: str = "cpu") -> None:
         import contextlib
         import os
 
         from groundingdino.util.inference import load_model
-        from segment_anything import SamPredictor, build_sam_vit_b
+        from segment_anything import SamPredictor, sam_model_registry
         from segment_anything.build_sam import _build_sam
 
         with contextlib.redirect_stdout(open(os.devnull, "w")):
-            self.dino = load_model(str(dino_config), str(dino_checkpoint), device="cpu")
-        sam = _build_sam(checkpoint=str(sam_checkpoint), **sam_arch) if sam_arch else build_sam_vit_b(str(sam_checkpoint))
-        self.predictor = SamPredictor(sam.eval())
+            self.dino = load_model(str(dino_config), str(dino_checkpoint), device=device)
+        sam = (_build_sam(checkpoint=str(sam_checkpoint), **sam_arch) if sam_arch
+               else sam_model_registry[sam_variant](checkpoint=str(sam_checkpoint)))
+        self.predictor = SamPredictor(sam.to(device).eval())  # as Grounded-SAM's demo: sam.to(device)
+        self.device = torch.device(device)
         self.image_size, self.max_size = image_size, max_size
         self._backbone_s = 0.0
         self.dino.backbone.register_forward_pre_hook(self._backbone_start)
         self.dino.backbone.register_forward_hook(self._backbone_end)
 
+    def _clock(self) -> float:
+        """perf_counter after the GPU's queued work is done (stage times are wall times)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _backbone_start(self, *_):
-        self._t0 = time.perf_counter()
+        self._t0 = self._clock()
 
     def _backbone_end(self, *_):
-        self._backbone_s += time.perf_counter() - self._t0
+        self._backbone_s += self._clock() - self._t0
 
     def load_image(self, path: Path) -> tuple[np.ndarray, torch.Tensor]:
         """groundingdino's load_image (whose sizes are fixed at 800/1333) at this chain's sizes."""
@@ -66,24 +75,25 @@ class ReferenceChain:
         from torchvision.ops import box_convert
 
         stages: dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0 = self._clock()
         image, tensor = self.load_image(path)
-        t1 = time.perf_counter()
+        t1 = self._clock()
         self._backbone_s = 0.0
-        boxes, _, _ = predict(self.dino, tensor, prompt, box_threshold, text_threshold, device="cpu")
-        t2 = time.perf_counter()
+        boxes, _, _ = predict(self.dino, tensor, prompt, box_threshold, text_threshold, device=str(self.device))
+        t2 = self._clock()
         h, w = image.shape[:2]
         xyxy = box_convert(boxes * torch.tensor([w, h, w, h]), "cxcywh", "xyxy")
         self.predictor.set_image(image)
-        t3 = time.perf_counter()
+        t3 = self._clock()
         if len(xyxy):
             masks, _, _ = self.predictor.predict_torch(
                 point_coords=None, point_labels=None,
-                boxes=self.predictor.transform.apply_boxes_torch(xyxy, image.shape[:2]), multimask_output=False)
-            masks = masks[:, 0].numpy()
+                boxes=self.predictor.transform.apply_boxes_torch(xyxy, image.shape[:2]).to(self.device),
+                multimask_output=False)
+            masks = masks[:, 0].cpu().numpy()
         else:
             masks = np.zeros((0, h, w), dtype=bool)
-        t4 = time.perf_counter()
+        t4 = self._clock()
         stages["dino_backbone"] = self._backbone_s
         stages["dino_text_decoder"] = (t2 - t1) - self._backbone_s
         stages["sam_encoder"] = t3 - t2

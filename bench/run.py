@@ -3,6 +3,7 @@
     python -m bench            # real-size vit_b + SwinT-OGC (random weights), ~15 min on 2 CPU cores
     python -m bench --quick    # fewer repeats, smaller Grounding DINO input, 4-task batch
     python -m bench --smoke    # tiny models (tests/tiny_models.py): checks the script still works
+    python -m bench --device cuda --sam vit_h --precision bf16   # the GPU bench (per-stage ms)
 
 Everything is timed interleaved (reference, ours, reference, ours, ...) so background load hits both
 alike; figures are medians. See bench/README.md for what each figure means and measured results.
@@ -51,6 +52,9 @@ class Mode:
     dino_size: int | None  # None: the cache's own (800/1333 for real models)
     batch_tasks: int
     real: bool = True
+    device: str = "cpu"
+    sam_variant: str = "vit_b"
+    precision: str = "fp32"  # the engine's; the reference chain always runs fp32, as it ships
 
 
 MODES = {
@@ -114,13 +118,21 @@ def photos(count: int, size: tuple[int, int] | None = None) -> list[np.ndarray]:
     return out
 
 
+def clock(device: str) -> float:
+    """perf_counter once the GPU's queued work is done, so stage times are wall times."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class StageTimer:
     """Times the engine's stages by wrapping its detector/segmenter methods on the instance."""
 
     STAGES = {("detector", "image_features"): "dino_backbone", ("detector", "raw_predictions"): "dino_text_decoder",
               ("segmenter", "embed"): "sam_encoder", ("segmenter", "segment"): "sam_decoder_post"}
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, device: str) -> None:
+        self.device = device
         self.seconds: dict[str, float] = {}
         self.flops: dict[str, float] = {}
         self.count_flops = False
@@ -131,10 +143,10 @@ class StageTimer:
     def _wrap(self, fn: Callable, stage: str) -> Callable:
         def timed(*args, **kwargs):
             ctx = flop_counter() if self.count_flops else contextlib.nullcontext()
-            t0 = time.perf_counter()
+            t0 = clock(self.device)
             with ctx as counter:
                 result = fn(*args, **kwargs)
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + clock(self.device) - t0
             if counter is not None:
                 self.flops[stage] = self.flops.get(stage, 0.0) + counter.get_total_flops()
             return result
@@ -162,18 +174,19 @@ def flop_counter():
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a = torch.randn(n, n).to(dtype)
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
     with torch.inference_mode():
+        torch.mm(a, a)  # first call: kernel selection / cuBLAS handle
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = clock(device)
             torch.mm(a, a)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock(device) - t0)
     return 2 * n ** 3 / best / 1e9
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str) -> dict[str, Any]:
     model = platform.processor() or "?"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -183,7 +196,8 @@ def machine() -> dict[str, Any]:
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability(),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "load_avg_start": os.getloadavg()[0]}
+            "load_avg_start": os.getloadavg()[0],
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
 
 
 # -- setup ---------------------------------------------------------------------------------------------
@@ -192,11 +206,11 @@ def model_cache(mode: Mode, cache: Path | None) -> tuple[Path, dict[str, Any]]:
     if mode.real:
         from bench.cache import DINO_CONFIG_FILE, write_cache
 
-        engine_json = write_cache(cache or DEFAULT_CACHE)
+        engine_json = write_cache(cache or DEFAULT_CACHE, mode.sam_variant)
         data = json.loads(engine_json.read_text())
         root = engine_json.parent
         return engine_json, dict(dino_config=root / DINO_CONFIG_FILE, dino_checkpoint=root / data["dino_checkpoint"],
-                                 sam_checkpoint=root / data["sam_checkpoint"], sam_arch=None)
+                                 sam_checkpoint=root / data["sam_checkpoint"], sam_variant=mode.sam_variant)
     from tests.tiny_models import write_cache as write_tiny
 
     root = Path(os.environ.get("TINY_MODEL_CACHE") or cache or Path(tempfile.gettempdir()) / "grounded-sam-tiny")
@@ -256,7 +270,8 @@ def detector_difference(engine, ref, path: Path, prompt: str) -> tuple[float, fl
     image, tensor = ref.load_image(path)
     caption = Caption.build(parse_prompt(prompt), engine.detector.tokenizer)
     with torch.no_grad():
-        theirs = ref.dino(tensor[None], captions=[preprocess_caption(caption.text)])
+        theirs = ref.dino(tensor[None].to(ref.device), captions=[preprocess_caption(caption.text)])
+    theirs = {k: theirs[k].float().cpu() for k in ("pred_logits", "pred_boxes")}
     ours = engine.detector.raw_predictions(engine.detector.image_features(image), caption)
     n = len(caption.tokens)
     probs = (ours.token_probs[:, :n] - theirs["pred_logits"][0, :, :n].sigmoid()).abs().max()
@@ -285,15 +300,17 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
     from backend.explainer import render_explanation
     from bench.reference import ReferenceChain
 
-    overrides: dict[str, Any] = {"max_detections": BOXES_PER_TASK}  # re-prompts keep the same box budget
+    # Re-prompts keep the same box budget.
+    overrides: dict[str, Any] = {"max_detections": BOXES_PER_TASK, "device": mode.device, "precision": mode.precision}
     if mode.dino_size:
         overrides.update(dino_image_size=mode.dino_size, dino_max_size=int(mode.dino_size * 1333 / 800))
     config = EngineConfig.from_file(engine_json, **overrides)
     t0 = time.perf_counter()
     engine = Engine(config)
     log(f"engine loaded in {time.perf_counter() - t0:.1f} s ({engine.describe()})")
-    ref = ReferenceChain(image_size=config.dino_image_size, max_size=config.dino_max_size, **ref_files)
-    timer = StageTimer(engine)
+    ref = ReferenceChain(image_size=config.dino_image_size, max_size=config.dino_max_size, device=mode.device,
+                         **ref_files)
+    timer = StageTimer(engine, mode.device)
 
     n = mode.repeats
     images = photos(2 * n + 1)  # one warm-up, then per repeat: a cold image and (for bf16 etc.) a spare
@@ -337,7 +354,7 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
         st = res.stages["ours"]
         res.add("ours_encoders", st["dino_backbone"][-1] + st["dino_text_decoder"][-1] + st["sam_encoder"][-1])
         iou, _ = matched_iou(segments, out.boxes_xyxy, out.masks)
-        res.add("mask_iou_fp32", iou)
+        res.add("mask_iou", iou)
 
         reprompt = PROMPTS[(r + 5) % len(PROMPTS)]
         t0 = time.perf_counter()
@@ -398,14 +415,16 @@ def run_batch(engine, mode: Mode, res: Results, log) -> None:
     log(f"/predict: {n} single-task requests {t_seq:.1f} s, one {n}-task request {t_batch:.1f} s")
 
 
-def memory_probe(engine_json: Path, explanations: bool, dino_size: int | None) -> dict[str, float]:
-    """In this (fresh) process: load, run one cold task, report peak RSS during the task (MiB)."""
+def memory_probe(engine_json: Path, explanations: bool, dino_size: int | None, device: str,
+                 precision: str) -> dict[str, float]:
+    """In this (fresh) process: load, run one cold task, report peak RSS (and GPU memory) of the task, MiB."""
     import ctypes
 
     from backend.config import EngineConfig
     from backend.engine import Engine
 
-    overrides: dict[str, Any] = {"explanations": explanations, "max_detections": BOXES_PER_TASK}
+    overrides: dict[str, Any] = {"explanations": explanations, "max_detections": BOXES_PER_TASK,
+                                 "device": device, "precision": precision}
     if dino_size:
         overrides.update(dino_image_size=dino_size, dino_max_size=int(dino_size * 1333 / 800))
     engine = Engine(EngineConfig.from_file(engine_json, **overrides))
@@ -418,6 +437,9 @@ def memory_probe(engine_json: Path, explanations: bool, dino_size: int | None) -
         return int(Path("/proc/self/statm").read_text().split()[1]) * page
 
     before, peak, done = rss(), [0], threading.Event()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        gpu_before = torch.cuda.memory_allocated()
 
     def sample() -> None:
         while not done.is_set():
@@ -431,14 +453,20 @@ def memory_probe(engine_json: Path, explanations: bool, dino_size: int | None) -
     sampler.join()
     peak[0] = max(peak[0], rss())
     mib = 1 << 20
-    return {"baseline_mib": before / mib, "peak_mib": peak[0] / mib, "task_mib": (peak[0] - before) / mib}
+    figures = {"baseline_mib": before / mib, "peak_mib": peak[0] / mib, "task_mib": (peak[0] - before) / mib}
+    if device == "cuda":
+        gpu_peak = torch.cuda.max_memory_allocated()
+        figures.update(gpu_baseline_mib=gpu_before / mib, gpu_peak_mib=gpu_peak / mib,
+                       gpu_task_mib=(gpu_peak - gpu_before) / mib)
+    return figures
 
 
 def run_memory(engine_json: Path, mode: Mode, res: Results, log) -> None:
     figures = {}
     for explanations in (False, True):
         cmd = [sys.executable, "-m", "bench.run", "--memory-probe", str(engine_json),
-               "--explanations", "on" if explanations else "off"]
+               "--explanations", "on" if explanations else "off", "--device", mode.device,
+               "--precision", mode.precision]
         if mode.dino_size:
             cmd += ["--dino-size", str(mode.dino_size)]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
@@ -453,10 +481,13 @@ def run_memory(engine_json: Path, mode: Mode, res: Results, log) -> None:
 def report(res: Results, info: dict[str, Any]) -> str:
     m = {k: median(v) for k, v in res.rows.items()}
     cold, ref = m["ours_cold"], m["reference_cold"]
-    lines = [f"# Grounded SAM benchmark ({info['mode']} mode, {info['models']})",
+    precision, on_gpu = info["precision"], info["device"] == "cuda"
+    lines = [f"# Grounded SAM benchmark ({info['mode']} mode, {info['models']}, {info['device']}, ours in {precision})",
              f"{info['date']} | {info['cpu']} | {info['cores']} cores, torch {info['torch']} ({info['isa']}), "
-             f"{info['torch_threads']} threads | load avg {info['load_avg_start']:.1f} -> {info['load_avg_end']:.1f}",
-             f"matmul (2048^2): fp32 {info['matmul_fp32']:.0f} GFLOP/s, bf16 {info['matmul_bf16']:.0f} GFLOP/s",
+             f"{info['torch_threads']} threads | load avg {info['load_avg_start']:.1f} -> {info['load_avg_end']:.1f}"
+             + (f" | GPU {info['gpu']}" if on_gpu else ""),
+             f"matmul (2048^2, {info['device']}): fp32 {info['matmul_fp32']:.0f} GFLOP/s, "
+             f"bf16 {info['matmul_bf16']:.0f} GFLOP/s",
              f"repeats: {len(res.rows['ours_cold'])} (medians), boxes per task: reference "
              f"{median(res.rows['reference_boxes']):.0f}, ours {median(res.rows['ours_boxes']):.0f}", "",
              f"{'figure':44s} {'value':>12s} {'ratio':>10s} {'target':>8s}"]
@@ -466,10 +497,12 @@ def report(res: Results, info: dict[str, Any]) -> str:
         lines.append(f"{name:44s} {value:>12s} {r:>10s} {target:>8s}")
 
     row("reference cold task (DINO predict + SamPredictor)", f"{ref:.2f} s")
-    row("ours cold task (fp32) / reference", f"{cold:.2f} s", cold / ref, "<= 0.4")
+    row(f"ours cold task ({precision}) / reference", f"{cold:.2f} s", cold / ref, "<= 0.4")
     row("  DINO + SAM encoders only / reference", f"{m['ours_encoders']:.2f} s",
         m["ours_encoders"] / m["reference_encoders"], "")
-    row("mask IoU vs reference chain (fp32, mean)", f"{m['mask_iou_fp32']:.4f}", None, ">= 0.99")
+    # The reference chain runs fp32; in a reduced precision this is that mode's difference from it.
+    row(f"mask IoU vs fp32 reference chain ({precision}, mean)", f"{m['mask_iou']:.4f}", None,
+        ">= 0.99" if precision == "fp32" else "report")
     row("re-prompt (same image, new text) / cold", f"{m['ours_reprompt']:.2f} s", m["ours_reprompt"] / cold, "<= 0.2")
     row("explain already-predicted task / cold", f"{m['ours_explain_cached'] * 1e3:.1f} ms",
         m["ours_explain_cached"] / cold, "<= 0.05")
@@ -478,14 +511,21 @@ def report(res: Results, info: dict[str, Any]) -> str:
     mem = res.notes.get("memory")
     if mem:
         w, wo = mem["with"], mem["without"]
-        row("peak RSS, task with capture / without", f"{w['peak_mib']:.0f} MiB", w["peak_mib"] / wo["peak_mib"], "<= 1.2")
+        row("peak RSS, task with capture / without", f"{w['peak_mib']:.0f} MiB", w["peak_mib"] / wo["peak_mib"],
+            "" if on_gpu else "<= 1.2")
         row("  task's own growth: with / without", f"{w['task_mib']:.0f} MiB",
             w["task_mib"] / max(wo["task_mib"], 1e-9), "")
+        if on_gpu:
+            row("peak GPU memory, task with capture / without", f"{w['gpu_peak_mib']:.0f} MiB",
+                w["gpu_peak_mib"] / wo["gpu_peak_mib"], "<= 1.2")
+            row("  task's own GPU growth: with / without", f"{w['gpu_task_mib']:.0f} MiB",
+                w["gpu_task_mib"] / max(wo["gpu_task_mib"], 1e-9), "")
     batch = res.notes.get("batch")
     if batch:
         row(f"/predict: {batch['tasks']} tasks, 1 request vs {batch['tasks']} requests", f"{batch['batch_s']:.1f} s",
             batch["throughput_ratio"], ">= 1.5")
-    lines += ["", "Stage medians (s) and achieved GFLOP/s (FLOPs counted on our run; grid_sample etc. not counted)",
+    unit, scale = ("ms", 1e3) if on_gpu else ("s", 1.0)
+    lines += ["", f"Stage medians ({unit}) and achieved GFLOP/s (FLOPs counted on our run; grid_sample etc. not counted)",
               f"{'stage':22s} {'reference':>10s} {'ours':>10s} {'share':>7s} {'GFLOP':>8s} {'ref GF/s':>9s} "
               f"{'ours GF/s':>9s} {'re-prompt':>10s}"]
     flops = res.notes.get("flops", {})
@@ -495,9 +535,9 @@ def report(res: Results, info: dict[str, Any]) -> str:
         o = median(res.stages.get("ours", {}).get(stage, []))
         rp = median(res.stages.get("ours_reprompt", {}).get(stage, []))
         gf = flops.get(stage, 0.0) / 1e9
-        lines.append(f"{stage:22s} {r:10.2f} {o:10.2f} {o / ours_total:7.1%} {gf:8.1f} "
+        lines.append(f"{stage:22s} {r * scale:10.2f} {o * scale:10.2f} {o / ours_total:7.1%} {gf:8.1f} "
                      f"{(gf / r if gf and r > 0 else float('nan')):9.1f} {(gf / o if gf and o > 0 else float('nan')):9.1f} "
-                     f"{rp:10.2f}")
+                     f"{rp * scale:10.2f}")
     lines += ["", "Speed options and their output difference against the fp32 reference:"]
     for line in info.get("options", []):
         lines.append(f"  - {line}")
@@ -514,17 +554,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help=f"model cache folder (default {DEFAULT_CACHE})")
     parser.add_argument("--skip", action="append", default=[], choices=["batch", "memory"])
     parser.add_argument("--json", type=Path, help="also write every raw figure here")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where both chains run (default: cuda if available)")
+    parser.add_argument("--sam", choices=["vit_b", "vit_l", "vit_h"], default="vit_b",
+                        help="SAM size of both chains, real-size models only (default vit_b)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="the engine's precision (default: fp32 on CPU, bf16 on GPU); the reference runs fp32")
     parser.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--explanations", choices=["on", "off"], help=argparse.SUPPRESS)
     parser.add_argument("--dino-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available on this machine")
+    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
 
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, args.explanations == "on", args.dino_size)))
+        print(json.dumps(memory_probe(args.memory_probe, args.explanations == "on", args.dino_size, device, precision)))
         return 0
 
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "default"]
+    if args.smoke and args.sam != "vit_b":
+        parser.error("--sam applies to the real-size models; --smoke runs the tiny ones")
+    mode.device, mode.sam_variant, mode.precision = device, args.sam, precision
     if args.repeats:
         mode.repeats = args.repeats
     if args.batch_tasks:
@@ -534,10 +587,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
 
-    info = machine()
-    info.update(mode=mode.name, models="vit_b + SwinT-OGC, real size, random weights" if mode.real
-                else "tiny random models", matmul_fp32=matmul_gflops(torch.float32),
-                matmul_bf16=matmul_gflops(torch.bfloat16, n=512 if mode.real else 256, reps=2))
+    info = machine(device)
+    slow_bf16 = device == "cpu"  # ~1 GFLOP/s without native bf16: a small matrix is enough to show it
+    info.update(mode=mode.name, device=device, precision=precision,
+                models=f"{mode.sam_variant} + SwinT-OGC, real size, random weights" if mode.real
+                else "tiny random models", matmul_fp32=matmul_gflops(torch.float32, device=device),
+                matmul_bf16=matmul_gflops(torch.bfloat16, n=512 if mode.real and slow_bf16 else 256 if slow_bf16
+                                          else 2048, reps=2 if slow_bf16 else 5, device=device))
     engine_json, ref_files = model_cache(mode, args.cache)
     log(f"model cache {engine_json.parent}")
     res = Results()
@@ -552,14 +608,22 @@ def main(argv: list[str] | None = None) -> int:
     probs_diff, boxes_diff = res.notes["detector_max_abs_diff"]
     info["options"] = [
         f"Grounding DINO without activation checkpointing + embedding_bag deformable attention (default on): "
-        f"max abs diff vs groundingdino's forward {probs_diff:.1e} (token probabilities), {boxes_diff:.1e} (boxes)",
+        f"max abs diff vs groundingdino's fp32 forward, ours in {precision}: {probs_diff:.1e} (token probabilities), "
+        f"{boxes_diff:.1e} (boxes)",
         "SDPA attention in SAM's encoder (default on): same math, masks equal (IoU above)",
         "cached Grounding DINO image features + SAM embedding for re-prompts (default on): exact reuse",
         "freed memory kept in the heap (REUSE_FREED_MEMORY, default on for CPU): no output change; it is "
         "process-wide, so the reference chain timed in this process runs with it too (ratios conservative)",
-        f"bf16 autocast (PRECISION=bf16): off by default on CPU, bf16 matmul here runs at "
-        f"{info['matmul_bf16']:.0f} vs {info['matmul_fp32']:.0f} GFLOP/s fp32 (no native bf16 on {info['isa']})",
     ]
+    speed = f"bf16 matmul here {info['matmul_bf16']:.0f} vs {info['matmul_fp32']:.0f} GFLOP/s fp32"
+    if device == "cuda":
+        usage = "the GPU default"
+    elif info["matmul_bf16"] > info["matmul_fp32"]:
+        usage = f"opt-in on CPU; this {info['isa']} CPU has native bf16"
+    else:
+        usage = f"opt-in on CPU; no native bf16 on this {info['isa']} CPU, so it stays off"
+    info["options"].append(f"bf16 autocast (PRECISION=bf16, {usage}): {speed}; its mask IoU against the fp32 "
+                           "reference is the IoU row of a run with --precision bf16")
     text = report(res, info)
     print(text)
     if args.json:

@@ -21,7 +21,7 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for figure in ("ours cold task (fp32) / reference", "mask IoU vs reference chain", "re-prompt",
+    for figure in ("ours cold task (fp32) / reference", "mask IoU vs fp32 reference chain (fp32, mean)", "re-prompt",
                    "explain already-predicted task", "peak RSS, task with capture", "/predict:", "dino_backbone",
                    "sam_encoder", "Speed options"):
         assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
@@ -29,7 +29,7 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
     rows = data["rows"]
     assert rows["reference_boxes"][0] >= rows["ours_boxes"][0] > 0
     # Same weights, same photo: the engine's masks are the reference chain's.
-    assert rows["mask_iou_fp32"][0] >= 0.99
+    assert rows["mask_iou"][0] >= 0.99
     for key in ("reference_cold", "ours_cold", "ours_reprompt", "ours_explain_cached"):
         assert rows[key][0] > 0 and math.isfinite(rows[key][0])
     # An already-explained task comes from the cache: far below a cold run even on tiny models.
@@ -40,3 +40,27 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
     assert batch["tasks"] == 2 and batch["sequential_s"] > 0 and batch["batch_s"] > 0
     probs_diff, boxes_diff = data["notes"]["detector_max_abs_diff"]
     assert probs_diff < 1e-4 and boxes_diff < 1e-4
+
+
+def test_bench_smoke_in_bf16_reports_its_iou_against_fp32(tiny_cache, tmp_path):
+    """--precision bf16 (the GPU bench's mode) runs the engine under autocast, FLOP counting included."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TINY_MODEL_CACHE": str(tiny_cache)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--repeats", "1", "--skip", "batch", "--skip", "memory",
+         "--device", "cpu", "--precision", "bf16", "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours cold task (bf16) / reference" in proc.stdout
+    assert "mask IoU vs fp32 reference chain (bf16, mean)" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["info"]["precision"] == "bf16" and data["info"]["device"] == "cpu"
+    assert 0.0 <= data["rows"]["mask_iou"][0] <= 1.0
+    assert data["notes"]["flops"]["sam_encoder"] > 0
+
+
+def test_bench_refuses_a_sam_size_for_the_tiny_models():
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--sam", "vit_h"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--sam applies to the real-size models" in proc.stderr
