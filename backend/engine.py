@@ -202,14 +202,19 @@ def _unit(value: float, name: str) -> float:
 
 
 def model_version(config: EngineConfig) -> str:
-    """A stable string for a model + settings: same files and settings -> same version everywhere."""
+    """A stable string for a model + settings: same files and settings -> same version everywhere.
+
+    The precision is the one in effect ("auto" is fp32 on CPU, bf16 on most GPUs): outputs differ.
+    """
+    from .models import effective_precision
+
     settings = {
         "sam": config.sam_variant, "sam_arch": config.sam_arch, "dino": config.dino_variant,
         "dino_arch": config.dino_arch, "box": config.box_threshold, "text": config.text_threshold,
         "nms": config.nms_iou, "max": config.max_detections, "dino_size": config.dino_image_size,
         "sam_file": _file_fingerprint(config.sam_checkpoint_path),
         "dino_file": _file_fingerprint(config.dino_checkpoint_path),
-        "precision": config.precision,
+        "precision": effective_precision(config),
         "sam_prompt": "unclipped-box",  # SAM is prompted with DINO's box before clipping
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -139,6 +139,10 @@ def test_model_version_is_stable_and_tracks_settings(engine_config):
 
     assert model_version(engine_config) == model_version(engine_config)
     assert model_version(engine_config) != model_version(engine_config.replace(box_threshold=0.5))
+    # "auto" is named by what it resolves to: fp32 here on CPU, so the same outputs, the same version.
+    assert model_version(engine_config.replace(precision="auto", device="cpu")) == model_version(
+        engine_config.replace(precision="fp32", device="cpu"))
+    assert model_version(engine_config.replace(precision="bf16")) != model_version(engine_config)
     assert isinstance(model_version(engine_config), str)
 
 
