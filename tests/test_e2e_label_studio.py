@@ -276,3 +276,37 @@ def test_backend_log_has_no_secrets(label_studio: LabelStudioServer, backend: Gu
     assert label_studio.token not in log and personal_access_token(label_studio) not in log
     assert "eyJ" not in log  # no JWT at all: neither the PAT nor the access tokens it was traded for
     assert AUTH[1] not in log
+
+
+def test_wrong_api_key_empties_only_the_tasks_that_need_it(label_studio: LabelStudioServer, photos: list[Path],
+                                                           engine: Any) -> None:
+    """Our LABEL_STUDIO_API_KEY is wrong: the real Label Studio answers 401 for its upload, that task gets an
+    empty prediction with an error naming the setting, a data-URL task in the same batch still gets masks."""
+    import base64
+
+    from backend._wsgi import ServerSettings, create_app
+    from backend.engine import Engine
+    from backend.ls_api import Credentials
+    from backend.ls_model import ModelSettings
+
+    ls = label_studio
+    pid = create_project(ls, BATCH_CONFIG, title="e2e-wrong-key")
+    import_files(ls, pid, photos[:1])
+    (upload_task,) = list_tasks(ls, pid)
+    inline_task = {"id": 10 ** 6, "data": {
+        "image": "data:image/png;base64," + base64.b64encode(photos[2].read_bytes()).decode()}}
+    wrong_key = "not-a-valid-key-" + secrets.token_hex(8)
+    quick = Engine(engine.config.replace(max_detections=2, box_threshold=0.2, text_threshold=0.2),
+                   detector=engine.detector, segmenter=engine.segmenter)
+    client = create_app(engine=quick, settings=ServerSettings(load_on_start=False, model=ModelSettings(
+        credentials=Credentials(ls.url, wrong_key)))).test_client()
+
+    response = client.post("/predict", json={"tasks": [upload_task, inline_task], "project": str(pid),
+                                             "label_config": BATCH_CONFIG})
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert [len(r["result"]) > 0 for r in body["results"]] == [False, True]
+    (error,) = body["errors"]
+    assert "rejected LABEL_STUDIO_API_KEY (HTTP 401)" in error["error"], error
+    assert wrong_key not in response.get_data(as_text=True)
+    assert client.get("/health").get_json()["status"] == "UP"
