@@ -7,8 +7,8 @@ Routes (label-studio-ml conventions): GET / and /health, POST /setup, /predict, 
 GET /metrics; the explain UI's JSON API lives under /api (backend/http_api.py).
 
 Environment: BASIC_AUTH_USER / BASIC_AUTH_PASS, LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, PROMPT,
-ALLOWED_IMAGE_HOSTS, MAX_IMAGE_BYTES, IMAGE_FETCH_TIMEOUT, ENGINE_WAIT_S, EXPLAIN_UI_URL, LOG_LEVEL, plus the engine's
-own (ENGINE_CONFIG, MODEL_CACHE_DIR, BOX_THRESHOLD, TEXT_THRESHOLD, ... see backend/config.py).
+ALLOWED_IMAGE_HOSTS, MAX_IMAGE_BYTES, IMAGE_FETCH_TIMEOUT, ENGINE_WAIT_S, PREFETCH_TASKS, EXPLAIN_UI_URL, LOG_LEVEL,
+plus the engine's own (ENGINE_CONFIG, MODEL_CACHE_DIR, BOX_THRESHOLD, TEXT_THRESHOLD, ... see backend/config.py).
 """
 
 from __future__ import annotations

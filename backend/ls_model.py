@@ -25,9 +25,10 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import urlencode
 
 import numpy as np
@@ -44,6 +45,9 @@ from .types import Segment
 logger = logging.getLogger(__name__)
 
 THRESHOLD_NAMES = ("box_threshold", "text_threshold")
+DEFAULT_PREFETCH_TASKS = 2
+_Item = TypeVar("_Item")
+_Loaded = TypeVar("_Loaded")
 _PROMPT_SEPARATORS = re.compile(r"[.,;\n\r]+")
 
 
@@ -557,6 +561,13 @@ class ModelSettings:
     fetch: FetchSettings = FetchSettings()
     engine_wait_s: float = 60.0  # how long a request waits for models still loading
     explain_ui_url: str | None = None  # EXPLAIN_UI_URL: link each predicted region to its explanation
+    # PREFETCH_TASKS: in a batch, images of this many next tasks are downloaded and decoded while the
+    # models work on the current one (0: one after the other).
+    prefetch_tasks: int = DEFAULT_PREFETCH_TASKS
+
+    def __post_init__(self) -> None:
+        if self.prefetch_tasks < 0:
+            raise ValueError(f"PREFETCH_TASKS must be >= 0, got {self.prefetch_tasks}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ModelSettings":
@@ -566,12 +577,17 @@ class ModelSettings:
             credentials = Credentials.from_env(env)
         except ValueError as exc:
             raise ValueError(f"LABEL_STUDIO_URL: {exc}") from exc
+        try:
+            prefetch_tasks = int(env.get("PREFETCH_TASKS") or DEFAULT_PREFETCH_TASKS)
+        except ValueError as exc:
+            raise ValueError(f"PREFETCH_TASKS must be a whole number: {exc}") from exc
         return cls(
             default_prompt=tuple(split_typed_prompt(prompt)) if prompt else None,
             credentials=credentials,
             fetch=FetchSettings.from_env(env),
             engine_wait_s=float(env.get("ENGINE_WAIT_S") or 60.0),
             explain_ui_url=(env.get("EXPLAIN_UI_URL") or "").strip().rstrip("/") or None,
+            prefetch_tasks=prefetch_tasks,
         )
 
     def explain_link(self, task_id: Any, project: str | None) -> str | None:
@@ -677,9 +693,11 @@ class GroundedSamModel:
         logger.info("predict project=%s tasks=%d prompt=%s (from %s)", key, len(tasks), list(plan.phrases),
                     plan.source)
         results, errors = [], []
-        for task in tasks:
+        loads = read_ahead(tasks, lambda task: self.load_task(engine, task, config, client),
+                           self.settings.prefetch_tasks)
+        for task, loaded in zip(tasks, loads):
             try:
-                entry = self.predict_task(engine, task, config, plan, client, version)
+                entry = self.predict_task(engine, loaded.result(), plan, version)
                 link = self.settings.explain_link(task.get("id"), key)
                 if link:  # Label Studio shows a region's meta text in the region panel
                     for result in entry["result"]:
@@ -699,17 +717,21 @@ class GroundedSamModel:
                 results.append(prediction([], [], version))
         return PredictOutcome(results, errors, plan)
 
-    def predict_task(self, engine: Any, task: Any, config: LabelConfig, plan: PromptPlan,
-                     client: LabelStudioClient | None, version: str) -> dict[str, Any]:
+    def load_task(self, engine: Any, task: Any, config: LabelConfig,
+                  client: LabelStudioClient | None) -> list[tuple[ImageTarget, np.ndarray]]:
+        """Each image the config labels, fetched and decoded (RGB): the I/O part of a task."""
         if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
             raise TaskError("task must be an object with a 'data' object")
         task_id = task.get("id")
+        return [(target, engine.load_image(fetch_image(target.image_url(task["data"]), client, self.settings.fetch,
+                                                       task_id if isinstance(task_id, int) else None)))
+                for target in config.targets]
+
+    def predict_task(self, engine: Any, images: Sequence[tuple[ImageTarget, np.ndarray]], plan: PromptPlan,
+                     version: str) -> dict[str, Any]:
         results: list[dict[str, Any]] = []
         scores: list[float] = []
-        for target in config.targets:
-            url = target.image_url(task["data"])
-            rgb = engine.load_image(fetch_image(url, client, self.settings.fetch,
-                                                task_id if isinstance(task_id, int) else None))
+        for target, rgb in images:
             height, width = rgb.shape[:2]
             segments = engine.segment(rgb, list(plan.phrases), plan.box_threshold, plan.text_threshold)
             target_results, target_scores = segments_to_results(segments, target, width, height)
@@ -752,6 +774,31 @@ class GroundedSamModel:
         elif action == "START_TRAINING":
             reply["detail"] = "Grounded SAM is zero-shot: training is a no-op"
         return reply
+
+
+def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded], ahead: int) -> Iterator[Future[_Loaded]]:
+    """``load(item)`` of every item as a Future, in order, with up to ``ahead`` loads running on
+    threads ahead of the consumer: downloads overlap the model's work, and at most ``ahead + 1``
+    loaded items are held at once. A load's exception is raised by its Future's ``result()``."""
+    if ahead < 1 or len(items) < 2:
+        for item in items:
+            done: Future[_Loaded] = Future()
+            try:
+                done.set_result(load(item))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, as a pool would
+                done.set_exception(exc)
+            yield done
+        return
+    pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="prefetch")
+    try:
+        pending = deque(pool.submit(load, item) for item in items[: ahead + 1])
+        for item in items[ahead + 1:]:
+            yield pending.popleft()
+            pending.append(pool.submit(load, item))
+        while pending:
+            yield pending.popleft()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _message(exc: BaseException) -> str:

@@ -275,3 +275,54 @@ def test_engine_holder_reports_missing_weights(tmp_path, engine_config):
     assert status == "not ready" and reason == str(info.value)
     assert "tiny_sam_vit_b.pth" in reason
     assert holder.model_version.startswith("grounded-sam-")
+
+
+# -- batches: images of the next tasks are fetched while the model works -------------------------------
+def test_read_ahead_keeps_order_and_hands_each_failure_to_its_item():
+    from backend.ls_model import read_ahead
+
+    def load(item: int) -> int:
+        if item % 3 == 1:
+            raise ValueError(f"item {item} is bad")
+        return item * 10
+
+    for ahead in (0, 1, 2, 5):
+        outcomes = []
+        for future in read_ahead(list(range(7)), load, ahead):
+            try:
+                outcomes.append(future.result(timeout=10))
+            except ValueError as exc:
+                outcomes.append(str(exc))
+        assert outcomes == [0, "item 1 is bad", 20, 30, "item 4 is bad", 50, 60], ahead
+
+
+def test_read_ahead_overlaps_the_consumer_and_stays_bounded():
+    from backend.ls_model import read_ahead
+
+    started: list[int] = []
+    second_started = threading.Event()
+
+    def load(item: int) -> int:
+        started.append(item)
+        if item == 1:
+            second_started.set()
+        return item
+
+    ahead = 2
+    for index, future in enumerate(read_ahead(list(range(8)), load, ahead)):
+        assert future.result(timeout=10) == index
+        if index == 0:
+            # While the consumer still works on the first item, the next one is being loaded.
+            assert second_started.wait(timeout=10)
+        # Never more than `ahead` items loaded beyond the one being consumed.
+        assert max(started) <= index + ahead, (index, started)
+    assert sorted(started) == list(range(8))
+
+
+@pytest.mark.parametrize("value, message", [("-1", "PREFETCH_TASKS must be >= 0"),
+                                            ("two", "PREFETCH_TASKS must be a whole number")])
+def test_prefetch_setting_is_validated(value, message):
+    assert ModelSettings.from_env({}).prefetch_tasks == 2
+    assert ModelSettings.from_env({"PREFETCH_TASKS": "0"}).prefetch_tasks == 0
+    with pytest.raises(ValueError, match=message):
+        ModelSettings.from_env({"PREFETCH_TASKS": value})

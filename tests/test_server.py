@@ -185,11 +185,12 @@ def test_setup_version_is_a_stable_string_carried_by_every_prediction(client, qu
 
 
 # -- /predict ---------------------------------------------------------------------------------------------
-def test_batch_with_bad_tasks_answers_every_task_in_order(client, quick_engine, fake_ls, caplog):
+@pytest.mark.parametrize("prefetch_tasks", [0, 2])  # one after the other, or images fetched ahead on threads
+def test_batch_with_bad_tasks_answers_every_task_in_order(quick_engine, fake_ls, caplog, prefetch_tasks):
     good_upload, good_data = photo(2), photo(3)
     fake_ls.files["/data/upload/3/aa-good.png"] = good_upload
     client = make_client(quick_engine, model=ModelSettings(
-        credentials=Credentials(fake_ls.url, LEGACY_TOKEN),
+        credentials=Credentials(fake_ls.url, LEGACY_TOKEN), prefetch_tasks=prefetch_tasks,
         fetch=FetchSettings(max_bytes=1 << 20, timeout=5, allowed_hosts=("127.0.0.1",))))
     tasks = [
         {"id": 10, "data": {"image": "/data/upload/3/aa-good.png"}},
