@@ -58,14 +58,18 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``resolve_dtype``'s choice by name: "fp32", "bf16" or "fp16"."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype(precision, device)]
+
+
 def effective_precision(config: EngineConfig) -> str:
     """The precision the engine will run in on this machine ("auto" resolved): part of the model version."""
     try:
         device = resolve_device(config.device)
     except ModelLoadError:
         return config.precision  # the engine can't load here; its version names the setting as given
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
-        resolve_dtype(config.precision, device)]
+    return resolve_precision(config.precision, device)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -15,6 +15,13 @@ import numpy as np
 import torch
 
 
+def clock(device: str) -> float:
+    """perf_counter once the GPU's queued work is done, so stage times are wall times."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 @dataclass
 class ReferenceResult:
     boxes_xyxy: np.ndarray  # N x 4 pixels
@@ -45,10 +52,7 @@ class ReferenceChain:
         self.dino.backbone.register_forward_hook(self._backbone_end)
 
     def _clock(self) -> float:
-        """perf_counter after the GPU's queued work is done (stage times are wall times)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return clock(self.device.type)
 
     def _backbone_start(self, *_):
         self._t0 = self._clock()

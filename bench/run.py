@@ -35,6 +35,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.cache import DINO_CONFIG_FILE, SAM_VARIANTS, write_cache  # noqa: E402
+from bench.reference import ReferenceChain, clock  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "grounded-sam-bench-cache"
 # Prompts from the stand-in vocabulary (bench/cache.py, tests/tiny_models.py); each cold task gets its own.
@@ -118,13 +121,6 @@ def photos(count: int, size: tuple[int, int] | None = None) -> list[np.ndarray]:
     return out
 
 
-def clock(device: str) -> float:
-    """perf_counter once the GPU's queued work is done, so stage times are wall times."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 class StageTimer:
     """Times the engine's stages by wrapping its detector/segmenter methods on the instance."""
 
@@ -204,8 +200,6 @@ def machine(device: str) -> dict[str, Any]:
 def model_cache(mode: Mode, cache: Path | None) -> tuple[Path, dict[str, Any]]:
     """engine.json of the cache to use, and the reference chain's files/arch."""
     if mode.real:
-        from bench.cache import DINO_CONFIG_FILE, write_cache
-
         engine_json = write_cache(cache or DEFAULT_CACHE, mode.sam_variant)
         data = json.loads(engine_json.read_text())
         root = engine_json.parent
@@ -298,7 +292,6 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
     from backend.config import EngineConfig
     from backend.engine import Engine
     from backend.explainer import render_explanation
-    from bench.reference import ReferenceChain
 
     # Re-prompts keep the same box budget.
     overrides: dict[str, Any] = {"max_detections": BOXES_PER_TASK, "device": mode.device, "precision": mode.precision}
@@ -556,19 +549,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every raw figure here")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where both chains run (default: cuda if available)")
-    parser.add_argument("--sam", choices=["vit_b", "vit_l", "vit_h"], default="vit_b",
+    parser.add_argument("--sam", choices=SAM_VARIANTS, default="vit_b",
                         help="SAM size of both chains, real-size models only (default vit_b)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                        help="the engine's precision (default: fp32 on CPU, bf16 on GPU); the reference runs fp32")
+                        help="the engine's precision (default: the engine's auto, fp32 on CPU, bf16 on GPU or fp16 "
+                             "where bf16 is unsupported); the reference runs fp32")
     parser.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--explanations", choices=["on", "off"], help=argparse.SUPPRESS)
     parser.add_argument("--dino-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available on this machine")
-    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
+    from backend.models import ModelLoadError, resolve_device, resolve_precision
+
+    try:
+        device = resolve_device(args.device).type  # the engine's own choice: cuda if available
+    except ModelLoadError as exc:
+        parser.error(str(exc))
+    precision = args.precision or resolve_precision("auto", torch.device(device))
 
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.explanations == "on", args.dino_size, device, precision)))
