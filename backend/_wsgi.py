@@ -27,7 +27,8 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .detector import PromptError
-from .fetch import FetchError, HostNotAllowedError, ImageTooLargeError
+from .fetch import (FetchError, FetchTimeoutError, ImageDataError, ImageTooLargeError, ImageURLError,
+                    URLNotAllowedError)
 from .images import ImageError
 from .label_config import LabelConfigError, TaskDataError
 from .ls_api import LabelStudioError, install_log_redaction, register_secret
@@ -64,12 +65,14 @@ class ServerSettings:
 def _status_for(exc: BaseException) -> int:
     if isinstance(exc, (BadRequest, LabelConfigError, PromptError)):
         return 400
-    if isinstance(exc, HostNotAllowedError):
+    if isinstance(exc, URLNotAllowedError):  # a host, credentials or Label Studio path we must not use
         return 403
     if isinstance(exc, ImageTooLargeError):
         return 413
-    if isinstance(exc, (ImageError, TaskDataError)):
+    if isinstance(exc, (ImageError, TaskDataError, ImageDataError, ImageURLError)):
         return 422
+    if isinstance(exc, FetchTimeoutError):
+        return 504
     if isinstance(exc, (LabelStudioError, FetchError)):
         return 502  # Label Studio or the image host failed us; never 401, which would mean *our* auth
     if isinstance(exc, EngineNotReady):
@@ -146,9 +149,9 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
     settings = settings or ServerSettings.from_env()
     install_log_redaction()
     if settings.basic_auth:
-        register_secret(settings.basic_auth[1])
+        register_secret(settings.basic_auth[1], pin=True)
     if settings.model.credentials is not None:
-        register_secret(settings.model.credentials.api_key)
+        register_secret(settings.model.credentials.api_key, pin=True)
     if engine is not None:
         holder = EngineHolder(engine)
     else:
