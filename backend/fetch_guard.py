@@ -101,9 +101,12 @@ def _normal_host(host: str) -> str:
     """``host`` as compared and connected to; ValueError when it isn't a plain name or address."""
     if host.startswith("[") and host.endswith("]"):
         try:
-            return ipaddress.IPv6Address(host[1:-1]).compressed  # zone ids ("%eth0") are refused here
+            address = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise ValueError(f"{host!r} is not an IPv6 address") from None
+        if address.scope_id:  # "%eth0": requests and urllib3 disagree on its encoding
+            raise ValueError(f"{host!r} has an IPv6 zone id")
+        return address.compressed
     host = host.lower()
     host = host.removesuffix(".")
     if not _NAME.fullmatch(host):
