@@ -225,7 +225,7 @@ class LabelStudioClient:
         register_secret(credentials.api_key)
         claims = _jwt_claims(credentials.api_key) if credentials.api_key else None
         # A PAT is a refresh token; a JWT of another type (an access token pasted by hand) is used as is.
-        self.is_pat = bool(claims) and claims.get("token_type", "refresh") == "refresh"
+        self.is_pat = claims is not None and claims.get("token_type", "refresh") == "refresh"
         self._bearer_only = bool(claims) and not self.is_pat
 
     @property
