@@ -324,7 +324,7 @@ def fetch_image(url: str, client: LabelStudioClient | None, settings: FetchSetti
 
 def _is_label_studio(url: str, client: LabelStudioClient) -> bool:
     try:
-        return parse_image_url(url).origin == parse_image_url(client.url).origin
+        return parse_image_url(url).origin == client.origin
     except ImageURLError:
         return False
 

@@ -18,9 +18,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
-from urllib.parse import urlparse
 
 import requests
+
+from .fetch_guard import FetchError, Origin, parse_image_url
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +187,15 @@ class Credentials:
 
 
 def normalise_url(url: str) -> str:
+    """Label Studio's URL without a trailing slash; ValueError unless the image fetcher can use it."""
     url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
+    if not url.lower().startswith(("http://", "https://")):
         raise ValueError(f"Label Studio URL must start with http:// or https://, got {url!r}")
+    try:
+        parse_image_url(url)
+    except FetchError as exc:
+        raise ValueError(f"Label Studio URL is not usable: {exc}") from None
     return url
-
-
-def host_of(url: str) -> str:
-    """``host:port`` of a URL, lower-cased; what the allow-list and auth headers are keyed on."""
-    return urlparse(url).netloc.lower()
 
 
 def _jwt_claims(token: str) -> dict[str, Any] | None:
@@ -229,8 +230,9 @@ class LabelStudioClient:
         self._bearer_only = bool(claims) and not self.is_pat
 
     @property
-    def host(self) -> str:
-        return host_of(self.url)
+    def origin(self) -> Origin:
+        """(scheme, host, port) of Label Studio, parsed as the image fetcher parses every URL."""
+        return parse_image_url(self.url).origin
 
     def auth_error(self, what: str) -> LabelStudioAuthError:
         origin = ("the access_token Label Studio sent to /setup" if self.credentials.source == "setup"

@@ -384,3 +384,10 @@ def test_bad_image_data_is_422_at_the_segment_route(image):
     response = app.test_client().post("/api/segment", json={"image": image, "prompt": "cat"})
     assert response.status_code == 422
     assert "base64" in response.get_json()["error"] or "data URL" in response.get_json()["error"]
+
+
+def test_label_studio_url_is_parsed_like_image_urls():
+    assert Credentials.from_env({"LABEL_STUDIO_URL": "http://label_studio:8080/"}).url == "http://label_studio:8080"
+    for url in ("http://x\\@y:8080", "http://ls:0", "http://l s:8080"):
+        with pytest.raises(ValueError, match="Label Studio URL is not usable"):
+            Credentials.from_env({"LABEL_STUDIO_URL": url})
