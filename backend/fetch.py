@@ -28,7 +28,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
-from urllib.parse import unquote, unquote_to_bytes, urljoin
+from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -159,7 +159,8 @@ class GuardedSession(requests.Session):
                 raise URLNotAllowedError(f"refusing to send credentials to {target.origin}: only Label "
                                          "Studio's own URLs are fetched with them")
             assert self.label_studio is not None
-            reason = key_path_refusal(target.path, target.query, self.label_studio.path)
+            sent = urlsplit(prepared.url or "")  # the path and query as they go on the wire
+            reason = key_path_refusal(sent.path, sent.query or None, self.label_studio.path)
             if reason:
                 raise URLNotAllowedError(f"refusing to send the Label Studio API key to {reason}: "
                                          f"only {KEY_PATHS_HELP} are fetched with it")
