@@ -91,7 +91,7 @@ BYPASSES = [
     "http://{allowed_host}.:{other_port}/raw/x.png",
     "http://[::ffff:127.0.0.1]:{other_port}/raw/x.png",
     "http://localhost:{other_port}/raw/x.png",
-    "http://２７.0.0.1:{other_port}/raw/x.png".replace("２７", "１２７"),  # full-width digits
+    "http://１２７.0.0.1:{other_port}/raw/x.png",  # full-width digits
     "http://{other}＠{allowed}/raw/x.png",  # full-width @
     "http://{other}／@{allowed}/raw/x.png",  # full-width solidus
     " http://{other}\\@{allowed}/raw/x.png ",
@@ -329,6 +329,17 @@ def test_fetch_has_a_total_deadline(path):
             fetch_image(f"http://{server.host}{path}", None, settings(server.host, timeout=timeout))
         elapsed = time.monotonic() - start
     assert elapsed < 3 * timeout  # a per-read timeout let /body run for its whole 10+ s
+
+
+def test_a_slow_task_image_is_a_504_naming_the_setting(ls):
+    with SlowServer(step=0.1) as server:
+        ls.tasks[4] = {"id": 4, "project": 1, "data": {"image": f"http://{server.host}/body"}}
+        ls.projects[1] = {"id": 1, "label_config": CONFIG}
+        app = create_app(settings=ServerSettings(load_on_start=False, model=ModelSettings(
+            credentials=Credentials(ls.url, LEGACY_TOKEN), fetch=settings(server.host, timeout=1.0))))
+        response = app.test_client().get("/api/tasks/4/image")
+    assert response.status_code == 504
+    assert "IMAGE_FETCH_TIMEOUT=1 s" in response.get_json()["error"]
 
 
 def test_fast_fetch_is_not_cut_by_the_deadline():
