@@ -19,6 +19,7 @@ import pytest
 from backend._wsgi import ServerSettings, create_app
 from backend.fetch import (FetchError, FetchSettings, FetchTimeoutError, HostNotAllowedError, ImageDataError,
                            ImageURLError, URLNotAllowedError, decode_base64, decode_data_url, fetch_image)
+from backend.fetch_guard import host_allowed, parse_image_url
 from backend.ls_api import Credentials, LabelStudioClient
 from backend.ls_model import ModelSettings
 from tests.test_fetch import LEGACY_TOKEN, FakeLabelStudio, png_bytes
@@ -402,3 +403,22 @@ def test_label_studio_url_is_parsed_like_image_urls():
     for url in ("http://x\\@y:8080", "http://ls:0", "http://l s:8080"):
         with pytest.raises(ValueError, match="Label Studio URL is not usable"):
             Credentials.from_env({"LABEL_STUDIO_URL": url})
+
+
+@pytest.mark.parametrize("url, entry, allowed_", [
+    ("http://münchen.de/x.png", "münchen.de", True),
+    ("http://münchen.de/x.png", "xn--mnchen-3ya.de", True),
+    ("http://Images.Example.COM./x.png", "images.example.com", True),
+    ("http://images.example.com/x.png", "images.example.com.", True),
+    ("https://images.example.com/x.png", "images.example.com:443", True),
+    ("http://images.example.com/x.png", "images.example.com:443", False),
+    ("http://[0:0:0:0:0:0:0:1]:8080/x.png", "[::1]:8080", True),
+    ("http://exa%6Dple.com/x.png", "example.com", True),
+    ("http://a.cdn.example.com/x.png", "*.example.com", True),
+    ("http://example.com.evil.net/x.png", "*.example.com", False),
+    ("http://evilexample.com/x.png", ".example.com", False),
+    ("http://2130706433/x.png", "127.0.0.1", False),  # another spelling of an address is another host
+    ("http://127.1/x.png", "127.0.0.1", False),
+])
+def test_allow_list_compares_the_normalised_host_and_port(url, entry, allowed_):
+    assert host_allowed(parse_image_url(url).origin, (entry,)) is allowed_
