@@ -162,7 +162,7 @@ class GuardedSession(requests.Session):
             sent = urlsplit(prepared.url or "")  # the path and query as they go on the wire
             reason = key_path_refusal(sent.path, sent.query or None, self.label_studio.path)
             if reason:
-                raise URLNotAllowedError(f"refusing to send the Label Studio API key to {reason}: "
+                raise URLNotAllowedError(f"refusing to send the Label Studio API key: {reason}; "
                                          f"only {KEY_PATHS_HELP} are fetched with it")
         return prepared
 
