@@ -1,0 +1,244 @@
+"""Running jobs: claim a few tasks, predict them, write the predictions to Label Studio, record the
+outcome; in a background thread of each worker process, or in the foreground for a CLI.
+
+Every worker process runs one ``JobRunner``; they share the work through the store's leases, so a job
+is spread over all of them and survives any one of them dying. What a task is predicted with is the
+job's (its prompt plan, labeling config and model version), so the runner knows nothing of models:
+it is handed a ``TaskPredictor``.
+
+Failure policy: a task that fails is retried (after a back-off) until it has used the store's
+``max_attempts``, unless its predictor raises ``PermanentTaskError``; a prediction Label Studio refuses
+fails its task for good; Label Studio unreachable makes the batch retryable; a rejected key
+(``LabelStudioAuthError``, from the writer or the predictor's image download) or a model version that
+no longer matches the job's stops the whole job with the reason on it, so it never spins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from ..ls_api import LabelStudioAuthError, LabelStudioClient, LabelStudioError
+from .store import ACTIVE_JOB_STATES, DEFAULT_LEASE_S, ClaimedTask, Job, JobProgress, JobStore, JsonObject
+from .writer import DEFAULT_CHUNK, write_predictions
+
+logger = logging.getLogger(__name__)
+
+# Tasks claimed (and written to Label Studio) at a time by one runner.
+DEFAULT_BATCH = 8
+# How long an idle runner sleeps before looking for work again (``wake()`` cuts it short).
+DEFAULT_POLL_S = 2.0
+
+
+class TaskPredictor(Protocol):
+    """Predicts one task of a job: returns a /predict entry ``{"result": [...], "score": float,
+    "model_version": str}``, or raises (``PermanentTaskError`` when retrying can't help)."""
+
+    def __call__(self, job: Job, task: JsonObject) -> Mapping[str, Any]: ...
+
+
+ClientFactory = Callable[[Job], LabelStudioClient]
+
+
+class PermanentTaskError(Exception):
+    """The task itself is wrong (no image in its data, ...): fail it without retrying."""
+
+
+class JobStopped(Exception):
+    """A job-level failure: the job is failed with this message and no task of it is tried again."""
+
+
+def worker_name() -> str:
+    """Unique per runner: host, process and a random part (two runners in one process differ)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class JobRunner:
+    """Processes the store's jobs, a batch at a time, in the foreground (``run_until_idle``,
+    ``run_job``) or in a background thread (``start``/``stop``).
+
+    Arguments:
+        store: the shared job store.
+        predict: predicts one task of a job (see ``TaskPredictor``).
+        client_factory: the Label Studio client to write a job's predictions with (usually from
+            ``job.credentials`` through a ``ClientRegistry``); raising LabelStudioError stops the job.
+        batch_size: tasks claimed, predicted and written together.
+        chunk_size: predictions per bulk request to Label Studio.
+        lease_s: how long a claim lasts; renewed before each write.
+        poll_s: idle wait between looks for work.
+    """
+
+    def __init__(self, store: JobStore, predict: TaskPredictor, client_factory: ClientFactory, *,
+                 batch_size: int = DEFAULT_BATCH, chunk_size: int = DEFAULT_CHUNK,
+                 lease_s: float = DEFAULT_LEASE_S, poll_s: float = DEFAULT_POLL_S,
+                 worker_id: str | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.store = store
+        self.predict = predict
+        self.client_factory = client_factory
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.worker_id = worker_id or worker_name()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- background --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Resume unfinished jobs (tasks of dead workers go back to pending) and work in a thread."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        unfinished = self.store.resume()
+        if unfinished:
+            logger.info("resuming %d unfinished prediction job(s): %s", len(unfinished), ", ".join(unfinished))
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the task in hand, hand the other claimed tasks back, and end the thread."""
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+
+    def wake(self) -> None:
+        """Look for work now (a job was just created)."""
+        self._wake.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # the database is unavailable, or a bug: log it and keep the thread alive
+                logger.exception("job runner: unexpected error; retrying in %.0f s", self.poll_s)
+                worked = False
+            if not worked:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+
+    # -- foreground --------------------------------------------------------------------------------
+    def run_until_idle(self, timeout: float | None = None) -> None:
+        """Work until no unfinished job is left (waiting out retry back-offs), or ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            if not self.run_once():
+                if not self.store.unfinished_jobs():
+                    return
+                time.sleep(min(self.poll_s, 0.5))
+
+    def run_job(self, job_id: str, on_progress: Callable[[JobProgress], None] | None = None,
+                timeout: float | None = None) -> JobProgress | None:
+        """Work on one job until it is finished (or ``timeout`` s); ``on_progress`` is called after
+        each batch (a CLI's progress bar). Returns its final progress."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            job = self.store.get_job(job_id)
+            if job is None or job.state not in ACTIVE_JOB_STATES:
+                break
+            worked = self._run_batch(job)
+            if on_progress is not None:
+                progress = self.store.progress(job_id)
+                if progress is not None:
+                    on_progress(progress)
+            if not worked:
+                time.sleep(min(self.poll_s, 0.5))  # tasks held by others, or waiting out a back-off
+        return self.store.progress(job_id)
+
+    def run_once(self) -> bool:
+        """One batch of the oldest job with work to claim; False when there was none."""
+        job = self.store.next_job()
+        return False if job is None else self._run_batch(job)
+
+    # -- one batch ---------------------------------------------------------------------------------
+    def _run_batch(self, job: Job) -> bool:
+        claimed = self.store.claim_tasks(job.id, self.batch_size, self.worker_id, self.lease_s)
+        if not claimed:
+            return False
+        unfinished = {c.task_id: c for c in claimed}
+        try:
+            client = self._client(job)
+            entries = self._predict(job, claimed, unfinished)
+            if entries:
+                self._write(job, client, entries, unfinished)
+        except JobStopped as exc:
+            logger.error("job %s (project %s) stopped: %s", job.id, job.project, exc)
+            self.store.fail_job(job.id, str(exc))
+        finally:
+            # Whatever is still in hand (stop, cancel, a stopped job) goes back untried.
+            self.store.release(job.id, list(unfinished), self.worker_id)
+        return True
+
+    def _client(self, job: Job) -> LabelStudioClient:
+        try:
+            return self.client_factory(job)
+        except LabelStudioError as exc:
+            raise JobStopped(str(exc)) from exc
+
+    def _predict(self, job: Job, claimed: list[ClaimedTask],
+                 unfinished: dict[int, ClaimedTask]) -> dict[int, Mapping[str, Any]]:
+        entries: dict[int, Mapping[str, Any]] = {}
+        for item in claimed:
+            if self._stop.is_set() or self.store.job_state(job.id) not in ACTIVE_JOB_STATES:
+                break  # stopping, or the job was cancelled: the rest goes back
+            try:
+                entry = self.predict(job, item.task)
+            except LabelStudioAuthError as exc:  # the image download's key was rejected
+                raise JobStopped(str(exc)) from exc
+            except PermanentTaskError as exc:
+                self._failed(job, item, str(exc), retryable=False)
+                del unfinished[item.task_id]
+                continue
+            except Exception as exc:  # noqa: BLE001 - one task's failure never stops the others
+                reason = str(exc) or type(exc).__name__
+                if not isinstance(exc, LabelStudioError):
+                    logger.exception("job %s: task %s failed", job.id, item.task_id)
+                self._failed(job, item, reason, retryable=True)
+                del unfinished[item.task_id]
+                continue
+            version = entry.get("model_version")
+            if version is not None and version != job.model_version:
+                raise JobStopped(f"the model version is now {version!r} but the job predicts with "
+                                 f"{job.model_version!r} (the models or their settings changed); retrieve "
+                                 "predictions again to start a job with the new version")
+            entries[item.task_id] = entry
+        return entries
+
+    def _write(self, job: Job, client: LabelStudioClient, entries: dict[int, Mapping[str, Any]],
+               unfinished: dict[int, ClaimedTask]) -> None:
+        self.store.renew(job.id, list(entries), self.worker_id, self.lease_s)
+        try:
+            outcome = write_predictions(client, int(job.project), entries, job.model_version, self.chunk_size)
+        except LabelStudioAuthError as exc:
+            raise JobStopped(str(exc)) from exc
+        except LabelStudioError as exc:  # unreachable or failing: worth another try later
+            for task_id in entries:
+                self._failed(job, unfinished.pop(task_id), str(exc), retryable=True)
+            return
+        self.store.mark_done(job.id, outcome.written + outcome.skipped)
+        for task_id in outcome.written + outcome.skipped:
+            unfinished.pop(task_id, None)
+        for task_id, reason in outcome.rejected.items():
+            self._failed(job, unfinished.pop(task_id), reason, retryable=False)
+        if outcome.skipped:
+            logger.info("job %s: %d task(s) already had a prediction of %s", job.id, len(outcome.skipped),
+                        job.model_version)
+
+    def _failed(self, job: Job, item: ClaimedTask, reason: str, retryable: bool) -> None:
+        state = self.store.mark_failed(job.id, item.task_id, reason, retryable=retryable, worker_id=self.worker_id)
+        logger.warning("job %s: task %s attempt %d failed (%s): %s", job.id, item.task_id, item.attempts,
+                       "will retry" if state == "pending" else "giving up", reason)
