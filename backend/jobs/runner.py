@@ -25,7 +25,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ..ls_api import LabelStudioAuthError, LabelStudioClient, LabelStudioError
-from .store import ACTIVE_JOB_STATES, DEFAULT_LEASE_S, ClaimedTask, Job, JobProgress, JobStore, JsonObject
+from .store import (
+    ACTIVE_JOB_STATES,
+    DEFAULT_LEASE_S,
+    ClaimedTask,
+    Job,
+    JobProgress,
+    JobStore,
+    JsonObject,
+)
 from .writer import DEFAULT_CHUNK, write_predictions
 
 logger = logging.getLogger(__name__)
@@ -203,7 +211,7 @@ class JobRunner:
                 self._failed(job, item, str(exc), retryable=False)
                 del unfinished[item.task_id]
                 continue
-            except Exception as exc:  # noqa: BLE001 - one task's failure never stops the others
+            except Exception as exc:
                 reason = str(exc) or type(exc).__name__
                 if not isinstance(exc, LabelStudioError):
                     logger.exception("job %s: task %s failed", job.id, item.task_id)

@@ -26,7 +26,12 @@ from typing import Any
 
 import requests
 
-from ..ls_api import API_KEY_HELP, LabelStudioAuthError, LabelStudioClient, LabelStudioError
+from ..ls_api import (
+    API_KEY_HELP,
+    LabelStudioAuthError,
+    LabelStudioClient,
+    LabelStudioError,
+)
 
 # Predictions per bulk request: big enough to amortise Label Studio's per-request work (its legacy
 # import loads every task id of the project), small enough for one request to stay quick with masks.
@@ -46,7 +51,7 @@ class WriteOutcome:
     skipped: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
 
-    def merge(self, other: "WriteOutcome") -> None:
+    def merge(self, other: WriteOutcome) -> None:
         self.written += other.written
         self.skipped += other.skipped
         self.rejected.update(other.rejected)
