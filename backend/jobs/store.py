@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
 
 from ..ls_api import Credentials
 
@@ -401,7 +401,7 @@ class JobStore:
     def unfinished_jobs(self) -> list[str]:
         with self._read() as conn:
             return [str(r) for r in conn.execute(sa.select(jobs_table.c.id).where(
-                jobs_table.c.state.in_(ACTIVE_JOB_STATES)).order_by(jobs_table.c.created))]
+                jobs_table.c.state.in_(ACTIVE_JOB_STATES)).order_by(jobs_table.c.created)).scalars()]
 
     def resume(self) -> list[str]:
         """On start: tasks whose lease ran out (their worker died) go back to pending; returns the
@@ -534,7 +534,7 @@ class JobStore:
         with self._read() as conn:
             return [self._progress(conn, row) for row in conn.execute(query).mappings().all()]
 
-    def _progress(self, conn: Connection, job: Mapping[str, Any]) -> JobProgress:
+    def _progress(self, conn: Connection, job: RowMapping) -> JobProgress:
         t = job_tasks_table
         now = self.clock()
         counts = {str(state): int(count) for state, count in conn.execute(
@@ -546,7 +546,7 @@ class JobStore:
         started = job["started"]
         if started is not None:
             end = job["finished"] or now
-            window = min(RATE_WINDOW_S, max(end - started, 1e-6))
+            window = min(RATE_WINDOW_S, max(end - started, 1.0))  # no absurd rates in the first second
             recent = conn.execute(sa.select(sa.func.count()).select_from(t).where(
                 t.c.job_id == job["id"], t.c.finished >= end - window)).scalar_one()
             rate = recent / window
@@ -619,7 +619,7 @@ def _credentials(url: str | None, key: str | None, source: str | None) -> Creden
     return None if not url else Credentials(url, key or "", source or "setup")
 
 
-def _job(row: Mapping[str, Any]) -> Job:
+def _job(row: RowMapping) -> Job:
     return Job(id=str(row["id"]), project=str(row["project"]), model_version=str(row["model_version"]),
                plan=dict(row["plan"] or {}), label_config=row["label_config"],
                credentials=_credentials(row["ls_url"], row["api_key"], row["credentials_source"]),
@@ -627,7 +627,7 @@ def _job(row: Mapping[str, Any]) -> Job:
                updated=float(row["updated"]))
 
 
-def _project_state(row: Mapping[str, Any]) -> StoredProjectState:
+def _project_state(row: RowMapping) -> StoredProjectState:
     return StoredProjectState(project=str(row["project"]), remembered=row["remembered"], extra=row["extra"],
                               label_config=row["label_config"],
                               credentials=_credentials(row["ls_url"], row["api_key"], "setup"),
