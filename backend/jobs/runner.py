@@ -34,7 +34,7 @@ from .store import (
     JobStore,
     JsonObject,
 )
-from .writer import DEFAULT_CHUNK, write_predictions
+from .writer import DEFAULT_CHUNK, tasks_with_prediction, write_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ class JobRunner:
         unfinished = {c.task_id: c for c in claimed}
         try:
             client = self._client(job)
+            claimed = self._skip_written(job, client, claimed, unfinished)
             entries = self._predict(job, claimed, unfinished)
             if entries:
                 self._write(job, client, entries, unfinished)
@@ -196,6 +197,24 @@ class JobRunner:
             return self.client_factory(job)
         except LabelStudioError as exc:
             raise JobStopped(str(exc)) from exc
+
+    def _skip_written(self, job: Job, client: LabelStudioClient, claimed: list[ClaimedTask],
+                      unfinished: dict[int, ClaimedTask]) -> list[ClaimedTask]:
+        """Tasks that already have a prediction of the job's version (written before a crash, or by a
+        "Retrieve predictions") are done without predicting them again."""
+        try:
+            have = tasks_with_prediction(client, int(job.project), list(unfinished), job.model_version)
+        except LabelStudioAuthError as exc:
+            raise JobStopped(str(exc)) from exc
+        except LabelStudioError as exc:  # unreachable: the write would fail too; try the batch later
+            for item in claimed:
+                self._failed(job, unfinished.pop(item.task_id), str(exc), retryable=True)
+            return []
+        if have:
+            self.store.mark_done(job.id, sorted(have))
+            for task_id in have:
+                unfinished.pop(task_id, None)
+        return [c for c in claimed if c.task_id not in have]
 
     def _predict(self, job: Job, claimed: list[ClaimedTask],
                  unfinished: dict[int, ClaimedTask]) -> dict[int, Mapping[str, Any]]:

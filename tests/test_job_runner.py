@@ -1,0 +1,229 @@
+"""backend/jobs/runner.py end to end: a real Label Studio 1.23.2 (started once), a job store on a temp
+SQLite file, and the tiny random-weight engine predicting through the server's own code
+(``GroundedSamModel.load_task`` + ``predict_task``), images downloaded from Label Studio with the key."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from backend.jobs.runner import JobRunner
+from backend.jobs.store import CANCELLED, DONE, FAILED, Job, JobStore, JsonObject
+from backend.label_config import parse_label_config
+from backend.ls_api import (
+    ClientRegistry,
+    Credentials,
+    LabelStudioClient,
+    LabelStudioError,
+)
+from backend.ls_model import PromptPlan
+from tests.ls_server import (
+    LabelStudioServer,
+    create_project,
+    import_files,
+    list_predictions,
+    list_tasks,
+)
+
+LABELS = ("tabby cat", "coffee cup")
+CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
+          + "".join(f'<Label value="{x}"/>' for x in LABELS) + "</BrushLabels></View>")
+ENGINE_ENV = {"BOX_THRESHOLD": "0.2", "TEXT_THRESHOLD": "0.2", "MAX_DETECTIONS": "2"}
+PLAN = {"phrases": list(LABELS), "box_threshold": 0.2, "text_threshold": 0.2}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    import skimage.data
+
+    d = tmp_path_factory.mktemp("runner-photos")
+    out = []
+    for name in ("chelsea", "coffee", "astronaut"):
+        path = d / f"{name}.png"
+        Image.fromarray(getattr(skimage.data, name)()).save(path)
+        out.append(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(engine: Any, tiny_cache: Path, label_studio: LabelStudioServer) -> Any:
+    """The server's GroundedSamModel around the tiny engine (ENGINE_ENV), sharing the session's weights."""
+    from backend.config import EngineConfig
+    from backend.engine import Engine
+    from backend.preannotate import build_model
+
+    quick = Engine(EngineConfig.from_env({"ENGINE_CONFIG": str(tiny_cache / "engine.json"), **ENGINE_ENV}),
+                   detector=engine.detector, segmenter=engine.segmenter)
+    return build_model(None, Credentials(label_studio.url, label_studio.token), quick)
+
+
+class EnginePredictor:
+    """Predicts a job's task with the job's plan and labeling config; remembers which tasks it saw."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.registry = ClientRegistry()
+        self.calls: list[int] = []
+
+    def __call__(self, job: Job, task: JsonObject) -> dict[str, Any]:
+        self.calls.append(int(task["id"]))
+        engine = self.model.engine.get()
+        assert job.label_config is not None and job.credentials is not None
+        config = parse_label_config(job.label_config)
+        images = self.model.load_task(engine, task, config, self.registry.get(job.credentials))
+        return dict(self.model.predict_task(engine, images, plan_of(job), self.model.model_version))
+
+
+def plan_of(job: Job) -> PromptPlan:
+    return PromptPlan(tuple(job.plan["phrases"]), "job", job.plan.get("box_threshold"), job.plan.get("text_threshold"))
+
+
+def client_factory(job: Job) -> LabelStudioClient:
+    if job.credentials is None:
+        raise LabelStudioError(f"job {job.id} has no Label Studio credentials")
+    return LabelStudioClient(job.credentials)
+
+
+def without_ids(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Region ids are random per prediction; everything else must match."""
+    return [{k: v for k, v in r.items() if k != "id"} for r in results]
+
+
+def new_job(store: JobStore, ls: LabelStudioServer, pid: int, version: str, *, key: str | None = None,
+            task_ids: list[int] | None = None) -> str:
+    tasks = [t for t in list_tasks(ls, pid) if task_ids is None or t["id"] in task_ids]
+    for task in tasks:  # as /predict receives them: no annotations or predictions
+        for name in ("predictions", "annotations", "drafts"):
+            task.pop(name, None)
+    created = store.create_job(str(pid), version, tasks, plan=PLAN, label_config=CONFIG,
+                               credentials=Credentials(ls.url, key or ls.token))
+    assert created.job_id is not None and created.added == len(tasks), created
+    return created.job_id
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    return JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}", retry_delay_s=0.0, max_attempts=2)
+
+
+def test_background_runner_writes_each_task_once_with_the_engines_masks(
+        label_studio: LabelStudioServer, photos: list[Path], model: Any, store: JobStore) -> None:
+    ls = label_studio
+    pid = create_project(ls, CONFIG, title="runner-once")
+    task_ids = import_files(ls, pid, photos)
+    version = model.model_version
+    job = new_job(store, ls, pid, version)
+    predictor = EnginePredictor(model)
+    runner = JobRunner(store, predictor, client_factory, batch_size=2, poll_s=0.2)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not store.progress(job).finished:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, store.progress(job)
+            time.sleep(0.2)
+    finally:
+        runner.stop()
+    progress = store.progress(job)
+    assert progress is not None and (progress.state, progress.done, progress.failed) == (DONE, 3, 0), progress
+    assert sorted(predictor.calls) == task_ids
+
+    engine = model.engine.get()
+    target = parse_label_config(CONFIG).targets[0]
+    stored = {t["id"]: t["predictions"] for t in list_tasks(ls, pid)}
+    for task_id, photo in zip(task_ids, photos):
+        (prediction,) = stored[task_id]
+        assert prediction["model_version"] == version
+        expected = model.predict_task(engine, [(target, engine.load_image(photo.read_bytes()))],
+                                      plan_of(store.get_job(job)), version)  # type: ignore[arg-type]
+        assert expected["result"], f"{photo.name}: the engine found nothing, the test proves little"
+        assert without_ids(prediction["result"]) == without_ids(expected["result"])
+
+    # A second job for the same tasks finds them written: nothing is predicted or stored again.
+    again = new_job(store, ls, pid, version)
+    predictor.calls.clear()
+    JobRunner(store, predictor, client_factory, batch_size=2).run_until_idle(timeout=120)
+    progress = store.progress(again)
+    assert progress is not None and (progress.state, progress.done) == (DONE, 3)
+    assert predictor.calls == [] and len(list_predictions(ls, pid)) == 3
+
+
+def test_wrong_key_stops_the_job_with_a_clear_error(label_studio: LabelStudioServer, photos: list[Path],
+                                                    model: Any, store: JobStore,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    ls = label_studio
+    pid = create_project(ls, CONFIG, title="runner-wrong-key")
+    import_files(ls, pid, photos[:2])
+    job = new_job(store, ls, pid, model.model_version, key="revoked-key-0123456789abcdef")
+    predictor = EnginePredictor(model)
+    runner = JobRunner(store, predictor, client_factory, batch_size=1)
+    started = time.monotonic()
+    runner.run_until_idle(timeout=60)
+    assert time.monotonic() - started < 30  # it stops; it doesn't spin until the timeout
+    progress = store.progress(job)
+    assert progress is not None and progress.state == FAILED
+    assert "rejected LABEL_STUDIO_API_KEY (HTTP 401)" in (progress.error or ""), progress.error
+    assert (progress.pending, progress.done, progress.failed) == (2, 0, 0)  # handed back, not burnt
+    assert runner.run_once() is False and predictor.calls == []
+    assert list_predictions(ls, pid) == []
+    assert any("stopped" in r.getMessage() and "HTTP 401" in r.getMessage() for r in caplog.records)
+    assert "revoked-key" not in caplog.text
+
+
+def test_unreachable_image_is_retried_a_bounded_number_of_times_then_again_after_the_fix(
+        label_studio: LabelStudioServer, photos: list[Path], model: Any, store: JobStore) -> None:
+    ls = label_studio
+    pid = create_project(ls, CONFIG, title="runner-missing-image")
+    (good,) = import_files(ls, pid, photos[:1])
+    bad = int(ls.api("POST", f"/api/projects/{pid}/import?return_task_ids=true",
+                     json=[{"image": f"/data/upload/{pid}/gone.png"}]).json()["task_ids"][0])
+    version = model.model_version
+    job = new_job(store, ls, pid, version)
+    predictor = EnginePredictor(model)
+    JobRunner(store, predictor, client_factory, batch_size=2).run_until_idle(timeout=120)
+    progress = store.progress(job)
+    assert progress is not None and (progress.state, progress.done, progress.failed) == (DONE, 1, 1)
+    (error,) = progress.errors
+    assert (error.task_id, error.state, error.attempts) == (bad, FAILED, 2)
+    assert error.error.startswith("image download failed: HTTP 403"), error.error  # what LS answers
+    assert predictor.calls.count(bad) == 2 and predictor.calls.count(good) == 1
+    assert [p["task"] for p in list_predictions(ls, pid)] == [good]
+
+    # The cause is fixed (the task now points at an existing upload): a new job for the project's
+    # tasks takes only the failed one, and stores it.
+    good_image = ls.api("GET", f"/api/tasks/{good}").json()["data"]["image"]
+    ls.api("PATCH", f"/api/tasks/{bad}", json={"data": {"image": good_image}})
+    retry = new_job(store, ls, pid, version, task_ids=[bad])
+    JobRunner(store, predictor, client_factory).run_until_idle(timeout=120)
+    progress = store.progress(retry)
+    assert progress is not None and (progress.state, progress.done, progress.failed) == (DONE, 1, 0)
+    assert sorted(p["task"] for p in list_predictions(ls, pid)) == sorted([good, bad])
+
+
+def test_changed_model_version_stops_the_job(label_studio: LabelStudioServer, photos: list[Path], model: Any,
+                                             store: JobStore) -> None:
+    ls = label_studio
+    pid = create_project(ls, CONFIG, title="runner-old-version")
+    import_files(ls, pid, photos[:1])
+    job = new_job(store, ls, pid, "grounded-sam-an-older-version")
+    JobRunner(store, EnginePredictor(model), client_factory).run_until_idle(timeout=60)
+    progress = store.progress(job)
+    assert progress is not None and progress.state == FAILED and "model version" in (progress.error or "")
+    assert list_predictions(ls, pid) == []
+
+
+def test_cancelled_job_is_left_alone(label_studio: LabelStudioServer, photos: list[Path], model: Any,
+                                     store: JobStore) -> None:
+    ls = label_studio
+    pid = create_project(ls, CONFIG, title="runner-cancel")
+    import_files(ls, pid, photos[:2])
+    job = new_job(store, ls, pid, model.model_version)
+    assert store.cancel(job)
+    predictor = EnginePredictor(model)
+    JobRunner(store, predictor, client_factory).run_until_idle(timeout=30)
+    progress = store.progress(job)
+    assert progress is not None and (progress.state, progress.pending) == (CANCELLED, 2)
+    assert predictor.calls == [] and list_predictions(ls, pid) == []
