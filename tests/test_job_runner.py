@@ -4,6 +4,11 @@ SQLite file, and the tiny random-weight engine predicting through the server's o
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ from backend.ls_api import (
 )
 from backend.ls_model import PromptPlan
 from tests.ls_server import (
+    REPO_ROOT,
     LabelStudioServer,
     create_project,
     import_files,
@@ -49,16 +55,20 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def model(engine: Any, tiny_cache: Path, label_studio: LabelStudioServer) -> Any:
-    """The server's GroundedSamModel around the tiny engine (ENGINE_ENV), sharing the session's weights."""
+def tiny_model(credentials: Credentials, tiny_cache: Path, engine: Any | None = None) -> Any:
+    """The server's GroundedSamModel around the tiny engine at ENGINE_ENV (sharing ``engine``'s weights)."""
     from backend.config import EngineConfig
     from backend.engine import Engine
     from backend.preannotate import build_model
 
-    quick = Engine(EngineConfig.from_env({"ENGINE_CONFIG": str(tiny_cache / "engine.json"), **ENGINE_ENV}),
-                   detector=engine.detector, segmenter=engine.segmenter)
-    return build_model(None, Credentials(label_studio.url, label_studio.token), quick)
+    config = EngineConfig.from_env({"ENGINE_CONFIG": str(tiny_cache / "engine.json"), **ENGINE_ENV})
+    quick = Engine(config, detector=engine.detector, segmenter=engine.segmenter) if engine else Engine(config)
+    return build_model(None, credentials, quick)
+
+
+@pytest.fixture(scope="module")
+def model(engine: Any, tiny_cache: Path, label_studio: LabelStudioServer) -> Any:
+    return tiny_model(Credentials(label_studio.url, label_studio.token), tiny_cache, engine)
 
 
 class EnginePredictor:
@@ -227,3 +237,66 @@ def test_cancelled_job_is_left_alone(label_studio: LabelStudioServer, photos: li
     progress = store.progress(job)
     assert progress is not None and (progress.state, progress.pending) == (CANCELLED, 2)
     assert predictor.calls == [] and list_predictions(ls, pid) == []
+
+
+def wait_finished(store: JobStore, job: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not store.progress(job).finished:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, store.progress(job)
+        time.sleep(0.2)
+
+
+def test_runner_killed_mid_job_is_finished_after_a_restart_with_nothing_lost_or_duplicated(
+        label_studio: LabelStudioServer, photos: list[Path], model: Any, tiny_cache: Path, tmp_path: Path) -> None:
+    """A worker process running the job is killed with SIGKILL; a restarted runner resumes the job."""
+    ls = label_studio
+    pid = create_project(ls, CONFIG, title="runner-kill")
+    copies = []
+    for photo in photos:  # six tasks: each photo twice, under another name
+        copy = tmp_path / f"copy-{photo.name}"
+        copy.write_bytes(photo.read_bytes())
+        copies.append(copy)
+    task_ids = import_files(ls, pid, photos + copies)
+    db = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    store = JobStore(db)
+    job = new_job(store, ls, pid, model.model_version)
+    code = """
+        import os, sys
+        from pathlib import Path
+        from backend.jobs.runner import JobRunner
+        from backend.jobs.store import JobStore
+        from backend.ls_api import Credentials
+        from tests.test_job_runner import EnginePredictor, client_factory, tiny_model
+        model = tiny_model(Credentials(os.environ["LS_URL"], os.environ["LS_KEY"]), Path(sys.argv[2]))
+        JobRunner(JobStore(sys.argv[1]), EnginePredictor(model), client_factory, batch_size=1,
+                  lease_s=10).run_until_idle()
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(LS_URL=ls.url, LS_KEY=ls.token, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), db, str(tiny_cache)], cwd=REPO_ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list_predictions(ls, pid)) < 2:
+            assert worker.poll() is None, worker.stderr.read().decode() if worker.stderr else ""
+            assert time.monotonic() < deadline, "the worker stored no predictions"
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    before = store.progress(job)
+    assert before is not None and before.done < len(task_ids), "killed too late to prove anything"
+
+    predictor = EnginePredictor(model)
+    restarted = JobRunner(JobStore(db), predictor, client_factory, batch_size=2, poll_s=0.5)
+    restarted.start()  # resumes; the dead worker's task comes back when its lease ends
+    try:
+        wait_finished(store, job)
+    finally:
+        restarted.stop()
+    progress = store.progress(job)
+    assert progress is not None and (progress.state, progress.done, progress.failed) == (DONE, 6, 0), progress
+    stored = {t["id"]: t["predictions"] for t in list_tasks(ls, pid)}
+    assert sorted(stored) == sorted(task_ids)
+    assert all(len(p) == 1 and p[0]["model_version"] == model.model_version for p in stored.values()), stored
+    assert len(predictor.calls) <= len(task_ids) - before.done  # finished work isn't redone

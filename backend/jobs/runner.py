@@ -6,6 +6,10 @@ is spread over all of them and survives any one of them dying. What a task is pr
 job's (its prompt plan, labeling config and model version), so the runner knows nothing of models:
 it is handed a ``TaskPredictor``.
 
+Before predicting a batch, Label Studio is asked which of its tasks already have a prediction of the
+job's version (written before a crash, or by a "Retrieve predictions"): those are done without
+predicting them again, and the writer checks once more before writing.
+
 Failure policy: a task that fails is retried (after a back-off) until it has used the store's
 ``max_attempts``, unless its predictor raises ``PermanentTaskError``; a prediction Label Studio refuses
 fails its task for good; Label Studio unreachable makes the batch retryable; a rejected key
@@ -219,9 +223,13 @@ class JobRunner:
     def _predict(self, job: Job, claimed: list[ClaimedTask],
                  unfinished: dict[int, ClaimedTask]) -> dict[int, Mapping[str, Any]]:
         entries: dict[int, Mapping[str, Any]] = {}
+        renewed = time.monotonic()
         for item in claimed:
             if self._stop.is_set() or self.store.job_state(job.id) not in ACTIVE_JOB_STATES:
                 break  # stopping, or the job was cancelled: the rest goes back
+            if time.monotonic() - renewed > self.lease_s / 3:  # slow tasks: keep the claim alive
+                self.store.renew(job.id, list(unfinished), self.worker_id, self.lease_s)
+                renewed = time.monotonic()
             try:
                 entry = self.predict(job, item.task)
             except LabelStudioAuthError as exc:  # the image download's key was rejected
