@@ -17,7 +17,16 @@ import pytest
 from PIL import Image
 
 from backend.jobs.runner import JobRunner
-from backend.jobs.store import CANCELLED, DONE, FAILED, Job, JobStore, JsonObject
+from backend.jobs.store import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    RUNNING,
+    Job,
+    JobProgress,
+    JobStore,
+    JsonObject,
+)
 from backend.label_config import parse_label_config
 from backend.ls_api import (
     ClientRegistry,
@@ -193,9 +202,11 @@ def test_unreachable_image_is_retried_a_bounded_number_of_times_then_again_after
     version = model.model_version
     job = new_job(store, ls, pid, version)
     predictor = EnginePredictor(model)
-    JobRunner(store, predictor, client_factory, batch_size=2).run_until_idle(timeout=120)
-    progress = store.progress(job)
+    seen: list[JobProgress] = []  # what a CLI's progress bar is fed
+    progress = JobRunner(store, predictor, client_factory, batch_size=2).run_job(job, seen.append, timeout=120)
     assert progress is not None and (progress.state, progress.done, progress.failed) == (DONE, 1, 1)
+    assert seen[-1].finished and [p.done + p.failed for p in seen] == sorted(p.done + p.failed for p in seen)
+    assert seen[0].state == RUNNING and seen[0].done == 1 and seen[0].pending == 1  # bad task backing off
     (error,) = progress.errors
     assert (error.task_id, error.state, error.attempts) == (bad, FAILED, 2)
     assert error.error.startswith("image download failed: HTTP 403"), error.error  # what LS answers
