@@ -82,7 +82,7 @@ def test_create_job_is_idempotent_per_project_version_and_task(store: JobStore) 
     assert store.create_job("8", "v1", tasks(range(5))).added == 5
     # Duplicates inside one call are stored once.
     assert store.create_job("9", "v1", tasks([1, 1, 2])).added == 2
-    progress = store.progress(first.job_id)
+    progress = store.progress(first.job_id or "")
     assert progress is not None and (progress.state, progress.total, progress.pending) == (QUEUED, 5, 5)
 
 
