@@ -11,7 +11,8 @@ job's version (written before a crash, or by a "Retrieve predictions"): those ar
 predicting them again, and the writer checks once more before writing.
 
 Failure policy: a task that fails is retried (after a back-off) until it has used the store's
-``max_attempts``, unless its predictor raises ``PermanentTaskError``; a prediction Label Studio refuses
+``max_attempts``, unless its data is wrong (``PermanentTaskError``, an undecodable image, a task
+without the image the config names): no retry fixes that; a prediction Label Studio refuses
 fails its task for good; Label Studio unreachable makes the batch retryable; a rejected key
 (``LabelStudioAuthError``, from the writer or the predictor's image download) or a model version that
 no longer matches the job's stops the whole job with the reason on it, so it never spins.
@@ -26,8 +27,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..fetch import FetchError
+from ..images import ImageError
+from ..label_config import TaskDataError
 from ..ls_api import LabelStudioAuthError, LabelStudioClient, LabelStudioError
 from .store import (
     ACTIVE_JOB_STATES,
@@ -42,8 +47,12 @@ from .writer import DEFAULT_CHUNK, tasks_with_prediction, write_predictions
 
 logger = logging.getLogger(__name__)
 
-# Tasks claimed (and written to Label Studio) at a time by one runner.
+# Tasks claimed and predicted at a time by one runner.
 DEFAULT_BATCH = 8
+# Predictions are written when DEFAULT_CHUNK of them are made, or when the oldest is this old: bulk
+# writes cost Label Studio about the same per request whatever their size (it recounts the project's
+# predictions each time), so bigger chunks are cheaper, and the age bound keeps Label Studio current.
+DEFAULT_FLUSH_S = 30.0
 # How long an idle runner sleeps before looking for work again (``wake()`` cuts it short).
 DEFAULT_POLL_S = 2.0
 
@@ -66,6 +75,17 @@ class JobStopped(Exception):
     """A job-level failure: the job is failed with this message and no task of it is tried again."""
 
 
+@dataclass
+class _Unwritten:
+    """Predictions made for one job and not yet written; their tasks stay claimed (leased)."""
+
+    job: Job
+    client: LabelStudioClient
+    entries: dict[int, Mapping[str, Any]] = field(default_factory=dict)
+    items: dict[int, ClaimedTask] = field(default_factory=dict)
+    since: float = field(default_factory=time.monotonic)
+
+
 def worker_name() -> str:
     """Unique per runner: host, process and a random part (two runners in one process differ)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -80,16 +100,17 @@ class JobRunner:
         predict: predicts one task of a job (see ``TaskPredictor``).
         client_factory: the Label Studio client to write a job's predictions with (usually from
             ``job.credentials`` through a ``ClientRegistry``); raising LabelStudioError stops the job.
-        batch_size: tasks claimed, predicted and written together.
-        chunk_size: predictions per bulk request to Label Studio.
-        lease_s: how long a claim lasts; renewed before each write.
+        batch_size: tasks claimed and predicted at a time.
+        chunk_size: predictions per bulk request to Label Studio; made predictions wait until there
+            are this many, or the oldest is ``flush_s`` old, or there is nothing more to claim.
+        lease_s: how long a claim lasts; renewed while tasks are in hand.
         poll_s: idle wait between looks for work.
     """
 
     def __init__(self, store: JobStore, predict: TaskPredictor, client_factory: ClientFactory, *,
                  batch_size: int = DEFAULT_BATCH, chunk_size: int = DEFAULT_CHUNK,
                  lease_s: float = DEFAULT_LEASE_S, poll_s: float = DEFAULT_POLL_S,
-                 worker_id: str | None = None) -> None:
+                 flush_s: float = DEFAULT_FLUSH_S, worker_id: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.store = store
@@ -99,6 +120,8 @@ class JobRunner:
         self.chunk_size = chunk_size
         self.lease_s = lease_s
         self.poll_s = poll_s
+        self.flush_s = flush_s
+        self._unwritten: _Unwritten | None = None
         self.worker_id = worker_id or worker_name()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -117,7 +140,8 @@ class JobRunner:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the task in hand, hand the other claimed tasks back, and end the thread."""
+        """Finish the task in hand, write what was predicted, hand the other claimed tasks back, and
+        end the thread."""
         self._stop.set()
         self._wake.set()
         thread, self._thread = self._thread, None
@@ -142,55 +166,101 @@ class JobRunner:
             if not worked:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
+        self._flush_quietly()
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # the database is unavailable: the leases run out and others take over
+            logger.exception("job runner: could not write the last predictions")
 
     # -- foreground --------------------------------------------------------------------------------
     def run_until_idle(self, timeout: float | None = None) -> None:
         """Work until no unfinished job is left (waiting out retry back-offs), or ``timeout`` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
-            if not self.run_once():
-                if not self.store.unfinished_jobs():
-                    return
-                time.sleep(min(self.poll_s, 0.5))
+        try:
+            while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                if not self.run_once():
+                    if not self.store.unfinished_jobs():
+                        return
+                    time.sleep(min(self.poll_s, 0.5))
+        finally:
+            self.flush()
 
     def run_job(self, job_id: str, on_progress: Callable[[JobProgress], None] | None = None,
                 timeout: float | None = None) -> JobProgress | None:
         """Work on one job until it is finished (or ``timeout`` s); ``on_progress`` is called after
         each batch (a CLI's progress bar). Returns its final progress."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
-            job = self.store.get_job(job_id)
-            if job is None or job.state not in ACTIVE_JOB_STATES:
-                break
-            worked = self._run_batch(job)
-            if on_progress is not None:
-                progress = self.store.progress(job_id)
-                if progress is not None:
-                    on_progress(progress)
-            if not worked:
-                time.sleep(min(self.poll_s, 0.5))  # tasks held by others, or waiting out a back-off
+        try:
+            while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                job = self.store.get_job(job_id)
+                if job is None or job.state not in ACTIVE_JOB_STATES:
+                    break
+                worked = self._run_batch(job)
+                if on_progress is not None:
+                    progress = self.store.progress(job_id)
+                    if progress is not None:
+                        on_progress(progress)
+                if not worked:
+                    time.sleep(min(self.poll_s, 0.5))  # tasks held by others, or waiting out a back-off
+        finally:
+            self.flush()
         return self.store.progress(job_id)
 
     def run_once(self) -> bool:
-        """One batch of the oldest job with work to claim; False when there was none."""
+        """One batch of the oldest job with work to claim (or, with none, write what was predicted);
+        False when there was nothing to do."""
         job = self.store.next_job()
-        return False if job is None else self._run_batch(job)
+        return self.flush() if job is None else self._run_batch(job)
+
+    def flush(self) -> bool:
+        """Write the predictions made and not yet written; False when there were none."""
+        unwritten, self._unwritten = self._unwritten, None
+        if unwritten is None or not unwritten.entries:
+            return False
+        job = unwritten.job
+        try:
+            self._write(job, unwritten.client, unwritten.entries, unwritten.items)
+        except JobStopped as exc:
+            self._job_stopped(job, exc)
+        finally:
+            self.store.release(job.id, list(unwritten.items), self.worker_id)
+        return True
+
+    def _job_stopped(self, job: Job, exc: JobStopped) -> None:
+        logger.error("job %s (project %s) stopped: %s", job.id, job.project, exc)
+        self.store.fail_job(job.id, str(exc))
+        unwritten = self._unwritten
+        if unwritten is not None and unwritten.job.id == job.id:  # predicted, but the job can't write
+            self._unwritten = None
+            self.store.release(job.id, list(unwritten.items), self.worker_id)
 
     # -- one batch ---------------------------------------------------------------------------------
     def _run_batch(self, job: Job) -> bool:
+        if self._unwritten is not None and self._unwritten.job.id != job.id:
+            self.flush()  # one job's predictions at a time
         claimed = self.store.claim_tasks(job.id, self.batch_size, self.worker_id, self.lease_s)
         if not claimed:
-            return False
+            return self.flush()  # the rest of the job is someone else's, or ours and predicted
         unfinished = {c.task_id: c for c in claimed}
         try:
-            client = self._client(job)
-            claimed = self._skip_written(job, client, claimed, unfinished)
+            unwritten = self._unwritten
+            if unwritten is None:
+                unwritten = _Unwritten(job, self._client(job))
+            else:  # predictions waiting for this batch's: keep their claims alive meanwhile
+                self.store.renew(job.id, list(unwritten.items), self.worker_id, self.lease_s)
+            claimed = self._skip_written(job, unwritten.client, claimed, unfinished)
             entries = self._predict(job, claimed, unfinished)
             if entries:
-                self._write(job, client, entries, unfinished)
+                self._unwritten = unwritten
+                for task_id, entry in entries.items():
+                    unwritten.entries[task_id] = entry
+                    unwritten.items[task_id] = unfinished.pop(task_id)
+                if len(unwritten.entries) >= self.chunk_size or time.monotonic() - unwritten.since >= self.flush_s:
+                    self.flush()
         except JobStopped as exc:
-            logger.error("job %s (project %s) stopped: %s", job.id, job.project, exc)
-            self.store.fail_job(job.id, str(exc))
+            self._job_stopped(job, exc)
         finally:
             # Whatever is still in hand (stop, cancel, a stopped job) goes back untried.
             self.store.release(job.id, list(unfinished), self.worker_id)
@@ -234,15 +304,18 @@ class JobRunner:
                 entry = self.predict(job, item.task)
             except LabelStudioAuthError as exc:  # the image download's key was rejected
                 raise JobStopped(str(exc)) from exc
-            except PermanentTaskError as exc:
-                self._failed(job, item, str(exc), retryable=False)
+            except (PermanentTaskError, ImageError, TaskDataError) as exc:  # the task's data is wrong
+                self._failed(job, item, str(exc) or type(exc).__name__, retryable=False)
                 del unfinished[item.task_id]
                 continue
-            except Exception as exc:
-                reason = str(exc) or type(exc).__name__
-                if not isinstance(exc, LabelStudioError):
-                    logger.exception("job %s: task %s failed", job.id, item.task_id)
-                self._failed(job, item, reason, retryable=True)
+            except (FetchError, LabelStudioError) as exc:  # the network, or a file still missing
+                self._failed(job, item, str(exc) or type(exc).__name__, retryable=True)
+                del unfinished[item.task_id]
+                continue
+            except Exception as exc:  # a bug or a model failure: keep the traceback
+                logger.exception("job %s: task %s failed", job.id, item.task_id)
+                self._failed(job, item, f"internal error ({type(exc).__name__}: {exc}); see the server log",
+                             retryable=True)
                 del unfinished[item.task_id]
                 continue
             version = entry.get("model_version")
