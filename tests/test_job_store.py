@@ -275,21 +275,21 @@ def test_database_file_is_private_and_survives_reopening(db_url: str, tmp_path: 
 
 def test_project_state_is_shared_between_stores(db_url: str, clock: Clock) -> None:
     """Two store instances stand for two gunicorn workers on one database file."""
-    a, b = JobStore(db_url, clock=clock), JobStore(db_url, clock=clock)
-    assert b.project_state("7") is None and b.last_credentials() is None
-    a.update_project_state("7", extra={"prompt": "cat"}, label_config="<View/>",
+    a, b = JobStore(db_url, clock=clock).projects, JobStore(db_url, clock=clock).projects
+    assert b.get("7") is None and b.last_credentials() is None
+    a.update("7", extra={"prompt": "cat"}, label_config="<View/>",
                            credentials=Credentials("http://ls:8080", "key-of-setup-0123"))
     clock.advance(1)
-    a.update_project_state("7", remembered={"phrases": ["dog"]})
-    state = b.project_state("7")
+    a.update("7", remembered={"phrases": ["dog"]})
+    state = b.get("7")
     assert state is not None
     assert (state.extra, state.remembered, state.label_config) == ({"prompt": "cat"}, {"phrases": ["dog"]}, "<View/>")
     assert state.credentials is not None and state.credentials.api_key == "key-of-setup-0123"
     assert b.last_credentials() == state.credentials
     with pytest.raises(TypeError, match="unknown project state fields"):
-        b.update_project_state("7", prompt="x")
-    b.forget_project("7")
-    assert a.project_state("7") is None
+        b.update("7", prompt="x")
+    b.forget("7")
+    assert a.get("7") is None
 
 
 def test_database_location_from_the_environment(tmp_path: Path) -> None:

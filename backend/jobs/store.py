@@ -1,39 +1,41 @@
-"""The persistent job store: prediction jobs, their tasks, and per-project state, in one SQL database
-that every worker process of the backend shares (SQLite in WAL mode by default, any SQLAlchemy URL).
+"""The persistent job store: prediction jobs and their tasks, shared by every worker process.
 
-Why a database and not memory: a /predict that hits its deadline hands its unreached tasks to a job
-that must survive a restart (kill -9 included), and several gunicorn workers must agree on which of
-them predicts which task and on what /setup told one of them. Every state change is one transaction;
-on SQLite each write transaction starts with ``BEGIN IMMEDIATE``, so two processes never interleave a
-read-then-write (claims, idempotent job creation), and on PostgreSQL claims use ``FOR UPDATE SKIP
-LOCKED``.
+A /predict that hits its deadline hands its unreached tasks to a job; the job's rows are in the shared
+database (``db.py``: SQLite with ``BEGIN IMMEDIATE`` writers, or any SQLAlchemy URL, where claims use
+``FOR UPDATE SKIP LOCKED``), so jobs survive restarts and every worker process shares the work.
 
 A task is *claimed* with a lease: the claiming worker owns it until ``lease_expires``; a worker that
 dies leaves it ``running`` with a lease that runs out, after which any worker may claim it again.
 Claims count attempts, so a task that kills its worker every time still ends after
 ``MAX_TASK_ATTEMPTS``.
 
-Secrets: to resume a job after a restart without anyone calling /setup again, the Label Studio API key
-the job was created with is stored in the job row (and /setup's key in ``project_state``), in clear
-text, in the database. The SQLite file is created with mode 0600 (its -wal/-shm files inherit it); for
-other databases, protect the database itself. Nothing here logs a key, and ``Job.__repr__`` omits it.
+The Label Studio key a job writes with is stored with it: see ``db.py`` on secrets.
 """
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
+from sqlalchemy.engine import Connection, RowMapping
 
 from ..ls_api import Credentials
+from .db import (
+    Database,
+    JobStoreError,
+    JsonObject,
+    credentials_from_row,
+    default_url,
+    job_tasks_table,
+    jobs_table,
+)
+from .projects import ProjectStates, StoredProjectState
+
+__all__ = ["Database", "JobStoreError", "StoredProjectState", "default_url"]  # re-exported for callers
 
 # A task is tried at most this many times (claims count, so crashes count too).
 MAX_TASK_ATTEMPTS = 3
@@ -47,69 +49,12 @@ RATE_WINDOW_S = 120.0
 LAST_ERRORS = 5
 # SQLite's limit on bound parameters is large, but keep IN lists modest.
 _IN_CHUNK = 500
-# How long SQLite waits for another process's write lock before "database is locked".
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 # Job states
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE_JOB_STATES = (QUEUED, RUNNING)
 # Task states
 PENDING = "pending"  # plus RUNNING, DONE, FAILED
-
-JsonObject = dict[str, Any]  # a decoded JSON object (a Label Studio task, a prompt plan)
-
-metadata = sa.MetaData()
-
-jobs_table = sa.Table(
-    "jobs", metadata,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("project", sa.String(64), nullable=False, index=True),
-    sa.Column("model_version", sa.String(255), nullable=False),
-    sa.Column("plan", sa.JSON, nullable=False),  # prompt phrases + thresholds the job predicts with
-    sa.Column("label_config", sa.Text, nullable=True),
-    sa.Column("ls_url", sa.Text, nullable=True),
-    sa.Column("api_key", sa.Text, nullable=True),  # see the module docstring
-    sa.Column("credentials_source", sa.String(32), nullable=True),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("error", sa.Text, nullable=True),  # why the job stopped (failed), e.g. a rejected key
-    sa.Column("created", sa.Float, nullable=False),
-    sa.Column("updated", sa.Float, nullable=False),
-    sa.Column("started", sa.Float, nullable=True),
-    sa.Column("finished", sa.Float, nullable=True),
-)
-
-job_tasks_table = sa.Table(
-    "job_tasks", metadata,
-    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("task_id", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("task", sa.JSON, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("last_error", sa.Text, nullable=True),
-    sa.Column("lease_owner", sa.String(128), nullable=True),
-    sa.Column("lease_expires", sa.Float, nullable=True),
-    sa.Column("not_before", sa.Float, nullable=False, default=0.0),  # retry back-off
-    sa.Column("updated", sa.Float, nullable=False),
-    sa.Column("finished", sa.Float, nullable=True),
-    sa.Index("ix_job_tasks_job_state", "job_id", "state"),
-    sa.Index("ix_job_tasks_task", "task_id"),
-)
-
-project_state_table = sa.Table(
-    "project_state", metadata,
-    sa.Column("project", sa.String(64), primary_key=True),
-    sa.Column("remembered", sa.JSON, nullable=True),  # last prompt/thresholds a person used
-    sa.Column("extra", sa.JSON, nullable=True),  # /setup extra_params
-    sa.Column("label_config", sa.Text, nullable=True),  # /setup schema
-    sa.Column("ls_url", sa.Text, nullable=True),  # /setup hostname
-    sa.Column("api_key", sa.Text, nullable=True),  # /setup access_token (see the module docstring)
-    sa.Column("updated", sa.Float, nullable=False),
-)
-
-
-class JobStoreError(RuntimeError):
-    """The job store was misconfigured or asked for something impossible."""
-
 
 # -- values handed out (never ORM rows) ----------------------------------------------------------------
 @dataclass(frozen=True)
@@ -194,108 +139,36 @@ class JobProgress:
         }
 
 
-@dataclass(frozen=True)
-class StoredProjectState:
-    """What the backend remembers about a project, shared by every worker."""
-
-    project: str
-    remembered: JsonObject | None = None
-    extra: JsonObject | None = None
-    label_config: str | None = None
-    credentials: Credentials | None = field(default=None, repr=False)
-    updated: float = 0.0
-
-
 # -- the store ------------------------------------------------------------------------------------------
-def default_url(env: Mapping[str, str] | None = None) -> str:
-    """JOBS_DB (any SQLAlchemy URL), else ``sqlite:///$DATA_DIR/jobs.sqlite3`` (DATA_DIR defaults to
-    ./data, a docker-compose volume in the image)."""
-    env = os.environ if env is None else env
-    url = (env.get("JOBS_DB") or "").strip()
-    if url:
-        return url
-    data_dir = Path(env.get("DATA_DIR") or "data").expanduser().resolve()
-    return f"sqlite:///{data_dir / 'jobs.sqlite3'}"
-
-
-def _prepare_sqlite_file(database: str) -> None:
-    """Create the database file (and its folder) readable by its owner only: it holds API keys."""
-    path = Path(database).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o600)
-
-
-def _make_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    if not parsed.drivername.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True)
-    if not parsed.database or parsed.database == ":memory:":
-        # Each connection would see its own empty database: useless across threads and processes.
-        raise JobStoreError(f"JOBS_DB={url!r}: an in-memory SQLite database can't be shared; use a file path")
-    _prepare_sqlite_file(parsed.database)
-    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (see _on_begin).
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, across processes
-        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe with WAL
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # Writers take the write lock at BEGIN, so a read-then-write (a claim) is atomic across
-        # processes; readers (progress polling) use a deferred BEGIN and never wait for it.
-        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
-        conn.exec_driver_sql(f"BEGIN {mode}")
-
-    return engine
-
-
 class JobStore:
-    """Jobs, their tasks and per-project state in one database; safe for threads and processes.
+    """Jobs and their tasks (and, as ``projects``, per-project state); safe for threads and processes.
 
     Arguments:
-        url: a SQLAlchemy URL (``sqlite:////data/jobs.sqlite3``, ``postgresql+psycopg://...``);
-            default: ``default_url()``.
+        url: a SQLAlchemy URL (``sqlite:////data/jobs.sqlite3``, ``postgresql+psycopg://...``) or an
+            open ``Database``; default: ``default_url()``.
         clock: epoch seconds (``time.time``); tests pass another to move time.
         max_attempts: tries per task (MAX_TASK_ATTEMPTS).
     """
 
-    def __init__(self, url: str | None = None, *, clock: Callable[[], float] = time.time,
+    def __init__(self, url: str | Database | None = None, *, clock: Callable[[], float] = time.time,
                  max_attempts: int = MAX_TASK_ATTEMPTS, retry_delay_s: float = RETRY_DELAY_S) -> None:
         if max_attempts < 1:
             raise JobStoreError(f"max_attempts must be at least 1, got {max_attempts}")
-        self.url = url or default_url()
-        self.clock = clock
+        self.db = url if isinstance(url, Database) else Database(url, clock)
+        self.clock = self.db.clock
         self.max_attempts = max_attempts
         self.retry_delay_s = retry_delay_s
-        self.engine = _make_engine(self.url)
-        metadata.create_all(self.engine)  # idempotent; concurrent first starts are serialised by SQLite
+        self.engine = self.db.engine
+        self.projects = ProjectStates(self.db)  # per-project state, in the same database
+        self._write = self.db.write
+        self._read = self.db.read
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.db.close()
 
     def after_fork(self) -> None:
         """Call in a child process (gunicorn post_fork) so it opens its own connections."""
-        self.engine.dispose(close=False)
-
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn, conn.begin():
-            yield conn
+        self.db.after_fork()
 
     # -- jobs ------------------------------------------------------------------------------------------
     def create_job(self, project: str, model_version: str, tasks: Sequence[Mapping[str, Any]], *,
@@ -566,69 +439,17 @@ class JobStore:
             running=running, rate=rate, eta_s=eta, error=job["error"], errors=errors,
             created=float(job["created"]), updated=float(job["updated"]))
 
-    # -- per-project state -----------------------------------------------------------------------------
-    def project_state(self, project: str) -> StoredProjectState | None:
-        with self._read() as conn:
-            row = conn.execute(sa.select(project_state_table).where(
-                project_state_table.c.project == str(project))).mappings().first()
-        return None if row is None else _project_state(row)
-
-    def update_project_state(self, project: str, **changes: Any) -> StoredProjectState:
-        """Set some of ``remembered``, ``extra``, ``label_config``, ``credentials`` for a project (the
-        others keep their value); returns the whole state."""
-        allowed = {"remembered", "extra", "label_config", "credentials"}
-        unknown = set(changes) - allowed
-        if unknown:
-            raise TypeError(f"unknown project state fields {sorted(unknown)}; allowed: {sorted(allowed)}")
-        values: JsonObject = {k: v for k, v in changes.items() if k != "credentials"}
-        if "credentials" in changes:
-            credentials: Credentials | None = changes["credentials"]
-            values.update(ls_url=credentials.url if credentials else None,
-                          api_key=credentials.api_key if credentials else None)
-        now = self.clock()
-        p = project_state_table
-        with self._write() as conn:
-            exists = conn.execute(sa.select(p.c.project).where(p.c.project == str(project))).first()
-            if exists:
-                conn.execute(p.update().where(p.c.project == str(project)).values(updated=now, **values))
-            else:
-                conn.execute(p.insert().values(project=str(project), updated=now, **values))
-            row = conn.execute(sa.select(p).where(p.c.project == str(project))).mappings().one()
-        return _project_state(row)
-
-    def forget_project(self, project: str) -> None:
-        with self._write() as conn:
-            conn.execute(project_state_table.delete().where(project_state_table.c.project == str(project)))
-
-    def last_credentials(self) -> Credentials | None:
-        """The credentials of the project whose /setup came last (for requests naming no project)."""
-        p = project_state_table
-        with self._read() as conn:
-            row = conn.execute(sa.select(p).where(p.c.ls_url.is_not(None)).order_by(p.c.updated.desc())
-                               .limit(1)).mappings().first()
-        return None if row is None else _project_state(row).credentials
-
-
 def _claimable(now: float) -> sa.ColumnElement[bool]:
     t = job_tasks_table
     return sa.or_(sa.and_(t.c.state == PENDING, t.c.not_before <= now),
                   sa.and_(t.c.state == RUNNING, t.c.lease_expires < now))
 
 
-def _credentials(url: str | None, key: str | None, source: str | None) -> Credentials | None:
-    return None if not url else Credentials(url, key or "", source or "setup")
-
-
 def _job(row: RowMapping) -> Job:
     return Job(id=str(row["id"]), project=str(row["project"]), model_version=str(row["model_version"]),
                plan=dict(row["plan"] or {}), label_config=row["label_config"],
-               credentials=_credentials(row["ls_url"], row["api_key"], row["credentials_source"]),
+               credentials=credentials_from_row(row["ls_url"], row["api_key"], row["credentials_source"]),
                state=str(row["state"]), error=row["error"], created=float(row["created"]),
                updated=float(row["updated"]))
 
 
-def _project_state(row: RowMapping) -> StoredProjectState:
-    return StoredProjectState(project=str(row["project"]), remembered=row["remembered"], extra=row["extra"],
-                              label_config=row["label_config"],
-                              credentials=_credentials(row["ls_url"], row["api_key"], "setup"),
-                              updated=float(row["updated"]))
