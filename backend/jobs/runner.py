@@ -277,7 +277,7 @@ class JobRunner:
         """Tasks that already have a prediction of the job's version (written before a crash, or by a
         "Retrieve predictions") are done without predicting them again."""
         try:
-            have = tasks_with_prediction(client, int(job.project), list(unfinished), job.model_version)
+            have = tasks_with_prediction(client, _project_id(job), list(unfinished), job.model_version)
         except LabelStudioAuthError as exc:
             raise JobStopped(str(exc)) from exc
         except LabelStudioError as exc:  # unreachable: the write would fail too; try the batch later
@@ -330,7 +330,7 @@ class JobRunner:
                unfinished: dict[int, ClaimedTask]) -> None:
         self.store.renew(job.id, list(entries), self.worker_id, self.lease_s)
         try:
-            outcome = write_predictions(client, int(job.project), entries, job.model_version, self.chunk_size)
+            outcome = write_predictions(client, _project_id(job), entries, job.model_version, self.chunk_size)
         except LabelStudioAuthError as exc:
             raise JobStopped(str(exc)) from exc
         except LabelStudioError as exc:  # unreachable or failing: worth another try later
@@ -350,3 +350,10 @@ class JobRunner:
         state = self.store.mark_failed(job.id, item.task_id, reason, retryable=retryable, worker_id=self.worker_id)
         logger.warning("job %s: task %s attempt %d failed (%s): %s", job.id, item.task_id, item.attempts,
                        "will retry" if state == "pending" else "giving up", reason)
+
+
+def _project_id(job: Job) -> int:
+    try:
+        return int(job.project)
+    except ValueError:
+        raise JobStopped(f"the job's project {job.project!r} is not a Label Studio project id") from None
