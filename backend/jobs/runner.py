@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -53,6 +54,8 @@ DEFAULT_BATCH = 8
 # writes cost Label Studio about the same per request whatever their size (it recounts the project's
 # predictions each time), so bigger chunks are cheaper, and the age bound keeps Label Studio current.
 DEFAULT_FLUSH_S = 30.0
+# Chunks waiting for the writer thread: the predicting thread blocks beyond this (bounded memory).
+WRITE_QUEUE = 2
 # How long an idle runner sleeps before looking for work again (``wake()`` cuts it short).
 DEFAULT_POLL_S = 2.0
 
@@ -122,6 +125,11 @@ class JobRunner:
         self.poll_s = poll_s
         self.flush_s = flush_s
         self._unwritten: _Unwritten | None = None
+        # Writing a chunk costs Label Studio about as long as predicting it with the tiny models, so a
+        # writer thread stores one chunk while the next is predicted.
+        self._writes: queue.Queue[_Unwritten | None] = queue.Queue(maxsize=WRITE_QUEUE)
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
         self.worker_id = worker_id or worker_name()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -147,6 +155,7 @@ class JobRunner:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
+        self._close_writer(timeout)
 
     def wake(self) -> None:
         """Look for work now (a job was just created)."""
@@ -186,11 +195,12 @@ class JobRunner:
                     time.sleep(min(self.poll_s, 0.5))
         finally:
             self.flush()
+            self.wait_written()
 
     def run_job(self, job_id: str, on_progress: Callable[[JobProgress], None] | None = None,
                 timeout: float | None = None) -> JobProgress | None:
         """Work on one job until it is finished (or ``timeout`` s); ``on_progress`` is called after
-        each batch (a CLI's progress bar). Returns its final progress."""
+        each batch and once at the end (a CLI's progress bar). Returns its final progress."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
@@ -206,7 +216,11 @@ class JobRunner:
                     time.sleep(min(self.poll_s, 0.5))  # tasks held by others, or waiting out a back-off
         finally:
             self.flush()
-        return self.store.progress(job_id)
+            self.wait_written()
+        final = self.store.progress(job_id)
+        if on_progress is not None and final is not None:
+            on_progress(final)  # after the last write: the bar ends where the job did
+        return final
 
     def run_once(self) -> bool:
         """One batch of the oldest job with work to claim (or, with none, write what was predicted);
@@ -215,10 +229,45 @@ class JobRunner:
         return self.flush() if job is None else self._run_batch(job)
 
     def flush(self) -> bool:
-        """Write the predictions made and not yet written; False when there were none."""
+        """Hand the predictions made and not yet written to the writer thread; False when there were
+        none. ``wait_written`` waits until they are written."""
         unwritten, self._unwritten = self._unwritten, None
         if unwritten is None or not unwritten.entries:
             return False
+        self._ensure_writer()
+        self._writes.put(unwritten)
+        return True
+
+    def wait_written(self) -> None:
+        """Wait until every chunk handed to the writer thread is written (or failed)."""
+        self._writes.join()
+
+    def _ensure_writer(self) -> None:
+        with self._writer_lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write_loop, name="job-writer", daemon=True)
+                self._writer.start()
+
+    def _close_writer(self, timeout: float) -> None:
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            self._writes.put(None)
+            writer.join(timeout)
+
+    def _write_loop(self) -> None:
+        while True:
+            unwritten = self._writes.get()
+            try:
+                if unwritten is None:
+                    return
+                self._write_chunk(unwritten)
+            except Exception:  # the database is unavailable: the leases run out and others take over
+                logger.exception("job writer: could not record a chunk")
+            finally:
+                self._writes.task_done()
+
+    def _write_chunk(self, unwritten: _Unwritten) -> None:
         job = unwritten.job
         try:
             self._write(job, unwritten.client, unwritten.entries, unwritten.items)
@@ -226,15 +275,11 @@ class JobRunner:
             self._job_stopped(job, exc)
         finally:
             self.store.release(job.id, list(unwritten.items), self.worker_id)
-        return True
 
     def _job_stopped(self, job: Job, exc: JobStopped) -> None:
+        """Fail the job; the predicting thread sees it is no longer active and hands its tasks back."""
         logger.error("job %s (project %s) stopped: %s", job.id, job.project, exc)
         self.store.fail_job(job.id, str(exc))
-        unwritten = self._unwritten
-        if unwritten is not None and unwritten.job.id == job.id:  # predicted, but the job can't write
-            self._unwritten = None
-            self.store.release(job.id, list(unwritten.items), self.worker_id)
 
     # -- one batch ---------------------------------------------------------------------------------
     def _run_batch(self, job: Job) -> bool:
@@ -261,6 +306,9 @@ class JobRunner:
                     self.flush()
         except JobStopped as exc:
             self._job_stopped(job, exc)
+            unwritten, self._unwritten = self._unwritten, None
+            if unwritten is not None:  # predicted for this job, which can't write them
+                self.store.release(job.id, list(unwritten.items), self.worker_id)
         finally:
             # Whatever is still in hand (stop, cancel, a stopped job) goes back untried.
             self.store.release(job.id, list(unfinished), self.worker_id)
