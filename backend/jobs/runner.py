@@ -50,9 +50,8 @@ logger = logging.getLogger(__name__)
 
 # Tasks claimed and predicted at a time by one runner.
 DEFAULT_BATCH = 8
-# Predictions are written when DEFAULT_CHUNK of them are made, or when the oldest is this old: bulk
-# writes cost Label Studio about the same per request whatever their size (it recounts the project's
-# predictions each time), so bigger chunks are cheaper, and the age bound keeps Label Studio current.
+# Predictions are written when DEFAULT_CHUNK of them are made, or when the oldest is this old (so
+# Label Studio stays current when predicting is slow).
 DEFAULT_FLUSH_S = 30.0
 # Chunks waiting for the writer thread: the predicting thread blocks beyond this (bounded memory).
 WRITE_QUEUE = 2

@@ -33,9 +33,11 @@ from ..ls_api import (
     LabelStudioError,
 )
 
-# Predictions per bulk request: big enough to amortise Label Studio's per-request work (its legacy
-# import loads every task id of the project), small enough for one request to stay quick with masks.
-DEFAULT_CHUNK = 50
+# Predictions per bulk request. Measured on Label Studio 1.23.2 (2 shared cores): a bulk request costs
+# it ~35-65 ms per small prediction (rising with the project's size: it recounts the predictions of
+# every task) against ~300 ms for one POST /api/predictions/ per task, and ~200 ms per real-size brush
+# mask either way; so chunks need not be huge, and a small one keeps the last write of a job short.
+DEFAULT_CHUNK = 20
 # The task list is paged; Label Studio may cap page_size (TASK_API_PAGE_SIZE_MAX).
 _PAGE_SIZE = 100
 
