@@ -202,6 +202,9 @@ class JobStore:
         now = self.clock()
         project = str(project)
         with self._write() as conn:
+            if conn.dialect.name == "postgresql":  # SQLite's BEGIN IMMEDIATE already serialises this
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                             {"key": f"jobs|{project}|{model_version}"})
             held = self._held_tasks(conn, project, model_version, list(by_id))
             new = [task_id for task_id in by_id if task_id not in held]
             if not new:
