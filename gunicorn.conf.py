@@ -8,7 +8,16 @@ loaded in each worker after the fork, in the background, so /health answers at o
 
 import os
 
-bind = os.getenv("BIND") or f"{os.getenv('HOST', '0.0.0.0')}:{os.getenv('PORT', '9090')}"
+
+def default_host(env: "os._Environ[str] | dict[str, str]") -> str:
+    """HOST, else 0.0.0.0 only when basic auth is on: without it anyone who can reach the port could
+    run the models and use the backend's Label Studio key, so it listens on loopback only."""
+    if env.get("HOST"):
+        return env["HOST"]
+    return "0.0.0.0" if env.get("BASIC_AUTH_USER") and env.get("BASIC_AUTH_PASS") else "127.0.0.1"
+
+
+bind = os.getenv("BIND") or f"{default_host(os.environ)}:{os.getenv('PORT', '9090')}"
 workers = int(os.getenv("WORKERS", "1"))
 threads = int(os.getenv("THREADS", "8"))
 worker_class = "gthread"
@@ -28,3 +37,11 @@ def post_worker_init(worker):  # noqa: ANN001 - gunicorn hook signature
     from backend.ls_api import install_log_redaction
 
     install_log_redaction()
+
+
+def when_ready(server):  # noqa: ANN001 - gunicorn hook signature
+    if bind.startswith("127.0.0.1:") and not os.getenv("HOST") and not os.getenv("BIND"):
+        server.log.warning(
+            "listening on %s only (no basic auth). To accept other machines (e.g. Label Studio in a container): "
+            "set BASIC_AUTH_USER and BASIC_AUTH_PASS (then it listens on 0.0.0.0), or set HOST=0.0.0.0 explicitly",
+            bind)

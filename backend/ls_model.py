@@ -365,7 +365,6 @@ class ProjectMemory:
         self.capacity = capacity
         self._states: OrderedDict[str, ProjectState] = OrderedDict()
         self._lock = threading.Lock()
-        self._last_credentials: Credentials | None = None
 
     def get(self, key: str | None) -> ProjectState:
         if key is None:
@@ -382,18 +381,11 @@ class ProjectMemory:
             self._states.move_to_end(key)
             while len(self._states) > self.capacity:
                 self._states.popitem(last=False)
-            if changes.get("credentials") is not None:
-                self._last_credentials = changes["credentials"]
             return state
 
     def forget(self, key: str | None) -> None:
         with self._lock:
             self._states.pop(key, None)
-
-    @property
-    def last_credentials(self) -> Credentials | None:
-        with self._lock:
-            return self._last_credentials
 
 
 # -- the engine of this process ---------------------------------------------------------------------
@@ -642,9 +634,15 @@ class GroundedSamModel:
 
     # -- Label Studio access -----------------------------------------------------------------------
     def credentials_for(self, project: str | None) -> Credentials | None:
-        """LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, completed by what Label Studio sent in /setup."""
+        """How to reach Label Studio for ``project``: LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, completed
+        by what that project sent in /setup; None when neither is known.
+
+        A /setup's hostname and access_token belong to the project that sent them: another project
+        (or a request naming none) never gets them, so one /setup can't redirect everyone's fetches
+        (and the key they carry) to a host of its choosing.
+        """
         env = self.settings.credentials
-        setup = self.memory.get(project).credentials or self.memory.last_credentials
+        setup = self.memory.get(project).credentials
         if env and env.api_key:
             return env
         if env and setup and setup.api_key:  # our URL for Label Studio, its key
