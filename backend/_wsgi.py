@@ -192,12 +192,14 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
                 body["reason"] = reason
                 if holder.problems:
                     body["problems"] = holder.problems
+        # Tasks whose prediction failed since start (details: /metrics, the response's "errors", the log).
+        body["failed_tasks"] = model.stats.failed_tasks
         # Always 200: Label Studio only checks that the backend answers, and shows the body.
         return jsonify(body)
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return jsonify({})
+        return jsonify({"predictions": model.stats.snapshot()})
 
     @app.post("/setup")
     def setup() -> Response:

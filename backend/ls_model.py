@@ -597,6 +597,46 @@ class PredictOutcome:
     plan: PromptPlan
 
 
+def failed_entry(message: str, version: str) -> dict[str, Any]:
+    """The /predict entry of a task that failed: no ``result``, so Label Studio stores nothing (it skips
+    entries without one, keeping the others' positions) and the next "Retrieve predictions" asks again;
+    ``error`` says why to whoever reads the response (Label Studio ignores keys it doesn't know)."""
+    return {"error": message, "model_version": version}
+
+
+class PredictionStats:
+    """Tasks predicted since the process started, for /metrics and /health; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self._ok = 0
+        self._empty = 0
+        self._failed: dict[str, int] = {}
+
+    def record_ok(self, regions: int) -> None:
+        with self._lock:
+            self._ok += 1
+            self._empty += regions == 0
+
+    def record_failure(self, exc: BaseException) -> None:
+        with self._lock:
+            reason = type(exc).__name__
+            self._failed[reason] = self._failed.get(reason, 0) + 1
+
+    @property
+    def failed_tasks(self) -> int:
+        with self._lock:
+            return sum(self._failed.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"since": <unix time>, "tasks_predicted": n, "tasks_empty": n, "tasks_failed": n,
+        "failed_by_reason": {"FetchError": n, ...}}``; empty predictions are counted as predicted."""
+        with self._lock:
+            return {"since": round(self.started, 3), "tasks_predicted": self._ok, "tasks_empty": self._empty,
+                    "tasks_failed": sum(self._failed.values()), "failed_by_reason": dict(sorted(self._failed.items()))}
+
+
 class GroundedSamModel:
     """Grounding DINO + SAM as a Label Studio ML backend; one instance serves every project."""
 
@@ -606,6 +646,7 @@ class GroundedSamModel:
         self.settings = settings or ModelSettings()
         self.memory = memory or ProjectMemory()
         self.clients = clients or ClientRegistry(timeout=self.settings.fetch.timeout)
+        self.stats = PredictionStats()
 
     @property
     def model_version(self) -> str:
@@ -672,9 +713,10 @@ class GroundedSamModel:
 
     def predict(self, tasks: Sequence[Any], project: Any, label_config: str | None,
                 context: Any = None) -> PredictOutcome:
-        """One entry per task, in order. A task that fails gets an empty entry and an ``errors`` item;
-        with a single task and a context (interactive mode) its error is raised instead, so the
-        person who clicked sees why."""
+        """One entry per task, in order. A task that fails gets an entry without ``result``
+        (``failed_entry``: Label Studio stores nothing and retries it next time) and an ``errors``
+        item; with a single task and a context (interactive mode) its error is raised instead, so
+        the person who clicked sees why. A task that simply has no detections gets an empty result."""
         key = project_key(project)
         label_config = label_config or self.memory.get(key).label_config
         if not label_config:
@@ -701,18 +743,20 @@ class GroundedSamModel:
                     for result in entry["result"]:
                         result["meta"] = {"text": [f"Why this mask: {link}"]}
                 results.append(entry)
+                self.stats.record_ok(len(entry["result"]))
             except Exception as exc:
+                self.stats.record_failure(exc)
                 if context is not None and len(tasks) == 1:
                     raise
                 task_id = task.get("id") if isinstance(task, Mapping) else None
                 if isinstance(exc, (FetchError, ImageError, LabelStudioError, TaskDataError)):
                     message = _message(exc)
-                    logger.warning("task %s: no prediction: %s", task_id, message)
+                    logger.warning("task %s: no prediction (Label Studio will ask again): %s", task_id, message)
                 else:  # a bug or a model failure: keep the traceback, and still answer for the others
                     message = f"internal error ({type(exc).__name__}); see the server log"
-                    logger.exception("task %s: no prediction", task_id)
+                    logger.exception("task %s: no prediction (Label Studio will ask again)", task_id)
                 errors.append({"task": task_id, "error": message})
-                results.append(prediction([], [], version))
+                results.append(failed_entry(message, version))
         return PredictOutcome(results, errors, plan)
 
     def load_task(self, engine: Any, task: Any, config: LabelConfig,
