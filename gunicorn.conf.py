@@ -7,9 +7,10 @@ loaded in each worker after the fork, in the background, so /health answers at o
 """
 
 import os
+from collections.abc import Mapping
 
 
-def default_host(env: "os._Environ[str] | dict[str, str]") -> str:
+def default_host(env: Mapping[str, str]) -> str:
     """HOST, else 0.0.0.0 only when basic auth is on: without it anyone who can reach the port could
     run the models and use the backend's Label Studio key, so it listens on loopback only."""
     if env.get("HOST"):
@@ -20,7 +21,9 @@ def default_host(env: "os._Environ[str] | dict[str, str]") -> str:
 bind = os.getenv("BIND") or f"{default_host(os.environ)}:{os.getenv('PORT', '9090')}"
 workers = int(os.getenv("WORKERS", "1"))
 threads = int(os.getenv("THREADS", "8"))
-worker_class = "gthread"
+# gthread, except that requests are read in the event loop (a slow or silent client holds no thread)
+# and /health, /setup, /metrics have their own threads: see backend/gunicorn_worker.py.
+worker_class = "backend.gunicorn_worker.BufferingThreadWorker"
 # The gthread main loop keeps notifying while requests run in threads, so this only catches a
 # wedged worker; a long batch prediction is not cut short by it.
 timeout = int(os.getenv("GUNICORN_TIMEOUT", "120"))
@@ -39,7 +42,7 @@ def post_worker_init(worker):  # noqa: ANN001 - gunicorn hook signature
     install_log_redaction()
 
 
-def when_ready(server):  # noqa: ANN001 - gunicorn hook signature
+def when_ready(server):  # gunicorn hook signature
     if bind.startswith("127.0.0.1:") and not os.getenv("HOST") and not os.getenv("BIND"):
         server.log.warning(
             "listening on %s only (no basic auth). To accept other machines (e.g. Label Studio in a container): "

@@ -398,7 +398,10 @@ def import_model_code() -> None:
     for name in ("segment_anything", "segment_anything.build_sam", "groundingdino.models",
                  "groundingdino.util.slconfig", "groundingdino.util.misc", "groundingdino.datasets.transforms",
                  "groundingdino.models.GroundingDINO.bertwarper",
-                 "groundingdino.models.GroundingDINO.backbone.swin_transformer", "mobile_sam.build_sam"):
+                 "groundingdino.models.GroundingDINO.backbone.swin_transformer", "mobile_sam.build_sam",
+                 # /setup parses the schema with it: a first import (~1 s, more on a busy machine) must
+                 # not eat Label Studio's 3 s /setup timeout.
+                 "label_studio_sdk.label_interface", "label_studio_sdk.converter.brush"):
         try:
             importlib.import_module(name)
         except ImportError:  # MobileSAM is optional; a missing package is reported by the loader
