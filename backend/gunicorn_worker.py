@@ -58,6 +58,7 @@ class PendingRequest:
     body_length: int | None = None  # Content-Length; None for chunked or no body
     chunked: bool = False
     continue_sent: bool = False
+    passed_early: bool = False  # complete before its body arrived (too big or malformed): close after it
 
     def headers(self) -> dict[bytes, bytes]:
         lines = bytes(self.data[: self.header_end]).split(b"\r\n")[1:]
@@ -75,16 +76,19 @@ class PendingRequest:
         if self.header_end < 0:
             end = self.data.find(_HEADER_END)
             if end < 0:
-                return len(self.data) > _MAX_HEADER_BYTES, False
+                self.passed_early = len(self.data) > _MAX_HEADER_BYTES
+                return self.passed_early, False
             self.header_end = end + len(_HEADER_END)
             headers = self.headers()
             self.chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
             length = headers.get(b"content-length")
             if length is not None and not self.chunked:
                 if not length.isdigit():
+                    self.passed_early = True
                     return True, False  # malformed: the parser says 400
                 self.body_length = int(length)
                 if self.body_length > max_body:
+                    self.passed_early = True
                     return True, False  # the app answers 413 without reading it
             wants = headers.get(b"expect", b"").lower() == b"100-continue" and (self.chunked or bool(self.body_length))
             if wants and not self.continue_sent:
@@ -95,7 +99,10 @@ class PendingRequest:
     def _complete(self, max_body: int) -> bool:
         body = len(self.data) - self.header_end
         if self.chunked:
-            return body > max_body or _chunked_done(self.data, self.header_end)
+            if body > max_body:
+                self.passed_early = True
+                return True
+            return _chunked_done(self.data, self.header_end)
         return body >= (self.body_length or 0)
 
 
@@ -203,14 +210,21 @@ class BufferingThreadWorker(ThreadWorker):
             with self._lock:
                 self.poller.unregister(client)
             self._forget(conn)
-            self._dispatch(conn, bytes(pending.data), pending.path())
+            self._dispatch(conn, bytes(pending.data), pending.path(), close_after=pending.passed_early)
 
-    def _dispatch(self, conn: TConn, data: bytes, path: str) -> None:
+    def _dispatch(self, conn: TConn, data: bytes, path: str, close_after: bool = False) -> None:
+        # A request passed on before its body arrived is answered and closed: keeping the connection
+        # would have a thread read (and discard) the rest of that body at the client's pace.
+        conn.close_after = close_after
         conn.init()  # blocking socket, and the parser (kept across a kept-alive connection's requests)
         conn.parser.unreader.unread(data)  # the parser reads what we buffered before the socket
         pool = self.control_pool if path in CONTROL_PATHS and self.control_pool is not None else self.tpool
         future = pool.submit(self.handle, conn)
         self._wrap_future(future, conn)
+
+    def handle(self, conn: TConn) -> tuple[bool, TConn]:
+        keepalive, conn = super().handle(conn)
+        return (keepalive and not getattr(conn, "close_after", False)), conn
 
     def enqueue_req(self, conn: TConn) -> None:  # not reached: every request goes through _dispatch
         self._dispatch(conn, b"", "")

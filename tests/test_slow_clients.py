@@ -211,6 +211,19 @@ def test_chunked_and_expect_continue_requests_are_buffered_and_answered(server):
     assert b"HTTP/1.1 200" in answer and b"model_version" in answer, answer
 
 
+def test_a_body_over_the_limit_gets_413_at_once_and_the_connection_closes(server):
+    """Not buffered (it could never be accepted): answered from its headers, then closed, so no thread
+    reads the rest of the body at the client's pace."""
+    host, port = server.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /setup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 999999999999\r\n\r\n{")
+        answer = _read_all(sock)  # returns when the server closes the connection
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert time.monotonic() - started < 5
+
+
 def _read_all(sock: socket.socket) -> bytes:
     data = b""
     while chunk := sock.recv(65536):
