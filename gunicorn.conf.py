@@ -7,18 +7,11 @@ loaded in each worker after the fork, in the background, so /health answers at o
 """
 
 import os
-from collections.abc import Mapping
 
+from backend.gunicorn_worker import listen_host
 
-def default_host(env: Mapping[str, str]) -> str:
-    """HOST, else 0.0.0.0 only when basic auth is on: without it anyone who can reach the port could
-    run the models and use the backend's Label Studio key, so it listens on loopback only."""
-    if env.get("HOST"):
-        return env["HOST"]
-    return "0.0.0.0" if env.get("BASIC_AUTH_USER") and env.get("BASIC_AUTH_PASS") else "127.0.0.1"
-
-
-bind = os.getenv("BIND") or f"{default_host(os.environ)}:{os.getenv('PORT', '9090')}"
+# HOST, else 0.0.0.0 with basic auth and 127.0.0.1 without (listen_host says why).
+bind = os.getenv("BIND") or f"{listen_host(os.environ)}:{os.getenv('PORT', '9090')}"
 workers = int(os.getenv("WORKERS", "1"))
 threads = int(os.getenv("THREADS", "8"))
 # gthread, except that requests are read in the event loop (a slow or silent client holds no thread)

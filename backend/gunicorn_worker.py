@@ -24,6 +24,7 @@ import os
 import re
 import selectors
 import time
+from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +36,15 @@ CONTROL_PATHS = frozenset({"/", "/health", "/metrics", "/setup"})
 _HEADER_END = b"\r\n\r\n"
 _MAX_HEADER_BYTES = 64 * 1024  # gunicorn's own limits (request line 4094, 100 fields of 8190) are lower
 _REQUEST_LINE = re.compile(rb"^[A-Z]+ +([^ ?#\r\n]*)")
+
+
+def listen_host(env: Mapping[str, str]) -> str:
+    """Where the backend listens by default: HOST, else 0.0.0.0 only when basic auth is on. Without it,
+    anyone who can reach the port could run the models and have the backend fetch with its Label
+    Studio key, so it listens on loopback only (gunicorn.conf.py, ``python -m backend._wsgi``)."""
+    if env.get("HOST"):
+        return env["HOST"]
+    return "0.0.0.0" if env.get("BASIC_AUTH_USER") and env.get("BASIC_AUTH_PASS") else "127.0.0.1"
 
 
 def _env_number(name: str, default: float) -> float:
