@@ -195,12 +195,14 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
                 body["reason"] = reason
                 if holder.problems:
                     body["problems"] = holder.problems
+        # Tasks whose prediction failed since start (details: /metrics, the response's "errors", the log).
+        body["failed_tasks"] = model.stats.failed_tasks
         # Always 200: Label Studio only checks that the backend answers, and shows the body.
         return jsonify(body)
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return jsonify({})
+        return jsonify({"predictions": model.stats.snapshot()})
 
     @app.post("/setup")
     def setup() -> Response:
@@ -287,7 +289,10 @@ def __getattr__(name: str) -> Any:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Grounded SAM ML backend for Label Studio (dev server)")
     parser.add_argument("-p", "--port", type=int, default=int(os.getenv("PORT", "9090")), help="server port")
-    parser.add_argument("--host", default=os.getenv("HOST", "0.0.0.0"), help="server host")
+    from .gunicorn_worker import listen_host
+
+    parser.add_argument("--host", default=listen_host(os.environ),
+                        help="server host (default: HOST, else 0.0.0.0 with basic auth, 127.0.0.1 without)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
     parser.add_argument("-d", "--debug", action="store_true", help="Flask debug mode (no reloader)")
     args = parser.parse_args(argv)

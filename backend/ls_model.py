@@ -365,7 +365,6 @@ class ProjectMemory:
         self.capacity = capacity
         self._states: OrderedDict[str, ProjectState] = OrderedDict()
         self._lock = threading.Lock()
-        self._last_credentials: Credentials | None = None
 
     def get(self, key: str | None) -> ProjectState:
         if key is None:
@@ -382,18 +381,11 @@ class ProjectMemory:
             self._states.move_to_end(key)
             while len(self._states) > self.capacity:
                 self._states.popitem(last=False)
-            if changes.get("credentials") is not None:
-                self._last_credentials = changes["credentials"]
             return state
 
     def forget(self, key: str | None) -> None:
         with self._lock:
             self._states.pop(key, None)
-
-    @property
-    def last_credentials(self) -> Credentials | None:
-        with self._lock:
-            return self._last_credentials
 
 
 # -- the engine of this process ---------------------------------------------------------------------
@@ -406,7 +398,10 @@ def import_model_code() -> None:
     for name in ("segment_anything", "segment_anything.build_sam", "groundingdino.models",
                  "groundingdino.util.slconfig", "groundingdino.util.misc", "groundingdino.datasets.transforms",
                  "groundingdino.models.GroundingDINO.bertwarper",
-                 "groundingdino.models.GroundingDINO.backbone.swin_transformer", "mobile_sam.build_sam"):
+                 "groundingdino.models.GroundingDINO.backbone.swin_transformer", "mobile_sam.build_sam",
+                 # /setup parses the schema with it: a first import (~1 s, more on a busy machine) must
+                 # not eat Label Studio's 3 s /setup timeout.
+                 "label_studio_sdk.label_interface", "label_studio_sdk.converter.brush"):
         try:
             importlib.import_module(name)
         except ImportError:  # MobileSAM is optional; a missing package is reported by the loader
@@ -605,6 +600,46 @@ class PredictOutcome:
     plan: PromptPlan
 
 
+def failed_entry(message: str, version: str) -> dict[str, Any]:
+    """The /predict entry of a task that failed: no ``result``, so Label Studio stores nothing (it skips
+    entries without one, keeping the others' positions) and the next "Retrieve predictions" asks again;
+    ``error`` says why to whoever reads the response (Label Studio ignores keys it doesn't know)."""
+    return {"error": message, "model_version": version}
+
+
+class PredictionStats:
+    """Tasks predicted since the process started, for /metrics and /health; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self._ok = 0
+        self._empty = 0
+        self._failed: dict[str, int] = {}
+
+    def record_ok(self, regions: int) -> None:
+        with self._lock:
+            self._ok += 1
+            self._empty += regions == 0
+
+    def record_failure(self, exc: BaseException) -> None:
+        with self._lock:
+            reason = type(exc).__name__
+            self._failed[reason] = self._failed.get(reason, 0) + 1
+
+    @property
+    def failed_tasks(self) -> int:
+        with self._lock:
+            return sum(self._failed.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"since": <unix time>, "tasks_predicted": n, "tasks_empty": n, "tasks_failed": n,
+        "failed_by_reason": {"FetchError": n, ...}}``; empty predictions are counted as predicted."""
+        with self._lock:
+            return {"since": round(self.started, 3), "tasks_predicted": self._ok, "tasks_empty": self._empty,
+                    "tasks_failed": sum(self._failed.values()), "failed_by_reason": dict(sorted(self._failed.items()))}
+
+
 class GroundedSamModel:
     """Grounding DINO + SAM as a Label Studio ML backend; one instance serves every project."""
 
@@ -614,6 +649,7 @@ class GroundedSamModel:
         self.settings = settings or ModelSettings()
         self.memory = memory or ProjectMemory()
         self.clients = clients or ClientRegistry(timeout=self.settings.fetch.timeout)
+        self.stats = PredictionStats()
 
     @property
     def model_version(self) -> str:
@@ -642,9 +678,15 @@ class GroundedSamModel:
 
     # -- Label Studio access -----------------------------------------------------------------------
     def credentials_for(self, project: str | None) -> Credentials | None:
-        """LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, completed by what Label Studio sent in /setup."""
+        """How to reach Label Studio for ``project``: LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, completed
+        by what that project sent in /setup; None when neither is known.
+
+        A /setup's hostname and access_token belong to the project that sent them: another project
+        (or a request naming none) never gets them, so one /setup can't redirect everyone's fetches
+        (and the key they carry) to a host of its choosing.
+        """
         env = self.settings.credentials
-        setup = self.memory.get(project).credentials or self.memory.last_credentials
+        setup = self.memory.get(project).credentials
         if env and env.api_key:
             return env
         if env and setup and setup.api_key:  # our URL for Label Studio, its key
@@ -674,9 +716,10 @@ class GroundedSamModel:
 
     def predict(self, tasks: Sequence[Any], project: Any, label_config: str | None,
                 context: Any = None) -> PredictOutcome:
-        """One entry per task, in order. A task that fails gets an empty entry and an ``errors`` item;
-        with a single task and a context (interactive mode) its error is raised instead, so the
-        person who clicked sees why."""
+        """One entry per task, in order. A task that fails gets an entry without ``result``
+        (``failed_entry``: Label Studio stores nothing and retries it next time) and an ``errors``
+        item; with a single task and a context (interactive mode) its error is raised instead, so
+        the person who clicked sees why. A task that simply has no detections gets an empty result."""
         key = project_key(project)
         label_config = label_config or self.memory.get(key).label_config
         if not label_config:
@@ -703,18 +746,20 @@ class GroundedSamModel:
                     for result in entry["result"]:
                         result["meta"] = {"text": [f"Why this mask: {link}"]}
                 results.append(entry)
+                self.stats.record_ok(len(entry["result"]))
             except Exception as exc:
+                self.stats.record_failure(exc)
                 if context is not None and len(tasks) == 1:
                     raise
                 task_id = task.get("id") if isinstance(task, Mapping) else None
                 if isinstance(exc, (FetchError, ImageError, LabelStudioError, TaskDataError)):
                     message = _message(exc)
-                    logger.warning("task %s: no prediction: %s", task_id, message)
+                    logger.warning("task %s: no prediction (Label Studio will ask again): %s", task_id, message)
                 else:  # a bug or a model failure: keep the traceback, and still answer for the others
                     message = f"internal error ({type(exc).__name__}); see the server log"
-                    logger.exception("task %s: no prediction", task_id)
+                    logger.exception("task %s: no prediction (Label Studio will ask again)", task_id)
                 errors.append({"task": task_id, "error": message})
-                results.append(prediction([], [], version))
+                results.append(failed_entry(message, version))
         return PredictOutcome(results, errors, plan)
 
     def load_task(self, engine: Any, task: Any, config: LabelConfig,
