@@ -21,8 +21,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import requests
 
@@ -138,7 +139,7 @@ def preannotate(api: ProjectApi, model: Any, batch_size: int = 8, limit: int | N
     def flush() -> None:
         outcome = model.predict(pending, project=key, label_config=config)
         failed = {e["task"]: e["error"] for e in outcome.errors}
-        for task, entry in zip(pending, outcome.results):
+        for task, entry in zip(pending, outcome.results, strict=True):
             task_id = task["id"]
             try:
                 if task_id in failed:

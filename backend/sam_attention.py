@@ -27,18 +27,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from segment_anything.modeling.image_encoder import get_rel_pos
+from torch import nn
 
 __all__ = [
     "EncoderBlockAttention",
@@ -90,7 +90,7 @@ class EncoderBlockAttention:
     # float32. Each map sums to 1.
     received: np.ndarray
     # The head-averaged matrix itself, (B, N, N) float16 with N = H_tok * W_tok; None unless kept.
-    matrix: Optional[np.ndarray] = None
+    matrix: np.ndarray | None = None
 
 
 @dataclass
@@ -140,7 +140,7 @@ class DecoderAttentionCapture:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _patched_class(stock: type, patch: type) -> type:
     # One subclass per (stock class, patch), so a patched module stays an instance of its stock class
     # and repeated patching yields the same type.
@@ -236,7 +236,7 @@ def use_stock_attention(image_encoder: nn.Module) -> None:
         _swap_out(block.attn)
 
 
-def _resolve_blocks(blocks: Sequence[nn.Module], which: Union[None, str, Sequence[int]]) -> tuple[int, ...]:
+def _resolve_blocks(blocks: Sequence[nn.Module], which: None | str | Sequence[int]) -> tuple[int, ...]:
     global_indices = [i for i, b in enumerate(blocks) if b.window_size == 0]
     if not global_indices:
         raise ValueError("the encoder has no global-attention blocks (window_size == 0) to capture")
@@ -263,7 +263,7 @@ def _resolve_blocks(blocks: Sequence[nn.Module], which: Union[None, str, Sequenc
 @contextlib.contextmanager
 def capture_encoder_attention(
     image_encoder: nn.Module,
-    blocks: Union[None, str, Sequence[int]] = None,
+    blocks: None | str | Sequence[int] = None,
     *,
     keep_matrix: bool = True,
     head_chunk: int = 1,
@@ -339,7 +339,7 @@ def _sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel: Optional[tuple[torch.Tensor, torch.Tensor]],
+    rel: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float,
 ) -> torch.Tensor:
     b, heads, n, _ = q.shape
@@ -367,7 +367,7 @@ def _attend_and_capture(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel: Optional[tuple[torch.Tensor, torch.Tensor]],
+    rel: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float,
     size: tuple[int, int],
     head_chunk: int,
@@ -517,8 +517,8 @@ def capture_decoder_attention(mask_decoder: nn.Module) -> Iterator[DecoderAttent
 def mask_token_maps(
     capture: DecoderAttentionCapture,
     multimask_output: bool = False,
-    selected: Optional[Sequence[int]] = None,
-    grid: Optional[tuple[int, int]] = None,
+    selected: Sequence[int] | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Per prompt, the image-embedding attention of the mask token behind the returned mask.
 

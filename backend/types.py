@@ -42,7 +42,7 @@ class Segment:
     token_scores: tuple[tuple[str, float], ...] = ()
 
     @classmethod
-    def from_detection(cls, detection: Detection, mask: np.ndarray, predicted_iou: float) -> "Segment":
+    def from_detection(cls, detection: Detection, mask: np.ndarray, predicted_iou: float) -> Segment:
         return cls(
             label=detection.label,
             box=detection.box,

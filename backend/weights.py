@@ -20,13 +20,12 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from .config import (
-    DEFAULT_CACHE_DIR, DINO_CHECKPOINTS, REPO_ROOT, SAM_CHECKPOINTS, TEXT_ENCODER_DIR, EngineConfig,
-)
+from .config import DEFAULT_CACHE_DIR, DINO_CHECKPOINTS, REPO_ROOT, SAM_CHECKPOINTS, TEXT_ENCODER_DIR, EngineConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import gradio as gr
 
@@ -36,7 +37,7 @@ class UISettings:
     text_threshold: float = EngineConfig.text_threshold
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "UISettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> UISettings:
         env = os.environ if env is None else env
         auth = None
         if env.get("EXPLAIN_UI_AUTH"):

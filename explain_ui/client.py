@@ -17,8 +17,9 @@ import base64
 import binascii
 import io
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import requests
@@ -114,7 +115,7 @@ class BackendClient:
     connect_timeout: float = 5.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "BackendClient":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BackendClient:
         env = os.environ if env is None else env
         user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
         base_url = (env.get("BACKEND_URL") or DEFAULT_BACKEND_URL).strip().rstrip("/")
@@ -123,7 +124,8 @@ class BackendClient:
         try:
             timeout = float(env.get("EXPLAIN_UI_TIMEOUT") or cls.timeout)
         except ValueError:
-            raise ValueError(f"EXPLAIN_UI_TIMEOUT must be a number of seconds, got {env['EXPLAIN_UI_TIMEOUT']!r}") from None
+            raise ValueError(
+                f"EXPLAIN_UI_TIMEOUT must be a number of seconds, got {env['EXPLAIN_UI_TIMEOUT']!r}") from None
         return cls(base_url=base_url, auth=(user, password) if user else None, timeout=timeout)
 
     # -- plumbing --
@@ -210,6 +212,7 @@ def _error_message(response: requests.Response) -> str:
     if isinstance(body, dict) and body.get("error"):
         return str(body["error"])
     if response.status_code == 404:
-        return f"the backend has no {response.request.method} {response.request.path_url} (HTTP 404): is BACKEND_URL right and the backend up to date?"
+        return (f"the backend has no {response.request.method} {response.request.path_url} (HTTP 404): "
+                "is BACKEND_URL right and the backend up to date?")
     text = " ".join(response.text.split())[:300]
     return f"the backend answered HTTP {response.status_code} {response.reason}" + (f": {text}" if text else "")

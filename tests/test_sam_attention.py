@@ -355,7 +355,8 @@ def _decoder_inputs(sam, n_boxes: int = 2, seed: int = 3):
     with torch.no_grad():
         sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
         pe = sam.prompt_encoder.get_dense_pe()
-    return dict(image_embeddings=embeddings, image_pe=pe, sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+    return dict(image_embeddings=embeddings, image_pe=pe, sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense)
 
 
 def _check_decoder_capture(sam):
