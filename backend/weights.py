@@ -418,12 +418,13 @@ def force_offline() -> None:
     """Make transformers / huggingface_hub use local files only; call before building models."""
     os.environ.update(OFFLINE_ENV)
     # Both libraries read the variables once, at import; fix the copies of any already imported.
+    # (Set through the module's namespace: module objects are typed read-only for unknown names.)
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
-        constants.HF_HUB_OFFLINE = True
+        vars(constants)["HF_HUB_OFFLINE"] = True
     hub = sys.modules.get("transformers.utils.hub")
     if hub is not None and hasattr(hub, "_is_offline_mode"):
-        hub._is_offline_mode = True
+        vars(hub)["_is_offline_mode"] = True
 
 
 # -- command line ----------------------------------------------------------------------------

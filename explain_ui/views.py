@@ -17,7 +17,7 @@ from PIL import Image
 
 from backend.images import ImageError, load_rgb
 from backend.render import draw_segments
-from backend.types import Segment
+from backend.types import Segment, as_box
 
 from .client import BackendClient, BackendError, decode_ls_brush, decode_mask, decode_png
 
@@ -104,8 +104,12 @@ def segments_from_json(items: Sequence[Mapping[str, Any]], rgb: np.ndarray) -> l
         if mask.shape != rgb.shape[:2]:
             raise BackendError(f"the backend sent a {mask.shape[1]}x{mask.shape[0]} mask for a "
                                f"{rgb.shape[1]}x{rgb.shape[0]} image")
+        try:
+            box = as_box(item["box"])
+        except (TypeError, ValueError) as exc:
+            raise BackendError(f"the backend sent a bad segment box ({exc})") from exc
         segments.append(Segment(
-            label=str(item["label"]), box=tuple(float(v) for v in item["box"]), score=float(item["score"]),
+            label=str(item["label"]), box=box, score=float(item["score"]),
             predicted_iou=float(item.get("predicted_iou", item.get("iou", 0.0))), mask=mask,
             phrase_scores=dict(item.get("phrase_scores") or {}),
             token_scores=tuple((str(t), float(s)) for t, s in item.get("token_scores") or ()),
@@ -296,14 +300,16 @@ def _newest(predictions: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | Non
 
 def stored_segments(prediction: Mapping[str, Any] | None, rgb: np.ndarray) -> list[Segment]:
     """The brush masks of a stored Label Studio prediction as Segments (boxes from the masks)."""
+    if prediction is None:
+        return []
     segments = []
-    for result in (prediction or {}).get("result") or []:
+    for result in prediction.get("result") or []:
         if result.get("type") != "brushlabels":
             continue
         mask = decode_ls_brush(result)
         if mask.shape != rgb.shape[:2]:
             # Stored at another size (the image changed since): scale to the image we show.
-            mask = np.asarray(Image.fromarray(mask).resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST))
+            mask = np.asarray(Image.fromarray(mask).resize((rgb.shape[1], rgb.shape[0]), Image.Resampling.NEAREST))
         ys, xs = np.nonzero(mask)
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)) if xs.size else (0.0,) * 4
         labels = (result.get("value") or {}).get("brushlabels") or ["?"]
