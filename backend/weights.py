@@ -23,9 +23,12 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_CACHE_DIR, DINO_CHECKPOINTS, REPO_ROOT, SAM_CHECKPOINTS, TEXT_ENCODER_DIR, EngineConfig
+
+if TYPE_CHECKING:  # requests is imported where it is used: only downloads need it
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +310,7 @@ class _Retry(Exception):
 
 def download(entries: Iterable[ManifestEntry], cache_dir: Path, *, base_url: str | None = None,
              retries: int = 3, backoff_s: float = 2.0, timeout_s: float = 60.0, progress: bool = True,
-             session: Any = None) -> list[Path]:
+             session: requests.Session | None = None) -> list[Path]:
     """Fetch every entry not already verified into ``cache_dir``; returns the paths downloaded.
 
     Each file streams into ``<name>.part`` (resumed with an HTTP Range after a dropped connection), is
@@ -329,7 +332,7 @@ def download(entries: Iterable[ManifestEntry], cache_dir: Path, *, base_url: str
     return done
 
 
-def _download_one(entry: ManifestEntry, dest: Path, url: str, session: Any, retries: int,
+def _download_one(entry: ManifestEntry, dest: Path, url: str, session: requests.Session, retries: int,
                   backoff_s: float, timeout_s: float, progress: bool) -> None:
     import requests
 
@@ -367,7 +370,8 @@ def _download_one(entry: ManifestEntry, dest: Path, url: str, session: Any, retr
         warnings.warn(message, stacklevel=3)
 
 
-def _fetch(entry: ManifestEntry, part: Path, url: str, session: Any, timeout_s: float, progress: bool) -> str:
+def _fetch(entry: ManifestEntry, part: Path, url: str, session: requests.Session, timeout_s: float,
+           progress: bool) -> str:
     """Append the rest of ``url`` to ``part``; returns the sha256 of the whole part file."""
     from tqdm import tqdm
 
