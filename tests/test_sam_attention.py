@@ -397,6 +397,7 @@ def test_decoder_capture_segment_anything(tiny_sam):
     _check_decoder_capture(tiny_sam)
 
 
+@pytest.mark.integration  # builds MobileSAM inline (no model fixture): ~20 s on CPU
 def test_mobile_sam_decoder_capture_and_encoder_refusal():
     from mobile_sam import build_sam_vit_t
 
