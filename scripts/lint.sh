@@ -9,5 +9,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${VENV:-$ROOT/.venv}"  # the same override as scripts/setup_venv.sh
 
-"$VENV/bin/ruff" check --no-cache .
-"$VENV/bin/mypy"
+# Both run, so one pass shows every finding; either failing fails the gate.
+status=0
+"$VENV/bin/ruff" check --no-cache . || status=1
+"$VENV/bin/mypy" || status=1
+exit "$status"
