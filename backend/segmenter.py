@@ -7,14 +7,17 @@ embedding is a value the caller holds (and caches), so threads never share per-i
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from . import sam_attention
+
+if TYPE_CHECKING:
+    from .models import SamModel
 
 DECODE_CHUNK = 32  # boxes per decoder call: bounds memory of full-resolution mask logits
 
@@ -52,7 +55,7 @@ class Decoded:
 class SamSegmenter:
     """Wraps a loaded Sam (segment_anything or MobileSAM) model."""
 
-    def __init__(self, sam: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, sam: SamModel, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.sam = sam.to(device).eval()
         self.device = device
         self.dtype = dtype
@@ -81,7 +84,8 @@ class SamSegmenter:
         """
         x, input_size = self.preprocess(image)
         encoder = self.sam.image_encoder
-        attention, notes = None, ()
+        attention = None
+        notes: tuple[str, ...] = ()
         with self._autocast():
             if capture_attention and self.has_global_attention:
                 with sam_attention.capture_encoder_attention(encoder, "global", keep_matrix=True) as capture:
@@ -136,6 +140,6 @@ class SamSegmenter:
                 ious.append(iou[:, 0].float().cpu().numpy())
         decoder_maps = None
         if capture is not None:
-            decoder_maps = sam_attention.mask_token_maps(capture, multimask_output=False,
-                                                         grid=tuple(embedding.features.shape[-2:]))
+            grid_h, grid_w = embedding.features.shape[-2:]
+            decoder_maps = sam_attention.mask_token_maps(capture, multimask_output=False, grid=(grid_h, grid_w))
         return Decoded(np.concatenate(masks), np.concatenate(ious), decoder_maps)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image
+
+
+def as_box(values: Iterable[float]) -> Box:
+    """Four numbers (a tensor row, a JSON list) as a ``Box`` of floats; ValueError for another count."""
+    numbers = tuple(float(v) for v in values)
+    if len(numbers) != 4:
+        raise ValueError(f"a box is 4 numbers (x0, y0, x1, y1), got {len(numbers)}")
+    return numbers[0], numbers[1], numbers[2], numbers[3]
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class Segment:
     token_scores: tuple[tuple[str, float], ...] = ()
 
     @classmethod
-    def from_detection(cls, detection: Detection, mask: np.ndarray, predicted_iou: float) -> "Segment":
+    def from_detection(cls, detection: Detection, mask: np.ndarray, predicted_iou: float) -> Segment:
         return cls(
             label=detection.label,
             box=detection.box,

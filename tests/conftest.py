@@ -54,5 +54,6 @@ def chelsea() -> np.ndarray:
     return skimage.data.chelsea()  # 300 x 451 RGB photo (non-square: catches transposed geometry)
 
 
-# Real Label Studio fixture (`label_studio`), see tests/conftest_ls.py.
-pytest_plugins = ["tests.conftest_ls"]
+# Real Label Studio fixture (`label_studio`), see tests/conftest_ls.py; unit/integration/e2e markers
+# from each test's fixtures, see tests/markers.py.
+pytest_plugins = ["tests.conftest_ls", "tests.markers"]

@@ -7,7 +7,6 @@ from the same engine called in this process. The task test drives a real Label S
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import gradio as gr
@@ -48,7 +47,7 @@ def test_segment_fills_image_and_gallery(client, quick_engine, chelsea):
     expected = quick_engine.segment(chelsea, ["cat", "rocket"], BOX, TEXT)
     assert len(expected) >= 1, "the tiny engine finds boxes at these thresholds"
     assert [s.label for s in result.segments] == [s.label for s in expected]
-    for got, want in zip(result.segments, expected):
+    for got, want in zip(result.segments, expected, strict=True):
         assert np.array_equal(got.mask, want.mask)
         assert got.score == pytest.approx(want.score, abs=1e-6)
 
@@ -60,7 +59,7 @@ def test_segment_fills_image_and_gallery(client, quick_engine, chelsea):
 
     gallery = result.mask_gallery()
     assert len(gallery) == len(expected)
-    for (image, caption), segment in zip(gallery, expected):
+    for (image, caption), segment in zip(gallery, expected, strict=True):
         assert image.shape == chelsea.shape
         assert np.array_equal(image[segment.mask], chelsea[segment.mask])
         assert segment.label in caption and f"{segment.score:.2f}" in caption
@@ -197,7 +196,7 @@ def test_task_tab_against_real_label_studio(label_studio, quick_engine, chelsea,
         loaded = views.load_task(client, task_id, str(project))
         stored = [s for s in body["segments"] if s["area"] > 0]  # empty masks make no brush result
         assert [s.label for s in loaded.stored.segments] == [s["label"] for s in stored]
-        for segment, item in zip(loaded.stored.segments, stored):
+        for segment, item in zip(loaded.stored.segments, stored, strict=True):
             assert np.array_equal(segment.mask, views.segments_from_json([item], loaded.rgb)[0].mask)
         assert "1 stored prediction" in loaded.info
         assert loaded.stored.overlay().shape == loaded.rgb.shape

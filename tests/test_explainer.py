@@ -47,7 +47,7 @@ def test_capture_does_not_change_masks(engine, engine_config, explanation, chels
     plain = Engine(dataclasses.replace(engine_config, explanations=False))
     segments = plain.segment(chelsea, PROMPT, **THRESHOLDS)
     assert segments and len(segments) == len(explanation.segments)
-    for ours, theirs in zip(explanation.segments, segments):
+    for ours, theirs in zip(explanation.segments, segments, strict=True):
         assert ours.label == theirs.label and ours.box == pytest.approx(theirs.box)
         # The capturing attention computes softmax explicitly where the plain one uses SDPA: the
         # same numbers up to float rounding, so at most a pixel sitting on the threshold may flip.
@@ -76,7 +76,7 @@ def test_explanation_structure_and_math(engine, explanation, chelsea):
     assert last_block.block_index == global_blocks[-1] == len(encoder.blocks) - 1
     matrix = last_block.matrix[0].astype(np.float64)
     assert len(explanation.masks) == len(explanation.segments) > 0
-    for segment, mask in zip(explanation.segments, explanation.masks):
+    for segment, mask in zip(explanation.segments, explanation.masks, strict=True):
         # Decoder map: softmax over image tokens averaged over heads -> a distribution over the grid.
         assert mask.decoder_map.shape == grid
         assert mask.decoder_map.min() >= 0 and mask.decoder_map.sum() == pytest.approx(1.0, abs=1e-3)

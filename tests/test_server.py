@@ -138,7 +138,7 @@ def assert_matches_engine(entry: dict, engine, image: bytes, prompt: list[str], 
     target = parse_label_config(config).targets[0]
     brushes = brush_regions(entry)
     assert len(brushes) == len(segments)
-    for result, segment in zip(brushes, segments):
+    for result, segment in zip(brushes, segments, strict=True):
         assert result["value"]["format"] == "rle"
         assert (result["original_width"], result["original_height"]) == (rgb.shape[1], rgb.shape[0])
         assert np.array_equal(decode_brush(result), segment.mask)
@@ -224,7 +224,7 @@ def test_batch_with_bad_tasks_answers_every_task_in_order(quick_engine, fake_ls,
     boxes = [r for r in entry["result"] if r["type"] == "rectanglelabels"]
     assert len(boxes) == len(segments)
     height, width = rgb_of(good_data).shape[:2]
-    for result, segment in zip(boxes, segments):
+    for result, segment in zip(boxes, segments, strict=True):
         expected = {"CAT": "CAT", "car": "Vehicle", "truck": "Vehicle"}[segment.label]
         assert result["value"]["rectanglelabels"] == [expected]
         assert result["value"]["x"] == pytest.approx(segment.box[0] / width * 100, abs=1e-3)
@@ -442,7 +442,7 @@ def test_api_explain_json_and_cache(client, quick_engine, monkeypatch):
     assert [b["kind"] for b in blocks] == ["global"] * (len(blocks) - 1) + ["last"]
     for block in blocks:
         rgb_png(block["heatmap_png"]), rgb_png(block["overlay_png"])
-    for i, (mask, segment) in enumerate(zip(body["masks"], body["segments"])):
+    for i, (mask, segment) in enumerate(zip(body["masks"], body["segments"], strict=True)):
         assert (mask["index"], mask["label"], mask["score"]) == (i, segment["label"], segment["score"])
         assert mask["iou"] == segment["predicted_iou"]
         rgb_png(mask["decoder_heatmap_png"]), rgb_png(mask["decoder_overlay_png"])
@@ -484,7 +484,8 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
     assert body["prompt_phrases"] == LABEL_PROMPT
     assert [s["mask_rle"] for s in body["segments"] if s["area"]] == [r["value"]["rle"] for r in brush_regions(entry)]
     segmented = client.post("/api/tasks/60/segment", json={"prompt": "car"}).get_json()
-    assert segmented["prompt_source"] == "context" and segmented["prediction"]["model_version"] == entry["model_version"]
+    assert segmented["prompt_source"] == "context"
+    assert segmented["prediction"]["model_version"] == entry["model_version"]
     assert client.post("/api/tasks/61/explain").status_code == 502  # Label Studio has no such task
     # After an interactive prediction, the task's explanation uses the prompt the project remembers.
     predict(client, [fake_ls.tasks[60]], project="6.17", context={"result": [textarea("truck")]})
