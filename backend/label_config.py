@@ -240,8 +240,11 @@ def parse_label_config(config: str) -> LabelConfig:
             )
             values = tuple((label, attr["value"]) for label, attr in attrs.items()
                            if attr.get("value") and attr["value"] != label)
-            by_image.setdefault(to_name, []).append(
-                LabelControl(control.name, kind, to_name, labels, aliases, values))
+            label_control = LabelControl(control.name, kind, to_name, labels, aliases, values)
+            if kind == BRUSH and not any(phrase.strip() for phrase in label_control.prompt_phrases()):
+                raise LabelConfigError(f"every <Label> of <BrushLabels name={control.name!r}> has a blank value: "
+                                       "give each the name of what to segment")
+            by_image.setdefault(to_name, []).append(label_control)
 
     targets = []
     for name, image_controls in by_image.items():

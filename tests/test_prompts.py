@@ -109,9 +109,11 @@ def test_caption_gives_each_unicode_phrase_its_own_tokens(engine, phrases):
         assert [caption.tokens[i] for i in indices] == tokenizer.tokenize(phrase.lower()), phrase
 
 
-def test_label_starting_with_dotted_capital_i_is_detected(engine, chelsea):
+def test_label_starting_with_dotted_capital_i_is_scored_on_all_its_tokens(engine, chelsea):
     detections = engine.detect(chelsea, ["İstanbul", "cat"], box_threshold=0.0, text_threshold=0.0)
     assert detections and {d.label for d in detections} <= {"İstanbul", "cat"}
+    tokens = engine.detector.tokenizer.tokenize("i̇stanbul") + ["cat"]
+    assert all([t for t, _ in d.token_scores] == tokens for d in detections)
 
 
 # -- item 11: typed phrases no label matches ----------------------------------------------------------------
