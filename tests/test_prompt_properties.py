@@ -13,9 +13,12 @@ from backend.detector import Caption, PromptError, parse_prompt
 from backend.label_config import LabelConfigError, parse_label_config
 from backend.ls_model import split_typed_prompt
 
-# Letters, marks, digits, punctuation, symbols (emoji), spaces and separators of every script.
+# Letters, marks, digits, punctuation, symbols (emoji), spaces and separators of every script, with
+# the characters whose case mapping changes the length or the token split drawn often (İ lower-cases
+# to two characters, ß upper-cases to two, ǅ is title case, ﬁ is a ligature).
+TRICKY = "İıßẞǅΣς\u0301\u0307ﬁ🐱👍🏽猫黒"
 UNICODE = st.characters(codec="utf-8", categories=("L", "M", "N", "P", "S", "Z", "Cc"))
-WORDS = st.text(UNICODE, max_size=40)
+WORDS = st.one_of(st.text(UNICODE, max_size=40), st.text(st.sampled_from(TRICKY + "catdog .,"), max_size=20))
 QUICK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
