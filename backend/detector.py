@@ -206,7 +206,7 @@ class GroundingDinoDetector:
     def image_features(self, image: np.ndarray) -> DinoImageFeatures:
         from groundingdino.util.misc import NestedTensor, nested_tensor_from_tensor_list
 
-        model = self.model
+        model: Any = self.model  # groundingdino's GroundingDINO: its submodules are untyped
         samples = nested_tensor_from_tensor_list([self.preprocess(image).to(self.device)])
         with self._autocast():
             features, poss = model.backbone(samples)
@@ -231,7 +231,7 @@ class GroundingDinoDetector:
         )
         from groundingdino.util.misc import inverse_sigmoid
 
-        model = self.model
+        model: Any = self.model  # groundingdino's GroundingDINO: its submodules are untyped
         # The caption's own encoding (one text: no padding), not a second tokenizer call.
         tokenized = {name: torch.tensor([values], dtype=torch.long, device=self.device)
                      for name, values in caption.model_inputs}
@@ -318,10 +318,15 @@ def select_detections(
         query = kept_queries[i]
         detections.append(Detection(
             label=caption.phrases[int(labels[i])],
-            box=tuple(float(v) for v in boxes[i]),
+            box=_box(boxes[i]),
             score=float(scores[i]),
             phrase_scores={p: float(phrase_scores[query, j]) for j, p in enumerate(caption.phrases)},
             token_scores=tuple((caption.tokens[t], float(probs[query, t])) for t in sorted(phrase_token_set)),
-            sam_box=tuple(float(v) for v in unclipped[i]),
+            sam_box=_box(unclipped[i]),
         ))
     return detections
+
+
+def _box(values: torch.Tensor) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in values)
+    return x0, y0, x1, y1

@@ -13,7 +13,9 @@ Where the prompt comes from, first that applies:
   5. the config's BrushLabels labels (their ``predicted_values`` aliases where given).
 Thresholds: a ``<Number name="box_threshold">``/``"text_threshold"`` value in the context, then the
 project's remembered ones, then ``extra_params``, then the engine's (BOX_THRESHOLD/TEXT_THRESHOLD).
-Typed prompts are split on '.', ',', ';' and new lines ("cat, dog" -> ["cat", "dog"]).
+Typed prompts are split on '.', ',', ';' and new lines ("cat, dog" -> ["cat", "dog"]). /predict leaves
+out the phrases that map to no label before detection (``check_prompt_labels``) and names them in the
+response's ``dropped_phrases``; a prompt with no phrase that maps is a 400.
 """
 
 from __future__ import annotations
