@@ -233,6 +233,8 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
         body: dict[str, Any] = {"results": outcome.results, "model_version": model.model_version}
         if outcome.errors:
             body["errors"] = outcome.errors  # Label Studio ignores it; for people reading responses
+        if outcome.dropped_phrases:  # typed phrases no label matches: not detected
+            body["dropped_phrases"] = outcome.dropped_phrases
         return jsonify(body)
 
     @app.post("/webhook")

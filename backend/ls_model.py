@@ -13,7 +13,9 @@ Where the prompt comes from, first that applies:
   5. the config's BrushLabels labels (their ``predicted_values`` aliases where given).
 Thresholds: a ``<Number name="box_threshold">``/``"text_threshold"`` value in the context, then the
 project's remembered ones, then ``extra_params``, then the engine's (BOX_THRESHOLD/TEXT_THRESHOLD).
-Typed prompts are split on '.', ',', ';' and new lines ("cat, dog" -> ["cat", "dog"]).
+Typed prompts are split on '.', ',', ';' and new lines ("cat, dog" -> ["cat", "dog"]). /predict leaves
+out the phrases that map to no label before detection (``check_prompt_labels``) and names them in the
+response's ``dropped_phrases``; a prompt with no phrase that maps is a 400.
 """
 
 from __future__ import annotations
@@ -96,23 +98,34 @@ class PromptInput:
         return self.phrases is None and self.box_threshold is None and self.text_threshold is None
 
 
-def read_results(results: Any) -> PromptInput:
+def read_results(results: Any, where: str = "context.result") -> PromptInput:
     """Prompt (every ``textarea`` result's text) and thresholds (``number`` results named
-    box_threshold / text_threshold) from a context's or annotation's ``result`` list."""
+    box_threshold / text_threshold) from a context's or annotation's ``result`` list.
+
+    Arguments:
+        results: the ``result`` list (None: nothing given).
+        where: how errors name the list ("context.result", "annotation.result").
+    Returns:
+        A ``PromptInput``; BadRequest names the field when a result has the wrong shape.
+    """
     if results is None:
         return PromptInput()
     if not isinstance(results, list):
-        raise BadRequest("context.result must be a list of results")
+        raise BadRequest(f"{where} must be a list of results, got {type(results).__name__}")
     texts: list[str] = []
     thresholds: dict[str, float] = {}
-    for item in results:
+    for i, item in enumerate(results):
         if not isinstance(item, Mapping):
             continue
         kind = str(item.get("type", "")).lower()
         value = item.get("value") if isinstance(item.get("value"), Mapping) else {}
         if kind == "textarea":
-            text = value.get("text", [])
-            texts.extend([text] if isinstance(text, str) else [str(t) for t in text or []])
+            text = value.get("text") or []
+            text = [text] if isinstance(text, str) else text
+            if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+                raise BadRequest(f"{where}[{i}].value.text must be a string or a list of strings, got "
+                                 f"{value.get('text')!r:.80}")
+            texts.extend(text)
         elif kind == "number" and str(item.get("from_name", "")).lower() in THRESHOLD_NAMES and "number" in value:
             name = str(item["from_name"]).lower()
             thresholds[name] = parse_threshold(value["number"], name)
@@ -153,7 +166,8 @@ def read_extra_params(extra: Any) -> PromptInput:
     phrases = None
     if extra.get("prompt") not in (None, ""):
         prompt = extra["prompt"]
-        if not isinstance(prompt, (str, list)):
+        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list)
+                                                   and not all(isinstance(p, str) for p in prompt)):
             raise BadRequest("extra_params.prompt must be a string like 'cat . dog' or a list of phrases")
         phrases = tuple(split_typed_prompt(prompt))
     return PromptInput(
@@ -171,6 +185,9 @@ class PromptPlan:
     source: str  # context | project | extra_params | env | labels
     box_threshold: float | None = None
     text_threshold: float | None = None
+    # Typed phrases no label matches, left out before detection: their boxes would take the
+    # detection cap and then be dropped, leaving nothing for the phrases that do match.
+    dropped: tuple[str, ...] = ()
 
 
 def plan_prompt(config: LabelConfig, context: PromptInput, remembered: PromptInput = PromptInput(),
@@ -193,22 +210,27 @@ def plan_prompt(config: LabelConfig, context: PromptInput, remembered: PromptInp
     return PromptPlan(phrases, source, first("box_threshold"), first("text_threshold"))
 
 
+def _maps_to_label(config: LabelConfig, phrase: str) -> bool:
+    return any(target.labels_for(phrase) for target in config.targets)
+
+
 def _maps_to_labels(config: LabelConfig, phrases: Sequence[str]) -> bool:
-    return any(target.labels_for(phrase) for target in config.targets for phrase in phrases)
+    return any(_maps_to_label(config, phrase) for phrase in phrases)
 
 
-def check_prompt_labels(config: LabelConfig, plan: PromptPlan) -> None:
-    """BadRequest when no phrase of a typed prompt maps to a label: every mask would be dropped.
+def check_prompt_labels(config: LabelConfig, plan: PromptPlan) -> PromptPlan:
+    """The plan without the phrases that map to no label (named in ``dropped``), so the detection cap
+    goes to phrases whose masks are kept; BadRequest when no phrase maps to a label.
 
-    Phrases that map to nothing next to ones that do are kept (they still guide Grounding DINO) and
-    logged when their detections are skipped.
+    In a config with a single BrushLabels label every phrase maps (to that label): nothing is dropped.
     """
-    if plan.source == "labels" or _maps_to_labels(config, plan.phrases):
-        return
-    labels = ", ".join(repr(label) for label in config.brush_labels)
+    kept = tuple(phrase for phrase in plan.phrases if _maps_to_label(config, phrase))
+    if kept:
+        dropped = tuple(phrase for phrase in plan.phrases if phrase not in kept)
+        return replace(plan, phrases=kept, dropped=plan.dropped + dropped) if dropped else plan
     raise BadRequest(
         f"unknown labels: the prompt {list(plan.phrases)} (from {plan.source}) matches none of the BrushLabels "
-        f"labels ({labels}); use label names, or list synonyms in a label's predicted_values")
+        f"labels ({config.describe_labels()}); use label names, or list synonyms in a label's predicted_values")
 
 
 # -- segments -> Label Studio results ---------------------------------------------------------------
@@ -599,6 +621,11 @@ class PredictOutcome:
     errors: list[dict[str, Any]]
     plan: PromptPlan
 
+    @property
+    def dropped_phrases(self) -> list[str]:
+        """Phrases of the prompt that match no label and were not detected (see ``check_prompt_labels``)."""
+        return list(self.plan.dropped)
+
 
 def failed_entry(message: str, version: str) -> dict[str, Any]:
     """The /predict entry of a task that failed: no ``result``, so Label Studio stores nothing (it skips
@@ -726,8 +753,10 @@ class GroundedSamModel:
             raise BadRequest("label_config is missing (and no /setup schema is known for this project)")
         config = parse_label_config(label_config)
         given = read_context(context)
-        plan = self.plan(key, config, context)
-        check_prompt_labels(config, plan)
+        plan = check_prompt_labels(config, self.plan(key, config, context))
+        if plan.dropped:
+            logger.warning("project %s: prompt phrases %s match no label (%s); not detected", key,
+                           list(plan.dropped), config.describe_labels())
         engine = self.engine.get(timeout=self.settings.engine_wait_s)
         if given.phrases or given.box_threshold is not None or given.text_threshold is not None:
             self._remember(key, given)
@@ -798,7 +827,12 @@ class GroundedSamModel:
         """Remember the prompt an annotation used; forget a deleted project. Never trains."""
         project = data.get("project")
         key = project_key(project) if isinstance(project, (Mapping, str, int)) else None
-        annotations = [data.get("annotation")] + list(data.get("annotations") or [])
+        listed = data.get("annotations") or []
+        if not isinstance(listed, list):  # a webhook never fails: the rest of the event still counts
+            logger.info("webhook %s: ignoring 'annotations' (a list of annotations expected, got %s)", action,
+                        type(listed).__name__)
+            listed = []
+        annotations = [data.get("annotation"), *listed]
         if key is None:
             key = next((project_key(a.get("project")) for a in annotations
                         if isinstance(a, Mapping) and a.get("project") is not None), None)
@@ -806,7 +840,7 @@ class GroundedSamModel:
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
             for annotation in reversed([a for a in annotations if isinstance(a, Mapping)]):
                 try:
-                    given = read_results(annotation.get("result"))
+                    given = read_results(annotation.get("result"), where="annotation.result")
                 except (BadRequest, PromptError) as exc:
                     logger.info("webhook %s: ignoring the annotation's prompt: %s", action, exc)
                     continue
