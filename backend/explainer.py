@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from . import sam_attention
@@ -47,8 +48,9 @@ def build_explanation(
     masks = []
     for i, segment in enumerate(segments):
         token_look: dict[int, np.ndarray] = {}
-        if attention is not None and segment.mask.any():
-            weights = sam_attention.mask_to_token_grid(segment.mask, embedding.input_size, img_size, patch_size)
+        mask = segment.mask if attention is not None else None  # made full size once, then dropped
+        if mask is not None and mask.any():
+            weights = sam_attention.mask_to_token_grid(mask, embedding.input_size, img_size, patch_size)
             token_look[attention.last_block.block_index] = sam_attention.mask_attention_map(
                 attention.last_block, weights)
         decoder_map = (decoded.decoder_maps[i] if decoded.decoder_maps is not None
@@ -83,18 +85,40 @@ class RenderedExplanation:
     masks: list[dict] = field(default_factory=list)  # per segment: decoder + token_look + grounding
 
 
+WORKING_SIDE = 1024  # long side of the images an explanation is drawn at: SAM's input, all its maps hold
+
+
+def working_size(size: tuple[int, int], max_side: int = WORKING_SIDE) -> tuple[int, int]:
+    """(H, W) scaled down so the long side is at most ``max_side`` (never up), at least 1 px each."""
+    height, width = int(size[0]), int(size[1])
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def at_working_size(image_rgb: np.ndarray, max_side: int = WORKING_SIDE) -> np.ndarray:
+    """``image_rgb`` shrunk to ``working_size`` (area averaging), or itself when already small."""
+    height, width = working_size(image_rgb.shape[:2], max_side)
+    if (height, width) == image_rgb.shape[:2]:
+        return image_rgb
+    return cv2.resize(image_rgb, (width, height), interpolation=cv2.INTER_AREA)
+
+
 def heatmap_image(title: str, token_map: np.ndarray, explanation: Explanation, image_rgb: np.ndarray,
                   alpha: float = 0.5) -> HeatmapImage:
-    """A token-grid map cropped to the valid region, resized to the image, coloured in RGB."""
-    values = sam_attention.token_map_to_image(token_map, explanation.input_size, explanation.original_size,
+    """A token-grid map cropped to the valid region, resized to ``image_rgb`` (the image or a scaled
+    copy of it), coloured in RGB."""
+    values = sam_attention.token_map_to_image(token_map, explanation.input_size, image_rgb.shape[:2],
                                               explanation.img_size)
     colored = sam_attention.colorize(values, LEGEND["colormap"])
     return HeatmapImage(title, colored, sam_attention.overlay(image_rgb, colored, alpha))
 
 
 def render_explanation(explanation: Explanation, image_rgb: np.ndarray) -> RenderedExplanation:
-    """Every map of ``explanation`` as RGB images at the original image's size."""
-    if image_rgb.shape[:2] != tuple(explanation.original_size):
+    """Every map of ``explanation`` as RGB images at ``image_rgb``'s size: the original image, or a
+    copy scaled to the same aspect ratio (``at_working_size``: maps hold 64 x 64 tokens, and a
+    4000 px rendering would only cost memory and bytes on the wire)."""
+    original = tuple(explanation.original_size)
+    if image_rgb.shape[:2] != original and working_size(original, max(image_rgb.shape[:2])) != image_rgb.shape[:2]:
         raise ValueError(f"image is {image_rgb.shape[:2]}, the explanation was made for {explanation.original_size}")
     rendered = RenderedExplanation()
     last = max(explanation.encoder_received, default=None)

@@ -24,7 +24,7 @@ from ._wsgi import current_model, field_of, json_body
 from . import sam_attention
 from .config import parse_switch
 from .detector import parse_prompt
-from .explainer import LEGEND, HeatmapImage, render_explanation
+from .explainer import LEGEND, HeatmapImage, at_working_size, render_explanation
 from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
 from .label_config import LabelConfig, parse_label_config
 from .ls_api import LabelStudioClient, LabelStudioError
@@ -83,6 +83,7 @@ def mask_png(mask: np.ndarray) -> str:
 
 
 def segment_json(segment: Segment) -> dict[str, Any]:
+    mask = segment.mask  # made full size once for both encodings
     return {
         "label": segment.label,
         "score": float(segment.score),
@@ -91,8 +92,8 @@ def segment_json(segment: Segment) -> dict[str, Any]:
         "area": segment.area,
         "phrase_scores": {k: float(v) for k, v in segment.phrase_scores.items()},
         "token_scores": [[token, float(score)] for token, score in segment.token_scores],
-        "mask_rle": mask_to_rle(segment.mask),
-        "mask_png": mask_png(segment.mask),
+        "mask_rle": mask_to_rle(mask),
+        "mask_png": mask_png(mask),
     }
 
 
@@ -271,9 +272,13 @@ def heatmap_json(heatmap: HeatmapImage, rgb: np.ndarray, alpha: float) -> dict[s
 
 def explanation_json(explanation: Explanation, rgb: np.ndarray, phrases: tuple[str, ...], cached: bool,
                      alpha: float = DEFAULT_ALPHA, show_labels: bool = True) -> dict[str, Any]:
-    """The /api/*explain response: segments, their overlay, and every attention map as PNGs."""
-    rendered = render_explanation(explanation, rgb)
+    """The /api/*explain response: segments (masks at the image's size), and their overlay and every
+    attention map as PNGs at most ``WORKING_SIDE`` px on the long side (``map_width`` x
+    ``map_height``), so a big photo gives a response of a few MB."""
     height, width = rgb.shape[:2]
+    rgb = at_working_size(rgb)
+    map_height, map_width = rgb.shape[:2]
+    rendered = render_explanation(explanation, rgb)
     blocks = sorted(explanation.encoder_received)
     available = bool(blocks)
     reason = None
@@ -298,10 +303,13 @@ def explanation_json(explanation: Explanation, rgb: np.ndarray, phrases: tuple[s
         "model_version": explanation.model_version,
         "width": int(width),
         "height": int(height),
+        "map_width": int(map_width),
+        "map_height": int(map_height),
         "cached": bool(cached),
         "prompt_phrases": list(phrases),
         "segments": [segment_json(s) for s in explanation.segments],
-        "overlay_png": rgb_png(draw_segments(rgb, explanation.segments, show_labels=show_labels)),
+        "overlay_png": rgb_png(draw_segments(rgb, [s.resized(map_height, map_width) for s in explanation.segments],
+                                             show_labels=show_labels)),
         "encoder": {
             "available": available,
             "reason": reason,

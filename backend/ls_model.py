@@ -303,7 +303,7 @@ def segments_to_results(segments: Iterable[Segment], target: ImageTarget, width:
     scores: list[float] = []
     skipped: set[tuple[str, str]] = set()
     for segment in segments:
-        if not segment.mask.any():  # SAM found nothing inside the box: an empty brush helps nobody
+        if segment.area == 0:  # SAM found nothing inside the box: an empty brush helps nobody
             logger.debug("skipping %r: empty mask", segment.label)
             continue
         used = False

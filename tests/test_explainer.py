@@ -122,7 +122,7 @@ def test_cached_explanation_runs_no_model(engine, explanation, chelsea):
         segments = engine.segment(chelsea, PROMPT, **THRESHOLDS)
     assert counts == [0, 0, 0]
     assert again is explanation and cached is explanation
-    assert [s.mask for s in segments] == list(s.mask for s in explanation.segments)
+    assert [s.mask_source for s in segments] == [s.mask_source for s in explanation.segments]  # same objects
     assert engine.cached_explanation(chelsea, "a prompt never run", **THRESHOLDS) is None
 
 
