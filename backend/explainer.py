@@ -50,7 +50,7 @@ def build_explanation(
     for i, segment in enumerate(segments):
         token_look: dict[int, np.ndarray] = {}
         mask = segment.mask if attention is not None else None  # made full size once, then dropped
-        if mask is not None and mask.any():
+        if attention is not None and mask is not None and mask.any():
             weights = sam_attention.mask_to_token_grid(mask, embedding.input_size, img_size, patch_size)
             token_look[attention.last_block.block_index] = sam_attention.mask_attention_map(
                 attention.last_block, weights)
@@ -131,7 +131,7 @@ def render_explanation(explanation: Explanation, image_rgb: np.ndarray, encoder_
     """The maps of ``explanation`` as RGB images over ``image_rgb`` (the image, or a copy scaled to
     the same aspect ratio), at most ``encoder_side`` / ``mask_side`` px on the long side, for the
     first ``mask_maps`` segments."""
-    original = tuple(explanation.original_size)
+    original = (int(explanation.original_size[0]), int(explanation.original_size[1]))
     if image_rgb.shape[:2] != original and working_size(original, max(image_rgb.shape[:2])) != image_rgb.shape[:2]:
         raise ValueError(f"image is {image_rgb.shape[:2]}, the explanation was made for {explanation.original_size}")
     encoder_rgb, mask_rgb = at_working_size(image_rgb, encoder_side), at_working_size(image_rgb, mask_side)
