@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import requests
 
 from .fetch_guard import FetchError, Origin, parse_image_url
+from .cache import LruCache
 
 logger = logging.getLogger(__name__)
 
@@ -337,15 +338,8 @@ class ClientRegistry:
     def __init__(self, timeout: float = DEFAULT_TIMEOUT_S, max_clients: int = 32) -> None:
         self.timeout = timeout
         self.max_clients = max_clients
-        self._clients: dict[tuple[str, str], LabelStudioClient] = {}
-        self._lock = threading.Lock()
+        self._clients: LruCache[LabelStudioClient] = LruCache(max_clients)  # keys rotate rarely
 
     def get(self, credentials: Credentials) -> LabelStudioClient:
-        key = (credentials.url, credentials.api_key)
-        with self._lock:
-            client = self._clients.get(key)
-            if client is None:
-                if len(self._clients) >= self.max_clients:  # keys rotate rarely; drop the oldest
-                    self._clients.pop(next(iter(self._clients)))
-                client = self._clients[key] = LabelStudioClient(credentials, timeout=self.timeout)
-            return client
+        return self._clients.get_or_compute((credentials.url, credentials.api_key),
+                                            lambda: LabelStudioClient(credentials, timeout=self.timeout))

@@ -27,7 +27,7 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -35,6 +35,8 @@ from urllib.parse import urlencode
 
 import numpy as np
 
+from .cache import LruCache
+from .config import env_size
 from .detector import PromptError, parse_prompt
 from .fetch import FetchError, FetchSettings, fetch_image
 from .images import ImageError
@@ -48,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 THRESHOLD_NAMES = ("box_threshold", "text_threshold")
 DEFAULT_PREFETCH_TASKS = 2
+DEFAULT_MAX_LABEL_CONFIG_BYTES = 1 << 20  # Label Studio's configs are a few KiB; 1000 labels ~60 KiB
+DEFAULT_PROJECT_MEMORY_BYTES = 64 << 20
 _Item = TypeVar("_Item")
 _Loaded = TypeVar("_Loaded")
 _PROMPT_SEPARATORS = re.compile(r"[.,;\n\r]+")
@@ -325,7 +329,7 @@ def segments_to_results(segments: Iterable[Segment], target: ImageTarget, width:
     scores: list[float] = []
     skipped: set[tuple[str, str]] = set()
     for segment in segments:
-        if not segment.mask.any():  # SAM found nothing inside the box: an empty brush helps nobody
+        if segment.area == 0:  # SAM found nothing inside the box: an empty brush helps nobody
             logger.debug("skipping %r: empty mask", segment.label)
             continue
         used = False
@@ -381,33 +385,31 @@ def project_key(project: Any) -> str | None:
 
 
 class ProjectMemory:
-    """Small, thread-safe, least-recently-updated-first-out store of ``ProjectState`` per project."""
+    """Thread-safe store of ``ProjectState`` per project, least recently used out first, bounded in
+    projects and in bytes (a schema can be up to MAX_LABEL_CONFIG_BYTES)."""
 
-    def __init__(self, capacity: int = 1024) -> None:
-        self.capacity = capacity
-        self._states: OrderedDict[str, ProjectState] = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, capacity: int = 1024, max_bytes: int | None = DEFAULT_PROJECT_MEMORY_BYTES) -> None:
+        self._states: LruCache[ProjectState] = LruCache(capacity, max_bytes)
+        self._lock = threading.Lock()  # makes update's read-modify-write atomic
 
     def get(self, key: str | None) -> ProjectState:
         if key is None:
             return ProjectState()
-        with self._lock:
-            return self._states.get(key, ProjectState())
+        return self._states.get(key) or ProjectState()
 
     def update(self, key: str | None, **changes: Any) -> ProjectState:
         if key is None:
             return ProjectState()
         with self._lock:
-            state = replace(self._states.get(key, ProjectState()), updated=time.time(), **changes)
-            self._states[key] = state
-            self._states.move_to_end(key)
-            while len(self._states) > self.capacity:
-                self._states.popitem(last=False)
+            state = replace(self._states.get(key) or ProjectState(), updated=time.time(), **changes)
+            self._states.put(key, state)
             return state
 
     def forget(self, key: str | None) -> None:
-        with self._lock:
-            self._states.pop(key, None)
+        self._states.pop(key)
+
+    def __len__(self) -> int:
+        return len(self._states)
 
 
 # -- the engine of this process ---------------------------------------------------------------------
@@ -581,10 +583,19 @@ class ModelSettings:
     # PREFETCH_TASKS: in a batch, images of this many next tasks are downloaded and decoded while the
     # models work on the current one (0: one after the other).
     prefetch_tasks: int = DEFAULT_PREFETCH_TASKS
+    max_label_config_bytes: int = DEFAULT_MAX_LABEL_CONFIG_BYTES  # MAX_LABEL_CONFIG_BYTES: bigger schemas get 400
+    project_memory_bytes: int = DEFAULT_PROJECT_MEMORY_BYTES  # PROJECT_MEMORY_BYTES: per-project state kept
 
     def __post_init__(self) -> None:
         if self.prefetch_tasks < 0:
             raise ValueError(f"PREFETCH_TASKS must be >= 0, got {self.prefetch_tasks}")
+
+    def check_label_config(self, schema: str | None) -> None:
+        """BadRequest naming MAX_LABEL_CONFIG_BYTES when ``schema`` is bigger than that."""
+        size = len(schema.encode("utf-8", "surrogatepass")) if schema else 0
+        if size > self.max_label_config_bytes:
+            raise BadRequest(f"the labeling config is {size:,} bytes, over the {self.max_label_config_bytes:,}-byte "
+                             "limit (MAX_LABEL_CONFIG_BYTES)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ModelSettings":
@@ -605,6 +616,8 @@ class ModelSettings:
             engine_wait_s=float(env.get("ENGINE_WAIT_S") or 60.0),
             explain_ui_url=(env.get("EXPLAIN_UI_URL") or "").strip().rstrip("/") or None,
             prefetch_tasks=prefetch_tasks,
+            max_label_config_bytes=env_size(env, "MAX_LABEL_CONFIG_BYTES", DEFAULT_MAX_LABEL_CONFIG_BYTES),
+            project_memory_bytes=env_size(env, "PROJECT_MEMORY_BYTES", DEFAULT_PROJECT_MEMORY_BYTES),
         )
 
     def explain_link(self, task_id: Any, project: str | None) -> str | None:
@@ -674,7 +687,7 @@ class GroundedSamModel:
                  memory: ProjectMemory | None = None, clients: ClientRegistry | None = None) -> None:
         self.engine = engine
         self.settings = settings or ModelSettings()
-        self.memory = memory or ProjectMemory()
+        self.memory = memory or ProjectMemory(max_bytes=self.settings.project_memory_bytes)
         self.clients = clients or ClientRegistry(timeout=self.settings.fetch.timeout)
         self.stats = PredictionStats()
 
@@ -691,6 +704,7 @@ class GroundedSamModel:
         """Remember the project's connection details and extra_params; returns the model version."""
         key = project_key(project)
         register_secret(access_token)  # before anything can log it
+        self.settings.check_label_config(schema)
         if schema:
             parse_label_config(schema)  # fail at connection time, not at the first prediction
         extra = read_extra_params(extra_params)
@@ -748,6 +762,7 @@ class GroundedSamModel:
         item; with a single task and a context (interactive mode) its error is raised instead, so
         the person who clicked sees why. A task that simply has no detections gets an empty result."""
         key = project_key(project)
+        self.settings.check_label_config(label_config)
         label_config = label_config or self.memory.get(key).label_config
         if not label_config:
             raise BadRequest("label_config is missing (and no /setup schema is known for this project)")

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from backend.images import ImageError, load_rgb
+from backend.images import ImageError, load_rgb, working_size
 from backend.render import draw_segments
-from backend.types import Segment, as_box
+from backend.types import DenseMask, Segment, as_box
 
 from .client import BackendClient, BackendError, decode_ls_brush, decode_mask, decode_png
 
@@ -97,13 +97,16 @@ class Segmentation:
 
 
 def segments_from_json(items: Sequence[Mapping[str, Any]], rgb: np.ndarray) -> list[Segment]:
-    """The backend's ``segments`` JSON -> Segments with masks at the image's size."""
+    """The backend's ``segments`` JSON -> Segments with masks at the image's size (an explanation
+    sends them at its working size, at most 1024 px on the long side: scaled up here)."""
     segments = []
     for item in items:
         mask = decode_mask(item["mask_png"])
         if mask.shape != rgb.shape[:2]:
-            raise BackendError(f"the backend sent a {mask.shape[1]}x{mask.shape[0]} mask for a "
-                               f"{rgb.shape[1]}x{rgb.shape[0]} image")
+            if working_size(rgb.shape[:2], max(mask.shape)) != mask.shape:
+                raise BackendError(f"the backend sent a {mask.shape[1]}x{mask.shape[0]} mask for a "
+                                   f"{rgb.shape[1]}x{rgb.shape[0]} image")
+            mask = DenseMask(mask).resized(*rgb.shape[:2])
         try:
             box = as_box(item["box"])
         except (TypeError, ValueError) as exc:
@@ -184,8 +187,9 @@ def explanation_view(body: Mapping[str, Any], progress: Progress = _no_progress)
     for j, mask in enumerate(masks):
         progress(0.6 + 0.35 * (len(blocks) + j) / total, desc="Decoding per-mask maps")
         name = f"#{int(mask.get('index', j)) + 1} {mask.get('label', '')}"
-        view.decoder_maps.append((decode_png(mask["decoder_overlay_png"]), f"{name}: decoder, overlay"))
-        view.decoder_maps.append((decode_png(mask["decoder_heatmap_png"]), f"{name}: decoder, heatmap"))
+        if mask.get("decoder_overlay_png"):  # maps come for the best masks only (the backend's MASK_MAPS)
+            view.decoder_maps.append((decode_png(mask["decoder_overlay_png"]), f"{name}: decoder, overlay"))
+            view.decoder_maps.append((decode_png(mask["decoder_heatmap_png"]), f"{name}: decoder, heatmap"))
         for look in mask.get("token_look") or []:
             caption = f"#{int(mask.get('index', j)) + 1} {_block_caption(look)}"
             view.mask_looks.append((decode_png(look["overlay_png"]), caption))

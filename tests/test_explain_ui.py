@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.images import working_size
 from explain_ui import views
 from explain_ui.app import UISettings, build_demo, shown_errors
 from explain_ui.client import BackendClient, BackendError
@@ -66,7 +67,7 @@ def test_segment_fills_image_and_gallery(client, quick_engine, chelsea):
     assert "cat" in result.summary and str(len(expected)) in result.summary
 
 
-def test_explain_fills_galleries_at_the_image_size(client, quick_engine, chelsea):
+def test_explain_fills_galleries_with_maps_in_the_image_aspect(client, quick_engine, chelsea):
     views.segment_image(client, chelsea, PROMPT, BOX, TEXT)  # a prediction first: explain is then cached
     result, view = views.explain_image(client, chelsea, PROMPT, BOX, TEXT)
     global_blocks = quick_engine.config.sam_arch["encoder_global_attn_indexes"]
@@ -78,7 +79,9 @@ def test_explain_fills_galleries_at_the_image_size(client, quick_engine, chelsea
     body = client.explain(chelsea, PROMPT, BOX, TEXT)  # the raw JSON (cached): what the page had to show
     assert len(view.mask_looks) == sum(len(m["token_look"]) for m in body["masks"]) >= 1
     for image, _ in view.encoder_heatmaps + view.encoder_overlays + view.decoder_maps + view.mask_looks:
-        assert image.shape == chelsea.shape and image.dtype == np.uint8
+        # Sent at a working size (the page scales them to the display): the image's shape, never larger.
+        assert image.shape == (*working_size(chelsea.shape[:2], max(image.shape[:2])), 3) and image.dtype == np.uint8
+        assert max(image.shape) <= max(chelsea.shape)
         assert image.std() > 0, "a map is not a flat colour"
     heat, over = view.encoder_heatmaps[0][0], view.encoder_overlays[0][0]
     assert not np.array_equal(heat, over), "overlays blend the heatmap with the photo"

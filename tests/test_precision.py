@@ -37,7 +37,8 @@ def test_reduced_precision_sam_stays_close_to_fp32(engine, reduced_engine, chels
     boxes = np.array([[0, 0, width, height], [width * 0.2, height * 0.1, width * 0.7, height * 0.9],
                       [width * 0.6, height * 0.5, width * 0.95, height * 0.8]], dtype=np.float32)
     decoded, decoded32 = reduced_engine.segmenter.segment(ours, boxes), engine.segmenter.segment(fp32, boxes)
-    for mask, mask32 in zip(decoded.masks, decoded32.masks, strict=True):
+    for low_res, low_res32 in zip(decoded.masks, decoded32.masks, strict=True):
+        mask, mask32 = low_res.resized(height, width), low_res32.resized(height, width)
         assert np.logical_and(mask, mask32).sum() / max(np.logical_or(mask, mask32).sum(), 1) > 0.95
     assert np.abs(decoded.ious - decoded32.ious).max() < 0.02
 

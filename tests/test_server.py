@@ -482,7 +482,10 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
     assert body["cached"] is True and not calls
     assert (body["task"], body["project"], body["prompt_source"]) == (60, 6, "labels")
     assert body["prompt_phrases"] == LABEL_PROMPT
-    assert [s["mask_rle"] for s in body["segments"] if s["area"]] == [r["value"]["rle"] for r in brush_regions(entry)]
+    # The predicted masks, sent at the explanation's working size (this image is smaller: its own size).
+    assert (body["map_width"], body["map_height"]) == (body["width"], body["height"])
+    assert [np.asarray(decode_png(s["mask_png"])).tolist() for s in body["segments"] if s["area"]] == [
+        decode_brush(r).tolist() for r in brush_regions(entry)]
     segmented = client.post("/api/tasks/60/segment", json={"prompt": "car"}).get_json()
     assert segmented["prompt_source"] == "context"
     assert segmented["prediction"]["model_version"] == entry["model_version"]
