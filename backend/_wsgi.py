@@ -32,7 +32,10 @@ from .fetch import (FetchError, FetchTimeoutError, ImageDataError, ImageTooLarge
 from .images import ImageError
 from .label_config import LabelConfigError, TaskDataError
 from .ls_api import LabelStudioError, install_log_redaction, register_secret
-from .ls_model import BadRequest, EngineHolder, EngineNotReady, GroundedSamModel, ModelSettings, project_key
+from .engine_holder import EngineHolder
+from .errors import BadRequest, EngineNotReady
+from .ls_model import GroundedSamModel, ModelSettings
+from .project_state import project_key
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ def nbytes(value: object) -> int:
         if isinstance(item, np.ndarray):
             total += item.nbytes
         elif hasattr(item, "untyped_storage"):  # a torch.Tensor, without importing torch here
-            storage = item.untyped_storage()  # type: ignore[attr-defined]
+            storage = item.untyped_storage()
             if storage.data_ptr() not in storages:
                 storages.add(storage.data_ptr())
                 total += storage.nbytes()

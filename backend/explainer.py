@@ -17,8 +17,9 @@ from .images import working_size
 from .segmenter import Decoded, ImageEmbedding
 from .types import Explanation, MaskExplanation, Segment
 
+COLORMAP = "jet"  # heatmap colours; the legend names it for the UI
 LEGEND = {
-    "colormap": "jet",
+    "colormap": COLORMAP,
     "low": "blue: little attention",
     "high": "red: most attention (each map scaled to its own min..max)",
     "notes": [
@@ -122,7 +123,7 @@ def heatmap_image(title: str, token_map: np.ndarray, explanation: Explanation, i
     copy of it), coloured in RGB."""
     values = sam_attention.token_map_to_image(token_map, explanation.input_size, image_rgb.shape[:2],
                                               explanation.img_size)
-    colored = sam_attention.colorize(values, LEGEND["colormap"])
+    colored = sam_attention.colorize(values, COLORMAP)
     return HeatmapImage(title, colored, sam_attention.overlay(image_rgb, colored, alpha), image_rgb)
 
 

@@ -29,8 +29,10 @@ from .explainer import (LEGEND, MASK_MAPS, WORKING_SIDE, HeatmapImage, MaskMaps,
 from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
 from .label_config import LabelConfig, parse_label_config
 from .ls_api import LabelStudioClient, LabelStudioError
-from .ls_model import (BadRequest, PromptInput, PromptPlan, mask_to_rle, parse_threshold, prediction, project_key,
-                       segments_to_results, split_typed_prompt)
+from .errors import BadRequest
+from .ls_results import mask_to_rle, prediction, segments_to_results
+from .project_state import project_key
+from .prompts import PromptInput, PromptPlan, parse_threshold, split_typed_prompt
 from .render import draw_segments
 from .types import Explanation, Segment
 

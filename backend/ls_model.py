@@ -1,575 +1,55 @@
-"""The Label Studio model: which prompt to use, and segments -> Label Studio results.
+"""The Label Studio model: /setup, /predict and /webhook of one backend process.
 
 Like a label-studio-ml ``LabelStudioMLBase`` subclass, ``GroundedSamModel`` answers /setup,
 /predict and /webhook, but it is one long-lived object per process (the engine is big) and keeps
-its per-project state in a small locked store instead of on the instance.
-
-Where the prompt comes from, first that applies:
-  1. interactive mode: the text of every ``textarea`` result in ``params.context``;
-  2. the last prompt this project used (from a context, or a TextArea in an annotation webhook),
-     so the prompt a user typed carries over to the next image;
-  3. ``prompt`` in the project's ``extra_params`` (sent by Label Studio with /setup);
-  4. the PROMPT environment variable;
-  5. the config's BrushLabels labels (their ``predicted_values`` aliases where given).
-Thresholds: a ``<Number name="box_threshold">``/``"text_threshold"`` value in the context, then the
-project's remembered ones, then ``extra_params``, then the engine's (BOX_THRESHOLD/TEXT_THRESHOLD).
-Typed prompts are split on '.', ',', ';' and new lines ("cat, dog" -> ["cat", "dog"]). /predict leaves
-out the phrases that map to no label before detection (``check_prompt_labels``) and names them in the
-response's ``dropped_phrases``; a prompt with no phrase that maps is a 400.
+its per-project state in a small locked store instead of on the instance. The pieces it uses live
+beside it: ``prompts`` (which prompt and thresholds), ``ls_results`` (segments -> Label Studio
+results), ``project_state`` (per-project memory) and ``engine_holder`` (the engine of this process).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 import threading
 import time
-import uuid
 from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import numpy as np
 
-from .cache import LruCache
 from .config import env_size
-from .detector import PromptError, parse_prompt
+from .detector import PromptError
+from .engine_holder import EngineHolder
+from .errors import BadRequest, EngineNotReady, TaskError
 from .fetch import FetchError, FetchSettings, fetch_image
 from .images import ImageError
-from .label_config import (BRUSH, POLYGON, RECTANGLE, ImageTarget, LabelConfig, LabelControl, TaskDataError,
-                           parse_label_config)
-from .ls_api import (ClientRegistry, Credentials, LabelStudioClient, LabelStudioError, normalise_url,
-                     register_secret)
-from .types import Segment
+from .label_config import ImageTarget, LabelConfig, TaskDataError, parse_label_config
+from .ls_api import ClientRegistry, Credentials, LabelStudioClient, LabelStudioError, normalise_url, register_secret
+from .ls_results import prediction, segments_to_results
+from .project_state import DEFAULT_PROJECT_MEMORY_BYTES, ProjectMemory, project_key
+from .prompts import (
+    PromptInput,
+    PromptPlan,
+    check_prompt_labels,
+    maps_to_labels,
+    plan_prompt,
+    read_context,
+    read_extra_params,
+    read_results,
+    split_typed_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
-THRESHOLD_NAMES = ("box_threshold", "text_threshold")
 DEFAULT_PREFETCH_TASKS = 2
 DEFAULT_MAX_LABEL_CONFIG_BYTES = 1 << 20  # Label Studio's configs are a few KiB; 1000 labels ~60 KiB
-DEFAULT_PROJECT_MEMORY_BYTES = 64 << 20
 _Item = TypeVar("_Item")
 _Loaded = TypeVar("_Loaded")
-_PROMPT_SEPARATORS = re.compile(r"[.,;\n\r]+")
-
-
-class BadRequest(ValueError):
-    """The request itself is wrong (HTTP 400); the message says what to fix."""
-
-
-class TaskError(TaskDataError):
-    """One task can't be predicted (e.g. it has no data)."""
-
-
-class EngineNotReady(RuntimeError):
-    """The models aren't loaded (still loading, or weights missing)."""
-
-
-# -- prompts and thresholds -----------------------------------------------------------------------
-def split_typed_prompt(text: str | Sequence[str]) -> list[str]:
-    """Phrases of a prompt a person typed: "cat, dog. red car" -> ["cat", "dog", "red car"]."""
-    texts = [text] if isinstance(text, str) else [str(t) for t in text]
-    return parse_prompt([p for t in texts for p in _PROMPT_SEPARATORS.split(t)])
-
-
-def parse_threshold(value: Any, name: str) -> float:
-    """A threshold from JSON or a form field; BadRequest unless it is a number within [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BadRequest(f"{name} must be a number within [0, 1], got {value!r}")
-    try:
-        number = float(value)
-    except ValueError as exc:
-        raise BadRequest(f"{name} must be a number within [0, 1], got {value!r}") from exc
-    if not (0.0 <= number <= 1.0) or math.isnan(number):
-        raise BadRequest(f"{name} must be within [0, 1], got {number}")
-    return number
-
-
-@dataclass(frozen=True)
-class PromptInput:
-    """Prompt and thresholds found in one place (a context, an annotation, extra_params)."""
-
-    phrases: tuple[str, ...] | None = None
-    box_threshold: float | None = None
-    text_threshold: float | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self.phrases is None and self.box_threshold is None and self.text_threshold is None
-
-
-def read_results(results: Any, where: str = "context.result") -> PromptInput:
-    """Prompt (every ``textarea`` result's text) and thresholds (``number`` results named
-    box_threshold / text_threshold) from a context's or annotation's ``result`` list.
-
-    Arguments:
-        results: the ``result`` list (None: nothing given).
-        where: how errors name the list ("context.result", "annotation.result").
-    Returns:
-        A ``PromptInput``; BadRequest names the field when a result has the wrong shape.
-    """
-    if results is None:
-        return PromptInput()
-    if not isinstance(results, list):
-        raise BadRequest(f"{where} must be a list of results, got {type(results).__name__}")
-    texts: list[str] = []
-    thresholds: dict[str, float] = {}
-    for i, item in enumerate(results):
-        if not isinstance(item, Mapping):
-            continue
-        kind = str(item.get("type", "")).lower()
-        value = item.get("value") if isinstance(item.get("value"), Mapping) else {}
-        if kind == "textarea":
-            text = value.get("text") or []
-            text = [text] if isinstance(text, str) else text
-            if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
-                raise BadRequest(f"{where}[{i}].value.text must be a string or a list of strings, got "
-                                 f"{value.get('text')!r:.80}")
-            texts.extend(text)
-        elif kind == "number" and str(item.get("from_name", "")).lower() in THRESHOLD_NAMES and "number" in value:
-            name = str(item["from_name"]).lower()
-            thresholds[name] = parse_threshold(value["number"], name)
-    phrases = None
-    if texts:
-        try:
-            phrases = tuple(split_typed_prompt(texts))
-        except PromptError as exc:
-            raise PromptError(f"the TextArea prompt is empty: type what to segment, e.g. 'cat, dog' ({exc})") from exc
-    return PromptInput(phrases, thresholds.get("box_threshold"), thresholds.get("text_threshold"))
-
-
-def read_context(context: Any) -> PromptInput:
-    """What an interactive request's ``params.context`` asks for."""
-    if context is None:
-        return PromptInput()
-    if not isinstance(context, Mapping):
-        raise BadRequest("params.context must be a JSON object or null")
-    return read_results(context.get("result"))
-
-
-def read_extra_params(extra: Any) -> PromptInput:
-    """``prompt``, ``box_threshold``, ``text_threshold`` from a project's ``extra_params``."""
-    if extra in (None, "", {}):
-        return PromptInput()
-    if isinstance(extra, str):
-        import json
-
-        try:
-            extra = json.loads(extra)
-        except json.JSONDecodeError as exc:
-            raise BadRequest(f"extra_params must be a JSON object: {exc}") from exc
-    if not isinstance(extra, Mapping):
-        raise BadRequest("extra_params must be a JSON object")
-    unknown = sorted(set(extra) - {"prompt", *THRESHOLD_NAMES})
-    if unknown:
-        logger.info("ignoring unknown extra_params %s (known: prompt, box_threshold, text_threshold)", unknown)
-    phrases = None
-    if extra.get("prompt") not in (None, ""):
-        prompt = extra["prompt"]
-        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list)
-                                                   and not all(isinstance(p, str) for p in prompt)):
-            raise BadRequest("extra_params.prompt must be a string like 'cat . dog' or a list of phrases")
-        phrases = tuple(split_typed_prompt(prompt))
-    return PromptInput(
-        phrases,
-        parse_threshold(extra["box_threshold"], "box_threshold") if extra.get("box_threshold") is not None else None,
-        parse_threshold(extra["text_threshold"], "text_threshold") if extra.get("text_threshold") is not None else None,
-    )
-
-
-@dataclass(frozen=True)
-class PromptPlan:
-    """The prompt and thresholds one /predict request runs with."""
-
-    phrases: tuple[str, ...]
-    source: str  # context | project | extra_params | env | labels
-    box_threshold: float | None = None
-    text_threshold: float | None = None
-    # Typed phrases no label matches, left out before detection: their boxes would take the
-    # detection cap and then be dropped, leaving nothing for the phrases that do match.
-    dropped: tuple[str, ...] = ()
-
-
-def plan_prompt(config: LabelConfig, context: PromptInput, remembered: PromptInput = PromptInput(),
-                extra: PromptInput = PromptInput(), env_prompt: Sequence[str] | None = None) -> PromptPlan:
-    """Pick the prompt and thresholds by the precedence in the module docstring."""
-    sources = (("context", context), ("project", remembered), ("extra_params", extra))
-    phrases, source = None, "labels"
-    for name, given in sources:
-        if given.phrases:
-            phrases, source = given.phrases, name
-            break
-    if phrases is None and env_prompt:
-        phrases, source = tuple(env_prompt), "env"
-    if phrases is None:
-        phrases = tuple(config.default_phrases())
-
-    def first(attr: str) -> float | None:
-        return next((getattr(g, attr) for _, g in sources if getattr(g, attr) is not None), None)
-
-    return PromptPlan(phrases, source, first("box_threshold"), first("text_threshold"))
-
-
-def _maps_to_label(config: LabelConfig, phrase: str) -> bool:
-    return any(target.labels_for(phrase) for target in config.targets)
-
-
-def _maps_to_labels(config: LabelConfig, phrases: Sequence[str]) -> bool:
-    return any(_maps_to_label(config, phrase) for phrase in phrases)
-
-
-def check_prompt_labels(config: LabelConfig, plan: PromptPlan) -> PromptPlan:
-    """The plan without the phrases that map to no label (named in ``dropped``), so the detection cap
-    goes to phrases whose masks are kept; BadRequest when no phrase maps to a label.
-
-    In a config with a single BrushLabels label every phrase maps (to that label): nothing is dropped.
-    """
-    kept = tuple(phrase for phrase in plan.phrases if _maps_to_label(config, phrase))
-    if kept:
-        dropped = tuple(phrase for phrase in plan.phrases if phrase not in kept)
-        return replace(plan, phrases=kept, dropped=plan.dropped + dropped) if dropped else plan
-    raise BadRequest(
-        f"unknown labels: the prompt {list(plan.phrases)} (from {plan.source}) matches none of the BrushLabels "
-        f"labels ({config.describe_labels()}); use label names, or list synonyms in a label's predicted_values")
-
-
-# -- segments -> Label Studio results ---------------------------------------------------------------
-def _region_id() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-def _base(control: LabelControl, width: int, height: int, score: float) -> dict[str, Any]:
-    return {
-        "id": _region_id(),
-        "from_name": control.name,
-        "to_name": control.to_name,
-        "type": control.kind,
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "score": score,
-        "readonly": False,
-    }
-
-
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """Label Studio brush RLE of a boolean HxW mask (label-studio-sdk's encoder)."""
-    from label_studio_sdk.converter import brush
-
-    return brush.mask2rle(np.ascontiguousarray(mask, dtype=np.uint8) * 255)
-
-
-def brush_result(control: LabelControl, label: str, segment: Segment, width: int, height: int) -> dict[str, Any]:
-    result = _base(control, width, height, round(float(segment.score), 4))
-    result["value"] = {"format": "rle", "rle": mask_to_rle(segment.mask), "brushlabels": [label]}
-    return result
-
-
-def _pct(value: float, size: int) -> float:
-    return float(min(100.0, max(0.0, value / size * 100.0)))
-
-
-def rectangle_result(control: LabelControl, label: str, segment: Segment, width: int,
-                     height: int) -> dict[str, Any]:
-    x0, y0, x1, y1 = segment.box
-    result = _base(control, width, height, round(float(segment.score), 4))
-    x, y = _pct(x0, width), _pct(y0, height)
-    result["value"] = {
-        "x": x, "y": y, "width": _pct(x1, width) - x, "height": _pct(y1, height) - y,
-        "rotation": 0, "rectanglelabels": [label],
-    }
-    return result
-
-
-def mask_polygon(mask: np.ndarray, tolerance: float = 0.003) -> np.ndarray | None:
-    """The mask's largest outer contour, simplified (Douglas-Peucker at ``tolerance`` x perimeter),
-    as an Nx2 array of pixel (x, y); None when the mask has no polygon of 3+ points."""
-    import cv2
-
-    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return None
-    largest = max(contours, key=cv2.contourArea)
-    epsilon = max(1.0, tolerance * cv2.arcLength(largest, True))
-    points = cv2.approxPolyDP(largest, epsilon, True).reshape(-1, 2)
-    return points if len(points) >= 3 else None
-
-
-def polygon_result(control: LabelControl, label: str, segment: Segment, width: int,
-                   height: int) -> dict[str, Any] | None:
-    points = mask_polygon(segment.mask)
-    if points is None:
-        return None
-    result = _base(control, width, height, round(float(segment.score), 4))
-    result["value"] = {
-        "points": [[_pct(float(x), width), _pct(float(y), height)] for x, y in points],
-        "closed": True,
-        "polygonlabels": [label],
-    }
-    return result
-
-
-_BUILDERS: dict[str, Callable[..., dict[str, Any] | None]] = {
-    BRUSH: brush_result, RECTANGLE: rectangle_result, POLYGON: polygon_result,
-}
-
-
-def segments_to_results(segments: Iterable[Segment], target: ImageTarget, width: int,
-                        height: int) -> tuple[list[dict[str, Any]], list[float]]:
-    """Results for every label control on ``target``, and the score of each segment that made one.
-
-    A segment whose phrase maps to no label of a control is left out of that control (logged).
-    """
-    results: list[dict[str, Any]] = []
-    scores: list[float] = []
-    skipped: set[tuple[str, str]] = set()
-    for segment in segments:
-        if segment.area == 0:  # SAM found nothing inside the box: an empty brush helps nobody
-            logger.debug("skipping %r: empty mask", segment.label)
-            continue
-        used = False
-        labels = target.labels_for(segment.label)
-        for control in target.controls:
-            label = labels.get(control.name)
-            if label is None:
-                skipped.add((segment.label, control.name))
-                continue
-            result = _BUILDERS[control.kind](control, label, segment, width, height)
-            if result is not None:
-                results.append(result)
-                used = True
-        if used:
-            scores.append(float(segment.score))
-    for phrase, control_name in sorted(skipped):
-        logger.info("phrase %r matches no label of %r; skipped (name a label, or add it to a label's "
-                    "predicted_values)", phrase, control_name)
-    return results, scores
-
-
-def prediction(results: list[dict[str, Any]], scores: Sequence[float], model_version: str) -> dict[str, Any]:
-    """One /predict entry; the task score is the mean region score (0 when nothing was found)."""
-    return {
-        "result": results,
-        "score": round(float(np.mean(scores)), 4) if scores else 0.0,
-        "model_version": model_version,
-    }
-
-
-# -- per-project memory -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProjectState:
-    remembered: PromptInput = PromptInput()  # last prompt/thresholds a person used
-    extra: PromptInput = PromptInput()  # from /setup extra_params
-    credentials: Credentials | None = None  # hostname + access_token from /setup
-    label_config: str | None = None  # schema from /setup
-    updated: float = field(default_factory=time.time)
-
-
-def project_key(project: Any) -> str | None:
-    """Label Studio's project uid "<id>.<created timestamp>" (or a bare id) -> "<id>"."""
-    if project is None or isinstance(project, bool):
-        return None
-    if isinstance(project, Mapping):
-        project = project.get("id")
-        if project is None:
-            return None
-    if not isinstance(project, (str, int)):
-        raise BadRequest(f"project must be a string like '1.1700000000' or an integer id, got {type(project).__name__}")
-    key = str(project).strip().split(".", 1)[0]
-    return key or None
-
-
-class ProjectMemory:
-    """Thread-safe store of ``ProjectState`` per project, least recently used out first, bounded in
-    projects and in bytes (a schema can be up to MAX_LABEL_CONFIG_BYTES)."""
-
-    def __init__(self, capacity: int = 1024, max_bytes: int | None = DEFAULT_PROJECT_MEMORY_BYTES) -> None:
-        self._states: LruCache[ProjectState] = LruCache(capacity, max_bytes)
-        self._lock = threading.Lock()  # makes update's read-modify-write atomic
-
-    def get(self, key: str | None) -> ProjectState:
-        if key is None:
-            return ProjectState()
-        return self._states.get(key) or ProjectState()
-
-    def update(self, key: str | None, **changes: Any) -> ProjectState:
-        if key is None:
-            return ProjectState()
-        with self._lock:
-            state = replace(self._states.get(key) or ProjectState(), updated=time.time(), **changes)
-            self._states.put(key, state)
-            return state
-
-    def forget(self, key: str | None) -> None:
-        self._states.pop(key)
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-
-# -- the engine of this process ---------------------------------------------------------------------
-def import_model_code() -> None:
-    """Import every module the engine loads lazily (segment_anything, groundingdino, MobileSAM)."""
-    import importlib
-
-    from . import engine, models  # noqa: F401 - imported for their side effect on sys.modules
-
-    for name in ("segment_anything", "segment_anything.build_sam", "groundingdino.models",
-                 "groundingdino.util.slconfig", "groundingdino.util.misc", "groundingdino.datasets.transforms",
-                 "groundingdino.models.GroundingDINO.bertwarper",
-                 "groundingdino.models.GroundingDINO.backbone.swin_transformer", "mobile_sam.build_sam",
-                 # /setup parses the schema with it: a first import (~1 s, more on a busy machine) must
-                 # not eat Label Studio's 3 s /setup timeout.
-                 "label_studio_sdk.label_interface", "label_studio_sdk.converter.brush"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # MobileSAM is optional; a missing package is reported by the loader
-            pass
-
-
-class EngineHolder:
-    """Loads the engine once per process, in a background thread, so /health and /setup answer
-    at once while the weights load. A failed load (weights missing) is retried after RETRY_S, so
-    downloading the weights doesn't need a restart."""
-
-    RETRY_S = 30.0
-
-    def __init__(self, engine: Any | None = None, config_loader: Callable[[], Any] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._loaded = threading.Event()
-        self._engine = engine
-        self._config = engine.config if engine is not None else None
-        self._model_version: str | None = engine.model_version if engine is not None else None
-        self._error: str | None = None
-        self._problems: list[str] = []
-        self._failed_at = 0.0
-        self._loading = False
-        self._config_loader = config_loader
-        if engine is not None:
-            self._loaded.set()
-
-    def start(self) -> None:
-        """Begin loading in the background (no-op when loaded or already loading)."""
-        with self._lock:
-            if self._engine is not None or self._loading:
-                return
-            self._loading, self._error = True, None
-            self._loaded.clear()
-        # Import the model code here, not in the loader thread: two threads importing
-        # segment_anything / groundingdino at once can hit Python's import-lock deadlock
-        # (_DeadlockError), e.g. the loader against a request thread or the Flask app's own imports.
-        import_model_code()
-        threading.Thread(target=self._load, name="engine-loader", daemon=True).start()
-
-    def _load(self) -> None:
-        from .config import EngineConfig
-        from .engine import Engine, model_version
-
-        engine, error, config, version, problems = None, None, None, None, []
-        try:
-            config = (self._config_loader or EngineConfig.from_env)()
-            version = model_version(config)
-            problems, error = _weights_problems(config)
-            if not problems:
-                started = time.time()
-                engine = Engine(config)
-                logger.info("models loaded in %.1f s: %s", time.time() - started, engine.describe())
-        except Exception as exc:  # missing weights, bad config, broken checkpoint: report, keep serving
-            logger.exception("loading the models failed")
-            error = f"{type(exc).__name__}: {exc}"
-        with self._lock:
-            self._engine, self._loading = engine, False
-            self._problems = problems if engine is None else []
-            self._config = config or self._config
-            self._model_version = version or self._model_version
-            self._error = error
-            self._failed_at = time.time() if error else 0.0
-            self._loaded.set()
-        if error:
-            logger.error("models not ready: %s", error)
-
-    def _maybe_retry(self) -> None:
-        with self._lock:
-            retry = self._error is not None and not self._loading and time.time() - self._failed_at > self.RETRY_S
-        if retry:
-            self.start()
-
-    def status(self) -> tuple[str, str | None]:
-        """("UP", None), ("loading", None) or ("not ready", reason)."""
-        self._maybe_retry()
-        with self._lock:
-            if self._engine is not None:
-                return "UP", None
-            if self._error is not None:
-                return "not ready", self._error
-            return "loading", None
-
-    def get(self, timeout: float | None = None) -> Any:
-        """The engine, waiting up to ``timeout`` s for a load in progress; raises ``EngineNotReady``."""
-        self._maybe_retry()
-        if self._engine is None and not self._loading and self._error is None:
-            self.start()
-        self._loaded.wait(timeout)
-        with self._lock:
-            if self._engine is not None:
-                return self._engine
-            if self._error is not None:
-                raise EngineNotReady(self._error)
-        raise EngineNotReady("the models are still loading; try again in a moment")
-
-    @property
-    def engine(self) -> Any | None:
-        return self._engine
-
-    @property
-    def problems(self) -> list[str]:
-        """backend.weights' list of missing/corrupt files when the load failed for want of them."""
-        with self._lock:
-            return list(self._problems)
-
-    @property
-    def config(self) -> Any | None:
-        return self._config
-
-    @property
-    def model_version(self) -> str | None:
-        """Known as soon as the config is read (before the models load), so /setup never waits."""
-        if self._model_version is None and self._config is None:
-            self._read_config_only()
-        return self._model_version
-
-    def _read_config_only(self) -> None:
-        from .config import EngineConfig
-        from .engine import model_version
-
-        try:
-            config = (self._config_loader or EngineConfig.from_env)()
-            version = model_version(config)
-        except Exception as exc:
-            logger.error("can't read the engine config: %s", exc)
-            return
-        with self._lock:
-            self._config = self._config or config
-            self._model_version = self._model_version or version
-
-
-def _weights_problems(config: Any) -> tuple[list[str], str | None]:
-    """backend.weights' problem list for ``config`` and its full message (with the download command)."""
-    from .weights import check_ready, ensure_ready
-
-    problems = list(check_ready(config))
-    if not problems:
-        return [], None
-    try:
-        ensure_ready(config)
-    except Exception as exc:
-        return problems, str(exc)
-    return problems, "model weights are not ready: " + "; ".join(problems)
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -746,7 +226,7 @@ class GroundedSamModel:
         """The plan a /predict of ``project`` would use, with ``given`` in the place of a context."""
         state = self.memory.get(project)
         plan = plan_prompt(config, given, state.remembered, state.extra, self.settings.default_prompt)
-        if plan.source == "project" and not _maps_to_labels(config, plan.phrases):
+        if plan.source == "project" and not maps_to_labels(config, plan.phrases):
             # A remembered prompt (e.g. from an annotation webhook) for labels this config lacks
             # must not break every later batch: fall back to the next source.
             logger.info("project %s: remembered prompt %s matches no label; not using it", project,

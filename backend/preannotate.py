@@ -126,7 +126,8 @@ def preannotate(api: ProjectApi, model: GroundedSamModel, batch_size: int = 8, l
     from tqdm import tqdm
 
     from .label_config import parse_label_config
-    from .ls_model import check_prompt_labels, project_key
+    from .project_state import project_key
+    from .prompts import check_prompt_labels
 
     config = api.label_config()
     version = model.model_version
@@ -188,7 +189,9 @@ def build_model(prompt: str | None, credentials: Credentials, engine: Engine | N
     from .config import EngineConfig
     from .engine import Engine
     from .fetch import FetchSettings
-    from .ls_model import EngineHolder, GroundedSamModel, ModelSettings, split_typed_prompt
+    from .engine_holder import EngineHolder
+    from .ls_model import GroundedSamModel, ModelSettings
+    from .prompts import split_typed_prompt
 
     env_prompt = prompt if prompt is not None else os.environ.get("PROMPT", "")
     settings = ModelSettings(

@@ -34,7 +34,7 @@ from backend.ls_api import (
     LabelStudioClient,
     LabelStudioError,
 )
-from backend.ls_model import PromptPlan
+from backend.prompts import PromptPlan
 from tests.ls_server import (
     REPO_ROOT,
     LabelStudioServer,

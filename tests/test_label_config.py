@@ -7,7 +7,7 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.label_config import LabelConfigError, parse_label_config
-from backend.ls_model import segments_to_results
+from backend.ls_results import segments_to_results
 from backend.types import Segment
 
 ALIASED = """

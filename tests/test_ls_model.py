@@ -12,9 +12,12 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from backend.detector import PromptError
 from backend.label_config import LabelConfigError, TaskDataError, normalise_phrase, parse_label_config
-from backend.ls_model import (BadRequest, EngineHolder, EngineNotReady, GroundedSamModel, ModelSettings, ProjectMemory,
-                              PromptInput, plan_prompt, prediction, project_key, read_context, read_extra_params,
-                              segments_to_results, split_typed_prompt)
+from backend.engine_holder import EngineHolder
+from backend.errors import BadRequest, EngineNotReady
+from backend.ls_model import GroundedSamModel, ModelSettings
+from backend.ls_results import prediction, segments_to_results
+from backend.project_state import ProjectMemory, project_key
+from backend.prompts import PromptInput, plan_prompt, read_context, read_extra_params, split_typed_prompt
 from backend.types import Segment
 from tests.test_fetch import data_url, png_bytes
 

@@ -1,7 +1,7 @@
 """backend/jobs/writer.py against a real Label Studio 1.23.2 (tests/ls_server.py, started once).
 
 These tests are about the writer itself, so the predictions are deterministic brush masks made here
-(the real RLE encoder, ``backend.ls_model.mask_to_rle``), not model output: what is checked is what
+(the real RLE encoder, ``backend.ls_results.mask_to_rle``), not model output: what is checked is what
 Label Studio stores. The runner's tests (tests/test_job_runner.py) use the tiny engine.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 from backend.jobs.writer import tasks_with_prediction, write_predictions
 from backend.ls_api import Credentials, LabelStudioAuthError, LabelStudioClient
-from backend.ls_model import mask_to_rle
+from backend.ls_results import mask_to_rle
 from tests.ls_server import (
     LabelStudioServer,
     create_project,

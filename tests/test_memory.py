@@ -15,7 +15,8 @@ from PIL import Image
 
 from backend.cache import LruCache, nbytes
 from backend.config import ConfigError, EngineConfig, parse_size
-from backend.ls_model import ModelSettings, ProjectMemory
+from backend.ls_model import ModelSettings
+from backend.project_state import ProjectMemory
 
 MiB = 1 << 20
 

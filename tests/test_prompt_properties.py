@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from backend.detector import Caption, PromptError, parse_prompt
 from backend.label_config import LabelConfigError, parse_label_config
-from backend.ls_model import split_typed_prompt
+from backend.prompts import split_typed_prompt
 
 # Letters, marks, digits, punctuation, symbols (emoji), spaces and separators of every script, with
 # the characters whose case mapping changes the length or the token split drawn often (İ lower-cases
