@@ -49,6 +49,9 @@ class ServerSettings:
     model: ModelSettings = field(default_factory=ModelSettings)
     engine_config: Any | None = None  # an EngineConfig to load instead of the environment's
     load_on_start: bool = True  # start loading the models when the app is created
+    # JOBS_DB (a SQLAlchemy URL) or sqlite:///$DATA_DIR/jobs.sqlite3: background jobs and per-project
+    # state shared by every worker; None keeps project state in the process and queues no jobs.
+    jobs_db: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
@@ -56,7 +59,10 @@ class ServerSettings:
         user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
         if bool(user) != bool(password):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS to require basic auth, or neither")
-        return cls(basic_auth=(user, password) if user else None, model=ModelSettings.from_env(env))
+        from .jobs.db import default_url
+
+        return cls(basic_auth=(user, password) if user else None, model=ModelSettings.from_env(env),
+                   jobs_db=default_url(env))
 
     @property
     def max_request_bytes(self) -> int:
@@ -162,7 +168,14 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
         holder = EngineHolder(config_loader=(lambda: config) if config is not None else None)
         if settings.load_on_start:
             holder.start()
-    model = GroundedSamModel(holder, settings.model)
+    jobs = None
+    if settings.jobs_db:
+        from .jobs.store import JobStore
+
+        jobs = JobStore(settings.jobs_db)
+    model = GroundedSamModel(holder, settings.model, jobs=jobs)
+    if jobs is not None:
+        model.start_jobs()  # resumes this store's unfinished jobs; every worker shares them
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -236,6 +249,8 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
         body: dict[str, Any] = {"results": outcome.results, "model_version": model.model_version}
         if outcome.errors:
             body["errors"] = outcome.errors  # Label Studio ignores it; for people reading responses
+        if outcome.job_id:  # tasks not reached before PREDICT_DEADLINE_S: a background job writes them
+            body["job"] = {"id": outcome.job_id, "tasks": outcome.queued, "progress": f"/api/jobs/{outcome.job_id}"}
         if outcome.dropped_phrases:  # typed phrases no label matches: not detected
             body["dropped_phrases"] = outcome.dropped_phrases
         return jsonify(body)

@@ -14,10 +14,10 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
 import numpy as np
@@ -26,6 +26,7 @@ from .config import env_size
 from .detector import PromptError
 from .engine_holder import EngineHolder
 from .errors import BadRequest, EngineNotReady, TaskError
+from .jobs.store import Job, JobStore
 from .fetch import FetchError, FetchSettings, fetch_image
 from .images import ImageError
 from .label_config import ImageTarget, LabelConfig, TaskDataError, parse_label_config
@@ -44,9 +45,15 @@ from .prompts import (
     split_typed_prompt,
 )
 
+if TYPE_CHECKING:
+    from .jobs.runner import JobRunner
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFETCH_TASKS = 2
+# Label Studio waits ML_TIMEOUT_PREDICT (100 s by default) for a /predict and stores nothing when it
+# gives up: answer before that, and hand the tasks not reached to a background job.
+DEFAULT_PREDICT_DEADLINE_S = 80.0
 DEFAULT_MAX_LABEL_CONFIG_BYTES = 1 << 20  # Label Studio's configs are a few KiB; 1000 labels ~60 KiB
 _Item = TypeVar("_Item")
 _Loaded = TypeVar("_Loaded")
@@ -65,10 +72,15 @@ class ModelSettings:
     prefetch_tasks: int = DEFAULT_PREFETCH_TASKS
     max_label_config_bytes: int = DEFAULT_MAX_LABEL_CONFIG_BYTES  # MAX_LABEL_CONFIG_BYTES: bigger schemas get 400
     project_memory_bytes: int = DEFAULT_PROJECT_MEMORY_BYTES  # PROJECT_MEMORY_BYTES: per-project state kept
+    # PREDICT_DEADLINE_S: a batch /predict answers by then; tasks it did not reach go to a background
+    # job (0: no deadline). Keep it below Label Studio's ML_TIMEOUT_PREDICT.
+    predict_deadline_s: float = DEFAULT_PREDICT_DEADLINE_S
 
     def __post_init__(self) -> None:
         if self.prefetch_tasks < 0:
             raise ValueError(f"PREFETCH_TASKS must be >= 0, got {self.prefetch_tasks}")
+        if not self.predict_deadline_s >= 0:
+            raise ValueError(f"PREDICT_DEADLINE_S must be >= 0 seconds, got {self.predict_deadline_s}")
 
     def check_label_config(self, schema: str | None) -> None:
         """BadRequest naming MAX_LABEL_CONFIG_BYTES when ``schema`` is bigger than that."""
@@ -89,6 +101,10 @@ class ModelSettings:
             prefetch_tasks = int(env.get("PREFETCH_TASKS") or DEFAULT_PREFETCH_TASKS)
         except ValueError as exc:
             raise ValueError(f"PREFETCH_TASKS must be a whole number: {exc}") from exc
+        try:
+            deadline = float(env.get("PREDICT_DEADLINE_S") or DEFAULT_PREDICT_DEADLINE_S)
+        except ValueError as exc:
+            raise ValueError(f"PREDICT_DEADLINE_S must be a number of seconds: {exc}") from exc
         return cls(
             default_prompt=tuple(split_typed_prompt(prompt)) if prompt else None,
             credentials=credentials,
@@ -98,6 +114,7 @@ class ModelSettings:
             prefetch_tasks=prefetch_tasks,
             max_label_config_bytes=env_size(env, "MAX_LABEL_CONFIG_BYTES", DEFAULT_MAX_LABEL_CONFIG_BYTES),
             project_memory_bytes=env_size(env, "PROJECT_MEMORY_BYTES", DEFAULT_PROJECT_MEMORY_BYTES),
+            predict_deadline_s=deadline,
         )
 
     def explain_link(self, task_id: Any, project: str | None) -> str | None:
@@ -113,11 +130,21 @@ class PredictOutcome:
     results: list[dict[str, Any]]
     errors: list[dict[str, Any]]
     plan: PromptPlan
+    # The background job that predicts the tasks this call did not reach before PREDICT_DEADLINE_S
+    # (or that an earlier job already holds), and how many of this call's tasks it holds.
+    job_id: str | None = None
+    queued: int = 0
 
     @property
     def dropped_phrases(self) -> list[str]:
         """Phrases of the prompt that match no label and were not detected (see ``check_prompt_labels``)."""
         return list(self.plan.dropped)
+
+
+def queued_entry(job_id: str, version: str) -> dict[str, Any]:
+    """The /predict entry of a task handed to a background job: no ``result``, so Label Studio stores
+    nothing now; the job writes the prediction (same version) through Label Studio's API."""
+    return {"model_version": version, "job": job_id}
 
 
 def failed_entry(message: str, version: str) -> dict[str, Any]:
@@ -164,12 +191,56 @@ class GroundedSamModel:
     """Grounding DINO + SAM as a Label Studio ML backend; one instance serves every project."""
 
     def __init__(self, engine: EngineHolder, settings: ModelSettings | None = None,
-                 memory: ProjectMemory | None = None, clients: ClientRegistry | None = None) -> None:
+                 memory: ProjectMemory | None = None, clients: ClientRegistry | None = None,
+                 jobs: JobStore | None = None) -> None:
+        """``jobs``: the shared job store; with it, per-project state lives in its database and a batch
+        that reaches PREDICT_DEADLINE_S hands the rest to a background job (``start_jobs`` runs them
+        in this process). Without it, tasks not reached get entries without ``result`` (Label Studio
+        asks again next time)."""
         self.engine = engine
         self.settings = settings or ModelSettings()
-        self.memory = memory or ProjectMemory(max_bytes=self.settings.project_memory_bytes)
+        self.jobs = jobs
+        self.memory = memory or ProjectMemory(max_bytes=self.settings.project_memory_bytes,
+                                              shared=jobs.projects if jobs is not None else None)
         self.clients = clients or ClientRegistry(timeout=self.settings.fetch.timeout)
         self.stats = PredictionStats()
+        self.runner: JobRunner | None = None
+
+    # -- background jobs ---------------------------------------------------------------------------
+    def start_jobs(self) -> JobRunner:
+        """Run the store's jobs in a background thread of this process (resuming unfinished ones)."""
+        from .jobs.runner import JobRunner
+
+        if self.jobs is None:
+            raise RuntimeError("no job store: set JOBS_DB or DATA_DIR")
+        if self.runner is None:
+            self.runner = JobRunner(self.jobs, self.predict_job_task, self._job_client)
+            self.runner.start()
+        return self.runner
+
+    def predict_job_task(self, job: Job, task: Mapping[str, Any]) -> dict[str, Any]:
+        """One task of a background job, with the job's plan and labeling config and this process's
+        model version (the runner stops a job whose version no longer matches)."""
+        if not job.label_config:
+            raise BadRequest(f"job {job.id} has no labeling config")
+        engine = self.engine.get(timeout=self.settings.engine_wait_s)
+        config = parse_label_config(job.label_config)
+        client = self.clients.get(job.credentials) if job.credentials else None
+        entry = self.predict_task(engine, self.load_task(engine, task, config, client),
+                                  PromptPlan.from_json(job.plan), self.model_version)
+        self._link_regions(entry, task.get("id"), job.project)
+        return entry
+
+    def _job_client(self, job: Job) -> LabelStudioClient:
+        if job.credentials is None:
+            raise LabelStudioError(f"job {job.id} has no Label Studio credentials to write predictions with")
+        return self.clients.get(job.credentials)
+
+    def _link_regions(self, entry: dict[str, Any], task_id: Any, project: str | None) -> None:
+        link = self.settings.explain_link(task_id, project)
+        if link:  # Label Studio shows a region's meta text in the region panel
+            for result in entry["result"]:
+                result["meta"] = {"text": [f"Why this mask: {link}"]}
 
     @property
     def model_version(self) -> str:
@@ -259,32 +330,100 @@ class GroundedSamModel:
         version = self.model_version
         logger.info("predict project=%s tasks=%d prompt=%s (from %s)", key, len(tasks), list(plan.phrases),
                     plan.source)
-        results, errors = [], []
-        loads = read_ahead(tasks, lambda task: self.load_task(engine, task, config, client),
+        batch = context is None and len(tasks) > 1  # interactive requests are never deferred
+        held = self._held_by_jobs(key, version, tasks) if batch else {}
+        todo = [task for task in tasks if _task_id(task) not in held]
+        started = time.monotonic()
+        slowest = 0.0  # the longest task so far: a task is only started when it can end in time
+        entries: dict[int, dict[str, Any]] = {}  # position in ``todo`` -> entry
+        errors: list[dict[str, Any]] = []
+        loads = read_ahead(todo, lambda task: self.load_task(engine, task, config, client),
                            self.settings.prefetch_tasks)
-        for task, loaded in zip(tasks, loads):
-            try:
-                entry = self.predict_task(engine, loaded.result(), plan, version)
-                link = self.settings.explain_link(task.get("id"), key)
-                if link:  # Label Studio shows a region's meta text in the region panel
-                    for result in entry["result"]:
-                        result["meta"] = {"text": [f"Why this mask: {link}"]}
-                results.append(entry)
-                self.stats.record_ok(len(entry["result"]))
-            except Exception as exc:
-                self.stats.record_failure(exc)
-                if context is not None and len(tasks) == 1:
-                    raise
-                task_id = task.get("id") if isinstance(task, Mapping) else None
-                if isinstance(exc, (FetchError, ImageError, LabelStudioError, TaskDataError)):
-                    message = _message(exc)
-                    logger.warning("task %s: no prediction (Label Studio will ask again): %s", task_id, message)
-                else:  # a bug or a model failure: keep the traceback, and still answer for the others
-                    message = f"internal error ({type(exc).__name__}); see the server log"
-                    logger.exception("task %s: no prediction (Label Studio will ask again)", task_id)
-                errors.append({"task": task_id, "error": message})
-                results.append(failed_entry(message, version))
-        return PredictOutcome(results, errors, plan)
+        try:
+            for position, (task, loaded) in enumerate(zip(todo, loads, strict=False)):
+                elapsed = time.monotonic() - started
+                if batch and self.settings.predict_deadline_s and elapsed + slowest > self.settings.predict_deadline_s:
+                    break
+                task_started = time.monotonic()
+                entries[position] = self._predict_one(engine, task, loaded, plan, version, key, errors,
+                                                      raise_errors=context is not None and len(tasks) == 1)
+                slowest = max(slowest, time.monotonic() - task_started)
+        finally:
+            loads.close()  # stop reading ahead for tasks that won't be predicted here
+        unreached = [task for position, task in enumerate(todo) if position not in entries]
+        job_id, deferred = self._defer(key, version, plan, label_config, unreached, held, errors)
+        by_id = {id(task): entries[position] for position, task in enumerate(todo) if position in entries}
+        results = []
+        for task in tasks:
+            task_id = _task_id(task)
+            entry = by_id.get(id(task)) or (deferred.get(task_id) if task_id is not None else None)
+            if entry is None:
+                entry = failed_entry("not predicted before PREDICT_DEADLINE_S",
+                                                                     version)
+            results.append(entry)
+        return PredictOutcome(results, errors, plan, job_id, len(held) + len(unreached) if job_id else 0)
+
+    def _predict_one(self, engine: Any, task: Any, loaded: Future[list[tuple[ImageTarget, np.ndarray]]],
+                     plan: PromptPlan, version: str, key: str | None, errors: list[dict[str, Any]],
+                     raise_errors: bool) -> dict[str, Any]:
+        """The entry of one task of a /predict (its error recorded in ``errors``)."""
+        try:
+            entry = self.predict_task(engine, loaded.result(), plan, version)
+            self._link_regions(entry, task.get("id"), key)
+            self.stats.record_ok(len(entry["result"]))
+            return entry
+        except Exception as exc:
+            self.stats.record_failure(exc)
+            if raise_errors:
+                raise
+            task_id = _task_id(task)
+            if isinstance(exc, (FetchError, ImageError, LabelStudioError, TaskDataError)):
+                message = _message(exc)
+                logger.warning("task %s: no prediction (Label Studio will ask again): %s", task_id, message)
+            else:  # a bug or a model failure: keep the traceback, and still answer for the others
+                message = f"internal error ({type(exc).__name__}); see the server log"
+                logger.exception("task %s: no prediction (Label Studio will ask again)", task_id)
+            errors.append({"task": task_id, "error": message})
+            return failed_entry(message, version)
+
+    def _held_by_jobs(self, key: str | None, version: str, tasks: Sequence[Any]) -> dict[int, str]:
+        """{task id: job id} of the tasks an active job of this project and version already holds: a
+        second "Retrieve predictions" must not predict (and store) them a second time."""
+        if self.jobs is None or key is None:
+            return {}
+        ids = [task_id for task in tasks if (task_id := _task_id(task)) is not None]
+        return self.jobs.held_tasks(key, version, ids) if ids else {}
+
+    def _defer(self, key: str | None, version: str, plan: PromptPlan, label_config: str,
+               unreached: list[Any], held: dict[int, str],
+               errors: list[dict[str, Any]]) -> tuple[str | None, dict[int, dict[str, Any]]]:
+        """Hand the tasks a /predict did not reach to a background job; ({task id: entry} of every
+        task a job holds, the job id)."""
+        if not unreached and not held:
+            return None, {}
+        credentials = self.credentials_for(key)
+        ids = [_task_id(task) for task in unreached]
+        if self.jobs is None or key is None or credentials is None or None in ids:
+            why = ("no job store (JOBS_DB / DATA_DIR)" if self.jobs is None else
+                   "no Label Studio URL and key to write them with (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, "
+                   "or /setup)" if credentials is None else "the tasks have no project or ids")
+            for task in unreached:
+                message = (f"not predicted before PREDICT_DEADLINE_S={self.settings.predict_deadline_s:g} s and "
+                           f"can't be predicted in the background: {why}; retrieve predictions again")
+                errors.append({"task": _task_id(task), "error": message})
+            logger.warning("project %s: %d task(s) not reached before the deadline and not queued: %s", key,
+                           len(unreached), why)
+            return None, {task_id: queued_entry(job_id, version) for task_id, job_id in held.items()}
+        created = self.jobs.create_job(key, version, [dict(task) for task in unreached], plan=plan.to_json(),
+                                       label_config=label_config, credentials=credentials)
+        job_id = created.job_id or next(iter(held.values()))
+        if self.runner is not None:
+            self.runner.wake()
+        logger.info("project %s: %d task(s) handed to background job %s (%d already held by a job)", key,
+                    created.added, job_id, len(held))
+        deferred = {task_id: queued_entry(job, version) for task_id, job in held.items()}
+        deferred.update({task_id: queued_entry(job_id, version) for task_id in ids if task_id is not None})
+        return job_id, deferred
 
     def load_task(self, engine: Any, task: Any, config: LabelConfig,
                   client: LabelStudioClient | None) -> list[tuple[ImageTarget, np.ndarray]]:
@@ -350,7 +489,7 @@ class GroundedSamModel:
         return reply
 
 
-def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded], ahead: int) -> Iterator[Future[_Loaded]]:
+def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded], ahead: int) -> Generator[Future[_Loaded], None, None]:
     """``load(item)`` of every item as a Future, in order, with up to ``ahead`` loads running on
     threads ahead of the consumer: downloads overlap the model's work, and at most ``ahead + 1``
     loaded items are held at once. A load's exception is raised by its Future's ``result()``."""
@@ -373,6 +512,11 @@ def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded], ahead: 
             yield pending.popleft()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _task_id(task: Any) -> int | None:
+    task_id = task.get("id") if isinstance(task, Mapping) else None
+    return task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None
 
 
 def _message(exc: BaseException) -> str:

@@ -158,6 +158,18 @@ class PromptPlan:
     # detection cap and then be dropped, leaving nothing for the phrases that do match.
     dropped: tuple[str, ...] = ()
 
+    def to_json(self) -> dict[str, Any]:
+        """The plan as a background job stores it."""
+        return {"phrases": list(self.phrases), "source": self.source, "box_threshold": self.box_threshold,
+                "text_threshold": self.text_threshold, "dropped": list(self.dropped)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PromptPlan:
+        """The plan ``to_json`` stored (a job's)."""
+        return cls(tuple(str(p) for p in data["phrases"]), str(data.get("source") or "job"),
+                   data.get("box_threshold"), data.get("text_threshold"),
+                   tuple(str(p) for p in data.get("dropped") or ()))
+
 
 def plan_prompt(config: LabelConfig, context: PromptInput, remembered: PromptInput = PromptInput(),
                 extra: PromptInput = PromptInput(), env_prompt: Sequence[str] | None = None) -> PromptPlan:

@@ -64,14 +64,6 @@ class ProjectStates:
         with self.db.write() as conn:
             conn.execute(project_state_table.delete().where(project_state_table.c.project == str(project)))
 
-    def last_credentials(self) -> Credentials | None:
-        """The credentials of the project whose /setup came last (for requests naming no project)."""
-        p = project_state_table
-        with self.db.read() as conn:
-            row = conn.execute(sa.select(p).where(p.c.ls_url.is_not(None)).order_by(p.c.updated.desc())
-                               .limit(1)).mappings().first()
-        return None if row is None else _project_state(row).credentials
-
 
 def _project_state(row: RowMapping) -> StoredProjectState:
     return StoredProjectState(project=str(row["project"]), remembered=row["remembered"], extra=row["extra"],

@@ -221,6 +221,12 @@ class JobStore:
                  "not_before": 0.0, "updated": now} for task_id in new])
         return JobCreated(job_id, len(new), len(held))
 
+    def held_tasks(self, project: str, model_version: str, task_ids: Sequence[int]) -> dict[int, str]:
+        """{task id: job id} of the given tasks that an active job of (project, version) holds
+        (pending, running or done): a new /predict must not predict them again."""
+        with self.db.read() as conn:
+            return self._held_tasks(conn, str(project), model_version, list(task_ids))
+
     def _held_tasks(self, conn: Connection, project: str, model_version: str,
                     task_ids: list[int]) -> dict[int, str]:
         """task id -> id of an active job of (project, version) where it is pending, running or done."""
