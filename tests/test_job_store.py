@@ -154,6 +154,37 @@ def test_task_of_a_killed_worker_is_claimed_again_after_its_lease(db_url: str) -
     assert [(t.task_id, t.attempts) for t in again] == [(0, 2), (1, 2)]
 
 
+def test_restart_reclaims_a_killed_local_workers_tasks_without_waiting_for_the_lease(db_url: str) -> None:
+    """A backend killed with SIGKILL and restarted on the same host: its runner's claims (named by
+    ``worker_name``: host, pid, process start) come back at once; a live runner's stay its own."""
+    from backend.jobs.runner import worker_gone, worker_name
+
+    store = JobStore(db_url)
+    job = store.create_job("7", "v1", tasks(range(4))).job_id
+    assert job is not None
+    worker = run_python("""
+        import sys, time
+        from backend.jobs.runner import worker_name
+        from backend.jobs.store import JobStore
+        name = worker_name()
+        JobStore(sys.argv[1]).claim_tasks(sys.argv[2], 2, name, lease_s=600)
+        print(name, flush=True)
+        time.sleep(600)
+    """, db_url, job)
+    assert worker.stdout is not None
+    dead = worker.stdout.readline().strip()
+    alive = worker_name()
+    assert store.claim_tasks(job, 1, alive, lease_s=600)[0].task_id == 2
+    assert not worker_gone(dead)  # still running
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    assert worker_gone(dead) and not worker_gone(alive) and not worker_gone("other-host:1:2:abc")
+    assert store.resume(gone=worker_gone) == [job]
+    progress = store.progress(job)
+    assert progress is not None and (progress.pending, progress.running) == (3, 1), progress
+    assert [t.task_id for t in store.claim_tasks(job, 10, "restarted")] == [0, 1, 3]
+
+
 def test_retries_are_bounded_and_back_off(store: JobStore, clock: Clock) -> None:
     job = store.create_job("7", "v1", tasks([1])).job_id
     assert job is not None

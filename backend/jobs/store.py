@@ -285,14 +285,22 @@ class JobStore:
             return [str(r) for r in conn.execute(sa.select(jobs_table.c.id).where(
                 jobs_table.c.state.in_(ACTIVE_JOB_STATES)).order_by(jobs_table.c.created)).scalars()]
 
-    def resume(self) -> list[str]:
-        """On start: tasks whose lease ran out (their worker died) go back to pending; returns the
-        ids of the unfinished jobs, oldest first."""
+    def resume(self, gone: Callable[[str], bool] | None = None) -> list[str]:
+        """On start: tasks whose lease ran out (their worker died) go back to pending, and so do the
+        tasks of a worker ``gone(lease_owner)`` knows is dead (a backend restarted after a kill -9
+        would otherwise wait out the whole lease); returns the ids of the unfinished jobs, oldest first."""
         now = self.clock()
         t = job_tasks_table
         with self._write() as conn:
             conn.execute(t.update().where(t.c.state == RUNNING, t.c.lease_expires < now).values(
                 state=PENDING, lease_owner=None, lease_expires=None, updated=now))
+            if gone is not None:
+                owners = conn.execute(sa.select(t.c.lease_owner).where(
+                    t.c.state == RUNNING, t.c.lease_owner.is_not(None)).distinct()).scalars().all()
+                dead = [owner for owner in owners if gone(str(owner))]
+                if dead:
+                    conn.execute(t.update().where(t.c.state == RUNNING, t.c.lease_owner.in_(dead)).values(
+                        state=PENDING, lease_owner=None, lease_expires=None, updated=now))
         return self.unfinished_jobs()
 
     # -- tasks -----------------------------------------------------------------------------------------
