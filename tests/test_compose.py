@@ -56,7 +56,7 @@ def test_validate_compose_script() -> None:
 def test_services_volumes_and_env(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert {"label-studio", "backend", "explain-ui", "backend-gpu"} <= set(services)
-    assert set(compose["volumes"]) >= {"model_cache", "label_studio_data"}
+    assert set(compose["volumes"]) >= {"model_cache", "label_studio_data", "backend_data"}
 
     ls = services["label-studio"]
     assert ls["image"] == "heartexlabs/label-studio:1.23.2"
@@ -64,6 +64,7 @@ def test_services_volumes_and_env(compose: dict[str, Any]) -> None:
     assert ls["environment"]["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
     # The admin's token is the key the backend uses: one variable feeds both.
     assert "LABEL_STUDIO_API_KEY" in ls["environment"]["LABEL_STUDIO_USER_TOKEN"]
+    assert ls["environment"]["ML_TIMEOUT_PREDICT"] == "${ML_TIMEOUT_PREDICT:-100}"
 
     for name, dockerfile in (("backend", "docker/Dockerfile"), ("backend-gpu", "docker/Dockerfile.cuda")):
         svc = services[name]
@@ -77,6 +78,9 @@ def test_services_volumes_and_env(compose: dict[str, Any]) -> None:
         assert "LABEL_STUDIO_API_KEY" in env["LABEL_STUDIO_API_KEY"]
         assert {"BASIC_AUTH_USER", "BASIC_AUTH_PASS"} <= set(env)
         assert "model_cache:/app/model_cache" in svc["volumes"]
+        # The job store outlives the container, and both backends share it.
+        assert env["DATA_DIR"] == "/app/data" and "backend_data:/app/data" in svc["volumes"]
+        assert env["PREDICT_DEADLINE_S"] == "${PREDICT_DEADLINE_S:-80}"
         assert svc["command"] == ["backend"]
         assert svc["healthcheck"]["test"][-1] == "/app/docker/healthcheck.py"
     assert services["backend"].get("profiles") is None  # the CPU backend starts by default
@@ -117,7 +121,8 @@ def test_readme_env_exists(compose: dict[str, Any]) -> None:
     example = (ROOT / "docker" / "env.example").read_text()
     assert all(re.search(rf"^{name}=", example, re.M) for name in required)
     for promised in ("model_cache", "http://backend:9090", "LABEL_STUDIO_URL=http://label-studio:8080",
-                     "LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false", "docker/Dockerfile.cuda", "--profile gpu"):
+                     "LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false", "docker/Dockerfile.cuda", "--profile gpu",
+                     "backend_data", "PREDICT_DEADLINE_S"):
         assert promised in section, promised
 
 
