@@ -154,6 +154,7 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
     in the background from ``settings.engine_config`` or the environment."""
     # The /api blueprint imports segment_anything; import it before the engine loader thread starts.
     from .http_api import api
+    from .jobs_api import jobs_blueprint
 
     settings = settings or ServerSettings.from_env()
     install_log_redaction()
@@ -270,6 +271,7 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
                         "detail": "Grounded SAM is zero-shot: training is a no-op"})
 
     app.register_blueprint(api)
+    app.register_blueprint(jobs_blueprint(jobs))  # /api/jobs: progress and cancel (backend/jobs_api.py)
     return app
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from ..api_schema import ACTIVE_JOB_STATES, JOB_STATES, JobJson
 from ..ls_api import Credentials
 from .db import (
     Database,
@@ -51,8 +52,7 @@ LAST_ERRORS = 5
 _IN_CHUNK = 500
 
 # Job states
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-ACTIVE_JOB_STATES = (QUEUED, RUNNING)
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = JOB_STATES  # one definition, shared with the HTTP JSON
 # Task states
 PENDING = "pending"  # plus RUNNING, DONE, FAILED
 
@@ -124,8 +124,8 @@ class JobProgress:
     def finished(self) -> bool:
         return self.state not in ACTIVE_JOB_STATES
 
-    def to_json(self) -> JsonObject:
-        """The JSON an HTTP API answers with."""
+    def to_json(self) -> JobJson:
+        """The JSON an HTTP API answers with (its one typed definition: ``backend.api_schema``)."""
         return {
             "id": self.id, "project": self.project, "model_version": self.model_version,
             "state": self.state, "total": self.total, "done": self.done, "failed": self.failed,
