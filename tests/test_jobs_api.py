@@ -139,7 +139,7 @@ def test_cancel_stops_an_active_job_and_a_finished_one_is_a_409(served):
     store.close()
 
 
-@pytest.mark.parametrize("job_id", ["0123456789abcdef", "no-such-job", "x" * 300, "caf%C3%A9"])
+@pytest.mark.parametrize("job_id", ["0123456789abcdef", "no-such-job", pytest.param("x" * 300, id="long"), "caf%C3%A9"])
 def test_unknown_job_is_a_404_naming_it(served, job_id):
     client, _ = served
     for response in (client.get(f"/api/jobs/{job_id}"), client.post(f"/api/jobs/{job_id}/cancel")):
