@@ -78,6 +78,19 @@ class Caption:
         return cls(text=text, phrases=tuple(phrases), phrase_tokens=tuple(phrase_tokens), tokens=tokens)
 
 
+def _at_least_one_pixel(image: Image.Image, max_size: int) -> Image.Image:
+    """``image`` unchanged, unless its long side is so much longer than the short one that
+    groundingdino's resize (long side -> max_size) would round the short side to 0 px: then it is
+    stretched along the short side to the least that keeps it >= 1 px (boxes come back normalised,
+    so they still map onto the original image)."""
+    short, long = sorted(image.size)
+    if round(max_size * short / long) >= 1:
+        return image
+    stretch = -(-long // max_size)  # short side after stretching: resized to exactly 1 px
+    width, height = image.size
+    return image.resize((width, stretch) if width == long else (stretch, height), Image.Resampling.NEAREST)
+
+
 @dataclass
 class DinoImageFeatures:
     """Backbone outputs after the input projections: everything in the forward that ignores text."""
@@ -128,7 +141,7 @@ class GroundingDinoDetector:
             T.ToTensor(),
             T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
         ])
-        tensor, _ = transform(Image.fromarray(image), None)
+        tensor, _ = transform(_at_least_one_pixel(Image.fromarray(image), self.max_size), None)
         return tensor
 
     def _autocast(self):

@@ -20,7 +20,7 @@ import numpy as np
 from flask import Blueprint, Response, jsonify, request
 from PIL import Image
 
-from ._wsgi import current_model, field_of, json_body
+from ._wsgi import current_model, field_of, json_body, read_body
 from . import sam_attention
 from .config import parse_switch
 from .detector import parse_prompt
@@ -47,7 +47,7 @@ def segment_request() -> tuple[bytes | None, dict[str, Any]]:
         if image is not None and len(image) > max_bytes:
             raise ImageTooLargeError(f"image is over {max_bytes:,} bytes (MAX_IMAGE_BYTES)")
         return image, fields
-    fields = json_body() if request.get_data(cache=True) else {}
+    fields = json_body() if read_body() else {}
     encoded = field_of(fields, "image", str)
     if encoded is None:
         return None, fields
@@ -208,7 +208,7 @@ class TaskRun:
 
 
 def _task_run(task_id: int) -> TaskRun:
-    fields = json_body() if request.get_data(cache=True) else {}
+    fields = json_body() if read_body() else {}
     given = prompt_input(fields, required=False)
     model = current_model()
     task, config, client = _task_and_config(task_id)

@@ -49,6 +49,16 @@ class Decoded:
     decoder_maps: np.ndarray | None  # N x 64 x 64: where each mask token looked
 
 
+class _ResizeLongestSide(ResizeLongestSide):
+    """SAM's resize, but a side never shrinks to 0 px (a 4000x1 image's short side rounds to 0 at
+    1024); the masks are cropped and scaled back with the same shape, so they still line up."""
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        newh, neww = ResizeLongestSide.get_preprocess_shape(oldh, oldw, long_side_length)
+        return max(newh, 1), max(neww, 1)
+
+
 class SamSegmenter:
     """Wraps a loaded Sam (segment_anything or MobileSAM) model."""
 
@@ -56,7 +66,7 @@ class SamSegmenter:
         self.sam = sam.to(device).eval()
         self.device = device
         self.dtype = dtype
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.transform = _ResizeLongestSide(sam.image_encoder.img_size)
         self.img_size = int(sam.image_encoder.img_size)
         self.has_global_attention = sam_attention.supports_encoder_attention(sam.image_encoder)
         if self.has_global_attention:
