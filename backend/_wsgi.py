@@ -304,7 +304,7 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
     def train() -> Response:
         try:  # Label Studio's training request, if any: only its project is logged
             project = project_key(json_body().get("project"))
-        except BadRequest:
+        except (BadRequest, JsonInputError):
             project = None
         logger.info("train requested for project %s: nothing to do (zero-shot model)", project)
         return jsonify({"status": "ok", "job": None,
