@@ -128,7 +128,7 @@ def test_deep_extra_params_string_at_setup_is_a_400(client):
     ('{"tasks": [], "x": -Infinity}', ("not valid JSON", "Infinity")),
     ('{"tasks": [], "x": ' + "9" * 5000 + "}", ("not valid JSON", "digits")),
     (b'{"tasks": ["\xff"]}', ("not valid JSON",)),
-])
+], ids=["nan", "infinity", "5000-digit-int", "bad-utf8"])
 def test_json_that_python_half_accepts_is_a_400(client, body, words):
     for route in ("/predict", "/api/segment"):
         assert_error(client.post(route, data=body, content_type="application/json"), 400, *words)
@@ -308,7 +308,7 @@ def test_long_reasons_keep_the_cause_and_the_advice(served, quick_engine):
     "first\r\nsecond\x00third\u2028fourth",
     "emoji \U0001f408 " + "x " * 500 + "the end",
     "",
-])
+], ids=["cjk", "one-long-word", "control-chars", "astral", "empty"])
 def test_reason_is_one_bounded_latin1_line(message):
     reason = _reason(message)
     assert reason and reason.isascii() and reason.isprintable()
