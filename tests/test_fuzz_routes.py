@@ -5,7 +5,8 @@ a 2xx, or a 4xx with ``{"error": "<cause>"}`` and an ASCII reason phrase; never 
 The leaves are drawn from a curated set (odd types, out-of-range numbers, unknown and non-ASCII
 words, broken images and URLs) rather than arbitrary text, and every image is one of two, whose
 features the engine caches: a valid body costs one text-encoder pass, the fuzz stays in seconds.
-Raise FUZZ_EXAMPLES for a longer run; examples are derandomised so CI sees the same ones.
+Raise FUZZ_EXAMPLES for a longer run; examples are derandomised so CI sees the same ones, unless
+FUZZ_RANDOM=1 (new examples each run).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ BRUSH = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toN
          '<Label value="cat"/><Label value="dog" predicted_values="puppy"/></BrushLabels>'
          '<TextArea name="prompt" toName="image"/><Number name="box_threshold" toName="image"/></View>')
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("FUZZ_RANDOM"), database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 
@@ -172,3 +173,32 @@ def test_random_bodies_get_a_4xx_with_an_error(new_client, route, body):
     assert_json_answer(response, route, body)
     if not isinstance(body, dict):
         assert response.status_code == 400 and "JSON object" in response.get_json()["error"]
+
+
+QUERY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@pytest.mark.parametrize("method, route", [("get", "/api/tasks/1"), ("get", "/api/tasks/1/image"),
+                                           ("post", "/api/tasks/1/segment"), ("post", "/api/tasks/1/explain")])
+@FUZZ
+@given(project=LEAVES.map(str) | QUERY_TEXT)
+def test_task_routes_take_any_project_query(new_client, method, route, project):
+    response = getattr(new_client(), method)(route, query_string={"project": project})
+    if route.endswith("/image") and response.status_code == 200:
+        assert response.mimetype == "image/png"
+        return
+    assert_json_answer(response, route, project)
+
+
+@pytest.mark.parametrize("route", ["/api/segment", "/api/explain"])
+@FUZZ
+@given(fields=st.dictionaries(st.sampled_from(KEYS), st.sampled_from(STRINGS) | LEAVES.map(json.dumps), max_size=4),
+       upload=st.sampled_from([None, tiny_png(), b"", b"\x89PNG\r\n\x1a\n", b"GIF89a"]))
+def test_multipart_forms_never_get_a_500(new_client, route, fields, upload):
+    form: dict[str, Any] = dict(fields)
+    if upload is not None:
+        form["image"] = (io.BytesIO(upload), "upload.png")
+    if not form:
+        form["x"] = ""
+    response = new_client().post(route, data=form, content_type="multipart/form-data")
+    assert_json_answer(response, route, {**fields, "upload": upload})
