@@ -323,3 +323,45 @@ def test_long_words_are_shortened_so_the_cause_after_them_stays():
     reason = _reason(f"can't fetch {url}: HTTP 403 Forbidden; check the storage's credentials")
     assert reason.startswith("can't fetch https://bucket.example.com/")
     assert "HTTP 403 Forbidden; check the storage's credentials" in reason and len(reason) < 200
+
+
+# -- other 500s the fuzz found -------------------------------------------------------------------------
+@pytest.fixture
+def task_client(quick_engine):
+    from backend.ls_api import Credentials
+    from tests.test_fetch import LEGACY_TOKEN, FakeLabelStudio
+
+    with FakeLabelStudio() as ls:
+        ls.files["/data/upload/1/x.png"] = png(12, 9)
+        ls.tasks[1] = {"id": 1, "data": {"image": "/data/upload/1/x.png"}}  # no project: ?project= decides
+        ls.tasks[2] = {"id": 2, "project": "abc", "data": {"image": "/data/upload/1/x.png"}}
+        ls.projects[1] = {"id": 1, "label_config": BRUSH}
+        model = ModelSettings(credentials=Credentials(ls.url, LEGACY_TOKEN), fetch=FetchSettings(timeout=5))
+        yield create_app(engine=quick_engine, settings=ServerSettings(model=model, load_on_start=False)).test_client()
+
+
+@pytest.mark.parametrize("project", ["abc", "x.1", "\x00", "١", "-3", "1e3"])
+def test_project_query_must_be_an_id(task_client, project):
+    for method, route in [("get", "/api/tasks/1"), ("get", "/api/tasks/1/image"),
+                          ("post", "/api/tasks/1/segment"), ("post", "/api/tasks/1/explain")]:
+        response = getattr(task_client, method)(route, query_string={"project": project})
+        assert_error(response, 400, "project must be an id like 3", repr(project))
+    assert task_client.get("/api/tasks/1", query_string={"project": "1.1700000000"}).status_code == 200
+
+
+def test_task_with_a_malformed_project_is_label_studios_fault(task_client):
+    assert_error(task_client.get("/api/tasks/2"), 502, "Label Studio sent task 2 with a malformed project", "'abc'")
+
+
+@pytest.mark.parametrize("image", ["zebra", "data:image/png;base64,zebra", "data:nope"])
+def test_undecodable_inline_image_is_a_400(client, image):
+    for route in ("/api/segment", "/api/explain"):
+        assert_error(client.post(route, json={"image": image, "prompt": "cat"}), 400, "'image' can't be decoded")
+        response = client.post(route, data={"image": image, "prompt": "cat"}, content_type="multipart/form-data")
+        assert_error(response, 400, "'image' can't be decoded")
+
+
+def test_multipart_text_image_field_is_decoded_like_json(client):
+    form = {"image": data_url(png(12, 9)), "prompt": "cat"}
+    response = client.post("/api/segment", data=form, content_type="multipart/form-data")
+    assert response.status_code == 200 and (response.get_json()["width"], response.get_json()["height"]) == (12, 9)
