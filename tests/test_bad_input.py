@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -148,10 +149,16 @@ EXTREME_SIZES = [(4000, 1), (1, 4000), (1, 1), (3, 3000)]  # each runs the model
                                            (1, 533), (534, 1), (7, 6000), (8000, 8), (1, 64_000)])
 def test_model_inputs_keep_every_side_at_least_one_pixel(quick_engine, width, height):
     # The resizes alone, for many shapes (the routes below run the models for a few).
+    from backend.config import EngineConfig
+    from backend.detector import GroundingDinoDetector
+
     rgb = np.zeros((height, width, 3), dtype=np.uint8)
     dino = quick_engine.detector.preprocess(rgb)
     assert dino.shape[0] == 3 and min(dino.shape[1:]) >= 1
     assert max(dino.shape[1:]) <= max(quick_engine.detector.max_size, max(width, height))
+    # The real models' sizes (the tiny ones are smaller): the same guarantee.
+    production = SimpleNamespace(image_size=EngineConfig.dino_image_size, max_size=EngineConfig.dino_max_size)
+    assert min(GroundingDinoDetector.preprocess(production, rgb).shape[1:]) >= 1
     sam, (h, w) = quick_engine.segmenter.preprocess(rgb)
     size = quick_engine.segmenter.img_size
     assert sam.shape == (1, 3, size, size) and 1 <= h <= size and 1 <= w <= size
