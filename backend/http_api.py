@@ -20,8 +20,8 @@ import numpy as np
 from flask import Blueprint, Response, jsonify, request
 from PIL import Image
 
-from ._wsgi import current_model, field_of, json_body, read_body
 from . import sam_attention
+from ._wsgi import current_model, field_of, json_body, read_body
 from .config import parse_switch
 from .detector import parse_prompt
 from .explainer import LEGEND, HeatmapImage, render_explanation

@@ -9,6 +9,7 @@ accepts NaN/Infinity (not JSON; they break the JSON we send back) and, like ever
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 # Label Studio's own bodies nest under 10 levels (/predict: tasks, annotations, results, values; a
@@ -55,6 +56,7 @@ def _nesting_exceeds(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
