@@ -7,6 +7,7 @@ embedding is a value the caller holds (and caches), so threads never share per-i
 from __future__ import annotations
 
 import contextlib
+
 from dataclasses import dataclass, field
 
 import numpy as np
