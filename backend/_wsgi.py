@@ -27,12 +27,16 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .detector import PromptError
-from .fetch import FetchError, HostNotAllowedError, ImageTooLargeError
+from .fetch import (FetchError, FetchTimeoutError, ImageDataError, ImageTooLargeError, ImageURLError,
+                    URLNotAllowedError)
 from .images import ImageError
 from .json_input import JsonInputError, parse_json
 from .label_config import LabelConfigError, TaskDataError
 from .ls_api import LabelStudioError, install_log_redaction, register_secret
-from .ls_model import BadRequest, EngineHolder, EngineNotReady, GroundedSamModel, ModelSettings, project_key
+from .engine_holder import EngineHolder
+from .errors import BadRequest, EngineNotReady
+from .ls_model import GroundedSamModel, ModelSettings
+from .project_state import project_key
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,9 @@ class ServerSettings:
     model: ModelSettings = field(default_factory=ModelSettings)
     engine_config: Any | None = None  # an EngineConfig to load instead of the environment's
     load_on_start: bool = True  # start loading the models when the app is created
+    # JOBS_DB (a SQLAlchemy URL) or sqlite:///$DATA_DIR/jobs.sqlite3: background jobs and per-project
+    # state shared by every worker; None keeps project state in the process and queues no jobs.
+    jobs_db: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -53,7 +60,10 @@ class ServerSettings:
         user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
         if bool(user) != bool(password):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS to require basic auth, or neither")
-        return cls(basic_auth=(user, password) if user else None, model=ModelSettings.from_env(env))
+        from .jobs.db import default_url
+
+        return cls(basic_auth=(user, password) if user else None, model=ModelSettings.from_env(env),
+                   jobs_db=default_url(env))
 
     @property
     def max_request_bytes(self) -> int:
@@ -65,12 +75,14 @@ class ServerSettings:
 def _status_for(exc: BaseException) -> int:
     if isinstance(exc, (BadRequest, JsonInputError, LabelConfigError, PromptError)):
         return 400
-    if isinstance(exc, HostNotAllowedError):
+    if isinstance(exc, URLNotAllowedError):  # a host, credentials or Label Studio path we must not use
         return 403
     if isinstance(exc, ImageTooLargeError):
         return 413
-    if isinstance(exc, (ImageError, TaskDataError)):
+    if isinstance(exc, (ImageError, TaskDataError, ImageDataError, ImageURLError)):
         return 422
+    if isinstance(exc, FetchTimeoutError):
+        return 504
     if isinstance(exc, (LabelStudioError, FetchError)):
         return 502  # Label Studio or the image host failed us; never 401, which would mean *our* auth
     if isinstance(exc, EngineNotReady):
@@ -204,9 +216,9 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
     settings = settings or ServerSettings.from_env()
     install_log_redaction()
     if settings.basic_auth:
-        register_secret(settings.basic_auth[1])
+        register_secret(settings.basic_auth[1], pin=True)
     if settings.model.credentials is not None:
-        register_secret(settings.model.credentials.api_key)
+        register_secret(settings.model.credentials.api_key, pin=True)
     if engine is not None:
         holder = EngineHolder(engine)
     else:
@@ -214,7 +226,14 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
         holder = EngineHolder(config_loader=(lambda: config) if config is not None else None)
         if settings.load_on_start:
             holder.start()
-    model = GroundedSamModel(holder, settings.model)
+    jobs = None
+    if settings.jobs_db:
+        from .jobs.store import JobStore
+
+        jobs = JobStore(settings.jobs_db)
+    model = GroundedSamModel(holder, settings.model, jobs=jobs)
+    if jobs is not None:
+        model.start_jobs()  # resumes this store's unfinished jobs; every worker shares them
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -257,12 +276,14 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
                 body["reason"] = reason
                 if holder.problems:
                     body["problems"] = holder.problems
+        # Tasks whose prediction failed since start (details: /metrics, the response's "errors", the log).
+        body["failed_tasks"] = model.stats.failed_tasks
         # Always 200: Label Studio only checks that the backend answers, and shows the body.
         return jsonify(body)
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return jsonify({})
+        return jsonify({"predictions": model.stats.snapshot()})
 
     @app.post("/setup")
     def setup() -> Response:
@@ -293,6 +314,10 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
         body: dict[str, Any] = {"results": outcome.results, "model_version": model.model_version}
         if outcome.errors:
             body["errors"] = outcome.errors  # Label Studio ignores it; for people reading responses
+        if outcome.job_id:  # tasks not reached before PREDICT_DEADLINE_S: a background job writes them
+            body["job"] = {"id": outcome.job_id, "tasks": outcome.queued, "progress": f"/api/jobs/{outcome.job_id}"}
+        if outcome.dropped_phrases:  # typed phrases no label matches: not detected
+            body["dropped_phrases"] = outcome.dropped_phrases
         return jsonify(body)
 
     @app.post("/webhook")
@@ -351,7 +376,10 @@ def __getattr__(name: str) -> Any:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Grounded SAM ML backend for Label Studio (dev server)")
     parser.add_argument("-p", "--port", type=int, default=int(os.getenv("PORT", "9090")), help="server port")
-    parser.add_argument("--host", default=os.getenv("HOST", "0.0.0.0"), help="server host")
+    from .gunicorn_worker import listen_host
+
+    parser.add_argument("--host", default=listen_host(os.environ),
+                        help="server host (default: HOST, else 0.0.0.0 with basic auth, 127.0.0.1 without)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
     parser.add_argument("-d", "--debug", action="store_true", help="Flask debug mode (no reloader)")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -67,16 +68,29 @@ class EngineConfig:
     max_detections: int = 100
     max_image_pixels: int = 64_000_000  # larger images are refused (decompression bombs)
     embedding_cache_size: int = 8  # images whose SAM/DINO features stay cached for re-prompts
+    # Bytes those features may hold (split evenly between SAM's and Grounding DINO's); "512MiB" works
+    # in a JSON file too. A vit SAM image is ~36 MiB with its attention, a DINO image up to ~45 MiB.
+    embedding_cache_bytes: int = 512 << 20
     # Record attention while segmenting so explanations need no second run (costs ~32 MiB per cached
     # vit image for the last global block's matrix).
     explanations: bool = True
-    explanation_cache_size: int = 16  # entries hold the masks (H x W bool each)
+    explanation_cache_size: int = 16  # image + prompt results kept for the explain UI
+    # Bytes they may hold: masks are kept as SAM's 256 x 256 logits (256 KiB each) whatever the image size.
+    explanation_cache_bytes: int = 256 << 20
     # On CPU, keep freed memory in the process heap for reuse (backend/heap.py): faster, but the
     # resident size stays near its peak.
     reuse_freed_memory: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("embedding_cache_bytes", "explanation_cache_bytes"):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, parse_size(value) if isinstance(value, str) else int(value))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{name} is invalid: {exc}") from exc
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
         if self.sam_variant not in SAM_CHECKPOINTS:
             raise ConfigError(f"SAM_VARIANT must be one of {sorted(SAM_CHECKPOINTS)}, got {self.sam_variant!r}")
         if self.dino_variant not in DINO_CHECKPOINTS:
@@ -185,6 +199,30 @@ def parse_switch(text: str) -> bool:
     raise ValueError("expected one of 1/true/yes/on or 0/false/no/off")
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+               "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4,
+               "tib": 1 << 40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_size(text: str, name: str | None = None) -> int:
+    """A size in bytes from ``"512MiB"``, ``"1.5GB"``, ``"64k"`` or ``"1048576"`` (KiB/MiB/GiB/TiB are
+    powers of 1024, k/KB/M/MB/G/GB/T/TB powers of 1000). ValueError for anything else, naming the
+    setting ``name`` when given."""
+    match = _SIZE.fullmatch(str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        where = f"{name}: " if name else ""
+        raise ValueError(f"{where}expected a size such as 512MiB, 2GiB, 100MB or a number of bytes, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def env_size(env: Mapping[str, str], name: str, default: int) -> int:
+    """The size setting ``name`` from ``env`` (``parse_size``), ``default`` when unset or empty."""
+    text = env.get(name, "").strip()
+    return default if not text else parse_size(text, name)
+
+
 _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "MODEL_CACHE_DIR": ("cache_dir", Path),
     "SAM_VARIANT": ("sam_variant", str),
@@ -205,7 +243,9 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "MAX_DETECTIONS": ("max_detections", int),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", int),
     "EMBEDDING_CACHE_SIZE": ("embedding_cache_size", int),
+    "EMBEDDING_CACHE_BYTES": ("embedding_cache_bytes", parse_size),
     "EXPLANATIONS": ("explanations", parse_switch),
     "EXPLANATION_CACHE_SIZE": ("explanation_cache_size", int),
+    "EXPLANATION_CACHE_BYTES": ("explanation_cache_bytes", parse_size),
     "REUSE_FREED_MEMORY": ("reuse_freed_memory", parse_switch),
 }

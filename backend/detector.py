@@ -8,8 +8,9 @@ per *requested phrase* from the token logits of that phrase's tokens, so merged 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -42,40 +43,106 @@ def parse_prompt(prompt: str | Sequence[str]) -> list[str]:
     return phrases
 
 
+# HF fast tokenizers are not thread-safe: a call that changes the Rust tokenizer's padding or
+# truncation settings while another thread encodes raises "RuntimeError: Already borrowed". Every use
+# of a tokenizer here goes through this lock (encoding a caption takes microseconds).
+_TOKENIZER_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    input_ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...]  # (start, end) character span of each token in the text
+    tokens: tuple[str, ...]
+    model_inputs: tuple[tuple[str, tuple[int, ...]], ...]  # what BERT reads: input_ids, token_type_ids, ...
+
+
+def _encode(text: str, tokenizer: Any) -> _Encoding:
+    """Tokenize ``text`` once, under the tokenizer lock, with fixed settings (no padding, no truncation)."""
+    with _TOKENIZER_LOCK:
+        # verbose=False: a prompt longer than BERT's 512 positions is only counted here, then split.
+        encoded = tokenizer(text, return_offsets_mapping=True, padding=False, truncation=False, verbose=False)
+        tokens = tuple(tokenizer.convert_ids_to_tokens(encoded["input_ids"]))
+    return _Encoding(
+        input_ids=tuple(encoded["input_ids"]),
+        offsets=tuple((int(a), int(b)) for a, b in encoded["offset_mapping"]),
+        tokens=tokens,
+        model_inputs=tuple((k, tuple(v)) for k, v in encoded.items() if k != "offset_mapping"),
+    )
+
+
+def _caption_text(phrases: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The text Grounding DINO reads for ``phrases`` and each phrase's character span in it.
+
+    Same text groundingdino.util.inference.preprocess_caption makes of "a . b": lower-case, ending in
+    '.'. Spans are measured on the lower-cased text actually written: lower() may change the length
+    ("İ" -> "i̇" is two characters).
+    """
+    text, spans = "", []
+    for i, phrase in enumerate(phrases):
+        if i:
+            text += " . "
+        lowered = phrase.lower()
+        spans.append((len(text), len(text) + len(lowered)))
+        text += lowered
+    return text + " .", spans
+
+
 @dataclass(frozen=True)
 class Caption:
-    """The text Grounding DINO reads, and which of its tokens belong to which requested phrase."""
+    """The text Grounding DINO reads, its encoding, and which tokens belong to which requested phrase."""
 
     text: str
     phrases: tuple[str, ...]
     phrase_tokens: tuple[tuple[int, ...], ...]  # token indices of each phrase
     tokens: tuple[str, ...]  # every token of the caption (incl. [CLS], '.', [SEP])
+    # The text encoder's inputs (input_ids, token_type_ids, attention_mask), one value per token: the
+    # caption is tokenized once, and the model reads the same encoding the spans were measured on.
+    model_inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @classmethod
-    def build(cls, phrases: Sequence[str], tokenizer) -> "Caption":
-        # Same text groundingdino.util.inference.preprocess_caption makes of "a . b": lower-case, ending in '.'.
-        spans, text = [], ""
-        for i, phrase in enumerate(phrases):
-            if i:
-                text += " . "
-            spans.append((len(text), len(text) + len(phrase)))
-            text += phrase.lower()
-        text += " ."
-        encoded = tokenizer(text, return_offsets_mapping=True)
-        if len(encoded["input_ids"]) > MAX_TEXT_TOKENS:
+    def build(cls, phrases: Sequence[str], tokenizer: Any, max_tokens: int | None = MAX_TEXT_TOKENS) -> "Caption":
+        """One caption for all ``phrases``; PromptError when it is longer than ``max_tokens`` (None: no limit)
+        or a phrase has no token the text encoder knows."""
+        text, spans = _caption_text(phrases)
+        encoding = _encode(text, tokenizer)
+        if max_tokens is not None and len(encoding.input_ids) > max_tokens:
             raise PromptError(
-                f"prompt is too long: {len(encoded['input_ids'])} tokens, Grounding DINO reads at most "
-                f"{MAX_TEXT_TOKENS}; use fewer or shorter phrases"
+                f"prompt is too long: {len(encoding.input_ids)} tokens, Grounding DINO reads at most "
+                f"{max_tokens}; use fewer or shorter phrases"
             )
-        offsets = encoded["offset_mapping"]
         phrase_tokens = []
-        for phrase, (start, end) in zip(phrases, spans):
-            indices = tuple(i for i, (a, b) in enumerate(offsets) if b > a and a >= start and b <= end)
+        for phrase, (start, end) in zip(phrases, spans, strict=True):
+            indices = tuple(i for i, (a, b) in enumerate(encoding.offsets) if b > a and a >= start and b <= end)
             if not indices:
                 raise PromptError(f"phrase {phrase!r} has no tokens the text encoder knows")
             phrase_tokens.append(indices)
-        tokens = tuple(tokenizer.convert_ids_to_tokens(encoded["input_ids"]))
-        return cls(text=text, phrases=tuple(phrases), phrase_tokens=tuple(phrase_tokens), tokens=tokens)
+        return cls(text=text, phrases=tuple(phrases), phrase_tokens=tuple(phrase_tokens), tokens=encoding.tokens,
+                   model_inputs=encoding.model_inputs)
+
+    @classmethod
+    def split(cls, phrases: Sequence[str], tokenizer: Any, max_tokens: int = MAX_TEXT_TOKENS) -> list["Caption"]:
+        """Captions that each fit ``max_tokens``, phrases in order, as few as greedy packing gives.
+
+        One caption when everything fits (the same one ``build`` makes). A big taxonomy (hundreds of
+        labels) becomes several detector passes; PromptError when one phrase alone is too long.
+        """
+        whole = cls.build(phrases, tokenizer, max_tokens=None)
+        if len(whole.tokens) <= max_tokens:
+            return [whole]
+        groups: list[list[str]] = [[]]
+        used = 2  # [CLS] and [SEP]
+        for phrase, indices in zip(phrases, whole.phrase_tokens, strict=True):
+            cost = len(indices) + 1  # the phrase and its '.'
+            if 2 + cost > max_tokens:
+                raise PromptError(f"phrase {phrase[:80]!r} is too long: {len(indices)} tokens, Grounding DINO "
+                                  f"reads at most {max_tokens} per pass; shorten it")
+            if groups[-1] and used + cost > max_tokens:
+                groups.append([])
+                used = 2
+            groups[-1].append(phrase)
+            used += cost
+        return [cls.build(group, tokenizer, max_tokens) for group in groups]
 
 
 def _at_least_one_pixel(image: Image.Image, max_size: int) -> Image.Image:
@@ -127,6 +194,7 @@ class GroundingDinoDetector:
         self.dtype = dtype
         self.image_size = image_size
         self.max_size = max_size
+        self.max_text_tokens = MAX_TEXT_TOKENS  # tokens per detector pass (Grounding DINO's max_text_len)
 
     @property
     def tokenizer(self):
@@ -151,7 +219,7 @@ class GroundingDinoDetector:
     def image_features(self, image: np.ndarray) -> DinoImageFeatures:
         from groundingdino.util.misc import NestedTensor, nested_tensor_from_tensor_list
 
-        model = self.model
+        model: Any = self.model  # groundingdino's GroundingDINO: its submodules are untyped
         samples = nested_tensor_from_tensor_list([self.preprocess(image).to(self.device)])
         with self._autocast():
             features, poss = model.backbone(samples)
@@ -176,10 +244,12 @@ class GroundingDinoDetector:
         )
         from groundingdino.util.misc import inverse_sigmoid
 
-        model = self.model
-        tokenized = model.tokenizer([caption.text], padding="longest", return_tensors="pt").to(self.device)
+        model: Any = self.model  # groundingdino's GroundingDINO: its submodules are untyped
+        # The caption's own encoding (one text: no padding), not a second tokenizer call.
+        tokenized = {name: torch.tensor([values], dtype=torch.long, device=self.device)
+                     for name, values in caption.model_inputs}
         self_attention_masks, position_ids, _ = generate_masks_with_special_tokens_and_transfer_map(
-            tokenized, model.specical_tokens, model.tokenizer
+            tokenized, model.specical_tokens, None
         )
         with self._autocast():
             if model.sub_sentence_present:
@@ -191,7 +261,7 @@ class GroundingDinoDetector:
             encoded_text = model.feat_map(model.bert(**bert_inputs)["last_hidden_state"])
             text_dict = {
                 "encoded_text": encoded_text,
-                "text_token_mask": tokenized.attention_mask.bool(),
+                "text_token_mask": tokenized["attention_mask"].bool(),
                 "position_ids": position_ids,
                 "text_self_attention_masks": self_attention_masks,
             }
@@ -212,11 +282,25 @@ class GroundingDinoDetector:
         nms_iou: float,
         max_detections: int,
     ) -> list[Detection]:
-        """Boxes whose best requested phrase scores above both thresholds, after per-label NMS."""
-        caption = Caption.build(phrases, self.tokenizer)
-        raw = self.raw_predictions(features, caption)
-        return select_detections(raw, caption, features.image_size, box_threshold, text_threshold,
-                                 nms_iou, max_detections)
+        """Boxes whose best requested phrase scores above both thresholds, after per-label NMS, best
+        ``max_detections`` first.
+
+        A prompt longer than the text encoder reads (``max_text_tokens``) runs as several passes over
+        the same image features (``Caption.split``); each phrase is in exactly one pass, so per-label
+        NMS within a pass is per-label NMS overall, and the passes' detections merge by score. A
+        detection's ``phrase_scores``/``token_scores`` then cover the phrases of its own pass.
+        """
+        captions = Caption.split(phrases, self.tokenizer, self.max_text_tokens)
+        detections = [
+            detection
+            for caption in captions
+            for detection in select_detections(self.raw_predictions(features, caption), caption,
+                                               features.image_size, box_threshold, text_threshold, nms_iou,
+                                               max_detections)
+        ]
+        if len(captions) == 1:
+            return detections
+        return sorted(detections, key=lambda d: d.score, reverse=True)[:max_detections]
 
 
 def select_detections(
@@ -247,10 +331,15 @@ def select_detections(
         query = kept_queries[i]
         detections.append(Detection(
             label=caption.phrases[int(labels[i])],
-            box=tuple(float(v) for v in boxes[i]),
+            box=_box(boxes[i]),
             score=float(scores[i]),
             phrase_scores={p: float(phrase_scores[query, j]) for j, p in enumerate(caption.phrases)},
             token_scores=tuple((caption.tokens[t], float(probs[query, t])) for t in sorted(phrase_token_set)),
-            sam_box=tuple(float(v) for v in unclipped[i]),
+            sam_box=_box(unclipped[i]),
         ))
     return detections
+
+
+def _box(values: torch.Tensor) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in values)
+    return x0, y0, x1, y1

@@ -6,12 +6,11 @@ import hashlib
 import json
 import logging
 import threading
-from collections import OrderedDict
-from concurrent.futures import Future
-from typing import Callable, Generic, Hashable, Sequence, TypeVar
+from typing import Sequence
 
 import numpy as np
 
+from .cache import LruCache
 from .config import EngineConfig
 from .detector import DinoImageFeatures, GroundingDinoDetector, parse_prompt
 from .images import ImageInput, image_digest, load_rgb
@@ -20,71 +19,6 @@ from .explainer import build_explanation
 from .types import Detection, Explanation, Segment
 
 logger = logging.getLogger(__name__)
-
-V = TypeVar("V")
-
-
-class LruCache(Generic[V]):
-    """A small thread-safe LRU map. ``get_or_compute`` runs ``compute`` outside the lock, once per
-    key at a time: threads asking for a key that is being computed wait for that result (two
-    requests for the same image must not run its encoders twice)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[Hashable, V] = OrderedDict()
-        self._pending: dict[Hashable, Future] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> V | None:
-        with self._lock:
-            return self._touch(key)
-
-    def put(self, key: Hashable, value: V) -> None:
-        with self._lock:
-            self._store(key, value)
-
-    def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
-        with self._lock:
-            value = self._touch(key)
-            if value is not None:
-                return value
-            pending = self._pending.get(key)
-            owner = pending is None
-            if owner:
-                pending = self._pending[key] = Future()
-        if not owner:
-            return pending.result()  # re-raises the computing thread's error
-        try:
-            value = compute()
-        except BaseException as exc:
-            with self._lock:
-                del self._pending[key]
-            pending.set_exception(exc)
-            raise
-        with self._lock:
-            self._store(key, value)
-            del self._pending[key]
-        pending.set_result(value)
-        return value
-
-    # Both helpers expect the caller to hold self._lock.
-    def _touch(self, key: Hashable) -> V | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        return None
-
-    def _store(self, key: Hashable, value: V) -> None:
-        if self.capacity <= 0:
-            return
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 class Engine:
     """Loads both models once; ``segment`` is safe to call from many threads."""
@@ -109,9 +43,13 @@ class Engine:
         self.detector = detector
         self.segmenter = segmenter
         self.model_version = model_version(config)
-        self._dino_features: LruCache[DinoImageFeatures] = LruCache(config.embedding_cache_size)
-        self._sam_embeddings: LruCache[ImageEmbedding] = LruCache(config.embedding_cache_size)
-        self._explanations: LruCache[Explanation] = LruCache(config.explanation_cache_size)
+        # Bounded in bytes as well as entries: a feature map's size follows the image's aspect ratio,
+        # an explanation's the number of masks. EMBEDDING_CACHE_BYTES is shared by the two models.
+        per_model = config.embedding_cache_bytes // 2
+        self._dino_features: LruCache[DinoImageFeatures] = LruCache(config.embedding_cache_size, per_model)
+        self._sam_embeddings: LruCache[ImageEmbedding] = LruCache(config.embedding_cache_size, per_model)
+        self._explanations: LruCache[Explanation] = LruCache(config.explanation_cache_size,
+                                                             config.explanation_cache_bytes)
         # One encoder run at a time per model: concurrent runs would only split the same cores, and
         # explanation capture swaps module forwards for the duration of a run.
         self.dino_lock = threading.Lock()

@@ -24,12 +24,15 @@ from . import sam_attention
 from ._wsgi import current_model, field_of, json_body, read_body
 from .config import parse_switch
 from .detector import parse_prompt
-from .explainer import LEGEND, HeatmapImage, render_explanation
-from .fetch import FetchError, ImageTooLargeError, decode_base64, decode_data_url, fetch_image
+from .explainer import (LEGEND, MASK_MAPS, WORKING_SIDE, HeatmapImage, MaskMaps, at_working_size,
+                        render_explanation)
+from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
 from .label_config import LabelConfig, parse_label_config
 from .ls_api import LabelStudioClient, LabelStudioError
-from .ls_model import (BadRequest, PromptInput, PromptPlan, mask_to_rle, parse_threshold, prediction, project_key,
-                       segments_to_results, split_typed_prompt)
+from .errors import BadRequest
+from .ls_results import mask_to_rle, prediction, segments_to_results
+from .project_state import project_key
+from .prompts import PromptInput, PromptPlan, parse_threshold, split_typed_prompt
 from .render import draw_segments
 from .types import Explanation, Segment
 
@@ -54,16 +57,11 @@ def segment_request() -> tuple[bytes | None, dict[str, Any]]:
     encoded = field_of(fields, "image", str)
     if encoded is None:
         return None, fields
-    try:
-        if encoded.startswith("data:"):
-            return decode_data_url(encoded, max_bytes), fields
-        if len(encoded) * 3 // 4 > max_bytes:
-            raise ImageTooLargeError(f"image is over {max_bytes:,} bytes (MAX_IMAGE_BYTES)")
-        return decode_base64(encoded), fields
-    except ImageTooLargeError:
-        raise
-    except FetchError as exc:  # nothing was fetched: the request's own field is malformed (not a 502)
-        raise BadRequest(f"'image' can't be decoded: {exc}") from exc
+    if encoded.startswith("data:"):
+        return decode_data_url(encoded, max_bytes), fields
+    if len(encoded) * 3 // 4 > max_bytes:
+        raise ImageTooLargeError(f"image is over {max_bytes:,} bytes (MAX_IMAGE_BYTES)")
+    return decode_base64(encoded), fields
 
 
 def prompt_input(fields: Mapping[str, Any], required: bool) -> PromptInput:
@@ -90,8 +88,10 @@ def mask_png(mask: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def segment_json(segment: Segment) -> dict[str, Any]:
-    return {
+def segment_json(segment: Segment, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A segment with its mask as a Label Studio brush RLE and a PNG at the image's size; with
+    ``size`` (H, W), only a PNG at that size (what /api/explain sends: a view, not an annotation)."""
+    body: dict[str, Any] = {
         "label": segment.label,
         "score": float(segment.score),
         "predicted_iou": float(segment.predicted_iou),
@@ -99,9 +99,11 @@ def segment_json(segment: Segment) -> dict[str, Any]:
         "area": segment.area,
         "phrase_scores": {k: float(v) for k, v in segment.phrase_scores.items()},
         "token_scores": [[token, float(score)] for token, score in segment.token_scores],
-        "mask_rle": mask_to_rle(segment.mask),
-        "mask_png": mask_png(segment.mask),
     }
+    if size is not None:
+        return {**body, "mask_png": mask_png(segment.mask_source.resized(*size))}
+    mask = segment.mask  # made full size once for both encodings
+    return {**body, "mask_rle": mask_to_rle(mask), "mask_png": mask_png(mask)}
 
 
 def segmentation_json(segments: list[Segment], phrases: tuple[str, ...], width: int, height: int,
@@ -282,55 +284,65 @@ def parse_alpha(fields: Mapping[str, Any]) -> float:
     return DEFAULT_ALPHA if value in (None, "") else parse_threshold(value, "alpha")
 
 
-def heatmap_json(heatmap: HeatmapImage, rgb: np.ndarray, alpha: float) -> dict[str, Any]:
+def heatmap_json(heatmap: HeatmapImage, alpha: float) -> dict[str, Any]:
     # render_explanation blends at DEFAULT_ALPHA; re-blend only when another opacity was asked for.
-    blended = heatmap.overlay if alpha == DEFAULT_ALPHA else sam_attention.overlay(rgb, heatmap.heatmap, alpha)
+    blended = heatmap.overlay if alpha == DEFAULT_ALPHA else sam_attention.overlay(heatmap.image, heatmap.heatmap, alpha)
     return {"title": heatmap.title, "heatmap_png": rgb_png(heatmap.heatmap), "overlay_png": rgb_png(blended)}
+
+
+def mask_maps_json(mask: MaskMaps, segment: Segment, alpha: float) -> dict[str, Any]:
+    decoder = heatmap_json(mask.decoder, alpha) if mask.decoder is not None else {}
+    return {
+        "index": mask.index,
+        "label": mask.label,
+        "score": float(mask.score),
+        "iou": float(segment.predicted_iou),
+        "decoder_heatmap_png": decoder.get("heatmap_png"),  # null past the first MASK_MAPS masks
+        "decoder_overlay_png": decoder.get("overlay_png"),
+        "token_look": [{"block": int(block), **heatmap_json(look, alpha)} for block, look in mask.token_look],
+        "grounding": [{"token": token, "score": float(score)} for token, score in mask.grounding],
+        "phrase_scores": {k: float(v) for k, v in mask.phrase_scores.items()},
+    }
 
 
 def explanation_json(explanation: Explanation, rgb: np.ndarray, phrases: tuple[str, ...], cached: bool,
                      alpha: float = DEFAULT_ALPHA, show_labels: bool = True) -> dict[str, Any]:
-    """The /api/*explain response: segments, their overlay, and every attention map as PNGs."""
-    rendered = render_explanation(explanation, rgb)
+    """The /api/*explain response, sized for viewing whatever the photo's size: segments with masks
+    and their overlay at ``map_width`` x ``map_height`` (at most WORKING_SIDE px on the long side),
+    attention maps as PNGs of at most ENCODER_MAP_SIDE / MASK_MAP_SIDE px, for the first MASK_MAPS
+    masks. ``width`` x ``height`` is the image's own size (``area`` and ``box`` are in its pixels)."""
     height, width = rgb.shape[:2]
+    rgb = at_working_size(rgb, WORKING_SIDE)
+    map_height, map_width = rgb.shape[:2]
+    rendered = render_explanation(explanation, rgb)
     blocks = sorted(explanation.encoder_received)
-    available = bool(blocks)
     reason = None
-    if not available:
+    if not blocks:
         reason = "; ".join(explanation.notes) or "the image encoder's attention was not captured"
-    masks = []
-    for mask, segment, explained in zip(rendered.masks, explanation.segments, explanation.masks):
-        decoder = heatmap_json(mask["decoder"], rgb, alpha)
-        masks.append({
-            "index": mask["index"],
-            "label": mask["label"],
-            "score": float(mask["score"]),
-            "iou": float(segment.predicted_iou),
-            "decoder_heatmap_png": decoder["heatmap_png"],
-            "decoder_overlay_png": decoder["overlay_png"],
-            "token_look": [{"block": int(block), **heatmap_json(look, rgb, alpha)}
-                           for block, look in zip(sorted(explained.token_look), mask["token_look"])],
-            "grounding": [{"token": g["token"], "score": float(g["score"])} for g in mask["grounding"]],
-            "phrase_scores": {k: float(v) for k, v in mask["phrase_scores"].items()},
-        })
+    notes = list(explanation.notes)
+    if len(explanation.segments) > MASK_MAPS:
+        notes.append(f"maps are drawn for the first {MASK_MAPS} of {len(explanation.segments)} masks")
     return {
         "model_version": explanation.model_version,
         "width": int(width),
         "height": int(height),
+        "map_width": int(map_width),
+        "map_height": int(map_height),
         "cached": bool(cached),
         "prompt_phrases": list(phrases),
-        "segments": [segment_json(s) for s in explanation.segments],
-        "overlay_png": rgb_png(draw_segments(rgb, explanation.segments, show_labels=show_labels)),
+        "segments": [segment_json(s, (map_height, map_width)) for s in explanation.segments],
+        "overlay_png": rgb_png(draw_segments(rgb, [s.resized(map_height, map_width) for s in explanation.segments],
+                                             show_labels=show_labels)),
         "encoder": {
-            "available": available,
+            "available": bool(blocks),
             "reason": reason,
             "blocks": [{"block": int(block), "kind": "last" if block == blocks[-1] else "global",
-                        **heatmap_json(image, rgb, alpha)}
-                       for block, image in zip(blocks, rendered.encoder)],
+                        **heatmap_json(image, alpha)} for block, image in rendered.encoder],
         },
-        "masks": masks,
+        "masks": [mask_maps_json(mask, segment, alpha)
+                  for mask, segment in zip(rendered.masks, explanation.segments, strict=True)],
         "legend": LEGEND,
-        "notes": list(explanation.notes),
+        "notes": notes,
     }
 
 

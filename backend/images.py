@@ -21,6 +21,13 @@ class ImageError(ValueError):
     """The image can't be used: unreadable, empty, or too large."""
 
 
+def working_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(H, W) scaled down so the long side is at most ``max_side`` (never up), at least 1 px each."""
+    height, width = int(size[0]), int(size[1])
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def load_rgb(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``source`` into an HxWx3 uint8 RGB array with EXIF orientation applied.
 

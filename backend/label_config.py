@@ -4,8 +4,12 @@ which labels to fill in, and how a detected phrase maps to a label.
 Parsing is label-studio-sdk's ``LabelInterface``; the result is cached per config string (Label
 Studio sends the full config with every request).
 
-Phrase -> label mapping (case-insensitive), first rule that matches wins:
-  1. the label's own name;
+A ``<Label value="Animal" alias="ani"/>`` is *shown* as "Animal" but Label Studio stores "ani" in
+results (its frontend writes ``alias || value``; label-studio-sdk's ``control.labels`` lists "ani"):
+Grounding DINO is prompted with the value, results carry the alias, and typed prompts may use either.
+
+Phrase -> label mapping (case-insensitive after an exact match), first rule that matches wins:
+  1. the label's own name (its value, or its alias when it has one);
   2. one of the label's ``predicted_values`` aliases (``<Label value="Vehicle" predicted_values="car, truck"/>``);
   3. the same after dropping a leading article and a plural ending ("a cat", "cats" -> "cat");
   4. exactly one label (or alias) appears as whole words inside the phrase ("red car" -> "car").
@@ -73,26 +77,36 @@ class LabelControl:
     name: str  # from_name
     kind: str  # BRUSH, RECTANGLE or POLYGON: the result "type"
     to_name: str  # the Image tag's name
-    labels: tuple[str, ...]
+    labels: tuple[str, ...]  # as Label Studio stores them in results: each Label's alias, else its value
     aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (label, predicted_values) pairs
+    values: tuple[tuple[str, str], ...] = ()  # (label, visible value) pairs of Labels with an alias
 
     def alias_map(self) -> dict[str, tuple[str, ...]]:
         return dict(self.aliases)
 
+    def value_of(self, label: str) -> str:
+        """The name a person sees for ``label`` (its ``value``; ``label`` itself may be an alias)."""
+        return dict(self.values).get(label, label)
+
     def prompt_phrases(self) -> list[str]:
-        """What Grounding DINO is asked for: each label's aliases if it has any, else its name."""
+        """What Grounding DINO is asked for: each label's predicted_values if it has any, else its value."""
         aliases = self.alias_map()
         phrases: list[str] = []
         for label in self.labels:
-            phrases.extend(aliases.get(label) or (label,))
+            phrases.extend(aliases.get(label) or (self.value_of(label),))
         return phrases
 
     def label_for(self, phrase: str) -> str | None:
-        return _match_label(phrase, self.labels, self.aliases)
+        """The label (as results store it) a detected or typed phrase stands for; None when none."""
+        names = self.aliases + tuple((label, (value,)) for label, value in self.values)
+        return _match_label(phrase, self.labels, names)
 
 
 @functools.lru_cache(maxsize=4096)
 def _match_label(phrase: str, labels: tuple[str, ...], aliases: tuple[tuple[str, tuple[str, ...]], ...]) -> str | None:
+    """``aliases``: (label, other names) pairs: its visible value when it has an alias, predicted_values."""
+    if phrase in labels:  # exactly a label: itself, even next to one differing only in case ("Cat", "cat")
+        return phrase
     lowered = " ".join(phrase.lower().split())
     candidates = [(label, label) for label in labels]
     candidates += [(alias, label) for label, names in aliases for alias in names]
@@ -157,6 +171,16 @@ class LabelConfig:
     textareas: tuple[str, ...]  # TextArea names (free-text prompts)
     numbers: tuple[str, ...]  # Number names (box_threshold / text_threshold controls)
 
+    def describe_labels(self) -> str:
+        """The BrushLabels labels as a person sees them, for messages: 'Animal' (alias 'ani'), 'Car'."""
+        named: dict[str, None] = {}
+        for target in self.targets:
+            for control in target.brush:
+                for label in control.labels:
+                    value = control.value_of(label)
+                    named[repr(value) if value == label else f"{value!r} (alias {label!r})"] = None
+        return ", ".join(named)
+
     @property
     def brush_labels(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -208,11 +232,19 @@ def parse_label_config(config: str) -> LabelConfig:
             labels = tuple(control.labels)
             if not labels and kind == BRUSH:
                 raise LabelConfigError(f"<BrushLabels name={control.name!r}> has no <Label value=...> children")
+            # labels_attrs is keyed like control.labels: by alias where a Label has one, else by value.
+            attrs = {label: dict(tag.attr) for label, tag in (control.labels_attrs or {}).items()}
             aliases = tuple(
-                (value, _split_values(tag.attr.get("predicted_values", "")))
-                for value, tag in control.labels_attrs.items() if tag.attr.get("predicted_values")
+                (label, _split_values(attr["predicted_values"]))
+                for label, attr in attrs.items() if _split_values(attr.get("predicted_values") or "")
             )
-            by_image.setdefault(to_name, []).append(LabelControl(control.name, kind, to_name, labels, aliases))
+            values = tuple((label, attr["value"]) for label, attr in attrs.items()
+                           if attr.get("value") and attr["value"] != label)
+            label_control = LabelControl(control.name, kind, to_name, labels, aliases, values)
+            if kind == BRUSH and not any(phrase.strip() for phrase in label_control.prompt_phrases()):
+                raise LabelConfigError(f"every <Label> of <BrushLabels name={control.name!r}> has a blank value: "
+                                       "give each the name of what to segment")
+            by_image.setdefault(to_name, []).append(label_control)
 
     targets = []
     for name, image_controls in by_image.items():

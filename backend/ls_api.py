@@ -15,11 +15,14 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
-from urllib.parse import urlparse
 
 import requests
+
+from .fetch_guard import FetchError, Origin, parse_image_url
+from .cache import LruCache
 
 logger = logging.getLogger(__name__)
 
@@ -41,32 +44,87 @@ class LabelStudioAuthError(LabelStudioError):
 
 
 # -- log redaction --------------------------------------------------------------------------------
-_secrets: set[str] = set()
+# Keys and tokens seen at run time, newest last, bounded: every access-token refresh and every /setup
+# adds one, and an unbounded set made each log line slower forever. Clients re-register their keys on
+# use (which keeps live ones), configured secrets are pinned. Redaction reads an immutable snapshot,
+# longest first, rebuilt only when the set changes.
+MAX_SECRETS = 256
+_MAX_PINNED = 64
+_secrets: OrderedDict[str, None] = OrderedDict()
+_pinned: OrderedDict[str, None] = OrderedDict()
+_snapshot: tuple[str, ...] | None = ()
 _secrets_lock = threading.Lock()
 _MIN_SECRET_LEN = 8  # shorter strings would redact ordinary words
+# Query parameters that carry signatures or credentials in presigned and token URLs (S3, GCS, Azure
+# SAS, CloudFront, generic token=...), also when the URL is itself percent-encoded inside another.
+_SIGNED_PARAMS = ("x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
+                  "x-goog-credential", "googleaccessid", "signature", "sig", "se", "skoid", "sktid",
+                  "key-pair-id", "policy", "token", "access_token", "refresh_token", "id_token", "api_key",
+                  "apikey", "key", "password", "secret", "client_secret", "code")
 _PATTERNS = (
     # Authorization headers in any form
     (re.compile(r"\b(Token|Bearer|Basic)\s+[A-Za-z0-9._~+/=\-]{8,}"), r"\1 ***"),
+    # ... and whatever else follows "Authorization:" (another scheme, a bare key)
+    (re.compile(r"""(?i)(\bauthorization['"]?\s*[:=]\s*['"]?)(?!(?:Token|Bearer|Basic) \*\*\*)"""
+                r"""([^'"\s,}][^'"\r\n,}]*)"""), r"\1***"),
+    # passwords in URLs: scheme://user:password@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/?#@:]*:)[^\s/?#@]+@"), r"\1***@"),
+    # signatures and tokens in query strings: ?X-Amz-Signature=..., &sig=..., %26token%3D...
+    (re.compile(r"(?i)((?:[?&;]|%3F|%26)(?:" + "|".join(re.escape(p) for p in _SIGNED_PARAMS)
+                + r")(?:=|%3D))(?:(?!%26)[^&\s#'\"<>])+"), r"\1***"),
     # unambiguous names in JSON, query strings or reprs: "access_token": "x", api_key=x, password='x'
-    (re.compile(r"""(\b(?:access_token|refresh_token|api_key|apikey|password)['"]?\s*[:=]\s*['"]?)"""
-                r"""([^'"\s,&}]{4,})"""), r"\1***"),
+    (re.compile(r"""(?i)(\b(?:access_token|refresh_token|api_key|apikey|password|x-amz-signature|"""
+                r"""x-amz-security-token|x-goog-signature)['"]?\s*[:=]\s*['"]?)([^'"\s,&}]{4,})"""), r"\1***"),
     # common words only as quoted JSON/dict keys: {"refresh": "x"}, {'access': 'x'}, {"token": "x"}
     (re.compile(r"""(['"](?:access|refresh|token)['"]\s*:\s*['"])([^'"]{4,})"""), r"\1***"),
 )
 
 
-def register_secret(secret: str | None) -> None:
-    """Make ``secret`` appear as ``***`` in every log record from now on."""
-    if secret and len(secret) >= _MIN_SECRET_LEN:
+def register_secret(secret: str | None, *, pin: bool = False) -> None:
+    """Make ``secret`` appear as ``***`` in every log record from now on.
+
+    Arguments:
+      secret: a key, token or password; shorter than 8 characters is ignored (it would redact words).
+      pin: keep it for the life of the process (configured secrets: LABEL_STUDIO_API_KEY, the basic
+        auth password). Others are kept while they are among the MAX_SECRETS most recently
+        registered; registering one again (as clients do on each use) counts as recent.
+    """
+    global _snapshot
+    if not secret or len(secret) < _MIN_SECRET_LEN:
+        return
+    with _secrets_lock:
+        if secret in _pinned:
+            return
+        if pin:
+            _secrets.pop(secret, None)
+            _pinned[secret] = None
+            if len(_pinned) > _MAX_PINNED:
+                _pinned.popitem(last=False)
+        elif secret in _secrets:
+            _secrets.move_to_end(secret)
+            return  # same set: the snapshot stays valid
+        else:
+            _secrets[secret] = None
+            if len(_secrets) > MAX_SECRETS:
+                _secrets.popitem(last=False)
+        _snapshot = None
+
+
+def _registered() -> tuple[str, ...]:
+    global _snapshot
+    snapshot = _snapshot
+    if snapshot is None:
         with _secrets_lock:
-            _secrets.add(secret)
+            if _snapshot is None:
+                _snapshot = tuple(sorted((*_pinned, *_secrets), key=len, reverse=True))
+            snapshot = _snapshot
+    return snapshot
 
 
 def redact(text: str) -> str:
-    """``text`` with registered secrets and token-looking values replaced by ``***``."""
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
+    """``text`` with registered secrets and token-looking values (Authorization headers, URL passwords,
+    signed-URL query parameters) replaced by ``***``."""
+    for secret in _registered():  # longest first, so a secret containing another goes whole
         if secret in text:
             text = text.replace(secret, "***")
     for pattern, replacement in _PATTERNS:
@@ -130,15 +188,15 @@ class Credentials:
 
 
 def normalise_url(url: str) -> str:
+    """Label Studio's URL without a trailing slash; ValueError unless the image fetcher can use it."""
     url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
+    if not url.lower().startswith(("http://", "https://")):
         raise ValueError(f"Label Studio URL must start with http:// or https://, got {url!r}")
+    try:
+        parse_image_url(url)
+    except FetchError as exc:
+        raise ValueError(f"Label Studio URL is not usable: {exc}") from None
     return url
-
-
-def host_of(url: str) -> str:
-    """``host:port`` of a URL, lower-cased; what the allow-list and auth headers are keyed on."""
-    return urlparse(url).netloc.lower()
 
 
 def _jwt_claims(token: str) -> dict[str, Any] | None:
@@ -169,12 +227,13 @@ class LabelStudioClient:
         register_secret(credentials.api_key)
         claims = _jwt_claims(credentials.api_key) if credentials.api_key else None
         # A PAT is a refresh token; a JWT of another type (an access token pasted by hand) is used as is.
-        self.is_pat = bool(claims) and claims.get("token_type", "refresh") == "refresh"
+        self.is_pat = claims is not None and claims.get("token_type", "refresh") == "refresh"
         self._bearer_only = bool(claims) and not self.is_pat
 
     @property
-    def host(self) -> str:
-        return host_of(self.url)
+    def origin(self) -> Origin:
+        """(scheme, host, port) of Label Studio, parsed as the image fetcher parses every URL."""
+        return parse_image_url(self.url).origin
 
     def auth_error(self, what: str) -> LabelStudioAuthError:
         origin = ("the access_token Label Studio sent to /setup" if self.credentials.source == "setup"
@@ -190,6 +249,7 @@ class LabelStudioClient:
             raise LabelStudioAuthError(
                 f"no API key for Label Studio at {self.url}: {API_KEY_HELP}"
             )
+        register_secret(self.credentials.api_key)  # in use: keep it among the recent secrets
         if self.is_pat:
             return self._access_token()
         return self.credentials.api_key
@@ -207,6 +267,7 @@ class LabelStudioClient:
     def _access_token(self) -> str:
         with self._lock:
             if self._access and time.time() < self._access_expires - REFRESH_MARGIN_S:
+                register_secret(self._access)
                 return self._access
             self._access, self._access_expires = self._refresh()
             return self._access
@@ -277,15 +338,8 @@ class ClientRegistry:
     def __init__(self, timeout: float = DEFAULT_TIMEOUT_S, max_clients: int = 32) -> None:
         self.timeout = timeout
         self.max_clients = max_clients
-        self._clients: dict[tuple[str, str], LabelStudioClient] = {}
-        self._lock = threading.Lock()
+        self._clients: LruCache[LabelStudioClient] = LruCache(max_clients)  # keys rotate rarely
 
     def get(self, credentials: Credentials) -> LabelStudioClient:
-        key = (credentials.url, credentials.api_key)
-        with self._lock:
-            client = self._clients.get(key)
-            if client is None:
-                if len(self._clients) >= self.max_clients:  # keys rotate rarely; drop the oldest
-                    self._clients.pop(next(iter(self._clients)))
-                client = self._clients[key] = LabelStudioClient(credentials, timeout=self.timeout)
-            return client
+        return self._clients.get_or_compute((credentials.url, credentials.api_key),
+                                            lambda: LabelStudioClient(credentials, timeout=self.timeout))

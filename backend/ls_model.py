@@ -1,556 +1,62 @@
-"""The Label Studio model: which prompt to use, and segments -> Label Studio results.
+"""The Label Studio model: /setup, /predict and /webhook of one backend process.
 
 Like a label-studio-ml ``LabelStudioMLBase`` subclass, ``GroundedSamModel`` answers /setup,
 /predict and /webhook, but it is one long-lived object per process (the engine is big) and keeps
-its per-project state in a small locked store instead of on the instance.
-
-Where the prompt comes from, first that applies:
-  1. interactive mode: the text of every ``textarea`` result in ``params.context``;
-  2. the last prompt this project used (from a context, or a TextArea in an annotation webhook),
-     so the prompt a user typed carries over to the next image;
-  3. ``prompt`` in the project's ``extra_params`` (sent by Label Studio with /setup);
-  4. the PROMPT environment variable;
-  5. the config's BrushLabels labels (their ``predicted_values`` aliases where given).
-Thresholds: a ``<Number name="box_threshold">``/``"text_threshold"`` value in the context, then the
-project's remembered ones, then ``extra_params``, then the engine's (BOX_THRESHOLD/TEXT_THRESHOLD).
-Typed prompts are split on '.', ',', ';' and new lines ("cat, dog" -> ["cat", "dog"]).
+its per-project state in a small locked store instead of on the instance. The pieces it uses live
+beside it: ``prompts`` (which prompt and thresholds), ``ls_results`` (segments -> Label Studio
+results), ``project_state`` (per-project memory) and ``engine_holder`` (the engine of this process).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 import threading
 import time
-import uuid
-from collections import OrderedDict, deque
+from collections import deque
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
 import numpy as np
 
-from .detector import PromptError, parse_prompt
+from .config import env_size
+from .detector import PromptError
+from .engine_holder import EngineHolder
+from .errors import BadRequest, EngineNotReady, TaskError
+from .jobs.store import Job, JobStore
 from .fetch import FetchError, FetchSettings, fetch_image
 from .images import ImageError
-from .label_config import (BRUSH, POLYGON, RECTANGLE, ImageTarget, LabelConfig, LabelControl, TaskDataError,
-                           parse_label_config)
-from .ls_api import (ClientRegistry, Credentials, LabelStudioClient, LabelStudioError, normalise_url,
-                     register_secret)
-from .types import Segment
+from .label_config import ImageTarget, LabelConfig, TaskDataError, parse_label_config
+from .ls_api import ClientRegistry, Credentials, LabelStudioClient, LabelStudioError, normalise_url, register_secret
+from .ls_results import prediction, segments_to_results
+from .project_state import DEFAULT_PROJECT_MEMORY_BYTES, ProjectMemory, project_key
+from .prompts import (
+    PromptInput,
+    PromptPlan,
+    check_prompt_labels,
+    maps_to_labels,
+    plan_prompt,
+    read_context,
+    read_extra_params,
+    read_results,
+    split_typed_prompt,
+)
+
+if TYPE_CHECKING:
+    from .jobs.runner import JobRunner
 
 logger = logging.getLogger(__name__)
 
-THRESHOLD_NAMES = ("box_threshold", "text_threshold")
 DEFAULT_PREFETCH_TASKS = 2
+# Label Studio waits ML_TIMEOUT_PREDICT (100 s by default) for a /predict and stores nothing when it
+# gives up: answer before that, and hand the tasks not reached to a background job.
+DEFAULT_PREDICT_DEADLINE_S = 80.0
+DEFAULT_MAX_LABEL_CONFIG_BYTES = 1 << 20  # Label Studio's configs are a few KiB; 1000 labels ~60 KiB
 _Item = TypeVar("_Item")
 _Loaded = TypeVar("_Loaded")
-_PROMPT_SEPARATORS = re.compile(r"[.,;\n\r]+")
-
-
-class BadRequest(ValueError):
-    """The request itself is wrong (HTTP 400); the message says what to fix."""
-
-
-class TaskError(TaskDataError):
-    """One task can't be predicted (e.g. it has no data)."""
-
-
-class EngineNotReady(RuntimeError):
-    """The models aren't loaded (still loading, or weights missing)."""
-
-
-# -- prompts and thresholds -----------------------------------------------------------------------
-def split_typed_prompt(text: str | Sequence[str]) -> list[str]:
-    """Phrases of a prompt a person typed: "cat, dog. red car" -> ["cat", "dog", "red car"]."""
-    texts = [text] if isinstance(text, str) else [str(t) for t in text]
-    return parse_prompt([p for t in texts for p in _PROMPT_SEPARATORS.split(t)])
-
-
-def parse_threshold(value: Any, name: str) -> float:
-    """A threshold from JSON or a form field; BadRequest unless it is a number within [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BadRequest(f"{name} must be a number within [0, 1], got {value!r}")
-    try:
-        number = float(value)
-    except ValueError as exc:
-        raise BadRequest(f"{name} must be a number within [0, 1], got {value!r}") from exc
-    if not (0.0 <= number <= 1.0) or math.isnan(number):
-        raise BadRequest(f"{name} must be within [0, 1], got {number}")
-    return number
-
-
-@dataclass(frozen=True)
-class PromptInput:
-    """Prompt and thresholds found in one place (a context, an annotation, extra_params)."""
-
-    phrases: tuple[str, ...] | None = None
-    box_threshold: float | None = None
-    text_threshold: float | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self.phrases is None and self.box_threshold is None and self.text_threshold is None
-
-
-def read_results(results: Any) -> PromptInput:
-    """Prompt (every ``textarea`` result's text) and thresholds (``number`` results named
-    box_threshold / text_threshold) from a context's or annotation's ``result`` list."""
-    if results is None:
-        return PromptInput()
-    if not isinstance(results, list):
-        raise BadRequest("context.result must be a list of results")
-    texts: list[str] = []
-    thresholds: dict[str, float] = {}
-    for item in results:
-        if not isinstance(item, Mapping):
-            continue
-        kind = str(item.get("type", "")).lower()
-        value = item.get("value") if isinstance(item.get("value"), Mapping) else {}
-        if kind == "textarea":
-            text = value.get("text", [])
-            texts.extend([text] if isinstance(text, str) else [str(t) for t in text or []])
-        elif kind == "number" and str(item.get("from_name", "")).lower() in THRESHOLD_NAMES and "number" in value:
-            name = str(item["from_name"]).lower()
-            thresholds[name] = parse_threshold(value["number"], name)
-    phrases = None
-    if texts:
-        try:
-            phrases = tuple(split_typed_prompt(texts))
-        except PromptError as exc:
-            raise PromptError(f"the TextArea prompt is empty: type what to segment, e.g. 'cat, dog' ({exc})") from exc
-    return PromptInput(phrases, thresholds.get("box_threshold"), thresholds.get("text_threshold"))
-
-
-def read_context(context: Any) -> PromptInput:
-    """What an interactive request's ``params.context`` asks for."""
-    if context is None:
-        return PromptInput()
-    if not isinstance(context, Mapping):
-        raise BadRequest("params.context must be a JSON object or null")
-    return read_results(context.get("result"))
-
-
-def read_extra_params(extra: Any) -> PromptInput:
-    """``prompt``, ``box_threshold``, ``text_threshold`` from a project's ``extra_params``."""
-    if extra in (None, "", {}):
-        return PromptInput()
-    if isinstance(extra, str):
-        import json
-
-        try:
-            extra = json.loads(extra)
-        except json.JSONDecodeError as exc:
-            raise BadRequest(f"extra_params must be a JSON object: {exc}") from exc
-    if not isinstance(extra, Mapping):
-        raise BadRequest("extra_params must be a JSON object")
-    unknown = sorted(set(extra) - {"prompt", *THRESHOLD_NAMES})
-    if unknown:
-        logger.info("ignoring unknown extra_params %s (known: prompt, box_threshold, text_threshold)", unknown)
-    phrases = None
-    if extra.get("prompt") not in (None, ""):
-        prompt = extra["prompt"]
-        if not isinstance(prompt, (str, list)):
-            raise BadRequest("extra_params.prompt must be a string like 'cat . dog' or a list of phrases")
-        phrases = tuple(split_typed_prompt(prompt))
-    return PromptInput(
-        phrases,
-        parse_threshold(extra["box_threshold"], "box_threshold") if extra.get("box_threshold") is not None else None,
-        parse_threshold(extra["text_threshold"], "text_threshold") if extra.get("text_threshold") is not None else None,
-    )
-
-
-@dataclass(frozen=True)
-class PromptPlan:
-    """The prompt and thresholds one /predict request runs with."""
-
-    phrases: tuple[str, ...]
-    source: str  # context | project | extra_params | env | labels
-    box_threshold: float | None = None
-    text_threshold: float | None = None
-
-
-def plan_prompt(config: LabelConfig, context: PromptInput, remembered: PromptInput = PromptInput(),
-                extra: PromptInput = PromptInput(), env_prompt: Sequence[str] | None = None) -> PromptPlan:
-    """Pick the prompt and thresholds by the precedence in the module docstring."""
-    sources = (("context", context), ("project", remembered), ("extra_params", extra))
-    phrases, source = None, "labels"
-    for name, given in sources:
-        if given.phrases:
-            phrases, source = given.phrases, name
-            break
-    if phrases is None and env_prompt:
-        phrases, source = tuple(env_prompt), "env"
-    if phrases is None:
-        phrases = tuple(config.default_phrases())
-
-    def first(attr: str) -> float | None:
-        return next((getattr(g, attr) for _, g in sources if getattr(g, attr) is not None), None)
-
-    return PromptPlan(phrases, source, first("box_threshold"), first("text_threshold"))
-
-
-def _maps_to_labels(config: LabelConfig, phrases: Sequence[str]) -> bool:
-    return any(target.labels_for(phrase) for target in config.targets for phrase in phrases)
-
-
-def check_prompt_labels(config: LabelConfig, plan: PromptPlan) -> None:
-    """BadRequest when no phrase of a typed prompt maps to a label: every mask would be dropped.
-
-    Phrases that map to nothing next to ones that do are kept (they still guide Grounding DINO) and
-    logged when their detections are skipped.
-    """
-    if plan.source == "labels" or _maps_to_labels(config, plan.phrases):
-        return
-    labels = ", ".join(repr(label) for label in config.brush_labels)
-    raise BadRequest(
-        f"unknown labels: the prompt {list(plan.phrases)} (from {plan.source}) matches none of the BrushLabels "
-        f"labels ({labels}); use label names, or list synonyms in a label's predicted_values")
-
-
-# -- segments -> Label Studio results ---------------------------------------------------------------
-def _region_id() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-def _base(control: LabelControl, width: int, height: int, score: float) -> dict[str, Any]:
-    return {
-        "id": _region_id(),
-        "from_name": control.name,
-        "to_name": control.to_name,
-        "type": control.kind,
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "score": score,
-        "readonly": False,
-    }
-
-
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """Label Studio brush RLE of a boolean HxW mask (label-studio-sdk's encoder)."""
-    from label_studio_sdk.converter import brush
-
-    return brush.mask2rle(np.ascontiguousarray(mask, dtype=np.uint8) * 255)
-
-
-def brush_result(control: LabelControl, label: str, segment: Segment, width: int, height: int) -> dict[str, Any]:
-    result = _base(control, width, height, round(float(segment.score), 4))
-    result["value"] = {"format": "rle", "rle": mask_to_rle(segment.mask), "brushlabels": [label]}
-    return result
-
-
-def _pct(value: float, size: int) -> float:
-    return float(min(100.0, max(0.0, value / size * 100.0)))
-
-
-def rectangle_result(control: LabelControl, label: str, segment: Segment, width: int,
-                     height: int) -> dict[str, Any]:
-    x0, y0, x1, y1 = segment.box
-    result = _base(control, width, height, round(float(segment.score), 4))
-    x, y = _pct(x0, width), _pct(y0, height)
-    result["value"] = {
-        "x": x, "y": y, "width": _pct(x1, width) - x, "height": _pct(y1, height) - y,
-        "rotation": 0, "rectanglelabels": [label],
-    }
-    return result
-
-
-def mask_polygon(mask: np.ndarray, tolerance: float = 0.003) -> np.ndarray | None:
-    """The mask's largest outer contour, simplified (Douglas-Peucker at ``tolerance`` x perimeter),
-    as an Nx2 array of pixel (x, y); None when the mask has no polygon of 3+ points."""
-    import cv2
-
-    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return None
-    largest = max(contours, key=cv2.contourArea)
-    epsilon = max(1.0, tolerance * cv2.arcLength(largest, True))
-    points = cv2.approxPolyDP(largest, epsilon, True).reshape(-1, 2)
-    return points if len(points) >= 3 else None
-
-
-def polygon_result(control: LabelControl, label: str, segment: Segment, width: int,
-                   height: int) -> dict[str, Any] | None:
-    points = mask_polygon(segment.mask)
-    if points is None:
-        return None
-    result = _base(control, width, height, round(float(segment.score), 4))
-    result["value"] = {
-        "points": [[_pct(float(x), width), _pct(float(y), height)] for x, y in points],
-        "closed": True,
-        "polygonlabels": [label],
-    }
-    return result
-
-
-_BUILDERS: dict[str, Callable[..., dict[str, Any] | None]] = {
-    BRUSH: brush_result, RECTANGLE: rectangle_result, POLYGON: polygon_result,
-}
-
-
-def segments_to_results(segments: Iterable[Segment], target: ImageTarget, width: int,
-                        height: int) -> tuple[list[dict[str, Any]], list[float]]:
-    """Results for every label control on ``target``, and the score of each segment that made one.
-
-    A segment whose phrase maps to no label of a control is left out of that control (logged).
-    """
-    results: list[dict[str, Any]] = []
-    scores: list[float] = []
-    skipped: set[tuple[str, str]] = set()
-    for segment in segments:
-        if not segment.mask.any():  # SAM found nothing inside the box: an empty brush helps nobody
-            logger.debug("skipping %r: empty mask", segment.label)
-            continue
-        used = False
-        labels = target.labels_for(segment.label)
-        for control in target.controls:
-            label = labels.get(control.name)
-            if label is None:
-                skipped.add((segment.label, control.name))
-                continue
-            result = _BUILDERS[control.kind](control, label, segment, width, height)
-            if result is not None:
-                results.append(result)
-                used = True
-        if used:
-            scores.append(float(segment.score))
-    for phrase, control_name in sorted(skipped):
-        logger.info("phrase %r matches no label of %r; skipped (name a label, or add it to a label's "
-                    "predicted_values)", phrase, control_name)
-    return results, scores
-
-
-def prediction(results: list[dict[str, Any]], scores: Sequence[float], model_version: str) -> dict[str, Any]:
-    """One /predict entry; the task score is the mean region score (0 when nothing was found)."""
-    return {
-        "result": results,
-        "score": round(float(np.mean(scores)), 4) if scores else 0.0,
-        "model_version": model_version,
-    }
-
-
-# -- per-project memory -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProjectState:
-    remembered: PromptInput = PromptInput()  # last prompt/thresholds a person used
-    extra: PromptInput = PromptInput()  # from /setup extra_params
-    credentials: Credentials | None = None  # hostname + access_token from /setup
-    label_config: str | None = None  # schema from /setup
-    updated: float = field(default_factory=time.time)
-
-
-def project_key(project: Any) -> str | None:
-    """Label Studio's project uid "<id>.<created timestamp>" (or a bare id) -> "<id>"."""
-    if project is None or isinstance(project, bool):
-        return None
-    if isinstance(project, Mapping):
-        project = project.get("id")
-        if project is None:
-            return None
-    if not isinstance(project, (str, int)):
-        raise BadRequest(f"project must be a string like '1.1700000000' or an integer id, got {type(project).__name__}")
-    key = str(project).strip().split(".", 1)[0]
-    return key or None
-
-
-class ProjectMemory:
-    """Small, thread-safe, least-recently-updated-first-out store of ``ProjectState`` per project."""
-
-    def __init__(self, capacity: int = 1024) -> None:
-        self.capacity = capacity
-        self._states: OrderedDict[str, ProjectState] = OrderedDict()
-        self._lock = threading.Lock()
-        self._last_credentials: Credentials | None = None
-
-    def get(self, key: str | None) -> ProjectState:
-        if key is None:
-            return ProjectState()
-        with self._lock:
-            return self._states.get(key, ProjectState())
-
-    def update(self, key: str | None, **changes: Any) -> ProjectState:
-        if key is None:
-            return ProjectState()
-        with self._lock:
-            state = replace(self._states.get(key, ProjectState()), updated=time.time(), **changes)
-            self._states[key] = state
-            self._states.move_to_end(key)
-            while len(self._states) > self.capacity:
-                self._states.popitem(last=False)
-            if changes.get("credentials") is not None:
-                self._last_credentials = changes["credentials"]
-            return state
-
-    def forget(self, key: str | None) -> None:
-        with self._lock:
-            self._states.pop(key, None)
-
-    @property
-    def last_credentials(self) -> Credentials | None:
-        with self._lock:
-            return self._last_credentials
-
-
-# -- the engine of this process ---------------------------------------------------------------------
-def import_model_code() -> None:
-    """Import every module the engine loads lazily (segment_anything, groundingdino, MobileSAM)."""
-    import importlib
-
-    from . import engine, models  # noqa: F401 - imported for their side effect on sys.modules
-
-    for name in ("segment_anything", "segment_anything.build_sam", "groundingdino.models",
-                 "groundingdino.util.slconfig", "groundingdino.util.misc", "groundingdino.datasets.transforms",
-                 "groundingdino.models.GroundingDINO.bertwarper",
-                 "groundingdino.models.GroundingDINO.backbone.swin_transformer", "mobile_sam.build_sam"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # MobileSAM is optional; a missing package is reported by the loader
-            pass
-
-
-class EngineHolder:
-    """Loads the engine once per process, in a background thread, so /health and /setup answer
-    at once while the weights load. A failed load (weights missing) is retried after RETRY_S, so
-    downloading the weights doesn't need a restart."""
-
-    RETRY_S = 30.0
-
-    def __init__(self, engine: Any | None = None, config_loader: Callable[[], Any] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._loaded = threading.Event()
-        self._engine = engine
-        self._config = engine.config if engine is not None else None
-        self._model_version: str | None = engine.model_version if engine is not None else None
-        self._error: str | None = None
-        self._problems: list[str] = []
-        self._failed_at = 0.0
-        self._loading = False
-        self._config_loader = config_loader
-        if engine is not None:
-            self._loaded.set()
-
-    def start(self) -> None:
-        """Begin loading in the background (no-op when loaded or already loading)."""
-        with self._lock:
-            if self._engine is not None or self._loading:
-                return
-            self._loading, self._error = True, None
-            self._loaded.clear()
-        # Import the model code here, not in the loader thread: two threads importing
-        # segment_anything / groundingdino at once can hit Python's import-lock deadlock
-        # (_DeadlockError), e.g. the loader against a request thread or the Flask app's own imports.
-        import_model_code()
-        threading.Thread(target=self._load, name="engine-loader", daemon=True).start()
-
-    def _load(self) -> None:
-        from .config import EngineConfig
-        from .engine import Engine, model_version
-
-        engine, error, config, version, problems = None, None, None, None, []
-        try:
-            config = (self._config_loader or EngineConfig.from_env)()
-            version = model_version(config)
-            problems, error = _weights_problems(config)
-            if not problems:
-                started = time.time()
-                engine = Engine(config)
-                logger.info("models loaded in %.1f s: %s", time.time() - started, engine.describe())
-        except Exception as exc:  # missing weights, bad config, broken checkpoint: report, keep serving
-            logger.exception("loading the models failed")
-            error = f"{type(exc).__name__}: {exc}"
-        with self._lock:
-            self._engine, self._loading = engine, False
-            self._problems = problems if engine is None else []
-            self._config = config or self._config
-            self._model_version = version or self._model_version
-            self._error = error
-            self._failed_at = time.time() if error else 0.0
-            self._loaded.set()
-        if error:
-            logger.error("models not ready: %s", error)
-
-    def _maybe_retry(self) -> None:
-        with self._lock:
-            retry = self._error is not None and not self._loading and time.time() - self._failed_at > self.RETRY_S
-        if retry:
-            self.start()
-
-    def status(self) -> tuple[str, str | None]:
-        """("UP", None), ("loading", None) or ("not ready", reason)."""
-        self._maybe_retry()
-        with self._lock:
-            if self._engine is not None:
-                return "UP", None
-            if self._error is not None:
-                return "not ready", self._error
-            return "loading", None
-
-    def get(self, timeout: float | None = None) -> Any:
-        """The engine, waiting up to ``timeout`` s for a load in progress; raises ``EngineNotReady``."""
-        self._maybe_retry()
-        if self._engine is None and not self._loading and self._error is None:
-            self.start()
-        self._loaded.wait(timeout)
-        with self._lock:
-            if self._engine is not None:
-                return self._engine
-            if self._error is not None:
-                raise EngineNotReady(self._error)
-        raise EngineNotReady("the models are still loading; try again in a moment")
-
-    @property
-    def engine(self) -> Any | None:
-        return self._engine
-
-    @property
-    def problems(self) -> list[str]:
-        """backend.weights' list of missing/corrupt files when the load failed for want of them."""
-        with self._lock:
-            return list(self._problems)
-
-    @property
-    def config(self) -> Any | None:
-        return self._config
-
-    @property
-    def model_version(self) -> str | None:
-        """Known as soon as the config is read (before the models load), so /setup never waits."""
-        if self._model_version is None and self._config is None:
-            self._read_config_only()
-        return self._model_version
-
-    def _read_config_only(self) -> None:
-        from .config import EngineConfig
-        from .engine import model_version
-
-        try:
-            config = (self._config_loader or EngineConfig.from_env)()
-            version = model_version(config)
-        except Exception as exc:
-            logger.error("can't read the engine config: %s", exc)
-            return
-        with self._lock:
-            self._config = self._config or config
-            self._model_version = self._model_version or version
-
-
-def _weights_problems(config: Any) -> tuple[list[str], str | None]:
-    """backend.weights' problem list for ``config`` and its full message (with the download command)."""
-    from .weights import check_ready, ensure_ready
-
-    problems = list(check_ready(config))
-    if not problems:
-        return [], None
-    try:
-        ensure_ready(config)
-    except Exception as exc:
-        return problems, str(exc)
-    return problems, "model weights are not ready: " + "; ".join(problems)
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -564,10 +70,24 @@ class ModelSettings:
     # PREFETCH_TASKS: in a batch, images of this many next tasks are downloaded and decoded while the
     # models work on the current one (0: one after the other).
     prefetch_tasks: int = DEFAULT_PREFETCH_TASKS
+    max_label_config_bytes: int = DEFAULT_MAX_LABEL_CONFIG_BYTES  # MAX_LABEL_CONFIG_BYTES: bigger schemas get 400
+    project_memory_bytes: int = DEFAULT_PROJECT_MEMORY_BYTES  # PROJECT_MEMORY_BYTES: per-project state kept
+    # PREDICT_DEADLINE_S: a batch /predict answers by then; tasks it did not reach go to a background
+    # job (0: no deadline). Keep it below Label Studio's ML_TIMEOUT_PREDICT.
+    predict_deadline_s: float = DEFAULT_PREDICT_DEADLINE_S
 
     def __post_init__(self) -> None:
         if self.prefetch_tasks < 0:
             raise ValueError(f"PREFETCH_TASKS must be >= 0, got {self.prefetch_tasks}")
+        if not self.predict_deadline_s >= 0:
+            raise ValueError(f"PREDICT_DEADLINE_S must be >= 0 seconds, got {self.predict_deadline_s}")
+
+    def check_label_config(self, schema: str | None) -> None:
+        """BadRequest naming MAX_LABEL_CONFIG_BYTES when ``schema`` is bigger than that."""
+        size = len(schema.encode("utf-8", "surrogatepass")) if schema else 0
+        if size > self.max_label_config_bytes:
+            raise BadRequest(f"the labeling config is {size:,} bytes, over the {self.max_label_config_bytes:,}-byte "
+                             "limit (MAX_LABEL_CONFIG_BYTES)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ModelSettings":
@@ -581,6 +101,10 @@ class ModelSettings:
             prefetch_tasks = int(env.get("PREFETCH_TASKS") or DEFAULT_PREFETCH_TASKS)
         except ValueError as exc:
             raise ValueError(f"PREFETCH_TASKS must be a whole number: {exc}") from exc
+        try:
+            deadline = float(env.get("PREDICT_DEADLINE_S") or DEFAULT_PREDICT_DEADLINE_S)
+        except ValueError as exc:
+            raise ValueError(f"PREDICT_DEADLINE_S must be a number of seconds: {exc}") from exc
         return cls(
             default_prompt=tuple(split_typed_prompt(prompt)) if prompt else None,
             credentials=credentials,
@@ -588,6 +112,9 @@ class ModelSettings:
             engine_wait_s=float(env.get("ENGINE_WAIT_S") or 60.0),
             explain_ui_url=(env.get("EXPLAIN_UI_URL") or "").strip().rstrip("/") or None,
             prefetch_tasks=prefetch_tasks,
+            max_label_config_bytes=env_size(env, "MAX_LABEL_CONFIG_BYTES", DEFAULT_MAX_LABEL_CONFIG_BYTES),
+            project_memory_bytes=env_size(env, "PROJECT_MEMORY_BYTES", DEFAULT_PROJECT_MEMORY_BYTES),
+            predict_deadline_s=deadline,
         )
 
     def explain_link(self, task_id: Any, project: str | None) -> str | None:
@@ -603,17 +130,117 @@ class PredictOutcome:
     results: list[dict[str, Any]]
     errors: list[dict[str, Any]]
     plan: PromptPlan
+    # The background job that predicts the tasks this call did not reach before PREDICT_DEADLINE_S
+    # (or that an earlier job already holds), and how many of this call's tasks it holds.
+    job_id: str | None = None
+    queued: int = 0
+
+    @property
+    def dropped_phrases(self) -> list[str]:
+        """Phrases of the prompt that match no label and were not detected (see ``check_prompt_labels``)."""
+        return list(self.plan.dropped)
+
+
+def queued_entry(job_id: str, version: str) -> dict[str, Any]:
+    """The /predict entry of a task handed to a background job: no ``result``, so Label Studio stores
+    nothing now; the job writes the prediction (same version) through Label Studio's API."""
+    return {"model_version": version, "job": job_id}
+
+
+def failed_entry(message: str, version: str) -> dict[str, Any]:
+    """The /predict entry of a task that failed: no ``result``, so Label Studio stores nothing (it skips
+    entries without one, keeping the others' positions) and the next "Retrieve predictions" asks again;
+    ``error`` says why to whoever reads the response (Label Studio ignores keys it doesn't know)."""
+    return {"error": message, "model_version": version}
+
+
+class PredictionStats:
+    """Tasks predicted since the process started, for /metrics and /health; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self._ok = 0
+        self._empty = 0
+        self._failed: dict[str, int] = {}
+
+    def record_ok(self, regions: int) -> None:
+        with self._lock:
+            self._ok += 1
+            self._empty += regions == 0
+
+    def record_failure(self, exc: BaseException) -> None:
+        with self._lock:
+            reason = type(exc).__name__
+            self._failed[reason] = self._failed.get(reason, 0) + 1
+
+    @property
+    def failed_tasks(self) -> int:
+        with self._lock:
+            return sum(self._failed.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"since": <unix time>, "tasks_predicted": n, "tasks_empty": n, "tasks_failed": n,
+        "failed_by_reason": {"FetchError": n, ...}}``; empty predictions are counted as predicted."""
+        with self._lock:
+            return {"since": round(self.started, 3), "tasks_predicted": self._ok, "tasks_empty": self._empty,
+                    "tasks_failed": sum(self._failed.values()), "failed_by_reason": dict(sorted(self._failed.items()))}
 
 
 class GroundedSamModel:
     """Grounding DINO + SAM as a Label Studio ML backend; one instance serves every project."""
 
     def __init__(self, engine: EngineHolder, settings: ModelSettings | None = None,
-                 memory: ProjectMemory | None = None, clients: ClientRegistry | None = None) -> None:
+                 memory: ProjectMemory | None = None, clients: ClientRegistry | None = None,
+                 jobs: JobStore | None = None) -> None:
+        """``jobs``: the shared job store; with it, per-project state lives in its database and a batch
+        that reaches PREDICT_DEADLINE_S hands the rest to a background job (``start_jobs`` runs them
+        in this process). Without it, tasks not reached get entries without ``result`` (Label Studio
+        asks again next time)."""
         self.engine = engine
         self.settings = settings or ModelSettings()
-        self.memory = memory or ProjectMemory()
+        self.jobs = jobs
+        self.memory = memory or ProjectMemory(max_bytes=self.settings.project_memory_bytes,
+                                              shared=jobs.projects if jobs is not None else None)
         self.clients = clients or ClientRegistry(timeout=self.settings.fetch.timeout)
+        self.stats = PredictionStats()
+        self.runner: JobRunner | None = None
+
+    # -- background jobs ---------------------------------------------------------------------------
+    def start_jobs(self) -> JobRunner:
+        """Run the store's jobs in a background thread of this process (resuming unfinished ones)."""
+        from .jobs.runner import JobRunner
+
+        if self.jobs is None:
+            raise RuntimeError("no job store: set JOBS_DB or DATA_DIR")
+        if self.runner is None:
+            self.runner = JobRunner(self.jobs, self.predict_job_task, self._job_client)
+            self.runner.start()
+        return self.runner
+
+    def predict_job_task(self, job: Job, task: Mapping[str, Any]) -> dict[str, Any]:
+        """One task of a background job, with the job's plan and labeling config and this process's
+        model version (the runner stops a job whose version no longer matches)."""
+        if not job.label_config:
+            raise BadRequest(f"job {job.id} has no labeling config")
+        engine = self.engine.get(timeout=self.settings.engine_wait_s)
+        config = parse_label_config(job.label_config)
+        client = self.clients.get(job.credentials) if job.credentials else None
+        entry = self.predict_task(engine, self.load_task(engine, task, config, client),
+                                  PromptPlan.from_json(job.plan), self.model_version)
+        self._link_regions(entry, task.get("id"), job.project)
+        return entry
+
+    def _job_client(self, job: Job) -> LabelStudioClient:
+        if job.credentials is None:
+            raise LabelStudioError(f"job {job.id} has no Label Studio credentials to write predictions with")
+        return self.clients.get(job.credentials)
+
+    def _link_regions(self, entry: dict[str, Any], task_id: Any, project: str | None) -> None:
+        link = self.settings.explain_link(task_id, project)
+        if link:  # Label Studio shows a region's meta text in the region panel
+            for result in entry["result"]:
+                result["meta"] = {"text": [f"Why this mask: {link}"]}
 
     @property
     def model_version(self) -> str:
@@ -628,6 +255,7 @@ class GroundedSamModel:
         """Remember the project's connection details and extra_params; returns the model version."""
         key = project_key(project)
         register_secret(access_token)  # before anything can log it
+        self.settings.check_label_config(schema)
         if schema:
             parse_label_config(schema)  # fail at connection time, not at the first prediction
         extra = read_extra_params(extra_params)
@@ -642,9 +270,15 @@ class GroundedSamModel:
 
     # -- Label Studio access -----------------------------------------------------------------------
     def credentials_for(self, project: str | None) -> Credentials | None:
-        """LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, completed by what Label Studio sent in /setup."""
+        """How to reach Label Studio for ``project``: LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, completed
+        by what that project sent in /setup; None when neither is known.
+
+        A /setup's hostname and access_token belong to the project that sent them: another project
+        (or a request naming none) never gets them, so one /setup can't redirect everyone's fetches
+        (and the key they carry) to a host of its choosing.
+        """
         env = self.settings.credentials
-        setup = self.memory.get(project).credentials or self.memory.last_credentials
+        setup = self.memory.get(project).credentials
         if env and env.api_key:
             return env
         if env and setup and setup.api_key:  # our URL for Label Studio, its key
@@ -663,7 +297,7 @@ class GroundedSamModel:
         """The plan a /predict of ``project`` would use, with ``given`` in the place of a context."""
         state = self.memory.get(project)
         plan = plan_prompt(config, given, state.remembered, state.extra, self.settings.default_prompt)
-        if plan.source == "project" and not _maps_to_labels(config, plan.phrases):
+        if plan.source == "project" and not maps_to_labels(config, plan.phrases):
             # A remembered prompt (e.g. from an annotation webhook) for labels this config lacks
             # must not break every later batch: fall back to the next source.
             logger.info("project %s: remembered prompt %s matches no label; not using it", project,
@@ -674,17 +308,21 @@ class GroundedSamModel:
 
     def predict(self, tasks: Sequence[Any], project: Any, label_config: str | None,
                 context: Any = None) -> PredictOutcome:
-        """One entry per task, in order. A task that fails gets an empty entry and an ``errors`` item;
-        with a single task and a context (interactive mode) its error is raised instead, so the
-        person who clicked sees why."""
+        """One entry per task, in order. A task that fails gets an entry without ``result``
+        (``failed_entry``: Label Studio stores nothing and retries it next time) and an ``errors``
+        item; with a single task and a context (interactive mode) its error is raised instead, so
+        the person who clicked sees why. A task that simply has no detections gets an empty result."""
         key = project_key(project)
+        self.settings.check_label_config(label_config)
         label_config = label_config or self.memory.get(key).label_config
         if not label_config:
             raise BadRequest("label_config is missing (and no /setup schema is known for this project)")
         config = parse_label_config(label_config)
         given = read_context(context)
-        plan = self.plan(key, config, context)
-        check_prompt_labels(config, plan)
+        plan = check_prompt_labels(config, self.plan(key, config, context))
+        if plan.dropped:
+            logger.warning("project %s: prompt phrases %s match no label (%s); not detected", key,
+                           list(plan.dropped), config.describe_labels())
         engine = self.engine.get(timeout=self.settings.engine_wait_s)
         if given.phrases or given.box_threshold is not None or given.text_threshold is not None:
             self._remember(key, given)
@@ -692,30 +330,100 @@ class GroundedSamModel:
         version = self.model_version
         logger.info("predict project=%s tasks=%d prompt=%s (from %s)", key, len(tasks), list(plan.phrases),
                     plan.source)
-        results, errors = [], []
-        loads = read_ahead(tasks, lambda task: self.load_task(engine, task, config, client),
+        batch = context is None and len(tasks) > 1  # interactive requests are never deferred
+        held = self._held_by_jobs(key, version, tasks) if batch else {}
+        todo = [task for task in tasks if _task_id(task) not in held]
+        started = time.monotonic()
+        slowest = 0.0  # the longest task so far: a task is only started when it can end in time
+        entries: dict[int, dict[str, Any]] = {}  # position in ``todo`` -> entry
+        errors: list[dict[str, Any]] = []
+        loads = read_ahead(todo, lambda task: self.load_task(engine, task, config, client),
                            self.settings.prefetch_tasks)
-        for task, loaded in zip(tasks, loads):
-            try:
-                entry = self.predict_task(engine, loaded.result(), plan, version)
-                link = self.settings.explain_link(task.get("id"), key)
-                if link:  # Label Studio shows a region's meta text in the region panel
-                    for result in entry["result"]:
-                        result["meta"] = {"text": [f"Why this mask: {link}"]}
-                results.append(entry)
-            except Exception as exc:
-                if context is not None and len(tasks) == 1:
-                    raise
-                task_id = task.get("id") if isinstance(task, Mapping) else None
-                if isinstance(exc, (FetchError, ImageError, LabelStudioError, TaskDataError)):
-                    message = _message(exc)
-                    logger.warning("task %s: no prediction: %s", task_id, message)
-                else:  # a bug or a model failure: keep the traceback, and still answer for the others
-                    message = f"internal error ({type(exc).__name__}); see the server log"
-                    logger.exception("task %s: no prediction", task_id)
-                errors.append({"task": task_id, "error": message})
-                results.append(prediction([], [], version))
-        return PredictOutcome(results, errors, plan)
+        try:
+            for position, (task, loaded) in enumerate(zip(todo, loads, strict=False)):
+                elapsed = time.monotonic() - started
+                if batch and self.settings.predict_deadline_s and elapsed + slowest > self.settings.predict_deadline_s:
+                    break
+                task_started = time.monotonic()
+                entries[position] = self._predict_one(engine, task, loaded, plan, version, key, errors,
+                                                      raise_errors=context is not None and len(tasks) == 1)
+                slowest = max(slowest, time.monotonic() - task_started)
+        finally:
+            loads.close()  # stop reading ahead for tasks that won't be predicted here
+        unreached = [task for position, task in enumerate(todo) if position not in entries]
+        job_id, deferred = self._defer(key, version, plan, label_config, unreached, held, errors)
+        by_id = {id(task): entries[position] for position, task in enumerate(todo) if position in entries}
+        results = []
+        for task in tasks:
+            task_id = _task_id(task)
+            entry = by_id.get(id(task)) or (deferred.get(task_id) if task_id is not None else None)
+            if entry is None:
+                entry = failed_entry("not predicted before PREDICT_DEADLINE_S",
+                                                                     version)
+            results.append(entry)
+        return PredictOutcome(results, errors, plan, job_id, len(held) + len(unreached) if job_id else 0)
+
+    def _predict_one(self, engine: Any, task: Any, loaded: Future[list[tuple[ImageTarget, np.ndarray]]],
+                     plan: PromptPlan, version: str, key: str | None, errors: list[dict[str, Any]],
+                     raise_errors: bool) -> dict[str, Any]:
+        """The entry of one task of a /predict (its error recorded in ``errors``)."""
+        try:
+            entry = self.predict_task(engine, loaded.result(), plan, version)
+            self._link_regions(entry, task.get("id"), key)
+            self.stats.record_ok(len(entry["result"]))
+            return entry
+        except Exception as exc:
+            self.stats.record_failure(exc)
+            if raise_errors:
+                raise
+            task_id = _task_id(task)
+            if isinstance(exc, (FetchError, ImageError, LabelStudioError, TaskDataError)):
+                message = _message(exc)
+                logger.warning("task %s: no prediction (Label Studio will ask again): %s", task_id, message)
+            else:  # a bug or a model failure: keep the traceback, and still answer for the others
+                message = f"internal error ({type(exc).__name__}); see the server log"
+                logger.exception("task %s: no prediction (Label Studio will ask again)", task_id)
+            errors.append({"task": task_id, "error": message})
+            return failed_entry(message, version)
+
+    def _held_by_jobs(self, key: str | None, version: str, tasks: Sequence[Any]) -> dict[int, str]:
+        """{task id: job id} of the tasks an active job of this project and version already holds: a
+        second "Retrieve predictions" must not predict (and store) them a second time."""
+        if self.jobs is None or key is None:
+            return {}
+        ids = [task_id for task in tasks if (task_id := _task_id(task)) is not None]
+        return self.jobs.held_tasks(key, version, ids) if ids else {}
+
+    def _defer(self, key: str | None, version: str, plan: PromptPlan, label_config: str,
+               unreached: list[Any], held: dict[int, str],
+               errors: list[dict[str, Any]]) -> tuple[str | None, dict[int, dict[str, Any]]]:
+        """Hand the tasks a /predict did not reach to a background job; ({task id: entry} of every
+        task a job holds, the job id)."""
+        if not unreached and not held:
+            return None, {}
+        credentials = self.credentials_for(key)
+        ids = [_task_id(task) for task in unreached]
+        if self.jobs is None or key is None or credentials is None or None in ids:
+            why = ("no job store (JOBS_DB / DATA_DIR)" if self.jobs is None else
+                   "no Label Studio URL and key to write them with (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, "
+                   "or /setup)" if credentials is None else "the tasks have no project or ids")
+            for task in unreached:
+                message = (f"not predicted before PREDICT_DEADLINE_S={self.settings.predict_deadline_s:g} s and "
+                           f"can't be predicted in the background: {why}; retrieve predictions again")
+                errors.append({"task": _task_id(task), "error": message})
+            logger.warning("project %s: %d task(s) not reached before the deadline and not queued: %s", key,
+                           len(unreached), why)
+            return None, {task_id: queued_entry(job_id, version) for task_id, job_id in held.items()}
+        created = self.jobs.create_job(key, version, [dict(task) for task in unreached], plan=plan.to_json(),
+                                       label_config=label_config, credentials=credentials)
+        job_id = created.job_id or next(iter(held.values()))
+        if self.runner is not None:
+            self.runner.wake()
+        logger.info("project %s: %d task(s) handed to background job %s (%d already held by a job)", key,
+                    created.added, job_id, len(held))
+        deferred = {task_id: queued_entry(job, version) for task_id, job in held.items()}
+        deferred.update({task_id: queued_entry(job_id, version) for task_id in ids if task_id is not None})
+        return job_id, deferred
 
     def load_task(self, engine: Any, task: Any, config: LabelConfig,
                   client: LabelStudioClient | None) -> list[tuple[ImageTarget, np.ndarray]]:
@@ -753,7 +461,12 @@ class GroundedSamModel:
         """Remember the prompt an annotation used; forget a deleted project. Never trains."""
         project = data.get("project")
         key = project_key(project) if isinstance(project, (Mapping, str, int)) else None
-        annotations = [data.get("annotation")] + list(data.get("annotations") or [])
+        listed = data.get("annotations") or []
+        if not isinstance(listed, list):  # a webhook never fails: the rest of the event still counts
+            logger.info("webhook %s: ignoring 'annotations' (a list of annotations expected, got %s)", action,
+                        type(listed).__name__)
+            listed = []
+        annotations = [data.get("annotation"), *listed]
         if key is None:
             key = next((project_key(a.get("project")) for a in annotations
                         if isinstance(a, Mapping) and a.get("project") is not None), None)
@@ -761,7 +474,7 @@ class GroundedSamModel:
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
             for annotation in reversed([a for a in annotations if isinstance(a, Mapping)]):
                 try:
-                    given = read_results(annotation.get("result"))
+                    given = read_results(annotation.get("result"), where="annotation.result")
                 except (BadRequest, PromptError) as exc:
                     logger.info("webhook %s: ignoring the annotation's prompt: %s", action, exc)
                     continue
@@ -776,7 +489,7 @@ class GroundedSamModel:
         return reply
 
 
-def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded], ahead: int) -> Iterator[Future[_Loaded]]:
+def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded], ahead: int) -> Generator[Future[_Loaded], None, None]:
     """``load(item)`` of every item as a Future, in order, with up to ``ahead`` loads running on
     threads ahead of the consumer: downloads overlap the model's work, and at most ``ahead + 1``
     loaded items are held at once. A load's exception is raised by its Future's ``result()``."""
@@ -799,6 +512,11 @@ def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded], ahead: 
             yield pending.popleft()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _task_id(task: Any) -> int | None:
+    task_id = task.get("id") if isinstance(task, Mapping) else None
+    return task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None
 
 
 def _message(exc: BaseException) -> str:

@@ -9,12 +9,23 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
 from .config import SAM_CHECKPOINTS, EngineConfig
+
+if TYPE_CHECKING:
+    # The model classes. Their packages ship no type information, so mypy reads these as Any; the
+    # names still say what a function takes or returns (rather than a bare torch.nn.Module, whose
+    # submodule attributes mypy can only see as ``Tensor | Module``).
+    from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
+    from mobile_sam.modeling import Sam as MobileSam
+    from segment_anything.modeling import Sam
+
+    SamModel: TypeAlias = Sam | MobileSam  # MobileSAM's Sam has segment_anything's interface
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +99,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def build_sam_architecture(config: EngineConfig) -> torch.nn.Module:
+def build_sam_architecture(config: EngineConfig) -> SamModel:
     """The SAM (or MobileSAM) architecture of ``config`` with freshly initialised weights."""
     if config.sam_variant == "vit_t":
         if config.sam_arch:
@@ -107,7 +118,7 @@ def build_sam_architecture(config: EngineConfig) -> torch.nn.Module:
     return sam
 
 
-def build_sam(config: EngineConfig) -> torch.nn.Module:
+def build_sam(config: EngineConfig) -> SamModel:
     """The SAM (or MobileSAM) architecture of ``config``, with its checkpoint loaded, in eval mode."""
     sam = build_sam_architecture(config)
     path = config.sam_checkpoint_path
@@ -150,7 +161,7 @@ def _custom_swin(swin_arch: dict[str, Any] | None) -> Iterator[None]:
             backbone_module.build_swin_transformer = original
 
 
-def build_grounding_dino_architecture(config: EngineConfig) -> torch.nn.Module:
+def build_grounding_dino_architecture(config: EngineConfig) -> GroundingDINO:
     """Grounding DINO from its SLConfig file and the local text encoder; detection weights fresh."""
     from .weights import force_offline
 
@@ -173,7 +184,7 @@ def build_grounding_dino_architecture(config: EngineConfig) -> torch.nn.Module:
         return build_model(args)
 
 
-def build_grounding_dino(config: EngineConfig) -> torch.nn.Module:
+def build_grounding_dino(config: EngineConfig) -> GroundingDINO:
     """Grounding DINO from its SLConfig file, text encoder from the local cache, checkpoint loaded."""
     from groundingdino.util.misc import clean_state_dict
 

@@ -21,12 +21,17 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import requests
 
 from .ls_api import Credentials, LabelStudioClient, LabelStudioError, normalise_url
+
+if TYPE_CHECKING:  # both import torch: loaded only once the arguments are known good
+    from .engine import Engine
+    from .ls_model import GroundedSamModel
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ def has_prediction(task: dict[str, Any], model_version: str) -> bool:
                for p in task.get("predictions") or [])
 
 
-def preannotate(api: ProjectApi, model: Any, batch_size: int = 8, limit: int | None = None,
+def preannotate(api: ProjectApi, model: GroundedSamModel, batch_size: int = 8, limit: int | None = None,
                 progress: bool = True) -> Summary:
     """Predict and store every task of ``api.project`` that lacks a prediction of the model's version.
 
@@ -121,7 +126,8 @@ def preannotate(api: ProjectApi, model: Any, batch_size: int = 8, limit: int | N
     from tqdm import tqdm
 
     from .label_config import parse_label_config
-    from .ls_model import check_prompt_labels, project_key
+    from .project_state import project_key
+    from .prompts import check_prompt_labels
 
     config = api.label_config()
     version = model.model_version
@@ -138,7 +144,7 @@ def preannotate(api: ProjectApi, model: Any, batch_size: int = 8, limit: int | N
     def flush() -> None:
         outcome = model.predict(pending, project=key, label_config=config)
         failed = {e["task"]: e["error"] for e in outcome.errors}
-        for task, entry in zip(pending, outcome.results):
+        for task, entry in zip(pending, outcome.results, strict=True):
             task_id = task["id"]
             try:
                 if task_id in failed:
@@ -178,12 +184,14 @@ def preannotate(api: ProjectApi, model: Any, batch_size: int = 8, limit: int | N
     return summary
 
 
-def build_model(prompt: str | None, credentials: Credentials, engine: Any | None = None) -> Any:
+def build_model(prompt: str | None, credentials: Credentials, engine: Engine | None = None) -> GroundedSamModel:
     """The server's GroundedSamModel around ``engine`` (default: loaded from the environment)."""
     from .config import EngineConfig
     from .engine import Engine
     from .fetch import FetchSettings
-    from .ls_model import EngineHolder, GroundedSamModel, ModelSettings, split_typed_prompt
+    from .engine_holder import EngineHolder
+    from .ls_model import GroundedSamModel, ModelSettings
+    from .prompts import split_typed_prompt
 
     env_prompt = prompt if prompt is not None else os.environ.get("PROMPT", "")
     settings = ModelSettings(
@@ -223,7 +231,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None, engine: Any | None = None) -> int:
+def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int:
     """CLI entry point; ``engine`` replaces the one loaded from the environment (tests)."""
     from .ls_api import install_log_redaction
     from .models import ModelLoadError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -33,8 +33,9 @@ def draw_segments(image_rgb: np.ndarray, segments: Sequence[Segment], show_label
     scene = sv.MaskAnnotator().annotate(scene, detections, opacity=opacity)
     texts = [f"{s.label} {s.score:.2f}" for s in segments] if show_labels else [""] * len(segments)
     thickness = max(1, round(max(image_rgb.shape[:2]) / 400))
-    scene = sv.BoxAnnotator(thickness=thickness, text_scale=0.4 * thickness, text_thickness=thickness,
-                            text_padding=3 * thickness).annotate(scene, detections, labels=texts, skip_label=not show_labels)
+    annotator = sv.BoxAnnotator(thickness=thickness, text_scale=0.4 * thickness, text_thickness=thickness,
+                                text_padding=3 * thickness)
+    scene = annotator.annotate(scene, detections, labels=texts, skip_label=not show_labels)
     return cv2.cvtColor(scene, cv2.COLOR_BGR2RGB)
 
 

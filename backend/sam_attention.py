@@ -25,20 +25,20 @@ forward costs one dictionary lookup. The forward must run in the thread/context 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import TypeVar, cast
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Block, get_rel_pos
+from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
-
-from segment_anything.modeling.image_encoder import get_rel_pos
 
 __all__ = [
     "EncoderBlockAttention",
@@ -63,11 +63,15 @@ __all__ = [
 # CPU: measured on a vit_b global block, 1 head per call ran ~4x faster than all 12 heads at once.
 _MASK_BUDGET = 1 << 22
 
-# Active captures of the current thread/task: {attention module: sink}. The value is replaced, never
-# mutated, so each context only ever sees the captures it entered itself.
-_SINKS: ContextVar[Mapping[nn.Module, Any]] = ContextVar(
-    "sam_attention_sinks", default=MappingProxyType({})
+# Active captures of the current thread/task: {attention module: sink}, one map per kind of patch. The
+# value is replaced, never mutated, so each context only ever sees the captures it entered itself.
+_ENCODER_SINKS: ContextVar[Mapping[object, _EncoderSink]] = ContextVar(
+    "sam_attention_encoder_sinks", default=MappingProxyType({})
 )
+_DECODER_SINKS: ContextVar[Mapping[object, DecoderAttentionCapture]] = ContextVar(
+    "sam_attention_decoder_sinks", default=MappingProxyType({})
+)
+_Sink = TypeVar("_Sink")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +94,7 @@ class EncoderBlockAttention:
     # float32. Each map sums to 1.
     received: np.ndarray
     # The head-averaged matrix itself, (B, N, N) float16 with N = H_tok * W_tok; None unless kept.
-    matrix: Optional[np.ndarray] = None
+    matrix: np.ndarray | None = None
 
 
 @dataclass
@@ -140,18 +144,25 @@ class DecoderAttentionCapture:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _patched_class(stock: type, patch: type) -> type:
-    # One subclass per (stock class, patch), so a patched module stays an instance of its stock class
-    # and repeated patching yields the same type.
-    return type(
-        f"{patch.__name__.lstrip('_')}[{stock.__name__}]",
-        (patch, stock),
-        {"_stock_class": stock, "_patch_class": patch, "__module__": __name__},
-    )
+# One subclass per (stock class, patch), so a patched module stays an instance of its stock class and
+# repeated patching yields the same type (setdefault keeps the first one made if two threads race).
+_PATCHED_CLASSES: dict[tuple[type[nn.Module], type[_Patch]], type[nn.Module]] = {}
 
 
-def _new_patched(stock: type, patch: type) -> nn.Module:
+def _patched_class(stock: type[nn.Module], patch: type[_Patch]) -> type[nn.Module]:
+    cls = _PATCHED_CLASSES.get((stock, patch))
+    if cls is None:
+        made = type(
+            f"{patch.__name__.lstrip('_')}[{stock.__name__}]",
+            (patch, stock),
+            {"_stock_class": stock, "_patch_class": patch, "__module__": __name__},
+        )
+        # type() is typed as returning a plain `type`; this one subclasses ``stock``.
+        cls = _PATCHED_CLASSES.setdefault((stock, patch), cast("type[nn.Module]", made))
+    return cls
+
+
+def _new_patched(stock: type[nn.Module], patch: type[_Patch]) -> nn.Module:
     cls = _patched_class(stock, patch)
     return cls.__new__(cls)
 
@@ -159,15 +170,15 @@ def _new_patched(stock: type, patch: type) -> nn.Module:
 class _Patch:
     """Base of the forward patches: pickles/deep-copies as stock class + patch (no dynamic names)."""
 
-    _stock_class: type
-    _patch_class: type
+    _stock_class: type[nn.Module]
+    _patch_class: type[_Patch]
 
-    def __reduce__(self):  # type: ignore[override]
+    def __reduce__(self):
         return (_new_patched, (self._stock_class, self._patch_class), self.__getstate__())
 
 
-def _swap_in(module: nn.Module, patch: type) -> None:
-    stock = getattr(type(module), "_stock_class", type(module))
+def _swap_in(module: nn.Module, patch: type[_Patch]) -> None:
+    stock: type[nn.Module] = getattr(type(module), "_stock_class", type(module))
     module.__class__ = _patched_class(stock, patch)
 
 
@@ -178,12 +189,12 @@ def _swap_out(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _sinks_active(sinks: Mapping[nn.Module, Any]) -> Iterator[None]:
-    token = _SINKS.set(MappingProxyType({**_SINKS.get(), **sinks}))
+def _sinks_active(active: ContextVar[Mapping[object, _Sink]], sinks: Mapping[object, _Sink]) -> Iterator[None]:
+    token = active.set(MappingProxyType({**active.get(), **sinks}))
     try:
         yield
     finally:
-        _SINKS.reset(token)
+        active.reset(token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,19 +202,20 @@ def _sinks_active(sinks: Mapping[nn.Module, Any]) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_vit_attention(module: Any) -> bool:
+def _is_vit_attention(module: object) -> bool:
     return all(hasattr(module, a) for a in ("qkv", "proj", "num_heads", "scale", "use_rel_pos"))
 
 
-def _vit_blocks(image_encoder: nn.Module) -> Sequence[nn.Module]:
-    """SAM ViT blocks of the encoder, or NotImplementedError naming what the encoder is instead."""
+def _vit_blocks(image_encoder: nn.Module) -> list[Block]:
+    """SAM ViT blocks of the encoder (or structural copies), or NotImplementedError naming what the
+    encoder is instead."""
     blocks = getattr(image_encoder, "blocks", None)
     if (
         isinstance(blocks, nn.ModuleList)
         and len(blocks) > 0
         and all(hasattr(b, "window_size") and _is_vit_attention(getattr(b, "attn", None)) for b in blocks)
     ):
-        return blocks
+        return list(blocks)
     kind = f"{type(image_encoder).__module__}.{type(image_encoder).__qualname__}"
     raise NotImplementedError(
         f"encoder attention needs SAM's ViT image encoder (ImageEncoderViT: blocks with windowed and "
@@ -236,7 +248,7 @@ def use_stock_attention(image_encoder: nn.Module) -> None:
         _swap_out(block.attn)
 
 
-def _resolve_blocks(blocks: Sequence[nn.Module], which: Union[None, str, Sequence[int]]) -> tuple[int, ...]:
+def _resolve_blocks(blocks: Sequence[Block], which: None | str | Sequence[int]) -> tuple[int, ...]:
     global_indices = [i for i, b in enumerate(blocks) if b.window_size == 0]
     if not global_indices:
         raise ValueError("the encoder has no global-attention blocks (window_size == 0) to capture")
@@ -263,7 +275,7 @@ def _resolve_blocks(blocks: Sequence[nn.Module], which: Union[None, str, Sequenc
 @contextlib.contextmanager
 def capture_encoder_attention(
     image_encoder: nn.Module,
-    blocks: Union[None, str, Sequence[int]] = None,
+    blocks: None | str | Sequence[int] = None,
     *,
     keep_matrix: bool = True,
     head_chunk: int = 1,
@@ -289,11 +301,11 @@ def capture_encoder_attention(
         keep_matrix=keep_matrix,
         head_chunk=head_chunk,
     )
-    sinks = {}
+    sinks: dict[object, _EncoderSink] = {}
     for i in indices:
         _swap_in(vit_blocks[i].attn, _FastEncoderAttention)
         sinks[vit_blocks[i].attn] = _EncoderSink(capture, i)
-    with _sinks_active(sinks):
+    with _sinks_active(_ENCODER_SINKS, sinks):
         yield capture
 
 
@@ -339,7 +351,7 @@ def _sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel: Optional[tuple[torch.Tensor, torch.Tensor]],
+    rel: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float,
 ) -> torch.Tensor:
     b, heads, n, _ = q.shape
@@ -367,7 +379,7 @@ def _attend_and_capture(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel: Optional[tuple[torch.Tensor, torch.Tensor]],
+    rel: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float,
     size: tuple[int, int],
     head_chunk: int,
@@ -413,6 +425,15 @@ def _attend_and_capture(
 class _FastEncoderAttention(_Patch):
     """Forward for segment_anything.modeling.image_encoder.Attention: SDPA, or capture if active."""
 
+    # The stock module's attributes this forward reads (declared for the type checker only).
+    num_heads: int
+    scale: float
+    qkv: nn.Linear
+    proj: nn.Linear
+    use_rel_pos: bool
+    rel_pos_h: nn.Parameter
+    rel_pos_w: nn.Parameter
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
         heads = self.num_heads
@@ -421,7 +442,7 @@ class _FastEncoderAttention(_Patch):
         rel = None
         if self.use_rel_pos:
             rel = _decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W))
-        sink = _SINKS.get().get(self)
+        sink = _ENCODER_SINKS.get().get(self)
         if sink is None:
             out = _sdpa(q, k, v, rel, self.scale)
         else:
@@ -466,7 +487,7 @@ def mask_attention_map(
 # ----------------------------------------------------------------------------------------------
 
 
-def _final_token_to_image(mask_decoder: nn.Module) -> nn.Module:
+def _final_token_to_image(mask_decoder: MaskDecoder) -> nn.Module:
     attn = getattr(getattr(mask_decoder, "transformer", None), "final_attn_token_to_image", None)
     needed = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "_separate_heads", "_recombine_heads")
     if attn is None or not all(hasattr(attn, a) for a in needed) or not hasattr(mask_decoder, "num_mask_tokens"):
@@ -481,8 +502,17 @@ def _final_token_to_image(mask_decoder: nn.Module) -> nn.Module:
 class _CapturingTokenAttention(_Patch):
     """Forward for segment_anything.modeling.transformer.Attention: stock, recording when active."""
 
+    # The stock module's attributes and methods this forward uses (declared for the type checker only).
+    num_heads: int
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+    _separate_heads: Callable[[torch.Tensor, int], torch.Tensor]
+    _recombine_heads: Callable[[torch.Tensor], torch.Tensor]
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        sink = _SINKS.get().get(self)
+        sink = _DECODER_SINKS.get().get(self)
         if sink is None:
             return super().forward(q, k, v)  # type: ignore[misc]
         # Stock computation, op for op, with the softmax recorded on the way.
@@ -499,7 +529,7 @@ class _CapturingTokenAttention(_Patch):
 
 
 @contextlib.contextmanager
-def capture_decoder_attention(mask_decoder: nn.Module) -> Iterator[DecoderAttentionCapture]:
+def capture_decoder_attention(mask_decoder: MaskDecoder) -> Iterator[DecoderAttentionCapture]:
     """Record the final token-to-image attention of every mask decoder call run inside the block.
 
     Works for any decoder built like SAM's (segment_anything, MobileSAM), matched by structure.
@@ -510,15 +540,15 @@ def capture_decoder_attention(mask_decoder: nn.Module) -> Iterator[DecoderAttent
         num_mask_tokens=int(mask_decoder.num_mask_tokens),
     )
     _swap_in(attn, _CapturingTokenAttention)
-    with _sinks_active({attn: capture}):
+    with _sinks_active(_DECODER_SINKS, {attn: capture}):
         yield capture
 
 
 def mask_token_maps(
     capture: DecoderAttentionCapture,
     multimask_output: bool = False,
-    selected: Optional[Sequence[int]] = None,
-    grid: Optional[tuple[int, int]] = None,
+    selected: Sequence[int] | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Per prompt, the image-embedding attention of the mask token behind the returned mask.
 
@@ -542,10 +572,10 @@ def mask_token_maps(
     maps = attn[:, 2 : 1 + capture.num_mask_tokens].reshape(b, -1, *grid)
     if selected is None:
         return maps
-    selected = np.asarray(selected, dtype=np.int64)
-    if selected.shape != (b,):
-        raise ValueError(f"selected must hold one mask index per prompt ({b}), got shape {selected.shape}")
-    return maps[np.arange(b), selected]
+    chosen = np.asarray(selected, dtype=np.int64)
+    if chosen.shape != (b,):
+        raise ValueError(f"selected must hold one mask index per prompt ({b}), got shape {chosen.shape}")
+    return maps[np.arange(b), chosen]
 
 
 # ----------------------------------------------------------------------------------------------

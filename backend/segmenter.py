@@ -7,16 +7,21 @@ embedding is a value the caller holds (and caches), so threads never share per-i
 from __future__ import annotations
 
 import contextlib
-
+import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from . import sam_attention
 
-DECODE_CHUNK = 32  # boxes per decoder call: bounds memory of full-resolution mask logits
+if TYPE_CHECKING:
+    from .models import SamModel
+
+DECODE_CHUNK = 32  # boxes per decoder call: bounds the decoder's activations
 
 
 @dataclass
@@ -40,11 +45,42 @@ class ImageEmbedding:
     notes: tuple[str, ...] = field(default=())
 
 
+@dataclass(frozen=True, eq=False)
+class SamMaskLogits:
+    """One mask as SAM's decoder made it: logits on its low-resolution grid over the padded square
+    input. ``resized`` upsamples exactly as ``Sam.postprocess_masks`` does (bilinear to the input
+    square, crop the padding, bilinear to the asked size) and thresholds, so the full-size mask is
+    the reference chain's, made only when something is sent; what is kept is 256 KiB per mask
+    whatever the image size."""
+
+    logits: np.ndarray  # float32, 256 x 256 for a 1024 input
+    input_size: tuple[int, int]  # H, W SAM saw after resizing (before padding)
+    original_size: tuple[int, int]  # H, W of the image
+    img_size: int  # SAM's square input side
+    threshold: float = 0.0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.original_size
+
+    @functools.cached_property
+    def area(self) -> int:
+        return int(np.count_nonzero(self.resized(*self.original_size)))
+
+    @torch.inference_mode()
+    def resized(self, height: int, width: int) -> np.ndarray:
+        logits = torch.from_numpy(self.logits)[None, None]
+        square = F.interpolate(logits, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        cropped = square[..., : self.input_size[0], : self.input_size[1]]
+        full = F.interpolate(cropped, (height, width), mode="bilinear", align_corners=False)
+        return (full[0, 0] > self.threshold).numpy()
+
+
 @dataclass
 class Decoded:
-    """Masks of N boxes at the original size, SAM's predicted IoUs, and (if captured) decoder maps."""
+    """N boxes' masks (kept at SAM's low resolution), predicted IoUs, and (if captured) decoder maps."""
 
-    masks: np.ndarray  # N x H x W bool
+    masks: list[SamMaskLogits]  # N
     ious: np.ndarray  # N
     decoder_maps: np.ndarray | None  # N x 64 x 64: where each mask token looked
 
@@ -62,7 +98,7 @@ class _ResizeLongestSide(ResizeLongestSide):
 class SamSegmenter:
     """Wraps a loaded Sam (segment_anything or MobileSAM) model."""
 
-    def __init__(self, sam: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, sam: SamModel, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.sam = sam.to(device).eval()
         self.device = device
         self.dtype = dtype
@@ -91,7 +127,8 @@ class SamSegmenter:
         """
         x, input_size = self.preprocess(image)
         encoder = self.sam.image_encoder
-        attention, notes = None, ()
+        attention = None
+        notes: tuple[str, ...] = ()
         with self._autocast():
             if capture_attention and self.has_global_attention:
                 with sam_attention.capture_encoder_attention(encoder, "global", keep_matrix=True) as capture:
@@ -119,10 +156,9 @@ class SamSegmenter:
     @torch.inference_mode()
     def segment(self, embedding: ImageEmbedding, boxes_xyxy: np.ndarray, capture_attention: bool = False) -> Decoded:
         """Masks for N pixel boxes, decoded in batches from one embedding."""
-        height, width = embedding.original_size
         if len(boxes_xyxy) == 0:
             grid = embedding.features.shape[-2:]
-            return Decoded(np.zeros((0, height, width), dtype=bool), np.zeros((0,), dtype=np.float32),
+            return Decoded([], np.zeros((0,), dtype=np.float32),
                            np.zeros((0, *grid), dtype=np.float32) if capture_attention else None)
         boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32), device=self.device)
         boxes = self.transform.apply_boxes_torch(boxes, embedding.original_size)
@@ -141,11 +177,12 @@ class SamSegmenter:
                         dense_prompt_embeddings=dense,
                         multimask_output=False,
                     )
-                logits = self.sam.postprocess_masks(low_res.float(), embedding.input_size, embedding.original_size)
-                masks.append((logits > self.sam.mask_threshold)[:, 0].cpu().numpy())
+                masks += [SamMaskLogits(logits, embedding.input_size, embedding.original_size, self.img_size,
+                                        float(self.sam.mask_threshold))
+                          for logits in low_res[:, 0].float().cpu().numpy()]
                 ious.append(iou[:, 0].float().cpu().numpy())
         decoder_maps = None
         if capture is not None:
             decoder_maps = sam_attention.mask_token_maps(capture, multimask_output=False,
                                                          grid=tuple(embedding.features.shape[-2:]))
-        return Decoded(np.concatenate(masks), np.concatenate(ious), decoder_maps)
+        return Decoded(masks, np.concatenate(ious), decoder_maps)

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image
+
+
+def as_box(values: Iterable[float]) -> Box:
+    """Four numbers (a tensor row, a JSON list) as a ``Box`` of floats; ValueError for another count."""
+    numbers = tuple(float(v) for v in values)
+    if len(numbers) != 4:
+        raise ValueError(f"a box is 4 numbers (x0, y0, x1, y1), got {len(numbers)}")
+    return numbers[0], numbers[1], numbers[2], numbers[3]
 
 
 @dataclass(frozen=True)
@@ -29,20 +39,67 @@ class Detection:
         return self.box if self.sam_box is None else self.sam_box
 
 
+class MaskSource(Protocol):
+    """A mask kept small and made full size only when asked for (``SamMaskLogits``, ``DenseMask``)."""
+
+    @property
+    def size(self) -> tuple[int, int]: ...  # H, W of the full mask
+
+    @property
+    def area(self) -> int: ...  # set pixels of the full mask
+
+    def resized(self, height: int, width: int) -> np.ndarray: ...  # bool, height x width
+
+
 @dataclass(frozen=True, eq=False)
+class DenseMask:
+    """A mask held pixel by pixel (from a PNG or a Label Studio brush)."""
+
+    bits: np.ndarray  # bool, H x W
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.bits.shape[0]), int(self.bits.shape[1])
+
+    @property
+    def area(self) -> int:
+        return int(np.count_nonzero(self.bits))
+
+    def resized(self, height: int, width: int) -> np.ndarray:
+        if (height, width) == self.size:
+            return self.bits
+        rows = (np.arange(height) * self.bits.shape[0]) // height  # nearest neighbour
+        cols = (np.arange(width) * self.bits.shape[1]) // width
+        return self.bits[rows[:, None], cols[None, :]]
+
+
+@dataclass(frozen=True, eq=False, init=False)
 class Segment:
-    """A detection cut out by SAM: a boolean mask at the image's own size."""
+    """A detection cut out by SAM. ``mask`` is the boolean mask at the image's own size, made from
+    ``mask_source`` on each access: keep it in a local while using it, and cache Segments, not masks
+    (a 4000 x 4000 mask is 16 MB; its source 256 KiB)."""
 
     label: str
     box: Box
     score: float
     predicted_iou: float
-    mask: np.ndarray  # bool, H x W of the original image
-    phrase_scores: dict[str, float] = field(default_factory=dict)
-    token_scores: tuple[tuple[str, float], ...] = ()
+    mask_source: MaskSource
+    phrase_scores: dict[str, float]
+    token_scores: tuple[tuple[str, float], ...]
+
+    def __init__(self, label: str, box: Box, score: float, predicted_iou: float,
+                 mask: np.ndarray | MaskSource, phrase_scores: dict[str, float] | None = None,
+                 token_scores: tuple[tuple[str, float], ...] = ()) -> None:
+        """``mask``: a bool H x W array, or a ``MaskSource`` that makes one on demand."""
+        source = DenseMask(np.asarray(mask, dtype=bool)) if isinstance(mask, np.ndarray) else mask
+        for name, value in (("label", label), ("box", box), ("score", score), ("predicted_iou", predicted_iou),
+                            ("mask_source", source), ("phrase_scores", dict(phrase_scores or {})),
+                            ("token_scores", token_scores)):
+            object.__setattr__(self, name, value)
 
     @classmethod
-    def from_detection(cls, detection: Detection, mask: np.ndarray, predicted_iou: float) -> "Segment":
+    def from_detection(cls, detection: Detection, mask: np.ndarray | MaskSource,
+                       predicted_iou: float) -> Segment:
         return cls(
             label=detection.label,
             box=detection.box,
@@ -54,8 +111,21 @@ class Segment:
         )
 
     @property
+    def mask(self) -> np.ndarray:
+        """bool, H x W of the original image."""
+        return self.mask_source.resized(*self.mask_source.size)
+
+    @property
     def area(self) -> int:
-        return int(self.mask.sum())
+        return self.mask_source.area
+
+    def resized(self, height: int, width: int) -> "Segment":
+        """This segment on the image scaled to ``height`` x ``width`` (mask and box), for drawing."""
+        full_h, full_w = self.mask_source.size
+        sx, sy = width / full_w, height / full_h
+        x0, y0, x1, y1 = self.box
+        return Segment(self.label, (x0 * sx, y0 * sy, x1 * sx, y1 * sy), self.score, self.predicted_iou,
+                       self.mask_source.resized(height, width), self.phrase_scores, self.token_scores)
 
 
 @dataclass(frozen=True, eq=False)

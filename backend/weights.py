@@ -20,13 +20,15 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from .config import (
-    DEFAULT_CACHE_DIR, DINO_CHECKPOINTS, REPO_ROOT, SAM_CHECKPOINTS, TEXT_ENCODER_DIR, EngineConfig,
-)
+from .config import DEFAULT_CACHE_DIR, DINO_CHECKPOINTS, REPO_ROOT, SAM_CHECKPOINTS, TEXT_ENCODER_DIR, EngineConfig
+
+if TYPE_CHECKING:  # requests is imported where it is used: only downloads need it
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +310,7 @@ class _Retry(Exception):
 
 def download(entries: Iterable[ManifestEntry], cache_dir: Path, *, base_url: str | None = None,
              retries: int = 3, backoff_s: float = 2.0, timeout_s: float = 60.0, progress: bool = True,
-             session: Any = None) -> list[Path]:
+             session: requests.Session | None = None) -> list[Path]:
     """Fetch every entry not already verified into ``cache_dir``; returns the paths downloaded.
 
     Each file streams into ``<name>.part`` (resumed with an HTTP Range after a dropped connection), is
@@ -330,7 +332,7 @@ def download(entries: Iterable[ManifestEntry], cache_dir: Path, *, base_url: str
     return done
 
 
-def _download_one(entry: ManifestEntry, dest: Path, url: str, session: Any, retries: int,
+def _download_one(entry: ManifestEntry, dest: Path, url: str, session: requests.Session, retries: int,
                   backoff_s: float, timeout_s: float, progress: bool) -> None:
     import requests
 
@@ -368,7 +370,8 @@ def _download_one(entry: ManifestEntry, dest: Path, url: str, session: Any, retr
         warnings.warn(message, stacklevel=3)
 
 
-def _fetch(entry: ManifestEntry, part: Path, url: str, session: Any, timeout_s: float, progress: bool) -> str:
+def _fetch(entry: ManifestEntry, part: Path, url: str, session: requests.Session, timeout_s: float,
+           progress: bool) -> str:
     """Append the rest of ``url`` to ``part``; returns the sha256 of the whole part file."""
     from tqdm import tqdm
 
@@ -419,12 +422,13 @@ def force_offline() -> None:
     """Make transformers / huggingface_hub use local files only; call before building models."""
     os.environ.update(OFFLINE_ENV)
     # Both libraries read the variables once, at import; fix the copies of any already imported.
+    # (Set through the module's namespace: module objects are typed read-only for unknown names.)
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
-        constants.HF_HUB_OFFLINE = True
+        vars(constants)["HF_HUB_OFFLINE"] = True
     hub = sys.modules.get("transformers.utils.hub")
     if hub is not None and hasattr(hub, "_is_offline_mode"):
-        hub._is_offline_mode = True
+        vars(hub)["_is_offline_mode"] = True
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -226,7 +227,8 @@ def _tiny_dino_config(root: Path, data: dict) -> Path:
 
     swin = dict(data["dino_arch"]["swin"])
     backbone_module.build_swin_transformer = (
-        lambda modelname, pretrain_img_size, **kw: SwinTransformer(pretrain_img_size=pretrain_img_size, **{**swin, **kw}))
+        lambda modelname, pretrain_img_size, **kw: SwinTransformer(pretrain_img_size=pretrain_img_size,
+                                                                   **{**swin, **kw}))
     text = (Path(groundingdino.__file__).parent / "config" / "GroundingDINO_SwinT_OGC.py").read_text()
     lines = [ln for ln in text.splitlines() if not ln.startswith("text_encoder_type")]
     lines += [f"text_encoder_type = {str(root / data['text_encoder'])!r}"]
@@ -245,7 +247,7 @@ def calibrate(engine, images: list[np.ndarray], prompts: list[str], keep: int) -
     from backend.detector import Caption, parse_prompt
 
     thresholds = []
-    for image, prompt in zip(images, prompts):
+    for image, prompt in zip(images, prompts, strict=True):
         caption = Caption.build(parse_prompt(prompt), engine.detector.tokenizer)
         raw = engine.detector.raw_predictions(engine.detector.image_features(image), caption)
         tokens = [i for idx in caption.phrase_tokens for i in idx]
@@ -343,7 +345,8 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
         res.add("ours_cold", t_cold)
         res.add_stages("ours", timer.take(t_cold))
         res.add("ours_boxes", len(segments))
-        res.add("reference_encoders", out.stages["dino_backbone"] + out.stages["dino_text_decoder"] + out.stages["sam_encoder"])
+        res.add("reference_encoders",
+                out.stages["dino_backbone"] + out.stages["dino_text_decoder"] + out.stages["sam_encoder"])
         st = res.stages["ours"]
         res.add("ours_encoders", st["dino_backbone"][-1] + st["dino_text_decoder"][-1] + st["sam_encoder"][-1])
         iou, _ = matched_iou(segments, out.boxes_xyxy, out.masks)
@@ -518,7 +521,8 @@ def report(res: Results, info: dict[str, Any]) -> str:
         row(f"/predict: {batch['tasks']} tasks, 1 request vs {batch['tasks']} requests", f"{batch['batch_s']:.1f} s",
             batch["throughput_ratio"], ">= 1.5")
     unit, scale = ("ms", 1e3) if on_gpu else ("s", 1.0)
-    lines += ["", f"Stage medians ({unit}) and achieved GFLOP/s (FLOPs counted on our run; grid_sample etc. not counted)",
+    lines += ["", f"Stage medians ({unit}) and achieved GFLOP/s "
+                  "(FLOPs counted on our run; grid_sample etc. not counted)",
               f"{'stage':22s} {'reference':>10s} {'ours':>10s} {'share':>7s} {'GFLOP':>8s} {'ref GF/s':>9s} "
               f"{'ours GF/s':>9s} {'re-prompt':>10s}"]
     flops = res.notes.get("flops", {})
@@ -529,7 +533,8 @@ def report(res: Results, info: dict[str, Any]) -> str:
         rp = median(res.stages.get("ours_reprompt", {}).get(stage, []))
         gf = flops.get(stage, 0.0) / 1e9
         lines.append(f"{stage:22s} {r * scale:10.2f} {o * scale:10.2f} {o / ours_total:7.1%} {gf:8.1f} "
-                     f"{(gf / r if gf and r > 0 else float('nan')):9.1f} {(gf / o if gf and o > 0 else float('nan')):9.1f} "
+                     f"{(gf / r if gf and r > 0 else float('nan')):9.1f} "
+                     f"{(gf / o if gf and o > 0 else float('nan')):9.1f} "
                      f"{rp * scale:10.2f}")
     lines += ["", "Speed options and their output difference against the fp32 reference:"]
     for line in info.get("options", []):

@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, ParamSpec, TypeVar
 
 import gradio as gr
+from gradio.components import Component
 
 from backend.config import EngineConfig
 
@@ -36,7 +38,7 @@ class UISettings:
     text_threshold: float = EngineConfig.text_threshold
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "UISettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> UISettings:
         env = os.environ if env is None else env
         auth = None
         if env.get("EXPLAIN_UI_AUTH"):
@@ -52,11 +54,15 @@ class UISettings:
             raise ValueError(f"explain UI settings: {exc} (EXPLAIN_UI_PORT, BOX_THRESHOLD, TEXT_THRESHOLD)") from exc
 
 
-def shown_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def shown_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Bad input and backend failures become a gr.Error with their message (never a stack trace)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
         except gr.Error:
@@ -89,10 +95,10 @@ class Panels:
     legend: gr.HTML
     state: gr.State  # the Segmentation on show, redrawn when the labels toggle changes
 
-    def segmentation_outputs(self) -> list[Any]:
+    def segmentation_outputs(self) -> list[Component]:
         return [self.overlay, self.masks, self.summary, self.state]
 
-    def explanation_outputs(self) -> list[Any]:
+    def explanation_outputs(self) -> list[Component]:
         return [self.status, self.encoder_heatmaps, self.encoder_overlays, self.decoder_maps, self.mask_looks,
                 self.grounding, self.legend]
 

@@ -17,8 +17,9 @@ import base64
 import binascii
 import io
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import requests
@@ -114,7 +115,7 @@ class BackendClient:
     connect_timeout: float = 5.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "BackendClient":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BackendClient:
         env = os.environ if env is None else env
         user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
         base_url = (env.get("BACKEND_URL") or DEFAULT_BACKEND_URL).strip().rstrip("/")
@@ -123,15 +124,18 @@ class BackendClient:
         try:
             timeout = float(env.get("EXPLAIN_UI_TIMEOUT") or cls.timeout)
         except ValueError:
-            raise ValueError(f"EXPLAIN_UI_TIMEOUT must be a number of seconds, got {env['EXPLAIN_UI_TIMEOUT']!r}") from None
+            raise ValueError(
+                f"EXPLAIN_UI_TIMEOUT must be a number of seconds, got {env['EXPLAIN_UI_TIMEOUT']!r}") from None
         return cls(base_url=base_url, auth=(user, password) if user else None, timeout=timeout)
 
     # -- plumbing --
-    def _request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
+    def _send(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
+              json: Mapping[str, Any] | None = None) -> requests.Response:
+        """One request; any failure (no answer, an HTTP error) is a BackendError."""
         url = f"{self.base_url.rstrip('/')}{path}"
         try:
-            response = requests.request(method, url, auth=self.auth,
-                                        timeout=(self.connect_timeout, self.timeout), **kwargs)
+            response = requests.request(method, url, auth=self.auth, params=params, json=json,
+                                        timeout=(self.connect_timeout, self.timeout))
         except requests.Timeout as exc:
             raise BackendError(f"the backend at {self.base_url} didn't answer within {self.timeout:.0f} s") from exc
         except requests.RequestException as exc:
@@ -139,8 +143,12 @@ class BackendClient:
                                "is it running? (BACKEND_URL)") from exc
         if response.status_code >= 400:
             raise BackendError(_error_message(response), response.status_code)
-        if raw:
-            return response.content
+        return response
+
+    def _json(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
+              json: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``_send``, and the answer's JSON object (anything else is a BackendError)."""
+        response = self._send(method, path, params=params, json=json)
         try:
             body = response.json()
         except ValueError as exc:
@@ -166,35 +174,35 @@ class BackendClient:
 
     # -- routes --
     def health(self) -> dict[str, Any]:
-        return self._request("GET", "/health")
+        return self._json("GET", "/health")
 
     def segment(self, image: np.ndarray | Image.Image | bytes, prompt: str, box_threshold: float | None = None,
                 text_threshold: float | None = None) -> dict[str, Any]:
         body = {"image": data_url(image), **self._fields(prompt, box_threshold, text_threshold)}
-        return self._request("POST", "/api/segment", json=body)
+        return self._json("POST", "/api/segment", json=body)
 
     def explain(self, image: np.ndarray | Image.Image | bytes, prompt: str, box_threshold: float | None = None,
                 text_threshold: float | None = None, show_labels: bool = True) -> dict[str, Any]:
         body = {"image": data_url(image), **self._fields(prompt, box_threshold, text_threshold, show_labels)}
-        return self._request("POST", "/api/explain", json=body)
+        return self._json("POST", "/api/explain", json=body)
 
     def task(self, task_id: int, project: str | int | None = None) -> dict[str, Any]:
-        return self._request("GET", f"/api/tasks/{int(task_id)}", params=_project(project))
+        return self._json("GET", f"/api/tasks/{int(task_id)}", params=_project(project))
 
     def task_image(self, task_id: int, project: str | int | None = None) -> np.ndarray:
-        return decode_image_bytes(self._request("GET", f"/api/tasks/{int(task_id)}/image",
-                                                params=_project(project), raw=True))
+        response = self._send("GET", f"/api/tasks/{int(task_id)}/image", params=_project(project))
+        return decode_image_bytes(response.content)
 
     def segment_task(self, task_id: int, project: str | int | None = None, prompt: str | None = None,
                      box_threshold: float | None = None, text_threshold: float | None = None) -> dict[str, Any]:
-        return self._request("POST", f"/api/tasks/{int(task_id)}/segment", params=_project(project),
-                             json=self._fields(prompt, box_threshold, text_threshold))
+        return self._json("POST", f"/api/tasks/{int(task_id)}/segment", params=_project(project),
+                          json=self._fields(prompt, box_threshold, text_threshold))
 
     def explain_task(self, task_id: int, project: str | int | None = None, prompt: str | None = None,
                      box_threshold: float | None = None, text_threshold: float | None = None,
                      show_labels: bool = True) -> dict[str, Any]:
-        return self._request("POST", f"/api/tasks/{int(task_id)}/explain", params=_project(project),
-                             json=self._fields(prompt, box_threshold, text_threshold, show_labels))
+        return self._json("POST", f"/api/tasks/{int(task_id)}/explain", params=_project(project),
+                          json=self._fields(prompt, box_threshold, text_threshold, show_labels))
 
 
 def _project(project: str | int | None) -> dict[str, str]:
@@ -210,6 +218,7 @@ def _error_message(response: requests.Response) -> str:
     if isinstance(body, dict) and body.get("error"):
         return str(body["error"])
     if response.status_code == 404:
-        return f"the backend has no {response.request.method} {response.request.path_url} (HTTP 404): is BACKEND_URL right and the backend up to date?"
+        return (f"the backend has no {response.request.method} {response.request.path_url} (HTTP 404): "
+                "is BACKEND_URL right and the backend up to date?")
     text = " ".join(response.text.split())[:300]
     return f"the backend answered HTTP {response.status_code} {response.reason}" + (f": {text}" if text else "")

@@ -8,15 +8,16 @@ images, gallery items and HTML/markdown; ``explain_ui/app.py`` only lays them ou
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from backend.images import ImageError, load_rgb
+from backend.images import ImageError, load_rgb, working_size
 from backend.render import draw_segments
-from backend.types import Segment
+from backend.types import DenseMask, Segment, as_box
 
 from .client import BackendClient, BackendError, decode_ls_brush, decode_mask, decode_png
 
@@ -96,15 +97,22 @@ class Segmentation:
 
 
 def segments_from_json(items: Sequence[Mapping[str, Any]], rgb: np.ndarray) -> list[Segment]:
-    """The backend's ``segments`` JSON -> Segments with masks at the image's size."""
+    """The backend's ``segments`` JSON -> Segments with masks at the image's size (an explanation
+    sends them at its working size, at most 1024 px on the long side: scaled up here)."""
     segments = []
     for item in items:
         mask = decode_mask(item["mask_png"])
         if mask.shape != rgb.shape[:2]:
-            raise BackendError(f"the backend sent a {mask.shape[1]}x{mask.shape[0]} mask for a "
-                               f"{rgb.shape[1]}x{rgb.shape[0]} image")
+            if working_size(rgb.shape[:2], max(mask.shape)) != mask.shape:
+                raise BackendError(f"the backend sent a {mask.shape[1]}x{mask.shape[0]} mask for a "
+                                   f"{rgb.shape[1]}x{rgb.shape[0]} image")
+            mask = DenseMask(mask).resized(*rgb.shape[:2])
+        try:
+            box = as_box(item["box"])
+        except (TypeError, ValueError) as exc:
+            raise BackendError(f"the backend sent a bad segment box ({exc})") from exc
         segments.append(Segment(
-            label=str(item["label"]), box=tuple(float(v) for v in item["box"]), score=float(item["score"]),
+            label=str(item["label"]), box=box, score=float(item["score"]),
             predicted_iou=float(item.get("predicted_iou", item.get("iou", 0.0))), mask=mask,
             phrase_scores=dict(item.get("phrase_scores") or {}),
             token_scores=tuple((str(t), float(s)) for t, s in item.get("token_scores") or ()),
@@ -179,10 +187,12 @@ def explanation_view(body: Mapping[str, Any], progress: Progress = _no_progress)
     for j, mask in enumerate(masks):
         progress(0.6 + 0.35 * (len(blocks) + j) / total, desc="Decoding per-mask maps")
         name = f"#{int(mask.get('index', j)) + 1} {mask.get('label', '')}"
-        view.decoder_maps.append((decode_png(mask["decoder_overlay_png"]), f"{name}: decoder, overlay"))
-        view.decoder_maps.append((decode_png(mask["decoder_heatmap_png"]), f"{name}: decoder, heatmap"))
+        if mask.get("decoder_overlay_png"):  # maps come for the best masks only (the backend's MASK_MAPS)
+            view.decoder_maps.append((decode_png(mask["decoder_overlay_png"]), f"{name}: decoder, overlay"))
+            view.decoder_maps.append((decode_png(mask["decoder_heatmap_png"]), f"{name}: decoder, heatmap"))
         for look in mask.get("token_look") or []:
-            view.mask_looks.append((decode_png(look["overlay_png"]), f"#{int(mask.get('index', j)) + 1} {_block_caption(look)}"))
+            caption = f"#{int(mask.get('index', j)) + 1} {_block_caption(look)}"
+            view.mask_looks.append((decode_png(look["overlay_png"]), caption))
     if not encoder.get("available", bool(blocks)):
         view.encoder_reason = str(encoder.get("reason") or "the backend captured no encoder attention")
     view.grounding_html = grounding_html(masks)
@@ -204,9 +214,11 @@ def _bar(name: str, score: float, strongest: bool) -> str:
     width = max(0.0, min(1.0, float(score))) * 100
     colour = "#e4572e" if strongest else "#7a9cc6"
     return (f'<div style="display:flex;align-items:center;gap:6px;margin:2px 0">'
-            f'<span style="width:9em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap">{html.escape(name)}</span>'
+            f'<span style="width:9em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap">'
+            f'{html.escape(name)}</span>'
             f'<span style="flex:1;background:#eee;height:12px;border-radius:3px">'
-            f'<span style="display:block;width:{width:.1f}%;height:100%;background:{colour};border-radius:3px"></span></span>'
+            f'<span style="display:block;width:{width:.1f}%;height:100%;background:{colour};border-radius:3px">'
+            f'</span></span>'
             f'<span style="width:3.5em;text-align:right">{float(score):.2f}</span></div>')
 
 
@@ -221,7 +233,8 @@ def grounding_html(masks: Sequence[Mapping[str, Any]]) -> str:
         head = (f"#{int(mask.get('index', j)) + 1} {html.escape(str(mask.get('label', '')))} · score "
                 f"{float(mask.get('score', 0)):.2f} · IoU {float(mask.get('iou', 0)):.2f}")
         bars = "".join(_bar(token, score, score == top) for token, score in tokens) or "<p>(no token scores)</p>"
-        phrases = ", ".join(f"{html.escape(str(k))} {float(v):.2f}" for k, v in (mask.get("phrase_scores") or {}).items())
+        phrase_scores = (mask.get("phrase_scores") or {}).items()
+        phrases = ", ".join(f"{html.escape(str(k))} {float(v):.2f}" for k, v in phrase_scores)
         parts.append(f'<div class="grounding-mask" style="margin-bottom:10px"><b>{head}</b>{bars}'
                      + (f"<small>phrase scores: {phrases}</small>" if phrases else "") + "</div>")
     return "".join(parts)
@@ -244,13 +257,15 @@ def legend_html(legend: Mapping[str, Any]) -> str:
     notes = "".join(f"<li>{html.escape(str(n))}</li>" for n in legend.get("notes") or [])
     return (f'<div class="legend"><div style="height:14px;border-radius:3px;'
             f'background:linear-gradient(to right, {_gradient(colormap)})"></div>'
-            f'<div style="display:flex;justify-content:space-between"><small>{html.escape(str(legend.get("low", "low")))}</small>'
+            f'<div style="display:flex;justify-content:space-between">'
+            f'<small>{html.escape(str(legend.get("low", "low")))}</small>'
             f'<small>{html.escape(str(legend.get("high", "high")))}</small></div>'
             f'<ul>{notes}</ul></div>')
 
 
 def explain_image(client: BackendClient, image: Any, prompt: str | None, box_threshold: float | None,
-                  text_threshold: float | None, progress: Progress = _no_progress) -> tuple[Segmentation, ExplanationView]:
+                  text_threshold: float | None,
+                  progress: Progress = _no_progress) -> tuple[Segmentation, ExplanationView]:
     """Explain Segmentation for an uploaded image: its masks and every map."""
     rgb = check_image(image)
     text = check_prompt(prompt)
@@ -289,14 +304,16 @@ def _newest(predictions: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | Non
 
 def stored_segments(prediction: Mapping[str, Any] | None, rgb: np.ndarray) -> list[Segment]:
     """The brush masks of a stored Label Studio prediction as Segments (boxes from the masks)."""
+    if prediction is None:
+        return []
     segments = []
-    for result in (prediction or {}).get("result") or []:
+    for result in prediction.get("result") or []:
         if result.get("type") != "brushlabels":
             continue
         mask = decode_ls_brush(result)
         if mask.shape != rgb.shape[:2]:
             # Stored at another size (the image changed since): scale to the image we show.
-            mask = np.asarray(Image.fromarray(mask).resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST))
+            mask = np.asarray(Image.fromarray(mask).resize((rgb.shape[1], rgb.shape[0]), Image.Resampling.NEAREST))
         ys, xs = np.nonzero(mask)
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)) if xs.size else (0.0,) * 4
         labels = (result.get("value") or {}).get("brushlabels") or ["?"]

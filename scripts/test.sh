@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite from a clean machine: installs what it needs from the repo's own files
 # (requirements.lock for the project, requirements-label-studio.txt for the real Label Studio the
-# end-to-end tests drive, Debian's chromium for the browser test), then runs pytest.
+# end-to-end tests drive, Debian's chromium for the browser test), runs the lint and type gate
+# (scripts/lint.sh: ruff and mypy; a finding fails the run), then runs pytest.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k engine
 set -euo pipefail
 
@@ -9,6 +10,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 bash scripts/setup_venv.sh
+# Lint first: it needs only .venv and fails in about a minute, before the long installs and tests.
+bash scripts/lint.sh
 bash scripts/install_label_studio.sh
 if [[ -f scripts/install_browser.sh ]]; then
     bash scripts/install_browser.sh

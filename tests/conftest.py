@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,10 @@ import pytest
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Backends the tests start (in process or as subprocesses) keep their job store in a folder of this
+# run, never in the checkout's data/ where a stale job would resume in the next run.
+if "DATA_DIR" not in os.environ and "JOBS_DB" not in os.environ:
+    os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="gsam-test-data-")
 
 
 @pytest.fixture(scope="session")
@@ -54,5 +59,6 @@ def chelsea() -> np.ndarray:
     return skimage.data.chelsea()  # 300 x 451 RGB photo (non-square: catches transposed geometry)
 
 
-# Real Label Studio fixture (`label_studio`), see tests/conftest_ls.py.
-pytest_plugins = ["tests.conftest_ls"]
+# Real Label Studio fixture (`label_studio`), see tests/conftest_ls.py; unit/integration/e2e markers
+# from each test's fixtures, see tests/markers.py.
+pytest_plugins = ["tests.conftest_ls", "tests.markers"]

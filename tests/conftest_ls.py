@@ -7,7 +7,7 @@ REQUIRE_LABEL_STUDIO=1 a missing install is a failure, so CI cannot pass by skip
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -23,9 +23,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable
+from typing import Any
 
 import requests
 
@@ -88,7 +89,7 @@ class LabelStudioServer:
         self.session.trust_env = False
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> "LabelStudioServer":
+    def start(self) -> LabelStudioServer:
         """Launch `label-studio start` and block until it serves the API with our token."""
         exe = self.venv / "bin" / "label-studio"
         if not exe.exists():
@@ -194,7 +195,7 @@ class LabelStudioServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def __enter__(self) -> "LabelStudioServer":
+    def __enter__(self) -> LabelStudioServer:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -245,7 +246,7 @@ def import_files(ls: LabelStudioServer, project_id: int, paths: Iterable[Path]) 
     handles = [p.open("rb") for p in paths]
     try:
         files = [(p.name, (p.name, h, mimetypes.guess_type(p.name)[0] or "application/octet-stream"))
-                 for p, h in zip(paths, handles)]
+                 for p, h in zip(paths, handles, strict=True)]
         r = ls.api("POST", f"/api/projects/{project_id}/import?return_task_ids=true", files=files)
     finally:
         for h in handles:

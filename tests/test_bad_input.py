@@ -361,11 +361,12 @@ def test_task_with_a_malformed_project_is_label_studios_fault(task_client):
 
 
 @pytest.mark.parametrize("image", ["zebra", "data:image/png;base64,zebra", "data:nope"])
-def test_undecodable_inline_image_is_a_400(client, image):
+def test_undecodable_inline_image_is_a_422(client, image):
+    # In JSON or as a multipart text field: backend.fetch's ImageDataError, not a 502 (nothing was fetched).
     for route in ("/api/segment", "/api/explain"):
-        assert_error(client.post(route, json={"image": image, "prompt": "cat"}), 400, "'image' can't be decoded")
+        assert_error(client.post(route, json={"image": image, "prompt": "cat"}), 422, "data")
         response = client.post(route, data={"image": image, "prompt": "cat"}, content_type="multipart/form-data")
-        assert_error(response, 400, "'image' can't be decoded")
+        assert_error(response, 422, "data")
 
 
 def test_multipart_text_image_field_is_decoded_like_json(client):

@@ -10,9 +10,10 @@ import re
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -69,7 +70,9 @@ def test_services_volumes_and_env(compose: dict[str, Any]) -> None:
         env = svc["environment"]
         assert svc["build"] == {"context": ".", "dockerfile": dockerfile}
         assert (ROOT / dockerfile).is_file()
-        assert env["PORT"] == "9090" and any(p.endswith(":9090") for p in svc["ports"])
+        # No port of its own on the host: that is backend-proxy's (nginx buffering whole requests).
+        assert env["PORT"] == "9090" and env["HOST"] == "0.0.0.0" and svc["expose"] == ["9090"]
+        assert "ports" not in svc
         assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
         assert "LABEL_STUDIO_API_KEY" in env["LABEL_STUDIO_API_KEY"]
         assert {"BASIC_AUTH_USER", "BASIC_AUTH_PASS"} <= set(env)
@@ -81,6 +84,17 @@ def test_services_volumes_and_env(compose: dict[str, Any]) -> None:
     assert gpu["profiles"] == ["gpu"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+    proxy = services["backend-proxy"]
+    assert proxy["image"].startswith("nginx:") and proxy["ports"] == ["${BACKEND_PORT:-9090}:9090"]
+    assert proxy["environment"]["BACKEND_UPSTREAM"] == "${BACKEND_UPSTREAM:-backend:9090}"
+    (mount,) = proxy["volumes"]
+    template, target = mount.split(":")[:2]
+    assert (ROOT / template).is_file() and target.startswith("/etc/nginx/templates/")
+    conf = (ROOT / template).read_text()
+    for directive in ("proxy_request_buffering on", "client_body_timeout", "client_header_timeout",
+                      "client_max_body_size", "${BACKEND_UPSTREAM}"):
+        assert directive in conf, directive
 
     ui = services["explain-ui"]
     assert ui["command"] == ["explain-ui"] and ui["image"] == services["backend"]["image"]

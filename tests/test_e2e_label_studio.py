@@ -190,7 +190,8 @@ def test_retrieve_predictions_stores_labelled_masks(label_studio: LabelStudioSer
     ls = label_studio
     pid = create_project(ls, BATCH_CONFIG, title="e2e-batch")
     task_ids = import_files(ls, pid, photos)
-    # One task whose upload doesn't exist: its prediction is empty, the others are unaffected.
+    # One task whose upload doesn't exist: nothing is stored for it (a later retrieve retries it), the
+    # others are unaffected.
     missing = ls.api("POST", f"/api/projects/{pid}/import?return_task_ids=true",
                      json=[{"image": f"/data/upload/{pid}/no-such-file.png"}]).json()["task_ids"][0]
     ml = connect_ml_backend(ls, pid, backend.url, title="grounded-sam", basic_auth=AUTH)
@@ -200,11 +201,19 @@ def test_retrieve_predictions_stores_labelled_masks(label_studio: LabelStudioSer
     retrieve_predictions(ls, pid)
     tasks = {t["id"]: t for t in list_tasks(ls, pid)}
     assert sorted(tasks) == sorted([*task_ids, missing])
-    for tid in tasks:
+    for tid in task_ids:
         assert len(tasks[tid]["predictions"]) == 1, (tid, tasks[tid]["predictions"], backend.log_tail())
         assert tasks[tid]["predictions"][0]["model_version"] == version
-    assert tasks[missing]["predictions"][0]["result"] == []
+    assert tasks[missing]["predictions"] == []
     assert f"task {missing}: no prediction" in backend.log()  # logged, named, and the batch went on
+
+    # The cause fixed (the task now points at a real upload), the next retrieve predicts it, and only it.
+    fixed = tasks[task_ids[0]]["data"]["image"]
+    ls.api("PATCH", f"/api/tasks/{missing}", json={"data": {"image": fixed}})
+    retrieve_predictions(ls, pid)
+    again = {t["id"]: t for t in list_tasks(ls, pid)}
+    assert [p["model_version"] for p in again[missing]["predictions"]] == [version], backend.log_tail()
+    assert all(len(again[tid]["predictions"]) == 1 for tid in task_ids)
 
     for tid, photo in zip(task_ids, photos):
         pred = tasks[tid]["predictions"][0]
@@ -280,8 +289,8 @@ def test_backend_log_has_no_secrets(label_studio: LabelStudioServer, backend: Gu
 
 def test_wrong_api_key_empties_only_the_tasks_that_need_it(label_studio: LabelStudioServer, photos: list[Path],
                                                            engine: Any) -> None:
-    """Our LABEL_STUDIO_API_KEY is wrong: the real Label Studio answers 401 for its upload, that task gets an
-    empty prediction with an error naming the setting, a data-URL task in the same batch still gets masks."""
+    """Our LABEL_STUDIO_API_KEY is wrong: the real Label Studio answers 401 for its upload, that task gets no
+    prediction and an error naming the setting, a data-URL task in the same batch still gets masks."""
     import base64
 
     from backend._wsgi import ServerSettings, create_app
@@ -305,7 +314,7 @@ def test_wrong_api_key_empties_only_the_tasks_that_need_it(label_studio: LabelSt
                                              "label_config": BATCH_CONFIG})
     body = response.get_json()
     assert response.status_code == 200, body
-    assert [len(r["result"]) > 0 for r in body["results"]] == [False, True]
+    assert "result" not in body["results"][0] and body["results"][1]["result"], body
     (error,) = body["errors"]
     assert "rejected LABEL_STUDIO_API_KEY (HTTP 401)" in error["error"], error
     assert wrong_key not in response.get_data(as_text=True)

@@ -119,9 +119,34 @@ def test_empty_prompt_is_refused(engine, chelsea, prompt):
         engine.segment(chelsea, prompt)
 
 
-def test_too_long_prompt_is_refused(engine, chelsea):
+def test_too_long_phrase_is_refused(engine, chelsea):
+    with pytest.raises(PromptError, match="too long: 400 tokens"):
+        engine.detect(chelsea, ["cat " * 400, "dog"])
     with pytest.raises(PromptError, match="too long"):
-        engine.segment(chelsea, " . ".join(f"cat{i}" for i in range(200)))
+        Caption.build([f"cat{i}" for i in range(200)], engine.detector.tokenizer)  # one pass can't hold it
+
+
+def test_prompt_longer_than_one_pass_runs_as_several_passes(engine, astronaut, monkeypatch):
+    detector = engine.detector
+    features = engine.dino_features(astronaut)
+    phrases = ["astronaut", "rocket", "flag", "minivan", "cat", "red car", "helmet", "moon"]
+    # A prompt that fits is one pass: exactly the single-caption selection.
+    caption = Caption.build(phrases, detector.tokenizer)
+    single = select_detections(detector.raw_predictions(features, caption), caption, astronaut.shape[:2],
+                               0.0, 0.0, 0.5, 5)
+    assert detector.detect(features, phrases, 0.0, 0.0, 0.5, 5) == single
+    # Ten tokens per pass: [CLS] + phrases + their '.' + [SEP], in order, none lost or repeated.
+    captions = Caption.split(phrases, detector.tokenizer, max_tokens=10)
+    assert len(captions) > 2 and all(len(c.tokens) <= 10 for c in captions)
+    assert [p for c in captions for p in c.phrases] == phrases
+    # Each pass is the one-pass detection of its phrases; the passes merge by score under the cap.
+    per_pass = [d for c in captions for d in detector.detect(features, list(c.phrases), 0.0, 0.0, 0.5, 5)]
+    monkeypatch.setattr(detector, "max_text_tokens", 10)
+    split = detector.detect(features, phrases, 0.0, 0.0, 0.5, 5)
+    assert split == sorted(per_pass, key=lambda d: d.score, reverse=True)[:5]
+    everything = detector.detect(features, phrases, 0.0, 0.0, 0.5, 1000)
+    assert {i for i, c in enumerate(captions) for d in everything if d.label in c.phrases} == set(
+        range(len(captions)))  # every pass contributed
 
 
 def test_bad_thresholds_are_refused(engine, chelsea):
@@ -196,3 +221,36 @@ def test_cache_error_reaches_every_waiter_and_is_not_stored():
     errors, calls, cache = _concurrent_get_or_compute(broken, callers=3)
     assert errors == ["corrupt image"] * 3 and len(calls) == 1
     assert cache.get("image") is None and cache.get_or_compute("image", lambda: 7) == 7
+
+
+def test_concurrent_new_prompts_all_succeed(engine, chelsea):
+    """16 threads, each with prompts nobody used before: the shared fast tokenizer must not raise
+    'Already borrowed' (HF tokenizers are not thread-safe when their padding settings change)."""
+    import time
+
+    engine.dino_features(chelsea)  # the image half is cached: threads spend their time in the text half
+    words = [f"thing{i} blue shiny object number {i} on the left" for i in range(40)]
+    errors: list[BaseException] = []
+    calls = [0]
+    barrier = threading.Barrier(16)
+    deadline = time.monotonic() + 6  # before the fix it fails within a few calls
+
+    def work(worker: int) -> None:
+        barrier.wait(10)
+        n = 0
+        while time.monotonic() < deadline and not errors:
+            prompt = [f"w{worker} n{n} {w}" for w in words[n % 5::10]]  # distinct, ~100 tokens
+            try:
+                engine.detect(chelsea, prompt, box_threshold=0.99)
+            except BaseException as exc:  # noqa: BLE001 - the assertion below shows it
+                errors.append(exc)
+            calls[0] += 1
+            n += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, f"{len(errors)} of {calls[0]} calls failed: {errors[0]!r}"
+    assert calls[0] >= 16

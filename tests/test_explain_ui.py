@@ -7,7 +7,6 @@ from the same engine called in this process. The task test drives a real Label S
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import gradio as gr
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.images import working_size
 from explain_ui import views
 from explain_ui.app import UISettings, build_demo, shown_errors
 from explain_ui.client import BackendClient, BackendError
@@ -48,7 +48,7 @@ def test_segment_fills_image_and_gallery(client, quick_engine, chelsea):
     expected = quick_engine.segment(chelsea, ["cat", "rocket"], BOX, TEXT)
     assert len(expected) >= 1, "the tiny engine finds boxes at these thresholds"
     assert [s.label for s in result.segments] == [s.label for s in expected]
-    for got, want in zip(result.segments, expected):
+    for got, want in zip(result.segments, expected, strict=True):
         assert np.array_equal(got.mask, want.mask)
         assert got.score == pytest.approx(want.score, abs=1e-6)
 
@@ -60,14 +60,14 @@ def test_segment_fills_image_and_gallery(client, quick_engine, chelsea):
 
     gallery = result.mask_gallery()
     assert len(gallery) == len(expected)
-    for (image, caption), segment in zip(gallery, expected):
+    for (image, caption), segment in zip(gallery, expected, strict=True):
         assert image.shape == chelsea.shape
         assert np.array_equal(image[segment.mask], chelsea[segment.mask])
         assert segment.label in caption and f"{segment.score:.2f}" in caption
     assert "cat" in result.summary and str(len(expected)) in result.summary
 
 
-def test_explain_fills_galleries_at_the_image_size(client, quick_engine, chelsea):
+def test_explain_fills_galleries_with_maps_in_the_image_aspect(client, quick_engine, chelsea):
     views.segment_image(client, chelsea, PROMPT, BOX, TEXT)  # a prediction first: explain is then cached
     result, view = views.explain_image(client, chelsea, PROMPT, BOX, TEXT)
     global_blocks = quick_engine.config.sam_arch["encoder_global_attn_indexes"]
@@ -79,7 +79,9 @@ def test_explain_fills_galleries_at_the_image_size(client, quick_engine, chelsea
     body = client.explain(chelsea, PROMPT, BOX, TEXT)  # the raw JSON (cached): what the page had to show
     assert len(view.mask_looks) == sum(len(m["token_look"]) for m in body["masks"]) >= 1
     for image, _ in view.encoder_heatmaps + view.encoder_overlays + view.decoder_maps + view.mask_looks:
-        assert image.shape == chelsea.shape and image.dtype == np.uint8
+        # Sent at a working size (the page scales them to the display): the image's shape, never larger.
+        assert image.shape == (*working_size(chelsea.shape[:2], max(image.shape[:2])), 3) and image.dtype == np.uint8
+        assert max(image.shape) <= max(chelsea.shape)
         assert image.std() > 0, "a map is not a flat colour"
     heat, over = view.encoder_heatmaps[0][0], view.encoder_overlays[0][0]
     assert not np.array_equal(heat, over), "overlays blend the heatmap with the photo"
@@ -197,7 +199,7 @@ def test_task_tab_against_real_label_studio(label_studio, quick_engine, chelsea,
         loaded = views.load_task(client, task_id, str(project))
         stored = [s for s in body["segments"] if s["area"] > 0]  # empty masks make no brush result
         assert [s.label for s in loaded.stored.segments] == [s["label"] for s in stored]
-        for segment, item in zip(loaded.stored.segments, stored):
+        for segment, item in zip(loaded.stored.segments, stored, strict=True):
             assert np.array_equal(segment.mask, views.segments_from_json([item], loaded.rgb)[0].mask)
         assert "1 stored prediction" in loaded.info
         assert loaded.stored.overlay().shape == loaded.rgb.shape

@@ -47,7 +47,7 @@ def test_capture_does_not_change_masks(engine, engine_config, explanation, chels
     plain = Engine(dataclasses.replace(engine_config, explanations=False))
     segments = plain.segment(chelsea, PROMPT, **THRESHOLDS)
     assert segments and len(segments) == len(explanation.segments)
-    for ours, theirs in zip(explanation.segments, segments):
+    for ours, theirs in zip(explanation.segments, segments, strict=True):
         assert ours.label == theirs.label and ours.box == pytest.approx(theirs.box)
         # The capturing attention computes softmax explicitly where the plain one uses SDPA: the
         # same numbers up to float rounding, so at most a pixel sitting on the threshold may flip.
@@ -76,7 +76,7 @@ def test_explanation_structure_and_math(engine, explanation, chelsea):
     assert last_block.block_index == global_blocks[-1] == len(encoder.blocks) - 1
     matrix = last_block.matrix[0].astype(np.float64)
     assert len(explanation.masks) == len(explanation.segments) > 0
-    for segment, mask in zip(explanation.segments, explanation.masks):
+    for segment, mask in zip(explanation.segments, explanation.masks, strict=True):
         # Decoder map: softmax over image tokens averaged over heads -> a distribution over the grid.
         assert mask.decoder_map.shape == grid
         assert mask.decoder_map.min() >= 0 and mask.decoder_map.sum() == pytest.approx(1.0, abs=1e-3)
@@ -122,7 +122,7 @@ def test_cached_explanation_runs_no_model(engine, explanation, chelsea):
         segments = engine.segment(chelsea, PROMPT, **THRESHOLDS)
     assert counts == [0, 0, 0]
     assert again is explanation and cached is explanation
-    assert [s.mask for s in segments] == list(s.mask for s in explanation.segments)
+    assert [s.mask_source for s in segments] == [s.mask_source for s in explanation.segments]  # same objects
     assert engine.cached_explanation(chelsea, "a prompt never run", **THRESHOLDS) is None
 
 
@@ -134,24 +134,33 @@ def test_reprompt_reuses_both_image_encoders(engine, explanation, chelsea):
     assert counts == [0, 0]
 
 
-def test_render_is_rgb_at_the_image_size(explanation, chelsea):
-    rendered = render_explanation(explanation, chelsea)
-    height, width = chelsea.shape[:2]
-    assert [m.title for m in rendered.encoder][-1].endswith("last layer)")
-    images = [img for h in rendered.encoder for img in (h.heatmap, h.overlay)]
+def test_render_is_rgb_at_working_sizes(explanation, chelsea):
+    rendered = render_explanation(explanation, chelsea, encoder_side=512, mask_side=256)
+    height, width = chelsea.shape[:2]  # 300 x 451: encoder maps at the image size, mask maps at 256 px
+    assert [m.title for _, m in rendered.encoder][-1].endswith("last layer)")
+    for _, heatmap in rendered.encoder:
+        assert heatmap.heatmap.shape == heatmap.overlay.shape == (height, width, 3)
+    mask_images = []
     for mask in rendered.masks:
-        images += [mask["decoder"].heatmap, mask["decoder"].overlay]
-        images += [img for h in mask["token_look"] for img in (h.heatmap, h.overlay)]
-        assert mask["grounding"] and all(0 <= g["score"] <= 1 for g in mask["grounding"])
-    assert len(images) == 2 * len(rendered.encoder) + 4 * len(rendered.masks)
-    for image in images:
-        assert image.shape == (height, width, 3) and image.dtype == np.uint8
+        mask_images += [mask.decoder.heatmap, mask.decoder.overlay]
+        mask_images += [img for _, h in mask.token_look for img in (h.heatmap, h.overlay)]
+        assert mask.grounding and all(0 <= score <= 1 for _, score in mask.grounding)
+    assert len(mask_images) == 4 * len(rendered.masks) > 0
+    for image in mask_images:
+        assert image.shape == (170, 256, 3) and image.dtype == np.uint8
     # The hottest decoder pixel is red in the jet colormap (R high, B low): RGB, not BGR.
-    heat = rendered.masks[0]["decoder"].heatmap.astype(int)
+    heat = rendered.masks[0].decoder.heatmap.astype(int)
     hottest = np.unravel_index(np.argmax(heat[..., 0] - heat[..., 2]), heat.shape[:2])
     assert heat[hottest][0] > 200 and heat[hottest][2] < 60
     with pytest.raises(ValueError, match="made for"):
         render_explanation(explanation, chelsea[:100])
+
+
+def test_render_draws_maps_for_the_first_masks_only(explanation, chelsea):
+    rendered = render_explanation(explanation, chelsea, mask_maps=1)
+    assert rendered.masks[0].decoder is not None and rendered.masks[0].token_look
+    assert len(rendered.masks) == len(explanation.segments) > 1
+    assert all(m.decoder is None and m.token_look == [] and m.grounding for m in rendered.masks[1:])
 
 
 def test_mobile_sam_explains_with_decoder_maps_only(tiny_cache, chelsea):

@@ -64,7 +64,7 @@ def test_upload_round_trip(label_studio: LabelStudioServer, photos: list[Path]) 
 
     tasks = {t["id"]: t for t in list_tasks(ls, pid)}
     assert sorted(tasks) == sorted(task_ids)
-    for tid, photo in zip(task_ids, photos):
+    for tid, photo in zip(task_ids, photos, strict=True):
         url = tasks[tid]["data"]["image"]
         assert url.startswith(f"/data/upload/{pid}/") and url.endswith(photo.name), url
         assert tasks[tid]["predictions"] == []
@@ -176,7 +176,7 @@ def test_ml_backend_helpers(label_studio: LabelStudioServer, photos: list[Path],
     assert not fake_backend.errors, fake_backend.errors
     tasks = {t["id"]: t for t in list_tasks(ls, pid)}
     assert sorted(tasks) == sorted(task_ids)
-    for tid, photo in zip(task_ids, photos):
+    for tid, photo in zip(task_ids, photos, strict=True):
         preds = tasks[tid]["predictions"]
         assert len(preds) == 1, preds
         (res,) = preds[0]["result"]

@@ -12,9 +12,12 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from backend.detector import PromptError
 from backend.label_config import LabelConfigError, TaskDataError, normalise_phrase, parse_label_config
-from backend.ls_model import (BadRequest, EngineHolder, EngineNotReady, GroundedSamModel, ModelSettings, ProjectMemory,
-                              PromptInput, plan_prompt, prediction, project_key, read_context, read_extra_params,
-                              segments_to_results, split_typed_prompt)
+from backend.engine_holder import EngineHolder
+from backend.errors import BadRequest, EngineNotReady
+from backend.ls_model import GroundedSamModel, ModelSettings
+from backend.ls_results import prediction, segments_to_results
+from backend.project_state import ProjectMemory, project_key
+from backend.prompts import PromptInput, plan_prompt, read_context, read_extra_params, split_typed_prompt
 from backend.types import Segment
 from tests.test_fetch import data_url, png_bytes
 
@@ -250,7 +253,7 @@ def test_model_predicts_every_control_with_the_real_engine(quick_engine):
     assert outcome.plan.phrases == ("Cat", "car", "truck") and outcome.plan.source == "labels"
     good, bad = outcome.results
     assert good["model_version"] == bad["model_version"] == quick_engine.model_version
-    assert bad == {"result": [], "score": 0.0, "model_version": quick_engine.model_version}
+    assert bad == {"error": outcome.errors[0]["error"], "model_version": quick_engine.model_version}
     assert outcome.errors == [{"task": 2, "error": outcome.errors[0]["error"]}] and "'img'" in outcome.errors[0]["error"]
     assert good["result"], "random tiny models always find something at the default thresholds"
     kinds = {r["type"] for r in good["result"]}

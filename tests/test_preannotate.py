@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.ls_server import (REPO_ROOT, LabelStudioServer, create_project, import_files, list_predictions, list_tasks,
-                             personal_access_token)
+from tests.ls_server import (
+    REPO_ROOT,
+    LabelStudioServer,
+    create_project,
+    import_files,
+    list_predictions,
+    list_tasks,
+    personal_access_token,
+)
 
 LABELS = ("tabby cat", "coffee cup")
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
@@ -89,7 +96,7 @@ def test_cli_stores_predictions_and_rerun_adds_nothing(label_studio: LabelStudio
     version = model_version(EngineConfig.from_env(engine_env))  # what the server reports too
     stored = predictions_by_task(ls, pid)
     assert stored[bad] == []  # no empty prediction for a failure: a rerun retries it
-    for tid, photo in zip(task_ids, photos):
+    for tid, photo in zip(task_ids, photos, strict=True):
         (pred,) = stored[tid]
         assert pred["model_version"] == version
         w, h = Image.open(photo).size

@@ -355,7 +355,8 @@ def _decoder_inputs(sam, n_boxes: int = 2, seed: int = 3):
     with torch.no_grad():
         sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
         pe = sam.prompt_encoder.get_dense_pe()
-    return dict(image_embeddings=embeddings, image_pe=pe, sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+    return dict(image_embeddings=embeddings, image_pe=pe, sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense)
 
 
 def _check_decoder_capture(sam):
@@ -396,6 +397,7 @@ def test_decoder_capture_segment_anything(tiny_sam):
     _check_decoder_capture(tiny_sam)
 
 
+@pytest.mark.integration  # builds MobileSAM inline (no model fixture): ~20 s on CPU
 def test_mobile_sam_decoder_capture_and_encoder_refusal():
     from mobile_sam import build_sam_vit_t
 

@@ -138,7 +138,7 @@ def assert_matches_engine(entry: dict, engine, image: bytes, prompt: list[str], 
     target = parse_label_config(config).targets[0]
     brushes = brush_regions(entry)
     assert len(brushes) == len(segments)
-    for result, segment in zip(brushes, segments):
+    for result, segment in zip(brushes, segments, strict=True):
         assert result["value"]["format"] == "rle"
         assert (result["original_width"], result["original_height"]) == (rgb.shape[1], rgb.shape[0])
         assert np.array_equal(decode_brush(result), segment.mask)
@@ -206,9 +206,9 @@ def test_batch_with_bad_tasks_answers_every_task_in_order(quick_engine, fake_ls,
     body = response.get_json()
     results = body["results"]
     assert len(results) == len(tasks)
-    for bad in results[1:5]:
-        assert bad == {"result": [], "score": 0.0, "model_version": quick_engine.model_version}
     errors = {e["task"]: e["error"] for e in body["errors"]}
+    for task, bad in zip(tasks[1:5], results[1:5]):  # nothing Label Studio would store: it asks again
+        assert bad == {"error": errors[task["id"]], "model_version": quick_engine.model_version}
     assert set(errors) == {11, 12, 13, 14}
     assert "empty" in errors[12] and "pixels" in errors[14] and "can't reach" in errors[13]
     for task_id in errors:
@@ -224,7 +224,7 @@ def test_batch_with_bad_tasks_answers_every_task_in_order(quick_engine, fake_ls,
     boxes = [r for r in entry["result"] if r["type"] == "rectanglelabels"]
     assert len(boxes) == len(segments)
     height, width = rgb_of(good_data).shape[:2]
-    for result, segment in zip(boxes, segments):
+    for result, segment in zip(boxes, segments, strict=True):
         expected = {"CAT": "CAT", "car": "Vehicle", "truck": "Vehicle"}[segment.label]
         assert result["value"]["rectanglelabels"] == [expected]
         assert result["value"]["x"] == pytest.approx(segment.box[0] / width * 100, abs=1e-3)
@@ -442,7 +442,7 @@ def test_api_explain_json_and_cache(client, quick_engine, monkeypatch):
     assert [b["kind"] for b in blocks] == ["global"] * (len(blocks) - 1) + ["last"]
     for block in blocks:
         rgb_png(block["heatmap_png"]), rgb_png(block["overlay_png"])
-    for i, (mask, segment) in enumerate(zip(body["masks"], body["segments"])):
+    for i, (mask, segment) in enumerate(zip(body["masks"], body["segments"], strict=True)):
         assert (mask["index"], mask["label"], mask["score"]) == (i, segment["label"], segment["score"])
         assert mask["iou"] == segment["predicted_iou"]
         rgb_png(mask["decoder_heatmap_png"]), rgb_png(mask["decoder_overlay_png"])
@@ -482,9 +482,13 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
     assert body["cached"] is True and not calls
     assert (body["task"], body["project"], body["prompt_source"]) == (60, 6, "labels")
     assert body["prompt_phrases"] == LABEL_PROMPT
-    assert [s["mask_rle"] for s in body["segments"] if s["area"]] == [r["value"]["rle"] for r in brush_regions(entry)]
+    # The predicted masks, sent at the explanation's working size (this image is smaller: its own size).
+    assert (body["map_width"], body["map_height"]) == (body["width"], body["height"])
+    assert [np.asarray(decode_png(s["mask_png"])).tolist() for s in body["segments"] if s["area"]] == [
+        decode_brush(r).tolist() for r in brush_regions(entry)]
     segmented = client.post("/api/tasks/60/segment", json={"prompt": "car"}).get_json()
-    assert segmented["prompt_source"] == "context" and segmented["prediction"]["model_version"] == entry["model_version"]
+    assert segmented["prompt_source"] == "context"
+    assert segmented["prediction"]["model_version"] == entry["model_version"]
     assert client.post("/api/tasks/61/explain").status_code == 502  # Label Studio has no such task
     # After an interactive prediction, the task's explanation uses the prompt the project remembers.
     predict(client, [fake_ls.tasks[60]], project="6.17", context={"result": [textarea("truck")]})
@@ -508,3 +512,43 @@ def test_explain_without_encoder_attention_says_why(tiny_cache):
     assert "TinyViT" in body["encoder"]["reason"] and body["encoder"]["reason"] in " ".join(body["notes"])
     assert len(body["masks"]) == 1 and body["masks"][0]["token_look"] == []
     assert decode_png(body["masks"][0]["decoder_overlay_png"]).size == Image.open(io.BytesIO(image)).size
+
+
+# -- failures Label Studio can see (issue 10 item 8) ---------------------------------------------------------
+def test_failed_task_is_not_stored_and_is_retried_once_its_image_is_fixed(quick_engine, fake_ls, caplog):
+    """A task whose image can't be fetched gets an entry without ``result`` (Label Studio skips it, so
+    nothing is stamped with the model version) carrying the error; a valid image with no detections gets
+    an empty result (that is an answer); /health and /metrics count the failure; fixed, it succeeds."""
+    client = make_client(quick_engine, model=ModelSettings(
+        credentials=Credentials(fake_ls.url, LEGACY_TOKEN), fetch=FetchSettings(max_bytes=1 << 20, timeout=5)))
+    version = quick_engine.model_version
+    # box_threshold 1.0: the tiny models find nothing, so a fetched image gives an empty prediction.
+    setup = {"project": "8.1", "schema": BRUSH_ONLY, "extra_params": {"box_threshold": 1.0}}
+    assert client.post("/setup", json=setup).status_code == 200
+    tasks = [{"id": 80, "data": {"image": data_url(photo(8))}},
+             {"id": 81, "data": {"image": "/data/upload/8/later.png"}},
+             {"id": 82, "data": {"image": data_url(photo(9))}}]
+    before = client.get("/metrics").get_json()["predictions"]
+    with caplog.at_level(logging.WARNING, logger="backend"):
+        response = predict(client, tasks, config=BRUSH_ONLY, project="8.1")
+    body = response.get_json()
+    assert response.status_code == 200, body
+    empty = {"result": [], "score": 0.0, "model_version": version}
+    assert body["results"][0] == empty and body["results"][2] == empty
+    failed = body["results"][1]
+    assert "result" not in failed and "HTTP 404" in failed["error"], failed
+    assert body["errors"] == [{"task": 81, "error": failed["error"]}]
+    assert f"task 81: no prediction (Label Studio will ask again): {failed['error']}" in caplog.text
+    health = client.get("/health").get_json()
+    assert health["failed_tasks"] == 1
+    metrics = client.get("/metrics").get_json()["predictions"]
+    assert metrics["tasks_failed"] - before["tasks_failed"] == 1
+    assert metrics["failed_by_reason"] == {"FetchError": 1}
+    assert metrics["tasks_predicted"] - before["tasks_predicted"] == 2
+    assert metrics["tasks_empty"] - before["tasks_empty"] == 2
+
+    # The cause is fixed (the file is uploaded): the retry gets a prediction.
+    fake_ls.files["/data/upload/8/later.png"] = photo(10)
+    retry = predict(client, [tasks[1]], config=BRUSH_ONLY, project="8.1").get_json()
+    assert retry["results"] == [empty] and "errors" not in retry
+    assert client.get("/health").get_json()["failed_tasks"] == 1  # counted since start, not reset

@@ -27,7 +27,8 @@ TINY_SAM_ARCH: dict[str, Any] = dict(
     encoder_embed_dim=64, encoder_depth=4, encoder_num_heads=2, encoder_global_attn_indexes=[1, 3]
 )
 TINY_DINO_ARCH: dict[str, Any] = dict(
-    enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=60,  # hidden_dim stays 256: groundingdino hardcodes it for text positions
+    # hidden_dim stays 256: groundingdino hardcodes it for text positions
+    enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=60,
     use_checkpoint=False, use_transformer_ckpt=False,
     swin=dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=7),
 )

@@ -23,7 +23,7 @@ class ThreadedBackend:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="backend", daemon=True)
 
-    def __enter__(self) -> "ThreadedBackend":
+    def __enter__(self) -> ThreadedBackend:
         self.thread.start()
         return self
 

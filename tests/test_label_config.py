@@ -1,0 +1,68 @@
+"""backend.label_config: Label aliases, what Grounding DINO is prompted with, and what results store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.label_config import LabelConfigError, parse_label_config
+from backend.ls_results import segments_to_results
+from backend.types import Segment
+
+ALIASED = """
+<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="mask" toName="image">
+    <Label value="Animal" alias="ani"/>
+    <Label value="Vehicle" alias="veh" predicted_values="car, truck"/>
+    <Label value="Tree"/>
+  </BrushLabels>
+  <RectangleLabels name="box" toName="image">
+    <Label value="Animal" alias="ani"/>
+  </RectangleLabels>
+</View>
+"""
+
+
+def test_aliased_labels_are_stored_by_alias_and_prompted_by_value():
+    config = parse_label_config(ALIASED)
+    brush_control = config.targets[0].brush[0]
+    # label-studio-sdk 2.1.2's control.labels (and Label Studio's results) use the alias.
+    assert brush_control.labels == ("ani", "veh", "Tree")
+    assert LabelInterface(ALIASED).get_control("mask").labels == ["ani", "veh", "Tree"]
+    assert config.default_phrases() == ["Animal", "car", "truck", "Tree"]  # what a person sees, or predicted_values
+    assert config.describe_labels() == "'Animal' (alias 'ani'), 'Vehicle' (alias 'veh'), 'Tree'"
+
+
+@pytest.mark.parametrize("phrase, label", [
+    ("Animal", "ani"), ("animals", "ani"), ("ani", "ani"), ("ANI", "ani"), ("a big animal", "ani"),
+    ("Vehicle", "veh"), ("veh", "veh"), ("trucks", "veh"), ("Tree", "Tree"), ("zebra", None),
+])
+def test_value_alias_and_predicted_values_all_name_the_label(phrase, label):
+    assert parse_label_config(ALIASED).targets[0].brush[0].label_for(phrase) == label
+
+
+def test_aliased_result_passes_label_studio_validation():
+    target = parse_label_config(ALIASED).targets[0]
+    mask = np.zeros((20, 30), bool)
+    mask[5:15, 5:20] = True
+    segment = Segment(label="Animal", box=(5.0, 5.0, 20.0, 15.0), score=0.7, predicted_iou=0.9, mask=mask)
+    results, _ = segments_to_results([segment], target, 30, 20)
+    assert [(r["from_name"], r["value"].get("brushlabels") or r["value"].get("rectanglelabels")) for r in results] == [
+        ("mask", ["ani"]), ("box", ["ani"])]
+    assert LabelInterface(ALIASED).validate_prediction({"result": results}, return_errors=True) == []
+
+
+def test_labels_differing_only_in_case_map_to_themselves():
+    config = parse_label_config('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i">'
+                                '<Label value="Cat"/><Label value="cat"/></BrushLabels></View>')
+    control = config.targets[0].brush[0]
+    assert (control.label_for("Cat"), control.label_for("cat")) == ("Cat", "cat")
+
+
+@pytest.mark.parametrize("labels", ['<Label value=" "/>', '<Label value=" "/><Label value="&#10;"/>'])
+def test_brush_labels_with_only_blank_values_are_refused(labels):
+    with pytest.raises(LabelConfigError, match="blank"):
+        parse_label_config(f'<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i">{labels}'
+                           '</BrushLabels></View>')
