@@ -196,8 +196,11 @@ def test_extreme_aspect_ratios_predict_and_explain(client, width, height):
     assert {(r["original_width"], r["original_height"]) for r in regions} == {(width, height)}
     explained = client.post("/api/explain", json={"image": data_url(image), "prompt": "cat"})
     assert explained.status_code == 200, explained.get_json()
-    overlay = Image.open(io.BytesIO(base64.b64decode(explained.get_json()["overlay_png"])))
-    assert overlay.size == (width, height)
+    shown = explained.get_json()
+    assert (shown["width"], shown["height"]) == (width, height)
+    overlay = Image.open(io.BytesIO(base64.b64decode(shown["overlay_png"])))
+    assert overlay.size == (shown["map_width"], shown["map_height"]) and min(overlay.size) >= 1
+    assert (overlay.size[0] > overlay.size[1]) == (width > height)  # the working size keeps the shape
 
 
 # -- oversized chunked bodies, on real servers --------------------------------------------------------
