@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .detector import PromptError
-from .fetch import (FetchError, FetchTimeoutError, ImageDataError, ImageTooLargeError, ImageURLError,
-                    URLNotAllowedError)
+from .engine_holder import EngineHolder
+from .errors import BadRequest, EngineNotReady
+from .fetch import FetchError, FetchTimeoutError, ImageDataError, ImageTooLargeError, ImageURLError, URLNotAllowedError
 from .images import ImageError
 from .json_input import JsonInputError, parse_json
 from .label_config import LabelConfigError, TaskDataError
 from .ls_api import LabelStudioError, install_log_redaction, register_secret
-from .engine_holder import EngineHolder
-from .errors import BadRequest, EngineNotReady
 from .ls_model import GroundedSamModel, ModelSettings
 from .project_state import project_key
 
@@ -69,6 +69,12 @@ class ServerSettings:
     def max_request_bytes(self) -> int:
         # An image can arrive base64-encoded inside JSON (4/3 larger) next to a few fields.
         return self.model.fetch.max_bytes * 4 // 3 + (1 << 20)
+
+
+class _InOrderJSON(DefaultJSONProvider):
+    """Responses keep their keys in the order the code wrote them (Label Studio's examples do)."""
+
+    sort_keys = False
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -237,7 +243,7 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.json.sort_keys = False
+    app.json = _InOrderJSON(app)
     app.extensions[EXTENSION] = model
     app.register_error_handler(Exception, _handle_error)
 

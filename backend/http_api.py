@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
@@ -24,12 +25,11 @@ from . import sam_attention
 from ._wsgi import current_model, field_of, json_body, read_body
 from .config import parse_switch
 from .detector import parse_prompt
-from .explainer import (LEGEND, MASK_MAPS, WORKING_SIDE, HeatmapImage, MaskMaps, at_working_size,
-                        render_explanation)
+from .errors import BadRequest
+from .explainer import LEGEND, MASK_MAPS, WORKING_SIDE, HeatmapImage, MaskMaps, at_working_size, render_explanation
 from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
 from .label_config import LabelConfig, parse_label_config
 from .ls_api import LabelStudioClient, LabelStudioError
-from .errors import BadRequest
 from .ls_results import mask_to_rle, prediction, segments_to_results
 from .project_state import project_key
 from .prompts import PromptInput, PromptPlan, parse_threshold, split_typed_prompt
@@ -286,7 +286,8 @@ def parse_alpha(fields: Mapping[str, Any]) -> float:
 
 def heatmap_json(heatmap: HeatmapImage, alpha: float) -> dict[str, Any]:
     # render_explanation blends at DEFAULT_ALPHA; re-blend only when another opacity was asked for.
-    blended = heatmap.overlay if alpha == DEFAULT_ALPHA else sam_attention.overlay(heatmap.image, heatmap.heatmap, alpha)
+    blended = (heatmap.overlay if alpha == DEFAULT_ALPHA
+               else sam_attention.overlay(heatmap.image, heatmap.heatmap, alpha))
     return {"title": heatmap.title, "heatmap_png": rgb_png(heatmap.heatmap), "overlay_png": rgb_png(blended)}
 
 

@@ -183,6 +183,6 @@ class SamSegmenter:
                 ious.append(iou[:, 0].float().cpu().numpy())
         decoder_maps = None
         if capture is not None:
-            decoder_maps = sam_attention.mask_token_maps(capture, multimask_output=False,
-                                                         grid=tuple(embedding.features.shape[-2:]))
+            grid_h, grid_w = embedding.features.shape[-2:]
+            decoder_maps = sam_attention.mask_token_maps(capture, multimask_output=False, grid=(grid_h, grid_w))
         return Decoded(masks, np.concatenate(ious), decoder_maps)

@@ -24,15 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from ..ls_api import Credentials
-from .db import (
-    Database,
-    JobStoreError,
-    JsonObject,
-    credentials_from_row,
-    default_url,
-    job_tasks_table,
-    jobs_table,
-)
+from .db import Database, JobStoreError, JsonObject, credentials_from_row, default_url, job_tasks_table, jobs_table
 from .projects import ProjectStates, StoredProjectState
 
 __all__ = ["Database", "JobStoreError", "StoredProjectState", "default_url"]  # re-exported for callers
