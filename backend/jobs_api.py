@@ -53,7 +53,7 @@ def jobs_blueprint(store: JobStore | None) -> Blueprint:
                            "'job' or GET /api/jobs)")
         return found.to_json()
 
-    @jobs.get("")
+    @jobs.get("", strict_slashes=False)  # /api/jobs/ too
     def list_jobs() -> Response:
         limit = _limit(request.args.get("limit"))
         project = project_key(request.args.get("project"))  # "7.1700000000" (Label Studio's uid) -> "7"

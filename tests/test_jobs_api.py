@@ -102,7 +102,9 @@ def test_list_is_newest_first_and_filters_by_project(served):
     for project in ("4", "4.1700000000", " 4 "):
         only = client.get("/api/jobs", query_string={"project": project}).get_json()["jobs"]
         assert [job["id"] for job in only] == [ids[2], ids[0]], project
-    assert client.get("/api/jobs?project=99").get_json() == {"jobs": []}
+    for other in ("99", "\x00", "猫", "x" * 5000, "-4"):
+        assert client.get("/api/jobs", query_string={"project": other}).get_json() == {"jobs": []}, other
+    assert client.get("/api/jobs/").get_json() == client.get("/api/jobs").get_json()
     assert [job["id"] for job in client.get("/api/jobs?limit=1").get_json()["jobs"]] == [ids[2]]
 
 
