@@ -188,8 +188,8 @@ def build_model(prompt: str | None, credentials: Credentials, engine: Engine | N
     """The server's GroundedSamModel around ``engine`` (default: loaded from the environment)."""
     from .config import EngineConfig
     from .engine import Engine
-    from .fetch import FetchSettings
     from .engine_holder import EngineHolder
+    from .fetch import FetchSettings
     from .ls_model import GroundedSamModel, ModelSettings
     from .prompts import split_typed_prompt
 
