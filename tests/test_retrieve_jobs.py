@@ -6,7 +6,7 @@ what it reached by its deadline and hands the rest to a background job, which wr
 Label Studio's API. The backend has no LABEL_STUDIO_API_KEY: the key is the one Label Studio sends in
 /setup, kept in the shared database. Expected masks come from the same tiny engine run in this process
 on the same bytes with the same plan. The job store is read directly (``JobStore`` on the backend's
-``DATA_DIR/jobs.sqlite3``).
+``DATA_DIR/jobs.sqlite3``) and through the backend's ``GET /api/jobs/<id>``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ LABELS = ("tabby cat", "coffee cup")
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
           + "".join(f'<Label value="{x}"/>' for x in LABELS) + "</BrushLabels></View>")
 # Label Studio gives up on a /predict after LS_TIMEOUT_S; the backend answers by DEADLINE_S.
-LS_TIMEOUT_S = 12
-DEADLINE_S = 3
+LS_TIMEOUT_S = 15
+# A task already started is finished, so the margin is one task on a loaded machine plus Label Studio's own work.
+DEADLINE_S = 4
 ENGINE_ENV = {"BOX_THRESHOLD": "0.2", "TEXT_THRESHOLD": "0.2", "MAX_DETECTIONS": "1"}
 SIDE = 128  # small images: a tiny-model task costs ~0.3-2 s on a loaded 2-core machine
 WAIT_S = 300  # the bound on any job to finish
@@ -290,11 +291,12 @@ def wait_all_predicted(ls: LabelStudioServer, pid: int, backend: Backend,
 def test_big_retrieve_answers_in_time_and_the_job_stores_every_task_once(
         ls: LabelStudioServer, backend: Backend, store: JobStore, crops: Crops, reference: Any,
         tmp_path: Path) -> None:
-    pid, tasks = connect(ls, backend, "jobs-big", 18, crops, tmp_path)
+    pid, tasks = connect(ls, backend, "jobs-big", 24, crops, tmp_path)
     version = model_version(backend)
 
     elapsed = timed_retrieve(ls, pid)
-    assert elapsed < LS_TIMEOUT_S, f"Retrieve took {elapsed:.1f} s, over ML_TIMEOUT_PREDICT={LS_TIMEOUT_S}"
+    assert elapsed < LS_TIMEOUT_S, (f"Retrieve took {elapsed:.1f} s, over ML_TIMEOUT_PREDICT={LS_TIMEOUT_S}\n"
+                                    f"{backend.log_tail(30)}")
     assert "Read timed out" not in ls.log_tail(400)
     (job,) = project_jobs(store, pid)  # the tasks /predict did not reach are a job's
     answered = sum(1 for predictions in predictions_by_task(ls, pid).values() if predictions)
@@ -335,7 +337,7 @@ def test_backend_killed_mid_job_finishes_it_after_a_restart(
     (job,) = wait_jobs_finished(store, pid, backend)
     assert (job.state, job.done, job.failed) == (DONE, job.total, 0), job
     assert_one_prediction_each(stored, tasks, version, backend)
-    assert "resuming 1 unfinished prediction job" in backend.log()
+    assert any("resuming" in line and job.id in line for line in backend.log().splitlines()), backend.log_tail()
 
 
 def test_unreachable_image_is_recorded_and_predicted_by_a_later_retrieve_after_the_fix(
@@ -354,6 +356,8 @@ def test_unreachable_image_is_recorded_and_predicted_by_a_later_retrieve_after_t
     (error,) = job.errors
     assert error.task_id == missing and error.state == FAILED, error
     assert error.error.startswith("image download failed: HTTP 40") and error.attempts == 3, error
+    shown = backend.session.get(f"{backend.url}/api/jobs/{job.id}", timeout=10).json()
+    assert shown["errors"] == [{"task": missing, "state": FAILED, "attempts": 3, "error": error.error}], shown
 
     source = next(t for t in list_tasks(ls, pid) if t["id"] != missing)
     ls.api("PATCH", f"/api/tasks/{missing}", json={"data": {"image": source["data"]["image"]}})
@@ -411,6 +415,8 @@ def test_job_with_a_wrong_key_stops_with_a_clear_error_and_does_not_spin(
     assert job.error and "401" in job.error, job.error
     assert wrong not in (job.error or "") and wrong not in backend.log()
     assert f"job {job_id} (project {pid}) stopped" in backend.log()
+    shown = backend.session.get(f"{backend.url}{answer.json()['job']['progress']}", timeout=10).json()
+    assert (shown["state"], shown["error"]) == (FAILED, job.error), shown  # what a person sees
     # Stopped for good: a few runner polls later nothing about it has moved and nothing was logged.
     lines = backend.log().count(job_id)
     time.sleep(5)
