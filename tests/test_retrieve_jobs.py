@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -423,10 +424,12 @@ def test_job_with_a_wrong_key_stops_with_a_clear_error_and_does_not_spin(
     shown = backend.session.get(f"{backend.url}{answer.json()['job']['progress']}", timeout=10).json()
     assert (shown["state"], shown["error"]) == (FAILED, job.error), shown  # what a person sees
     # Stopped for good: a few runner polls later nothing about it has moved and nothing was logged.
-    lines = backend.log().count(job_id)
+    runner_lines = re.compile(rf"job {job_id} \(project|job {job_id}: ")  # the runner's, not /predict's
+    lines = len(runner_lines.findall(backend.log()))
     time.sleep(5)
     later = store.progress(job_id)
     assert later is not None and (later.state, later.updated, later.pending, later.running) == (
         job.state, job.updated, job.pending, job.running), (job, later)
-    assert backend.log().count(job_id) == lines
+    assert len(runner_lines.findall(backend.log())) == lines, [
+        line for line in backend.log().splitlines() if job_id in line]
     assert list_predictions(ls, pid) == []
