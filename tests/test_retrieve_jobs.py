@@ -151,6 +151,7 @@ def backend_env(tiny_cache: Path, data_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def backend(tiny_cache: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     server = Backend(backend_env(tiny_cache, data_dir), tmp_path_factory.mktemp("gunicorn") / "a.log").start()
+    warm_up(server)
     yield server
     server.kill()
 
@@ -201,6 +202,18 @@ def reference(engine: Any, tiny_cache: Path) -> Callable[[bytes, tuple[str, ...]
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+def warm_up(backend: Backend) -> None:
+    """One prediction, so the first task of a test isn't also the process's first inference (several
+    times slower on a loaded machine): a task already started always finishes, deadline or not."""
+    import base64
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIDE, SIDE), (120, 90, 60)).save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    answer = backend.post("/predict", {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": CONFIG})
+    assert answer.status_code == 200 and "result" in answer.json()["results"][0], answer.text
+
+
 def upload_tasks(ls: LabelStudioServer, pid: int, crops: Crops, count: int, folder: Path) -> dict[int, bytes]:
     """``count`` upload tasks, each with an image of its own: {task id: image bytes}."""
     folder.mkdir(parents=True, exist_ok=True)
