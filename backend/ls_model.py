@@ -46,7 +46,7 @@ from .prompts import (
 )
 
 if TYPE_CHECKING:
-    from .jobs.runner import JobRunner
+    from .jobs.runner import JobRunner, TaskPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -209,14 +209,21 @@ class GroundedSamModel:
     # -- background jobs ---------------------------------------------------------------------------
     def start_jobs(self) -> JobRunner:
         """Run the store's jobs in a background thread of this process (resuming unfinished ones)."""
+        if self.runner is None:
+            self.runner = self.job_runner()
+            self.runner.start()
+        return self.runner
+
+    def job_runner(self, predict: TaskPredictor | None = None, **options: Any) -> JobRunner:
+        """A JobRunner over this model's job store, predicting with ``predict_job_task`` (or
+        ``predict``, a wrapper of it) and writing with the job's credentials: the server runs one in
+        the background (``start_jobs``), ``backend.preannotate`` one in the foreground. ``options``
+        go to JobRunner (batch_size, chunk_size, ...)."""
         from .jobs.runner import JobRunner
 
         if self.jobs is None:
             raise RuntimeError("no job store: set JOBS_DB or DATA_DIR")
-        if self.runner is None:
-            self.runner = JobRunner(self.jobs, self.predict_job_task, self._job_client)
-            self.runner.start()
-        return self.runner
+        return JobRunner(self.jobs, predict or self.predict_job_task, self._job_client, **options)
 
     def predict_job_task(self, job: Job, task: Mapping[str, Any]) -> dict[str, Any]:
         """One task of a background job, with the job's plan and labeling config and this process's

@@ -416,6 +416,20 @@ class JobStore:
         with self._read() as conn:
             return [self._progress(conn, row) for row in conn.execute(query).mappings().all()]
 
+    def task_errors(self, job_id: str, limit: int | None = None) -> tuple[TaskError, ...]:
+        """The job's tasks that are not done and have an error (failed for good, or pending a retry),
+        newest first; ``progress`` reports the last few, a CLI's summary all of them."""
+        with self._read() as conn:
+            return self._task_errors(conn, job_id, limit)
+
+    def _task_errors(self, conn: Connection, job_id: str, limit: int | None) -> tuple[TaskError, ...]:
+        t = job_tasks_table
+        query = sa.select(t.c.task_id, t.c.state, t.c.attempts, t.c.last_error).where(
+            t.c.job_id == job_id, t.c.last_error.is_not(None), t.c.state != DONE).order_by(
+            t.c.updated.desc(), t.c.task_id)
+        rows = conn.execute(query if limit is None else query.limit(limit))
+        return tuple(TaskError(int(r.task_id), str(r.state), int(r.attempts), str(r.last_error)) for r in rows)
+
     def _progress(self, conn: Connection, job: RowMapping) -> JobProgress:
         t = job_tasks_table
         now = self.clock()
@@ -437,11 +451,7 @@ class JobStore:
                 eta = left / rate
             elif left == 0:
                 eta = 0.0
-        errors = tuple(TaskError(int(r.task_id), str(r.state), int(r.attempts), str(r.last_error))
-                       for r in conn.execute(
-                           sa.select(t.c.task_id, t.c.state, t.c.attempts, t.c.last_error).where(
-                               t.c.job_id == job["id"], t.c.last_error.is_not(None), t.c.state != DONE)
-                           .order_by(t.c.updated.desc(), t.c.task_id).limit(LAST_ERRORS)))
+        errors = self._task_errors(conn, str(job["id"]), LAST_ERRORS)
         return JobProgress(
             id=str(job["id"]), project=str(job["project"]), model_version=str(job["model_version"]),
             state=str(job["state"]), total=sum(counts.values()), done=done, failed=failed, pending=pending,
