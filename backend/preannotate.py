@@ -203,15 +203,19 @@ def preannotate(client: LabelStudioClient, project: int, model: GroundedSamModel
     predictor = _EmptyCounter(model.predict_job_task)
     runner = model.job_runner(predict=predictor, batch_size=batch_size)
     bar = _Bar(project, listed.total, listed.skipped, progress)
+    current: str | None = None
     try:
-        for job_id in summary.jobs:
-            bar.start_job(store.progress(job_id))
-            final = runner.run_job(job_id, bar)
+        for current in summary.jobs:
+            bar.start_job(store.progress(current))
+            final = runner.run_job(current, bar)
             if final is not None and final.state != DONE:
-                summary.stopped = f"job {job_id} {final.state}: {final.error or 'no reason given'}"
+                summary.stopped = f"job {current} {final.state}: {final.error or 'no reason given'}"
                 break
     except KeyboardInterrupt:
         summary.interrupted = True  # predictions made were written (run_job's finally); a rerun resumes
+        last = store.progress(current) if current else None
+        if last is not None:
+            bar(last)  # count what that final write stored
     finally:
         bar.close()
     summary.done = bar.done
