@@ -15,25 +15,26 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import json
 import logging
 import logging.config
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .detector import PromptError
-from .fetch import (FetchError, FetchTimeoutError, ImageDataError, ImageTooLargeError, ImageURLError,
-                    URLNotAllowedError)
-from .images import ImageError
-from .label_config import LabelConfigError, TaskDataError
-from .ls_api import LabelStudioError, install_log_redaction, register_secret
 from .engine_holder import EngineHolder
 from .errors import BadRequest, EngineNotReady
+from .fetch import FetchError, FetchTimeoutError, ImageDataError, ImageTooLargeError, ImageURLError, URLNotAllowedError
+from .images import ImageError
+from .json_input import JsonInputError, parse_json
+from .label_config import LabelConfigError, TaskDataError
+from .ls_api import LabelStudioError, install_log_redaction, register_secret
 from .ls_model import GroundedSamModel, ModelSettings
 from .project_state import project_key
 
@@ -54,7 +55,7 @@ class ServerSettings:
     jobs_db: str | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
         env = os.environ if env is None else env
         user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
         if bool(user) != bool(password):
@@ -70,9 +71,15 @@ class ServerSettings:
         return self.model.fetch.max_bytes * 4 // 3 + (1 << 20)
 
 
+class _InOrderJSON(DefaultJSONProvider):
+    """Responses keep their keys in the order the code wrote them (Label Studio's examples do)."""
+
+    sort_keys = False
+
+
 # -- errors -----------------------------------------------------------------------------------------
 def _status_for(exc: BaseException) -> int:
-    if isinstance(exc, (BadRequest, LabelConfigError, PromptError)):
+    if isinstance(exc, (BadRequest, JsonInputError, LabelConfigError, PromptError)):
         return 400
     if isinstance(exc, URLNotAllowedError):  # a host, credentials or Label Studio path we must not use
         return 403
@@ -89,11 +96,48 @@ def _status_for(exc: BaseException) -> int:
     return 500
 
 
+# Label Studio shows a failed ML request as "<code> Client Error: <reason> for url: <url>" (requests'
+# HTTPError text, ml/api_connector.py) in the connect dialog and the labeling stream, and drops the
+# body. The reason phrase must be Latin-1 (PEP 3333; requests reads it as such), so non-ASCII is
+# escaped, and it is bounded so it fits any proxy's header buffer (nginx: 4 KiB for all headers)
+# and reads as one line in Label Studio's dialog.
+REASON_MAX_CHARS = 400
+REASON_MAX_WORD = 60  # longer runs without spaces (URLs, base64, label lists) are cut in the middle
+
+
 def _reason(message: str) -> str:
-    """The message as an HTTP reason phrase: Label Studio shows ``"<code> Client Error: <reason>"``
-    for a failed ML request and drops the body, so the reason phrase is where the cause can go."""
-    text = " ".join("".join(c if 32 <= ord(c) < 127 else " " for c in message).split())
-    return text[:180] or "Error"
+    """``message`` as an HTTP reason phrase: one ASCII line of at most about REASON_MAX_CHARS with
+    its start (the cause) and its end (usually what to do) kept; long words and the middle elided.
+    Non-ASCII characters become ``\\uXXXX`` escapes, never split by a cut."""
+    words = [f"{word[:REASON_MAX_WORD * 2 // 3]}...{word[-REASON_MAX_WORD // 3:]}" if len(word) > REASON_MAX_WORD
+             else word for word in message.split()]
+    text = " ".join(words)
+    whole = "".join(map(_ascii, text))
+    if len(whole) <= REASON_MAX_CHARS:
+        return whole or "Error"
+    # Cut between escaped characters (one unit each), so no "\\uXXXX" is split.
+    head = _take(map(_ascii, text), REASON_MAX_CHARS * 3 // 4)
+    tail = _take(map(_ascii, reversed(text)), REASON_MAX_CHARS // 4 - 5)[::-1]
+    return f"{''.join(head).rstrip()} ... {''.join(tail).lstrip()}"
+
+
+def _ascii(char: str) -> str:
+    code = ord(char)
+    if 32 <= code < 127:
+        return char
+    if code < 160:  # control characters (the message was split on whitespace already)
+        return ""
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"  # "猫" -> "\\u732b": decodable
+
+
+def _take(units: Iterable[str], budget: int) -> list[str]:
+    taken: list[str] = []
+    for unit in units:
+        budget -= len(unit)
+        if budget < 0:
+            break
+        taken.append(unit)
+    return taken
 
 
 def error_response(status: int, message: str, **extra: Any) -> Response:
@@ -103,6 +147,10 @@ def error_response(status: int, message: str, **extra: Any) -> Response:
 
 
 def _handle_error(exc: Exception) -> Response:
+    if isinstance(exc, RequestEntityTooLarge):
+        limit = request.max_content_length
+        return error_response(413, f"request body is too large: over {limit:,} bytes, the limit for an image of "
+                                   "MAX_IMAGE_BYTES sent as base64 JSON" if limit else "request body is too large")
     if isinstance(exc, HTTPException):
         return error_response(exc.code or 500, exc.description or exc.name)
     status = _status_for(exc)
@@ -114,15 +162,26 @@ def _handle_error(exc: Exception) -> Response:
 
 
 # -- request parsing --------------------------------------------------------------------------------
+def read_body() -> bytes:
+    """The request body (cached), 413 when it is over MAX_CONTENT_LENGTH, with or without Content-Length.
+
+    Werkzeug checks Content-Length itself, but a chunked body (no Content-Length) is silently cut at
+    the limit; one more byte from the server's stream tells a body of exactly the limit from a longer one.
+    """
+    data = request.get_data(cache=True)
+    limit = request.max_content_length
+    if (request.content_length is None and limit is not None and len(data) >= limit
+            and "wsgi.input_terminated" in request.environ and request.environ["wsgi.input"].read(1)):
+        raise RequestEntityTooLarge()
+    return data
+
+
 def json_body() -> dict[str, Any]:
-    """The request's JSON object (whatever the Content-Type says); 400 when it isn't one."""
-    raw = request.get_data(cache=True)
+    """The request's JSON object (whatever the Content-Type says); 400 when it isn't one, 413 when too large."""
+    raw = read_body()
     if not raw:
         raise BadRequest("request body must be JSON (it is empty)")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    data = parse_json(raw, "request body")
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -142,6 +201,11 @@ def field_of(data: Mapping[str, Any], name: str, types: type | tuple[type, ...],
     return value
 
 
+def _json_field(value: Any, name: str) -> Any:
+    # A field that may hold JSON as a string (Label Studio sends extra_params as the user typed it).
+    return parse_json(value, name) if isinstance(value, str) and value.strip() else value
+
+
 def current_model() -> GroundedSamModel:
     from flask import current_app
 
@@ -154,6 +218,7 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
     in the background from ``settings.engine_config`` or the environment."""
     # The /api blueprint imports segment_anything; import it before the engine loader thread starts.
     from .http_api import api
+    from .jobs_api import jobs_blueprint
 
     settings = settings or ServerSettings.from_env()
     install_log_redaction()
@@ -179,7 +244,7 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.json.sort_keys = False
+    app.json = _InOrderJSON(app)
     app.extensions[EXTENSION] = model
     app.register_error_handler(Exception, _handle_error)
 
@@ -196,6 +261,13 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
         response = error_response(401, "basic auth required: send BASIC_AUTH_USER / BASIC_AUTH_PASS")
         response.headers["WWW-Authenticate"] = 'Basic realm="Grounded SAM ML backend"'
         return response
+
+    @app.before_request
+    def bound_streamed_body() -> None:
+        # A chunked body (the server ends the stream, no Content-Length) is read here, so every route
+        # (JSON or multipart) sees it whole or answers 413, never a body silently cut at the limit.
+        if request.content_length is None and "wsgi.input_terminated" in request.environ:
+            read_body()
 
     @app.get("/")
     @app.get("/health")
@@ -228,7 +300,7 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
             schema=field_of(data, "schema", str),
             hostname=field_of(data, "hostname", str),
             access_token=field_of(data, "access_token", str),
-            extra_params=field_of(data, "extra_params", (dict, str)),
+            extra_params=_json_field(field_of(data, "extra_params", (dict, str)), "extra_params"),
         )
         return jsonify({"model_version": version})
 
@@ -263,13 +335,16 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
 
     @app.post("/train")
     def train() -> Response:
-        data = request.get_json(force=True, silent=True)
-        project = project_key(data.get("project")) if isinstance(data, dict) else None
+        try:  # Label Studio's training request, if any: only its project is logged
+            project = project_key(json_body().get("project"))
+        except (BadRequest, JsonInputError):
+            project = None
         logger.info("train requested for project %s: nothing to do (zero-shot model)", project)
         return jsonify({"status": "ok", "job": None,
                         "detail": "Grounded SAM is zero-shot: training is a no-op"})
 
     app.register_blueprint(api)
+    app.register_blueprint(jobs_blueprint(jobs))  # /api/jobs: progress and cancel (backend/jobs_api.py)
     return app
 
 

@@ -12,8 +12,9 @@ import dataclasses
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
-from typing import Callable, Generic, Hashable, Mapping, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 

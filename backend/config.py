@@ -11,9 +11,10 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = REPO_ROOT / "model_cache"
@@ -134,12 +135,12 @@ class EngineConfig:
 
         return Path(groundingdino.__file__).parent / "config" / DINO_CONFIGS[self.dino_variant]
 
-    def replace(self, **changes: Any) -> "EngineConfig":
+    def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "EngineConfig":
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> EngineConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -156,7 +157,7 @@ class EngineConfig:
         return cls._from_mapping(data, source=str(path))
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "EngineConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> EngineConfig:
         """ENGINE_CONFIG (JSON file) first, then the individual variables below on top."""
         env = os.environ if env is None else env
         overrides: dict[str, Any] = {}
@@ -171,7 +172,7 @@ class EngineConfig:
         return cls._from_mapping(overrides, source="environment")
 
     @classmethod
-    def _from_mapping(cls, data: Mapping[str, Any], source: str) -> "EngineConfig":
+    def _from_mapping(cls, data: Mapping[str, Any], source: str) -> EngineConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -9,8 +9,9 @@ per *requested phrase* from the token logits of that phrase's tokens, so merged 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +102,7 @@ class Caption:
     model_inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @classmethod
-    def build(cls, phrases: Sequence[str], tokenizer: Any, max_tokens: int | None = MAX_TEXT_TOKENS) -> "Caption":
+    def build(cls, phrases: Sequence[str], tokenizer: Any, max_tokens: int | None = MAX_TEXT_TOKENS) -> Caption:
         """One caption for all ``phrases``; PromptError when it is longer than ``max_tokens`` (None: no limit)
         or a phrase has no token the text encoder knows."""
         text, spans = _caption_text(phrases)
@@ -121,7 +122,7 @@ class Caption:
                    model_inputs=encoding.model_inputs)
 
     @classmethod
-    def split(cls, phrases: Sequence[str], tokenizer: Any, max_tokens: int = MAX_TEXT_TOKENS) -> list["Caption"]:
+    def split(cls, phrases: Sequence[str], tokenizer: Any, max_tokens: int = MAX_TEXT_TOKENS) -> list[Caption]:
         """Captions that each fit ``max_tokens``, phrases in order, as few as greedy packing gives.
 
         One caption when everything fits (the same one ``build`` makes). A big taxonomy (hundreds of
@@ -143,6 +144,19 @@ class Caption:
             groups[-1].append(phrase)
             used += cost
         return [cls.build(group, tokenizer, max_tokens) for group in groups]
+
+
+def _at_least_one_pixel(image: Image.Image, max_size: int) -> Image.Image:
+    """``image`` unchanged, unless its long side is so much longer than the short one that
+    groundingdino's resize (long side -> max_size) would round the short side to 0 px: then it is
+    stretched along the short side to the least that keeps it >= 1 px (boxes come back normalised,
+    so they still map onto the original image)."""
+    short, long = sorted(image.size)
+    if round(max_size * short / long) >= 1:
+        return image
+    stretch = -(-long // max_size)  # short side after stretching: resized to exactly 1 px
+    width, height = image.size
+    return image.resize((width, stretch) if width == long else (stretch, height), Image.Resampling.NEAREST)
 
 
 @dataclass
@@ -196,7 +210,7 @@ class GroundingDinoDetector:
             T.ToTensor(),
             T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
         ])
-        tensor, _ = transform(Image.fromarray(image), None)
+        tensor, _ = transform(_at_least_one_pixel(Image.fromarray(image), self.max_size), None)
         return tensor
 
     def _autocast(self):
@@ -226,9 +240,7 @@ class GroundingDinoDetector:
     @torch.inference_mode()
     def raw_predictions(self, features: DinoImageFeatures, caption: Caption) -> RawPredictions:
         """The text half of GroundingDINO.forward, run over cached image features."""
-        from groundingdino.models.GroundingDINO.bertwarper import (
-            generate_masks_with_special_tokens_and_transfer_map,
-        )
+        from groundingdino.models.GroundingDINO.bertwarper import generate_masks_with_special_tokens_and_transfer_map
         from groundingdino.util.misc import inverse_sigmoid
 
         model: Any = self.model  # groundingdino's GroundingDINO: its submodules are untyped

@@ -6,16 +6,16 @@ import hashlib
 import json
 import logging
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from .cache import LruCache
 from .config import EngineConfig
 from .detector import DinoImageFeatures, GroundingDinoDetector, parse_prompt
+from .explainer import build_explanation
 from .images import ImageInput, image_digest, load_rgb
 from .segmenter import ImageEmbedding, SamSegmenter
-from .explainer import build_explanation
 from .types import Detection, Explanation, Segment
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Engine:
         self.sam_lock = threading.Lock()
 
     @classmethod
-    def from_env(cls) -> "Engine":
+    def from_env(cls) -> Engine:
         return cls(EngineConfig.from_env())
 
     # -- per-image features (cached by image content) ---------------------------------------
@@ -118,7 +118,8 @@ class Engine:
         embedding = self.sam_embedding(rgb, digest)
         decoded = self.segmenter.segment(embedding, np.array([d.prompt_box for d in detections]).reshape(-1, 4),
                                          capture_attention=self.config.explanations)
-        segments = [Segment.from_detection(d, m, float(i)) for d, m, i in zip(detections, decoded.masks, decoded.ious)]
+        segments = [Segment.from_detection(d, m, float(i)) for d, m, i in
+                    zip(detections, decoded.masks, decoded.ious, strict=True)]
         encoder = self.segmenter.sam.image_encoder
         patch = self.segmenter.img_size // embedding.features.shape[-1]
         return build_explanation(self.model_version, segments, embedding, decoded, int(encoder.img_size), patch)

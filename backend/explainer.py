@@ -6,8 +6,8 @@ masks (see ``segmenter``); this module reduces it per mask and lays maps over th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import cv2
 import numpy as np

@@ -25,9 +25,10 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
 
 import requests
@@ -37,10 +38,25 @@ from requests.structures import CaseInsensitiveDict
 
 from .config import parse_switch
 from .fetch_deadline import Deadline, DeadlineAdapter
-from .fetch_guard import (KEY_PATHS_HELP, FetchError, FetchTimeoutError, HostNotAllowedError, ImageDataError,
-                          ImageTooLargeError, ImageURL, ImageURLError, Origin, URLNotAllowedError, connected_origin,
-                          describe_url, host_allowed, key_path_refusal, label_studio_path_refusal,
-                          parse_allowed_hosts, parse_image_url)
+from .fetch_guard import (
+    KEY_PATHS_HELP,
+    FetchError,
+    FetchTimeoutError,
+    HostNotAllowedError,
+    ImageDataError,
+    ImageTooLargeError,
+    ImageURL,
+    ImageURLError,
+    Origin,
+    URLNotAllowedError,
+    connected_origin,
+    describe_url,
+    host_allowed,
+    key_path_refusal,
+    label_studio_path_refusal,
+    parse_allowed_hosts,
+    parse_image_url,
+)
 from .ls_api import LabelStudioAuthError, LabelStudioClient, LabelStudioError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +80,7 @@ class FetchSettings:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "FetchSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> FetchSettings:
         env = os.environ if env is None else env
         try:
             max_bytes = int(env.get("MAX_IMAGE_BYTES") or DEFAULT_MAX_IMAGE_BYTES)

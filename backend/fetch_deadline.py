@@ -22,7 +22,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .fetch_guard import FetchTimeoutError
 
-_active_deadline: contextvars.ContextVar["Deadline | None"] = contextvars.ContextVar("fetch_deadline",
+_active_deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("fetch_deadline",
                                                                                       default=None)
 
 
@@ -44,7 +44,7 @@ class Deadline:
         self._timer.daemon = True
         self._timer.start()
 
-    def __enter__(self) -> "Deadline":
+    def __enter__(self) -> Deadline:
         return self
 
     def __exit__(self, *exc: object) -> None:

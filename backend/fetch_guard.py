@@ -15,8 +15,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from urllib3.exceptions import LocationParseError
@@ -203,7 +203,7 @@ class HostPattern:
     suffix: bool  # match subdomains of ``host`` (not ``host`` itself)
 
     @classmethod
-    def parse(cls, entry: str) -> "HostPattern":
+    def parse(cls, entry: str) -> HostPattern:
         text = entry.strip()
         if text == "*":
             return cls("", None, True)

@@ -13,23 +13,23 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 from PIL import Image
 
-from ._wsgi import current_model, field_of, json_body
 from . import sam_attention
+from ._wsgi import current_model, field_of, json_body, read_body
 from .config import parse_switch
 from .detector import parse_prompt
-from .explainer import (LEGEND, MASK_MAPS, WORKING_SIDE, HeatmapImage, MaskMaps, at_working_size,
-                        render_explanation)
+from .errors import BadRequest
+from .explainer import LEGEND, MASK_MAPS, WORKING_SIDE, HeatmapImage, MaskMaps, at_working_size, render_explanation
 from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
 from .label_config import LabelConfig, parse_label_config
 from .ls_api import LabelStudioClient, LabelStudioError
-from .errors import BadRequest
 from .ls_results import mask_to_rle, prediction, segments_to_results
 from .project_state import project_key
 from .prompts import PromptInput, PromptPlan, parse_threshold, split_typed_prompt
@@ -46,11 +46,14 @@ def segment_request() -> tuple[bytes | None, dict[str, Any]]:
     if request.files or request.form:
         fields: dict[str, Any] = dict(request.form)
         upload = request.files.get("image")
-        image = upload.read(max_bytes + 1) if upload is not None else None
-        if image is not None and len(image) > max_bytes:
-            raise ImageTooLargeError(f"image is over {max_bytes:,} bytes (MAX_IMAGE_BYTES)")
-        return image, fields
-    fields = json_body() if request.get_data(cache=True) else {}
+        if upload is not None:
+            image = upload.read(max_bytes + 1)
+            if len(image) > max_bytes:
+                raise ImageTooLargeError(f"image is over {max_bytes:,} bytes (MAX_IMAGE_BYTES)")
+            return image, fields
+        # else a form field "image" holding a data URL or base64, as in JSON
+    else:
+        fields = json_body() if read_body() else {}
     encoded = field_of(fields, "image", str)
     if encoded is None:
         return None, fields
@@ -145,13 +148,24 @@ def _ls_client(project: str | None = None) -> LabelStudioClient:
     return client
 
 
+def _project_id(value: Any) -> str | None:
+    """A project id ("3", 3, or Label Studio's uid "3.1700000000") -> "3"; BadRequest otherwise."""
+    key = project_key(value)
+    if key is not None and not (key.isascii() and key.isdigit()):
+        raise BadRequest(f"project must be an id like 3 (or a uid like '3.1700000000'), got {value!r}")
+    return key
+
+
 def _task_and_config(task_id: int) -> tuple[dict[str, Any], LabelConfig, LabelStudioClient]:
     model = current_model()
     # ?project=<id> (the explain UI passes it) picks that project's /setup connection to Label Studio.
-    hint = project_key(request.args.get("project") or None)
+    hint = _project_id(request.args.get("project") or None)
     client = _ls_client(hint)
     task = client.get_task(task_id)
-    project = project_key(task.get("project")) or hint
+    try:
+        project = _project_id(task.get("project")) or hint
+    except BadRequest as exc:  # Label Studio's answer, not the request, is wrong
+        raise LabelStudioError(f"Label Studio sent task {task_id} with a malformed project: {exc}") from None
     schema = model.memory.get(project).label_config
     if not schema and project is not None:
         schema = client.get_project(int(project)).get("label_config")
@@ -215,13 +229,13 @@ class TaskRun:
 
 
 def _task_run(task_id: int) -> TaskRun:
-    fields = json_body() if request.get_data(cache=True) else {}
+    fields = json_body() if read_body() else {}
     given = prompt_input(fields, required=False)
     model = current_model()
     task, config, client = _task_and_config(task_id)
     # The given prompt, else what a batch prediction of the project uses (its remembered prompt,
     # extra_params, PROMPT, or its labels), so explaining a predicted task hits the engine's cache.
-    plan = model.plan_for(project_key(task.get("project")) or project_key(request.args.get("project") or None),
+    plan = model.plan_for(_project_id(task.get("project")) or _project_id(request.args.get("project") or None),
                           config, given)
     engine = model.engine.get(timeout=model.settings.engine_wait_s)
     _, data = _task_image(task, config, client)
@@ -272,7 +286,8 @@ def parse_alpha(fields: Mapping[str, Any]) -> float:
 
 def heatmap_json(heatmap: HeatmapImage, alpha: float) -> dict[str, Any]:
     # render_explanation blends at DEFAULT_ALPHA; re-blend only when another opacity was asked for.
-    blended = heatmap.overlay if alpha == DEFAULT_ALPHA else sam_attention.overlay(heatmap.image, heatmap.heatmap, alpha)
+    blended = (heatmap.overlay if alpha == DEFAULT_ALPHA
+               else sam_attention.overlay(heatmap.image, heatmap.heatmap, alpha))
     return {"title": heatmap.title, "heatmap_png": rgb_png(heatmap.heatmap), "overlay_png": rgb_png(blended)}
 
 

@@ -7,12 +7,11 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[bytes, bytearray, str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = bytes | bytearray | str | os.PathLike | Image.Image | np.ndarray
 
 DEFAULT_MAX_PIXELS = 64_000_000
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 BRUSH, RECTANGLE, POLYGON = "brushlabels", "rectanglelabels", "polygonlabels"
 _CONTROL_KINDS = {"BrushLabels": BRUSH, "RectangleLabels": RECTANGLE, "PolygonLabels": POLYGON}

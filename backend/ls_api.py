@@ -16,13 +16,14 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import requests
 
-from .fetch_guard import FetchError, Origin, parse_image_url
 from .cache import LruCache
+from .fetch_guard import FetchError, Origin, parse_image_url
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class Credentials:
         return f"Credentials(url={self.url!r}, api_key=***, source={self.source!r})"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Credentials | None":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Credentials | None:
         """LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY (label-studio-ml's LABEL_STUDIO_HOST /
         LABEL_STUDIO_ACCESS_TOKEN are read too); None when either is unset."""
         env = os.environ if env is None else env

@@ -26,9 +26,9 @@ from .config import env_size
 from .detector import PromptError
 from .engine_holder import EngineHolder
 from .errors import BadRequest, EngineNotReady, TaskError
-from .jobs.store import Job, JobStore
 from .fetch import FetchError, FetchSettings, fetch_image
 from .images import ImageError
+from .jobs.store import Job, JobStore
 from .label_config import ImageTarget, LabelConfig, TaskDataError, parse_label_config
 from .ls_api import ClientRegistry, Credentials, LabelStudioClient, LabelStudioError, normalise_url, register_secret
 from .ls_results import prediction, segments_to_results
@@ -90,7 +90,7 @@ class ModelSettings:
                              "limit (MAX_LABEL_CONFIG_BYTES)")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ModelSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ModelSettings:
         env = os.environ if env is None else env
         prompt = env.get("PROMPT", "").strip()
         try:
@@ -496,7 +496,8 @@ class GroundedSamModel:
         return reply
 
 
-def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded], ahead: int) -> Generator[Future[_Loaded], None, None]:
+def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded],
+               ahead: int) -> Generator[Future[_Loaded], None, None]:
     """``load(item)`` of every item as a Future, in order, with up to ``ahead`` loads running on
     threads ahead of the consumer: downloads overlap the model's work, and at most ``ahead + 1``
     loaded items are held at once. A load's exception is raised by its Future's ``result()``."""

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .cache import LruCache
-from .jobs.projects import ProjectStates, StoredProjectState
 from .errors import BadRequest
+from .jobs.projects import ProjectStates, StoredProjectState
 from .ls_api import Credentials
 from .prompts import PromptInput
 

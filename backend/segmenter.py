@@ -85,6 +85,16 @@ class Decoded:
     decoder_maps: np.ndarray | None  # N x 64 x 64: where each mask token looked
 
 
+class _ResizeLongestSide(ResizeLongestSide):
+    """SAM's resize, but a side never shrinks to 0 px (a 4000x1 image's short side rounds to 0 at
+    1024); the masks are cropped and scaled back with the same shape, so they still line up."""
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        newh, neww = ResizeLongestSide.get_preprocess_shape(oldh, oldw, long_side_length)
+        return max(newh, 1), max(neww, 1)
+
+
 class SamSegmenter:
     """Wraps a loaded Sam (segment_anything or MobileSAM) model."""
 
@@ -92,7 +102,7 @@ class SamSegmenter:
         self.sam = sam.to(device).eval()
         self.device = device
         self.dtype = dtype
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.transform = _ResizeLongestSide(sam.image_encoder.img_size)
         self.img_size = int(sam.image_encoder.img_size)
         self.has_global_attention = sam_attention.supports_encoder_attention(sam.image_encoder)
         if self.has_global_attention:
@@ -173,6 +183,6 @@ class SamSegmenter:
                 ious.append(iou[:, 0].float().cpu().numpy())
         decoder_maps = None
         if capture is not None:
-            decoder_maps = sam_attention.mask_token_maps(capture, multimask_output=False,
-                                                         grid=tuple(embedding.features.shape[-2:]))
+            grid_h, grid_w = embedding.features.shape[-2:]
+            decoder_maps = sam_attention.mask_token_maps(capture, multimask_output=False, grid=(grid_h, grid_w))
         return Decoded(masks, np.concatenate(ious), decoder_maps)

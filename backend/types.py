@@ -119,7 +119,7 @@ class Segment:
     def area(self) -> int:
         return self.mask_source.area
 
-    def resized(self, height: int, width: int) -> "Segment":
+    def resized(self, height: int, width: int) -> Segment:
         """This segment on the image scaled to ``height`` x ``width`` (mask and box), for drawing."""
         full_h, full_w = self.mask_source.size
         sx, sy = width / full_w, height / full_h

@@ -3,7 +3,8 @@
     python -m explain_ui        # BACKEND_URL, EXPLAIN_UI_HOST / EXPLAIN_UI_PORT, EXPLAIN_UI_AUTH
 
 Two tabs with the same three panels (Input, Output, Explanation): an uploaded image, or a Label
-Studio task (``/?task=ID&project=P`` opens that task and explains it on load).
+Studio task (``/?task=ID&project=P`` opens that task and explains it on load); and a Jobs tab with the
+backend's background prediction jobs as progress bars that refresh themselves while it is on show.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from gradio.components import Component
 
 from backend.config import EngineConfig
 
-from . import views
+from . import jobs_view, views
 from .client import BackendClient, BackendError
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,40 @@ def _output_and_explanation(prefix: str) -> Panels:
                   mask_looks, grounding, legend, gr.State())
 
 
+@dataclass
+class JobsPanel:
+    """The Jobs tab: a project filter, the job list (one progress bar per job) and its timer."""
+
+    project: gr.Textbox
+    refresh: gr.Button
+    status: gr.Markdown
+    message: gr.Markdown  # what the last Cancel did
+    listing: gr.HTML
+    timer: gr.Timer  # ticks every REFRESH_S while the tab is on show
+
+
+def _jobs_panel() -> JobsPanel:
+    gr.Markdown("### Prediction jobs\nA \"Retrieve predictions\" that reaches the backend's PREDICT_DEADLINE_S "
+                "answers in time and hands the tasks it did not reach to a background job, which writes their "
+                f"predictions to Label Studio. This list refreshes every {jobs_view.REFRESH_S:g} s while it is open.")
+    with gr.Row():
+        project = gr.Textbox(label="Project (optional)", placeholder="3", elem_id="jobs-project", scale=3)
+        refresh = gr.Button("Refresh", elem_id="jobs-refresh", scale=1)
+    status = gr.Markdown(elem_id="jobs-status")
+    message = gr.Markdown(elem_id="jobs-message")
+    listing = gr.HTML(elem_id="jobs-list", js_on_load=jobs_view.CANCEL_JS, css_template=jobs_view.CSS)
+    return JobsPanel(project, refresh, status, message, listing, gr.Timer(jobs_view.REFRESH_S, active=False))
+
+
+def _clicked_job(event: gr.EventData) -> str | None:
+    """The job id a Cancel button sent (``trigger('click', {job})``); None for a click elsewhere."""
+    try:
+        job = getattr(event, "job", None)
+    except TypeError:  # a click that carried no data
+        return None
+    return str(job) if job else None
+
+
 def _thresholds(settings: UISettings, prefix: str) -> tuple[gr.Slider, gr.Slider]:
     box = gr.Slider(0.0, 1.0, value=settings.box_threshold, step=0.01, label="Segmentation strength",
                     info="box threshold: lower finds more (and weaker) objects", elem_id=f"{prefix}-box")
@@ -170,7 +205,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                     "**Explain Segmentation** shows where SAM's attention went and why each label was chosen.")
         with gr.Tabs(selected="image") as tabs:
             # -- an uploaded image --
-            with gr.Tab("Image", id="image"):
+            with gr.Tab("Image", id="image") as image_tab:
                 with gr.Row():
                     with gr.Column(scale=1):
                         gr.Markdown("### Input")
@@ -184,7 +219,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                     panels = _output_and_explanation("image")
 
             # -- a Label Studio task --
-            with gr.Tab("Label Studio task", id="task"):
+            with gr.Tab("Label Studio task", id="task") as task_tab:
                 with gr.Row():
                     with gr.Column(scale=1):
                         gr.Markdown("### Input")
@@ -200,6 +235,10 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                                                   elem_id="task-labels")
                         task_run = gr.Button("Run Segmentation", variant="primary", elem_id="task-run")
                     task_panels = _output_and_explanation("task")
+
+            # -- background prediction jobs --
+            with gr.Tab("Jobs", id="jobs") as jobs_tab:
+                jobs = _jobs_panel()
 
         # -- events: uploaded image --
         @shown_errors
@@ -270,6 +309,28 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 gr.Warning(f"Task {view.task_id} loaded, but explaining it failed: {exc}")
                 return loaded_values(view, show)
             return segmentation_values(result, show) + explanation_values(explanation)
+
+        # -- events: jobs; the timer runs only while the Jobs tab is on show --
+        def on_jobs(proj):
+            view = jobs_view.jobs_view(client, proj)
+            return view.html, view.status
+
+        @shown_errors
+        def on_cancel(proj, event: gr.EventData):
+            job_id = _clicked_job(event)
+            if job_id is None:
+                return [gr.skip()] * 3
+            return [jobs_view.cancel_job(client, job_id), *on_jobs(proj)]
+
+        jobs_outputs = [jobs.listing, jobs.status]
+        jobs.refresh.click(on_jobs, [jobs.project], jobs_outputs)
+        jobs.project.submit(on_jobs, [jobs.project], jobs_outputs)
+        jobs.timer.tick(on_jobs, [jobs.project], jobs_outputs, show_progress="hidden")
+        jobs.listing.click(on_cancel, [jobs.project], [jobs.message, *jobs_outputs])
+        jobs_tab.select(lambda proj: [gr.Timer(active=True), *on_jobs(proj)], [jobs.project],
+                        [jobs.timer, *jobs_outputs])
+        for other in (image_tab, task_tab):
+            other.select(lambda: gr.Timer(active=False), None, [jobs.timer])
 
         demo.load(open_link, None, [tabs, task_id, project]).success(
             explain_link, [task_id, project, task_labels], all_task_outputs)

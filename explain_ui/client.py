@@ -19,15 +19,21 @@ import io
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import numpy as np
 import requests
 from PIL import Image
 
+from backend.api_schema import CancelJson, JobJson, JobListJson, SchemaError, parse
 from backend.images import ImageError, load_rgb
 
 DEFAULT_BACKEND_URL = "http://127.0.0.1:9090"
+# Progress polls are small reads: a backend that doesn't answer them quickly is reported, not waited for.
+POLL_TIMEOUT_S = 10.0
+
+_Json = TypeVar("_Json")
 
 
 class BackendError(RuntimeError):
@@ -130,14 +136,15 @@ class BackendClient:
 
     # -- plumbing --
     def _send(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-              json: Mapping[str, Any] | None = None) -> requests.Response:
+              json: Mapping[str, Any] | None = None, timeout: float | None = None) -> requests.Response:
         """One request; any failure (no answer, an HTTP error) is a BackendError."""
         url = f"{self.base_url.rstrip('/')}{path}"
+        timeout = self.timeout if timeout is None else timeout
         try:
             response = requests.request(method, url, auth=self.auth, params=params, json=json,
-                                        timeout=(self.connect_timeout, self.timeout))
+                                        timeout=(self.connect_timeout, timeout))
         except requests.Timeout as exc:
-            raise BackendError(f"the backend at {self.base_url} didn't answer within {self.timeout:.0f} s") from exc
+            raise BackendError(f"the backend at {self.base_url} didn't answer within {timeout:.0f} s") from exc
         except requests.RequestException as exc:
             raise BackendError(f"can't reach the backend at {self.base_url} ({type(exc).__name__}); "
                                "is it running? (BACKEND_URL)") from exc
@@ -146,9 +153,9 @@ class BackendClient:
         return response
 
     def _json(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-              json: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              json: Mapping[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
         """``_send``, and the answer's JSON object (anything else is a BackendError)."""
-        response = self._send(method, path, params=params, json=json)
+        response = self._send(method, path, params=params, json=json, timeout=timeout)
         try:
             body = response.json()
         except ValueError as exc:
@@ -157,6 +164,17 @@ class BackendClient:
         if not isinstance(body, dict):
             raise BackendError(f"the backend's answer to {method} {path} isn't a JSON object")
         return body
+
+    def _typed(self, method: str, path: str, schema: type[_Json], *,
+               params: Mapping[str, str] | None = None) -> _Json:
+        """``_json`` checked against its type in ``backend.api_schema`` (a mismatch is a BackendError
+        naming the field: the backend and this page are out of step)."""
+        body = self._json(method, path, params=params, timeout=min(self.timeout, POLL_TIMEOUT_S))
+        try:
+            return parse(body, schema)
+        except SchemaError as exc:
+            raise BackendError(f"the backend's answer to {method} {path} is not what this page expects ({exc}); "
+                               "are the backend and the explain UI the same version?") from exc
 
     @staticmethod
     def _fields(prompt: str | None, box_threshold: float | None, text_threshold: float | None,
@@ -203,6 +221,26 @@ class BackendClient:
                      show_labels: bool = True) -> dict[str, Any]:
         return self._json("POST", f"/api/tasks/{int(task_id)}/explain", params=_project(project),
                           json=self._fields(prompt, box_threshold, text_threshold, show_labels))
+
+    # -- background prediction jobs (backend/jobs_api.py) --
+    def jobs(self, project: str | int | None = None) -> JobListJson:
+        """The backend's most recent prediction jobs, newest first (of ``project`` when given)."""
+        return self._typed("GET", "/api/jobs", JobListJson, params=_project(project))
+
+    def job(self, job_id: str) -> JobJson:
+        """One job's progress: state, done/failed/total, rate, ETA, recent task errors."""
+        return self._typed("GET", f"/api/jobs/{_job_path(job_id)}", JobJson)
+
+    def cancel_job(self, job_id: str) -> CancelJson:
+        """Cancel an active job; a finished one is a BackendError with status 409 saying its state."""
+        return self._typed("POST", f"/api/jobs/{_job_path(job_id)}/cancel", CancelJson)
+
+
+def _job_path(job_id: str) -> str:
+    text = str(job_id).strip()
+    if not text:
+        raise BackendError("no job id given")
+    return quote(text, safe="")  # an id is hex, but never let one reach another route
 
 
 def _project(project: str | int | None) -> dict[str, str]:

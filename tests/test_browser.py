@@ -59,13 +59,17 @@ def browser() -> Iterator[object]:
 
 @contextlib.contextmanager
 def serve_page(engine, **backend_settings) -> Iterator[str]:
-    """The backend (tiny models, at most 2 masks) and the explain page; yields the page's URL."""
+    """The backend (tiny models, at most 2 masks; no models when ``engine`` is None) and the explain
+    page; yields the page's URL."""
     from backend.engine import Engine
     from explain_ui.app import UISettings, build_demo
     from explain_ui.client import BackendClient
 
-    quick = Engine(engine.config.replace(max_detections=2), detector=engine.detector, segmenter=engine.segmenter)
+    quick = None if engine is None else Engine(engine.config.replace(max_detections=2), detector=engine.detector,
+                                                segmenter=engine.segmenter)
     with ThreadedBackend(quick, **backend_settings) as backend:
+        if backend.app.extensions["grounded_sam"].runner is not None:
+            backend.app.extensions["grounded_sam"].runner.stop()  # jobs move only when a test moves them
         # Thresholds the tiny random models find boxes at, as the sliders' starting values.
         demo = build_demo(BackendClient(backend.url), UISettings(box_threshold=0.2, text_threshold=0.2))
         port = free_port()
@@ -175,3 +179,51 @@ def test_deep_link_opens_and_explains_a_label_studio_task(browser, label_studio,
             assert natural == [chelsea[::2, ::2].shape[1], chelsea[::2, ::2].shape[0]]
         finally:
             shot(browser, "explain_ui_task.png")
+
+
+def test_jobs_tab_refreshes_its_progress_bars_and_cancels_in_chromium(browser, tmp_path):
+    """The Jobs tab shows a job of a real store as a progress bar, follows its progress on its own
+    (gr.Timer) and its Cancel button cancels the job in the store."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from backend.jobs.store import JobStore
+
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    wait = WebDriverWait(browser, 30)
+
+    def bar() -> dict:
+        return browser.execute_script(
+            "const b = document.querySelector('#jobs-list section.job [role=progressbar]');"
+            "return b && {now: b.getAttribute('aria-valuenow'), text: b.getAttribute('aria-valuetext')};")
+
+    with serve_page(None, jobs_db=url) as page:  # its job runner is stopped: only the test moves jobs
+        store = JobStore(url)
+        tasks = [{"id": i, "data": {"image": f"/data/{i}.png"}} for i in range(1, 11)]
+        job_id = store.create_job("4", "v1", tasks).job_id
+        claimed = [t.task_id for t in store.claim_tasks(job_id, 6, "test")]
+        store.mark_done(job_id, claimed[:2])
+        store.mark_failed(job_id, claimed[2], "image host answered 404", retryable=False, worker_id="test")
+        browser.get(page)
+        try:
+            tab = wait.until(lambda _: [b for b in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+                                        if b.text.strip() == "Jobs"])
+            tab[0].click()
+            wait.until(lambda _: bar() and bar()["now"] == "3")
+            assert bar()["text"].startswith("2 of 10 done, 1 failed, 7 left")
+            text = browser.find_element(By.CSS_SELECTOR, "#jobs-list section.job").text
+            assert "image host answered 404" in text and "Project 4" in text and "running" in text
+
+            store.mark_done(job_id, claimed[3:6])  # the page follows without a click
+            wait.until(lambda _: bar()["now"] == "6")
+
+            browser.find_element(By.CSS_SELECTOR, f"#jobs-list button[data-job='{job_id}']").click()
+            wait.until(lambda _: "Cancelled job" in browser.find_element(By.CSS_SELECTOR, "#jobs-message").text)
+            assert store.job_state(job_id) == "cancelled"
+            wait.until(lambda _: browser.find_element(By.CSS_SELECTOR, "#jobs-list section.job")
+                       .get_attribute("data-state") == "cancelled")
+            assert not browser.find_elements(By.CSS_SELECTOR, "#jobs-list button[data-job]")
+            assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body.error")
+        finally:
+            shot(browser, "explain_ui_jobs.png")
+            store.close()

@@ -8,15 +8,15 @@ Studio with the API key. The expected masks come from the same tiny engine run i
 
 from __future__ import annotations
 
-import io
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,7 +76,7 @@ class GunicornBackend:
         self.session = requests.Session()
         self.session.trust_env = False  # never send 127.0.0.1 traffic through a proxy
 
-    def start(self, timeout: float = 180.0) -> "GunicornBackend":
+    def start(self, timeout: float = 180.0) -> GunicornBackend:
         gunicorn = Path(sys.executable).parent / "gunicorn"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "backend._wsgi:app"],
@@ -215,7 +215,7 @@ def test_retrieve_predictions_stores_labelled_masks(label_studio: LabelStudioSer
     assert [p["model_version"] for p in again[missing]["predictions"]] == [version], backend.log_tail()
     assert all(len(again[tid]["predictions"]) == 1 for tid in task_ids)
 
-    for tid, photo in zip(task_ids, photos):
+    for tid, photo in zip(task_ids, photos, strict=True):
         pred = tasks[tid]["predictions"][0]
         with Image.open(photo) as im:
             width, height = im.size
@@ -230,7 +230,7 @@ def test_retrieve_predictions_stores_labelled_masks(label_studio: LabelStudioSer
         # The stored masks are the engine's on the same upload (fetched by the backend from LS).
         expected = [s for s in reference_engine.segment(photo.read_bytes(), list(LABELS)) if s.mask.any()]
         assert len(expected) == len(brushes)
-        for segment, result in zip(expected, brushes):
+        for segment, result in zip(expected, brushes, strict=True):
             mask = decode_brush(result)
             assert mask.shape == (height, width)
             assert result["value"]["brushlabels"] == [segment.label]

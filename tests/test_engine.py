@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 
+from backend.cache import LruCache
 from backend.detector import Caption, PromptError, parse_prompt, select_detections
 
 
@@ -177,7 +178,7 @@ def test_inference_uses_no_autograd(engine, chelsea):
     assert torch.is_inference(embedding.features) or not embedding.features.requires_grad
 
 
-def _concurrent_get_or_compute(outcome: Callable[[], int], callers: int) -> tuple[list, list[int], "LruCache"]:
+def _concurrent_get_or_compute(outcome: Callable[[], int], callers: int) -> tuple[list, list[int], LruCache]:
     """Start one caller of a slow computation, then ``callers - 1`` more while it is pending."""
     from backend.engine import LruCache
 

@@ -23,10 +23,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.fetch import (FetchError, FetchSettings, HostNotAllowedError, ImageTooLargeError, decode_data_url,
-                           fetch_image, host_allowed)
-from backend.ls_api import (ClientRegistry, Credentials, LabelStudioAuthError, LabelStudioClient,
-                            install_log_redaction, redact, register_secret)
+from backend.fetch import (
+    FetchError,
+    FetchSettings,
+    HostNotAllowedError,
+    ImageTooLargeError,
+    decode_data_url,
+    fetch_image,
+    host_allowed,
+)
+from backend.ls_api import (
+    ClientRegistry,
+    Credentials,
+    LabelStudioAuthError,
+    LabelStudioClient,
+    install_log_redaction,
+    redact,
+    register_secret,
+)
 
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 JWT_SECRET = "test-only-hmac-secret-not-a-real-key-0123456789"
@@ -79,7 +93,7 @@ class FakeLabelStudio:
     def host(self) -> str:
         return f"127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "FakeLabelStudio":
+    def __enter__(self) -> FakeLabelStudio:
         self._thread.start()
         return self
 

@@ -17,8 +17,18 @@ from typing import Any
 import pytest
 
 from backend._wsgi import ServerSettings, create_app
-from backend.fetch import (FetchError, FetchSettings, FetchTimeoutError, HostNotAllowedError, ImageDataError,
-                           ImageURLError, URLNotAllowedError, decode_base64, decode_data_url, fetch_image)
+from backend.fetch import (
+    FetchError,
+    FetchSettings,
+    FetchTimeoutError,
+    HostNotAllowedError,
+    ImageDataError,
+    ImageURLError,
+    URLNotAllowedError,
+    decode_base64,
+    decode_data_url,
+    fetch_image,
+)
 from backend.fetch_guard import host_allowed, parse_image_url
 from backend.ls_api import Credentials, LabelStudioClient
 from backend.ls_model import ModelSettings
@@ -271,7 +281,7 @@ class SlowServer:
     def host(self) -> str:
         return f"127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "SlowServer":
+    def __enter__(self) -> SlowServer:
         self._thread.start()
         return self
 

@@ -17,32 +17,11 @@ import pytest
 from PIL import Image
 
 from backend.jobs.runner import JobRunner
-from backend.jobs.store import (
-    CANCELLED,
-    DONE,
-    FAILED,
-    RUNNING,
-    Job,
-    JobProgress,
-    JobStore,
-    JsonObject,
-)
+from backend.jobs.store import CANCELLED, DONE, FAILED, RUNNING, Job, JobProgress, JobStore, JsonObject
 from backend.label_config import parse_label_config
-from backend.ls_api import (
-    ClientRegistry,
-    Credentials,
-    LabelStudioClient,
-    LabelStudioError,
-)
+from backend.ls_api import ClientRegistry, Credentials, LabelStudioClient, LabelStudioError
 from backend.prompts import PromptPlan
-from tests.ls_server import (
-    REPO_ROOT,
-    LabelStudioServer,
-    create_project,
-    import_files,
-    list_predictions,
-    list_tasks,
-)
+from tests.ls_server import REPO_ROOT, LabelStudioServer, create_project, import_files, list_predictions, list_tasks
 
 LABELS = ("tabby cat", "coffee cup")
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
@@ -153,7 +132,7 @@ def test_background_runner_writes_each_task_once_with_the_engines_masks(
     engine = model.engine.get()
     target = parse_label_config(CONFIG).targets[0]
     stored = {t["id"]: t["predictions"] for t in list_tasks(ls, pid)}
-    for task_id, photo in zip(task_ids, photos):
+    for task_id, photo in zip(task_ids, photos, strict=True):
         (prediction,) = stored[task_id]
         assert prediction["model_version"] == version
         expected = model.predict_task(engine, [(target, engine.load_image(photo.read_bytes()))],

@@ -16,17 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.jobs.store import (
-    CANCELLED,
-    DONE,
-    FAILED,
-    PENDING,
-    QUEUED,
-    RUNNING,
-    JobStore,
-    JobStoreError,
-    default_url,
-)
+from backend.jobs.store import CANCELLED, DONE, FAILED, PENDING, QUEUED, RUNNING, JobStore, JobStoreError, default_url
 from backend.ls_api import Credentials
 from tests.ls_server import REPO_ROOT
 

@@ -11,9 +11,9 @@ from label_studio_sdk.converter import brush
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.detector import PromptError
-from backend.label_config import LabelConfigError, TaskDataError, normalise_phrase, parse_label_config
 from backend.engine_holder import EngineHolder
 from backend.errors import BadRequest, EngineNotReady
+from backend.label_config import LabelConfigError, TaskDataError, normalise_phrase, parse_label_config
 from backend.ls_model import GroundedSamModel, ModelSettings
 from backend.ls_results import prediction, segments_to_results
 from backend.project_state import ProjectMemory, project_key
@@ -67,7 +67,8 @@ def test_trace_config_gives_brush_target_and_textarea():
     (target,) = config.targets
     assert (target.name, target.value) == ("image", "$image")
     (control,) = target.controls
-    assert (control.name, control.kind, control.to_name, control.labels) == ("tag", "brushlabels", "image", ("cat", "dog"))
+    assert (control.name, control.kind, control.to_name, control.labels) == (
+        "tag", "brushlabels", "image", ("cat", "dog"))
     assert config.textareas == ("prompt",)
     assert config.default_phrases() == ["cat", "dog"]
     assert target.image_url({"image": "/data/upload/1/x.png"}) == "/data/upload/1/x.png"
@@ -88,7 +89,8 @@ def test_aliases_rectangles_and_polygons_share_the_image():
 @pytest.mark.parametrize("config, message", [
     ("<View><Image name='i' value='$i'/>", "not valid XML"),
     ("", "empty"),
-    ("<View><Image name='i' value='$i'/><RectangleLabels name='r' toName='i'><Label value='a'/></RectangleLabels></View>",
+    ("<View><Image name='i' value='$i'/><RectangleLabels name='r' toName='i'><Label value='a'/>"
+     "</RectangleLabels></View>",
      "no <BrushLabels>"),
     ("<View><Image name='i' value='$i'/><BrushLabels name='b' toName='i'></BrushLabels></View>", "no <Label"),
     ("<View><Text name='t' value='$t'/><BrushLabels name='b' toName='t'><Label value='a'/></BrushLabels></View>",
@@ -254,7 +256,8 @@ def test_model_predicts_every_control_with_the_real_engine(quick_engine):
     good, bad = outcome.results
     assert good["model_version"] == bad["model_version"] == quick_engine.model_version
     assert bad == {"error": outcome.errors[0]["error"], "model_version": quick_engine.model_version}
-    assert outcome.errors == [{"task": 2, "error": outcome.errors[0]["error"]}] and "'img'" in outcome.errors[0]["error"]
+    assert outcome.errors == [{"task": 2, "error": outcome.errors[0]["error"]}]
+    assert "'img'" in outcome.errors[0]["error"]
     assert good["result"], "random tiny models always find something at the default thresholds"
     kinds = {r["type"] for r in good["result"]}
     assert {"brushlabels", "rectanglelabels"} <= kinds

@@ -15,12 +15,7 @@ import pytest
 from backend.jobs.writer import tasks_with_prediction, write_predictions
 from backend.ls_api import Credentials, LabelStudioAuthError, LabelStudioClient
 from backend.ls_results import mask_to_rle
-from tests.ls_server import (
-    LabelStudioServer,
-    create_project,
-    list_predictions,
-    personal_access_token,
-)
+from tests.ls_server import LabelStudioServer, create_project, list_predictions, personal_access_token
 
 LABELS = ("tabby cat", "coffee cup")
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'

@@ -14,8 +14,7 @@ import pytest
 
 from backend import ls_api
 from backend.fetch import FetchError, FetchSettings, fetch_image
-from backend.ls_api import (MAX_SECRETS, Credentials, LabelStudioClient, install_log_redaction, redact,
-                            register_secret)
+from backend.ls_api import MAX_SECRETS, Credentials, LabelStudioClient, install_log_redaction, redact, register_secret
 from tests.test_fetch import LEGACY_TOKEN, FakeLabelStudio, png_bytes
 
 AMZ_SIG = "f3a9c0b1d2e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0"

@@ -207,7 +207,7 @@ def test_batch_with_bad_tasks_answers_every_task_in_order(quick_engine, fake_ls,
     results = body["results"]
     assert len(results) == len(tasks)
     errors = {e["task"]: e["error"] for e in body["errors"]}
-    for task, bad in zip(tasks[1:5], results[1:5]):  # nothing Label Studio would store: it asks again
+    for task, bad in zip(tasks[1:5], results[1:5], strict=True):  # nothing Label Studio would store: it asks again
         assert bad == {"error": errors[task["id"]], "model_version": quick_engine.model_version}
     assert set(errors) == {11, 12, 13, 14}
     assert "empty" in errors[12] and "pixels" in errors[14] and "can't reach" in errors[13]

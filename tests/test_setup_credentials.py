@@ -126,7 +126,7 @@ def test_run_script_listens_on_loopback_unless_auth_or_host_is_set():
     block = script[start:script.index("\nfi\n", start) + 4]
     for env, host in (({}, "127.0.0.1"), ({"BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p"}, "0.0.0.0"),
                       ({"HOST": "0.0.0.0"}, "0.0.0.0")):
-        run = subprocess.run(["bash", "-c", block + 'echo "HOST=$HOST"'], check=False, env={"PATH": "/usr/bin:/bin", **env},
-                             capture_output=True, text=True, timeout=10)
+        run = subprocess.run(["bash", "-c", block + 'echo "HOST=$HOST"'], check=False,
+                             env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=10)
         assert run.stdout.strip() == f"HOST={host}", run
         assert ("HOST=0.0.0.0" in run.stderr) == (host == "127.0.0.1"), run.stderr

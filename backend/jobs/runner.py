@@ -35,15 +35,7 @@ from ..fetch import FetchError
 from ..images import ImageError
 from ..label_config import TaskDataError
 from ..ls_api import LabelStudioAuthError, LabelStudioClient, LabelStudioError
-from .store import (
-    ACTIVE_JOB_STATES,
-    DEFAULT_LEASE_S,
-    ClaimedTask,
-    Job,
-    JobProgress,
-    JobStore,
-    JsonObject,
-)
+from .store import ACTIVE_JOB_STATES, DEFAULT_LEASE_S, ClaimedTask, Job, JobProgress, JobStore, JsonObject
 from .writer import DEFAULT_CHUNK, tasks_with_prediction, write_predictions
 
 logger = logging.getLogger(__name__)

@@ -23,16 +23,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from ..api_schema import ACTIVE_JOB_STATES, JOB_STATES, JobJson
 from ..ls_api import Credentials
-from .db import (
-    Database,
-    JobStoreError,
-    JsonObject,
-    credentials_from_row,
-    default_url,
-    job_tasks_table,
-    jobs_table,
-)
+from .db import Database, JobStoreError, JsonObject, credentials_from_row, default_url, job_tasks_table, jobs_table
 from .projects import ProjectStates, StoredProjectState
 
 __all__ = ["Database", "JobStoreError", "StoredProjectState", "default_url"]  # re-exported for callers
@@ -51,8 +44,7 @@ LAST_ERRORS = 5
 _IN_CHUNK = 500
 
 # Job states
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-ACTIVE_JOB_STATES = (QUEUED, RUNNING)
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = JOB_STATES  # one definition, shared with the HTTP JSON
 # Task states
 PENDING = "pending"  # plus RUNNING, DONE, FAILED
 
@@ -124,8 +116,8 @@ class JobProgress:
     def finished(self) -> bool:
         return self.state not in ACTIVE_JOB_STATES
 
-    def to_json(self) -> JsonObject:
-        """The JSON an HTTP API answers with."""
+    def to_json(self) -> JobJson:
+        """The JSON an HTTP API answers with (its one typed definition: ``backend.api_schema``)."""
         return {
             "id": self.id, "project": self.project, "model_version": self.model_version,
             "state": self.state, "total": self.total, "done": self.done, "failed": self.failed,

@@ -26,12 +26,7 @@ from typing import Any
 
 import requests
 
-from ..ls_api import (
-    API_KEY_HELP,
-    LabelStudioAuthError,
-    LabelStudioClient,
-    LabelStudioError,
-)
+from ..ls_api import API_KEY_HELP, LabelStudioAuthError, LabelStudioClient, LabelStudioError
 
 # Predictions per bulk request. Measured on Label Studio 1.23.2 (2 shared cores): a bulk request costs
 # it ~35-65 ms per small prediction (rising with the project's size: it recounts the predictions of
