@@ -39,7 +39,7 @@ BRUSH_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="ma
 DISTINCT = 25
 PHOTO_SIZE = (320, 240)
 WARMUP_TASKS = 3
-SINGLES = 40  # tasks predicted outside the job (cross-check)
+SINGLES = 40  # at most this many tasks (a fifth of the job's) are predicted outside it (cross-check)
 TARGET_OVERHEAD = 0.05
 
 
@@ -134,7 +134,8 @@ def run_jobs_bench(tasks: int, engine_json: Path, log: Any) -> tuple[JobBench, d
                 model.predict_job_task(single_job, task)
                 alone.append(time.perf_counter() - started)
 
-        sample = single_tasks[WARMUP_TASKS:WARMUP_TASKS + SINGLES] or single_tasks
+        count = max(2, min(SINGLES, tasks // 5))
+        sample = single_tasks[WARMUP_TASKS:WARMUP_TASKS + count] or single_tasks[:count]
         singles(sample[:len(sample) // 2])
         log(f"a {tasks}-task job")
         created = store.create_job(str(job_project), version, job_tasks, plan=plan,
