@@ -246,7 +246,8 @@ def run_pass(job: Job, settings: RaySettings, only: frozenset[int] | None) -> It
           .flat_map(page_rows, num_cpus=0.25)
           .map_batches(PredictActor, fn_constructor_kwargs={"job": job, "chunk_size": settings.chunk_size},
                        batch_size=settings.batch_size, batch_format="numpy", concurrency=settings.num_actors,
-                       max_restarts=settings.max_restarts, max_task_retries=settings.max_restarts, num_gpus=gpus, num_cpus=cpus))
+                       max_restarts=settings.max_restarts, max_task_retries=settings.max_restarts,
+                       num_gpus=gpus, num_cpus=cpus))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for task_id, state, error in zip(batch["task_id"], batch["state"], batch["error"], strict=True):
             yield int(task_id), str(state), str(error)
