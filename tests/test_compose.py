@@ -181,3 +181,17 @@ def test_healthcheck_script(health_server: dict[str, Any]) -> None:
     assert check(BASIC_AUTH_USER="u", BASIC_AUTH_PASS="p") == 0
     assert check(BASIC_AUTH_USER="u", BASIC_AUTH_PASS="wrong") == 1
     assert check(PORT="1") == 1  # nothing listening
+
+
+def test_ray_profile_runs_a_head_and_workers_from_the_backend_image(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    assert head["profiles"] == worker["profiles"] == ["ray"]
+    assert head["image"] == worker["image"] == services["backend"]["image"]
+    assert head["command"][:3] == ["ray", "start", "--head"] and "--block" in head["command"]
+    assert worker["command"] == ["ray", "start", "--address=ray-head:6379", "--block"]
+    for node in (head, worker):  # the engine loads from the shared cache; no Label Studio key on the nodes
+        assert "model_cache:/app/model_cache" in node["volumes"]
+        assert node["environment"]["RAY_USAGE_STATS_ENABLED"] == "0"
+        assert not any("API_KEY" in k for k in node["environment"])
+    assert "ray" not in (services["backend"].get("profiles") or [])  # the default stays one process
