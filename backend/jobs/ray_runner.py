@@ -273,6 +273,34 @@ def run_project_on_ray(job: Job, settings: RaySettings) -> RayOutcome:
     return outcome
 
 
+def preannotate_on_ray(model: GroundedSamModel, client: LabelStudioClient, project: int,
+                       settings: RaySettings) -> RayOutcome:
+    """``python -m backend.preannotate --ray``: the project's prompt plan and model version as the CLI's
+    one-process path computes them (``model`` is the driver's, built like the server's; the actors build
+    their own from their node's environment), then one pass over the project on the cluster.
+
+    Raises:
+        LabelStudioError: the project can't be read. ValueError: no BrushLabels, a prompt matching no label.
+    """
+    from ..label_config import parse_label_config
+    from ..project_state import project_key
+    from ..prompts import check_prompt_labels
+
+    config = client.get_project(int(project)).get("label_config")
+    if not config:
+        raise LabelStudioError(f"project {project} has no labeling config")
+    parsed = parse_label_config(str(config))
+    plan = model.plan(project_key(project), parsed, None)
+    check_prompt_labels(parsed, plan)
+    now = time.time()
+    job = Job(id=f"ray-{worker_name()}", project=str(int(project)), model_version=model.model_version,
+              plan=plan.to_json(), label_config=str(config), credentials=client.credentials, state="running",
+              error=None, created=now, updated=now)
+    logger.info("project %s: prompt %s (from %s), model %s, on Ray", project, list(plan.phrases), plan.source,
+                job.model_version)
+    return run_project_on_ray(job, settings)
+
+
 def run_job_on_ray(store: JobStore, job_id: str, settings: RaySettings, timeout: float | None = None) -> RayOutcome:
     """Work a store's job on the cluster until it is finished: claim its due tasks, run a pass over
     them, record each outcome (so /api/jobs shows progress), and pass again over the retryable
