@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.jobs.ray_runner import EXIT_AFTER_ENV, EXIT_MARKER_ENV, RaySettings, run_job_on_ray, run_project_on_ray
+from backend.jobs.ray_runner import EXIT_AFTER_ENV, EXIT_MARKER_ENV, RaySettings, preannotate_on_ray, run_job_on_ray
 from backend.jobs.store import DONE, JobStore
-from backend.ls_api import Credentials
+from backend.ls_api import Credentials, LabelStudioClient
 from tests.ls_server import LabelStudioServer, create_project, import_files, list_tasks
 from tests.test_job_runner import CONFIG, ENGINE_ENV, new_job, tiny_model, without_ids
 
@@ -110,8 +110,9 @@ def test_actor_pool_stores_what_the_single_process_path_predicts_once_per_task(
         found += bool(expected["result"])
     assert found >= TASKS // 4, f"the engine found something in only {found} tasks: the test proves little"
 
-    # Run again without a job (the CLI's path): every task is skipped, nothing is stored twice.
-    again = run_project_on_ray(job, SETTINGS)
+    # Run again without a job, as `preannotate --ray` does (plan from the project's labels, the driver's
+    # model version): every task is skipped, nothing is stored twice.
+    again = preannotate_on_ray(model, LabelStudioClient(Credentials(ls.url, ls.token)), pid, SETTINGS)
     assert sorted(again.skipped) == task_ids and again.written == [] and again.stopped is None
     assert all(len(p) == 1 for p in stored_predictions(ls, pid).values())
 

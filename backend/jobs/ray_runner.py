@@ -242,6 +242,8 @@ def run_pass(job: Job, settings: RaySettings, only: frozenset[int] | None) -> It
         return read_page(LabelStudioClient(credentials), project, int(row["page"]), size, version, only)
 
     gpus, cpus = actor_resources(settings.num_gpus, settings.num_cpus)
+    # A dead actor is restarted and its batch retried (max_restarts / max_task_retries go through
+    # ray_remote_args, deprecated from Ray 2.64: the lock pins 2.60).
     ds = (ray.data.from_items([{"page": p} for p in range(1, pages + 1)], override_num_blocks=pages)
           .flat_map(page_rows, num_cpus=0.25)
           .map_batches(PredictActor, fn_constructor_kwargs={"job": job, "chunk_size": settings.chunk_size},
