@@ -44,6 +44,8 @@ def images(folder: Path, n: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the one-process run (Ray starts its workers with 1)")
     args = parser.parse_args(argv)
     cache = Path(os.environ["TINY_MODEL_CACHE"])
     os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "ENGINE_CONFIG": str(cache / "engine.json"), **ENGINE_ENV})
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             return pid, new_job(store, ls, pid, tiny_model(credentials, cache).model_version)
 
         pid, job = fresh("bench-one-process")
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         started = time.perf_counter()
         model = tiny_model(credentials, cache)
         JobRunner(store, model.predict_job_task, client_factory).run_job(job)
