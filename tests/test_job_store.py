@@ -1,4 +1,5 @@
-"""The persistent job store (backend/jobs/store.py) on real SQLite files in temp dirs: idempotent job
+"""The persistent job store (backend/jobs/store.py) on real SQLite files in temp dirs and on a real
+PostgreSQL (each test runs on both; tests/conftest_pg.py): idempotent job
 creation, leased claims, a killed worker's tasks coming back, bounded retries, progress, cancel, and
 several processes sharing one database. Time is moved with a settable clock where leases or back-offs
 would otherwise need sleeping."""
@@ -39,8 +40,16 @@ def tasks(ids: range | list[int]) -> list[dict[str, object]]:
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'data' / 'jobs.sqlite3'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """Each store test runs on a SQLite file and on a database of a real PostgreSQL (conftest_pg)."""
+    if request.param == "sqlite":
+        return sqlite_url
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture
@@ -249,7 +258,8 @@ def test_two_processes_never_claim_the_same_task(db_url: str) -> None:
     assert progress is not None and (progress.state, progress.done) == (DONE, 120)
 
 
-def test_database_file_is_private_and_survives_reopening(db_url: str, tmp_path: Path) -> None:
+def test_database_file_is_private_and_survives_reopening(sqlite_url: str, tmp_path: Path) -> None:
+    db_url = sqlite_url
     credentials = Credentials("http://127.0.0.1:8080", "secret-key-0123456789", "setup")
     first = JobStore(db_url)
     job = first.create_job("7", "v1", tasks([1]), plan={"phrases": ["cat"], "box_threshold": 0.3},
