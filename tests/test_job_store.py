@@ -12,7 +12,9 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -290,6 +292,49 @@ def test_project_state_is_shared_between_stores(db_url: str, clock: Clock) -> No
         b.update("7", prompt="x")
     b.forget("7")
     assert a.get("7") is None
+
+
+def all_at_once(n: int, action: Callable[[int], object]) -> list[str]:
+    """Run ``action(i)`` in ``n`` threads released together; returns the errors they raised."""
+    barrier = threading.Barrier(n)
+    errors: list[str] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            action(i)
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors
+
+
+def test_replicas_starting_together_create_the_tables_once(db_url: str) -> None:
+    """Replicas started together on a new database: on PostgreSQL, concurrent CREATE TABLEs collided."""
+    stores: list[JobStore] = []
+    assert all_at_once(6, lambda _: stores.append(JobStore(db_url))) == []
+    assert stores[0].create_job("7", "v1", tasks([1])).added == 1
+
+
+def test_first_setup_of_a_project_from_two_replicas_at_once(db_url: str) -> None:
+    """Each replica's read-then-insert of a new project's row: on PostgreSQL the second insert failed."""
+    stores = [JobStore(db_url) for _ in range(6)]
+    assert all_at_once(6, lambda i: stores[i].projects.update("7", extra={"replica": i})) == []
+    state = stores[0].projects.get("7")
+    assert state is not None and state.extra is not None and state.extra["replica"] in range(6)
+
+
+def test_same_tasks_from_two_replicas_at_once_make_one_job(db_url: str) -> None:
+    stores = [JobStore(db_url) for _ in range(6)]
+    created: list[str | None] = []
+    assert all_at_once(6, lambda i: created.append(stores[i].create_job("7", "v1", tasks(range(20))).job_id)) == []
+    assert len(set(created)) == 1
+    assert [p.total for p in stores[0].list_jobs(project="7")] == [20]
 
 
 def test_database_location_from_the_environment(tmp_path: Path) -> None:
