@@ -25,8 +25,16 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from ..api_schema import ACTIVE_JOB_STATES, JOB_STATES, JobJson
 from ..ls_api import Credentials
-from .db import (Database, JobStoreError, JsonObject, credentials_from_row, default_url, job_tasks_table, jobs_table,
-                 serialise)
+from .db import (
+    Database,
+    JobStoreError,
+    JsonObject,
+    credentials_from_row,
+    default_url,
+    job_tasks_table,
+    jobs_table,
+    serialise,
+)
 from .projects import ProjectStates, StoredProjectState
 
 __all__ = ["Database", "JobStoreError", "StoredProjectState", "default_url"]  # re-exported for callers
