@@ -337,6 +337,17 @@ def test_same_tasks_from_two_replicas_at_once_make_one_job(db_url: str) -> None:
     assert [p.total for p in stores[0].list_jobs(project="7")] == [20]
 
 
+def test_workers_finishing_the_last_tasks_at_once_finish_the_job(db_url: str) -> None:
+    """Each worker's commit settles the job; on PostgreSQL each used to miss the other's last task."""
+    stores = [JobStore(db_url) for _ in range(8)]
+    for version in ("v1", "v2", "v3"):  # a race: three rounds
+        job = stores[0].create_job("7", version, tasks(range(8))).job_id
+        assert job is not None and len(stores[0].claim_tasks(job, 8, "w")) == 8
+        assert all_at_once(8, lambda i, job=job: stores[i].mark_done(job, [i])) == []
+        progress = stores[0].progress(job)
+        assert progress is not None and (progress.state, progress.done) == (DONE, 8)
+
+
 def test_database_location_from_the_environment(tmp_path: Path) -> None:
     assert default_url({"JOBS_DB": "postgresql://db/jobs", "DATA_DIR": "/x"}) == "postgresql://db/jobs"
     assert default_url({"DATA_DIR": str(tmp_path)}) == f"sqlite:///{tmp_path / 'jobs.sqlite3'}"

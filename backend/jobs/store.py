@@ -394,6 +394,10 @@ class JobStore:
     def _settle(self, conn: Connection, job_id: str, now: float) -> None:
         """An active job with no pending or running task left is done."""
         t, j = job_tasks_table, jobs_table
+        # Lock the job's row before counting: on PostgreSQL (read committed) two workers finishing the
+        # last two tasks at once would each still see the other's task running, and the job would
+        # stay running with nothing left. Taken after the task updates, like every writer here.
+        conn.execute(sa.select(j.c.id).where(j.c.id == job_id).with_for_update())
         left = conn.execute(sa.select(sa.func.count()).select_from(t).where(
             t.c.job_id == job_id, t.c.state.in_((PENDING, RUNNING)))).scalar_one()
         values: JsonObject = {"updated": now}
