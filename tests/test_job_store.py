@@ -18,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from backend.jobs.db import jobs_table
 from backend.jobs.store import CANCELLED, DONE, FAILED, PENDING, QUEUED, RUNNING, JobStore, JobStoreError, default_url
 from backend.ls_api import Credentials
 from tests.ls_server import REPO_ROOT
@@ -346,6 +348,19 @@ def test_workers_finishing_the_last_tasks_at_once_finish_the_job(db_url: str) ->
         assert all_at_once(8, lambda i, job=job: stores[i].mark_done(job, [i])) == []
         progress = stores[0].progress(job)
         assert progress is not None and (progress.state, progress.done) == (DONE, 8)
+
+
+def test_a_read_sees_one_snapshot(db_url: str) -> None:
+    """progress() reads counts, rate and errors in several statements: a commit in between must not
+    show in some of them only (PostgreSQL's default, read committed, showed it)."""
+    reader, writer = JobStore(db_url), JobStore(db_url)
+    count = sa.select(sa.func.count()).select_from(jobs_table)
+    with reader.db.read() as conn:
+        before = conn.execute(count).scalar_one()
+        assert writer.create_job("7", "v1", tasks([1])).added == 1
+        assert conn.execute(count).scalar_one() == before
+    with reader.db.read() as conn:
+        assert conn.execute(count).scalar_one() == before + 1
 
 
 def test_database_location_from_the_environment(tmp_path: Path) -> None:

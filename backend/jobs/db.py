@@ -171,7 +171,14 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn, conn.begin():
+        """A read-only transaction that sees one snapshot throughout (a job's counts, rate and errors
+        agree): SQLite's deferred BEGIN does that; PostgreSQL needs repeatable read for it."""
+        conn = self.engine.connect()
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        else:
+            conn = conn.execution_options(sqlite_begin="DEFERRED")
+        with conn, conn.begin():
             yield conn
 
 
