@@ -52,6 +52,15 @@ def missing_reason() -> str | None:
     return None
 
 
+def _base_dir() -> str:
+    """Where the cluster's folder goes: the temp dir, unless the postgres user can't reach it (a
+    root-only TMPDIR) or a unix socket path in it would pass the 107-byte limit; then /tmp."""
+    base = tempfile.gettempdir()
+    reachable = os.geteuid() != 0 or all(os.stat(parent).st_mode & 0o001 for parent in
+                                          [base, *map(str, Path(base).parents)])
+    return base if reachable and len(base) < 60 else "/tmp"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -69,7 +78,7 @@ class PostgresServer:
         if bin_dir is None:
             raise RuntimeError(missing_reason() or "PostgreSQL is not installed")
         self.bin_dir = bin_dir
-        self.root = Path(tempfile.mkdtemp(prefix="gsam-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="gsam-pg-", dir=_base_dir()))
         self.data_dir = self.root / "data"
         self.log = self.root / "postgres.log"
         self.port = _free_port()
@@ -90,10 +99,11 @@ class PostgresServer:
 
     def start(self) -> None:
         self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
+                  "--no-locale", "--no-sync", "--no-instructions")  # no-locale: LANG may name a missing one
         # fsync off: a test cluster needs no durability, and it makes every commit cheap.
+        # max_connections: every JobStore a test opens keeps a pool until it is collected.
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off " \
-                  "-c synchronous_commit=off -c full_page_writes=off"
+                  "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
         self._run("pg_ctl", "start", "-w", "-t", str(START_TIMEOUT_S), "-D", str(self.data_dir),
                   "-l", str(self.log), "-o", options)
 
