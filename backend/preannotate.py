@@ -267,7 +267,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs-db", default=None,
                         help="the job store shared with the server (default: JOBS_DB, else DATA_DIR/jobs.sqlite3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run on a Ray cluster: 'auto', 'head:6379', 'ray://head:10001'; no ADDRESS: "
+                             "RAY_ADDRESS, else a local cluster (RAY_ADDRESS alone turns this on)")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="with --ray: engines in the actor pool (default: the cluster's GPUs, else 1)")
     args = parser.parse_args(argv)
+    if args.ray is None and os.environ.get("RAY_ADDRESS"):
+        args.ray = ""
+    if args.actors is not None and args.actors < 1:
+        parser.error("--actors must be at least 1")
+    if args.ray is not None and args.prompt:
+        parser.error("--prompt is not used with --ray: the actors use the project's prompt (its labels, "
+                     "extra_params or PROMPT)")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.limit is not None and args.limit < 1:
@@ -295,6 +307,8 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int
         client = LabelStudioClient(credentials)  # registers the key with the log redactor
         store = JobStore(args.jobs_db or default_url())
         model = build_model(None, credentials, engine, jobs=store)
+        if args.ray is not None:
+            return _main_on_ray(args, model, client)
         summary = preannotate(client, args.project, model, prompt=args.prompt, batch_size=args.batch_size,
                               limit=args.limit, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -314,6 +328,28 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int
         print(f"preannotate: {summary.stopped}", file=sys.stderr)
         return 2
     return 1 if summary.failed else 0
+
+
+def _main_on_ray(args: argparse.Namespace, model: GroundedSamModel, client: LabelStudioClient) -> int:
+    """--ray: the project on a Ray cluster (backend/jobs/ray_runner.py); same exit statuses."""
+    import ray
+
+    from .jobs.ray_runner import RaySettings, ensure_ray, preannotate_on_ray
+
+    ensure_ray(args.ray or None)  # None: ray.init reads RAY_ADDRESS, else starts a local cluster
+    actors = args.actors or max(1, int(ray.cluster_resources().get("GPU", 0)))
+    outcome = preannotate_on_ray(model, client, args.project, RaySettings(
+        address=args.ray or None, num_actors=actors, batch_size=args.batch_size,
+        chunk_size=max(args.batch_size, 20)))
+    failed = {**outcome.failed, **outcome.retry}
+    for task_id, reason in sorted(failed.items()):
+        print(f"task {task_id} failed: {reason}", file=sys.stderr)
+    if outcome.stopped:
+        print(f"preannotate: {outcome.stopped}", file=sys.stderr)
+        return 2
+    print(f"preannotate: project {args.project}, model {model.model_version}, on Ray ({actors} actors): done "
+          f"{len(outcome.written)}, skipped {len(outcome.skipped)}, failed {len(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

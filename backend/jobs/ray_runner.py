@@ -292,8 +292,7 @@ def preannotate_on_ray(model: GroundedSamModel, client: LabelStudioClient, proje
     if not config:
         raise LabelStudioError(f"project {project} has no labeling config")
     parsed = parse_label_config(str(config))
-    plan = model.plan(project_key(project), parsed, None)
-    check_prompt_labels(parsed, plan)
+    plan = check_prompt_labels(parsed, model.plan(project_key(project), parsed, None))
     now = time.time()
     job = Job(id=f"ray-{worker_name()}", project=str(int(project)), model_version=model.model_version,
               plan=plan.to_json(), label_config=str(config), credentials=client.credentials, state="running",
