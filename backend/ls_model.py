@@ -46,7 +46,7 @@ from .prompts import (
 )
 
 if TYPE_CHECKING:
-    from .jobs.runner import JobRunner
+    from .jobs.runner import JobRunner, TaskPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -209,27 +209,41 @@ class GroundedSamModel:
     # -- background jobs ---------------------------------------------------------------------------
     def start_jobs(self) -> JobRunner:
         """Run the store's jobs in a background thread of this process (resuming unfinished ones)."""
+        if self.runner is None:
+            self.runner = self.job_runner()
+            self.runner.start()
+        return self.runner
+
+    def job_runner(self, predict: TaskPredictor | None = None, **options: Any) -> JobRunner:
+        """A JobRunner over this model's job store, predicting with ``predict_job_task`` (or
+        ``predict``, a wrapper of it) and writing with the job's credentials: the server runs one in
+        the background (``start_jobs``), ``backend.preannotate`` one in the foreground. ``options``
+        go to JobRunner (batch_size, chunk_size, ...)."""
         from .jobs.runner import JobRunner
 
         if self.jobs is None:
             raise RuntimeError("no job store: set JOBS_DB or DATA_DIR")
-        if self.runner is None:
-            self.runner = JobRunner(self.jobs, self.predict_job_task, self._job_client)
-            self.runner.start()
-        return self.runner
+        return JobRunner(self.jobs, predict or self.predict_job_task, self._job_client, **options)
 
-    def predict_job_task(self, job: Job, task: Mapping[str, Any]) -> dict[str, Any]:
+    def predict_job_task(self, job: Job, task: Mapping[str, Any],
+                         images: Sequence[tuple[ImageTarget, np.ndarray]] | None = None) -> dict[str, Any]:
         """One task of a background job, with the job's plan and labeling config and this process's
-        model version (the runner stops a job whose version no longer matches)."""
+        model version (the runner stops a job whose version no longer matches). ``images``: the
+        task's images from ``load_job_task`` when the caller fetched them ahead (Ray actors)."""
+        engine = self.engine.get(timeout=self.settings.engine_wait_s)
+        if images is None:
+            images = self.load_job_task(job, task)
+        entry = self.predict_task(engine, images, PromptPlan.from_json(job.plan), self.model_version)
+        self._link_regions(entry, task.get("id"), job.project)
+        return entry
+
+    def load_job_task(self, job: Job, task: Mapping[str, Any]) -> list[tuple[ImageTarget, np.ndarray]]:
+        """The images of one task of a background job (its labeling config, its key): the I/O part."""
         if not job.label_config:
             raise BadRequest(f"job {job.id} has no labeling config")
         engine = self.engine.get(timeout=self.settings.engine_wait_s)
-        config = parse_label_config(job.label_config)
         client = self.clients.get(job.credentials) if job.credentials else None
-        entry = self.predict_task(engine, self.load_task(engine, task, config, client),
-                                  PromptPlan.from_json(job.plan), self.model_version)
-        self._link_regions(entry, task.get("id"), job.project)
-        return entry
+        return self.load_task(engine, task, parse_label_config(job.label_config), client)
 
     def _job_client(self, job: Job) -> LabelStudioClient:
         if job.credentials is None:

@@ -4,6 +4,7 @@
     python -m bench --quick    # fewer repeats, smaller Grounding DINO input, 4-task batch
     python -m bench --smoke    # tiny models (tests/tiny_models.py): checks the script still works
     python -m bench --device cuda --sam vit_h --precision bf16   # the GPU bench (per-stage ms)
+    python -m bench --jobs 200  # a 200-task job vs its tasks one by one (tiny models, real Label Studio)
 
 Everything is timed interleaved (reference, ours, reference, ours, ...) so background load hits both
 alike; figures are medians. See bench/README.md for what each figure means and measured results.
@@ -542,6 +543,10 @@ def report(res: Results, info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def print_log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group()
@@ -559,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="the engine's precision (default: the engine's auto, fp32 on CPU, bf16 on GPU or fp16 "
                              "where bf16 is unsupported); the reference runs fp32")
+    parser.add_argument("--jobs", type=int, metavar="TASKS",
+                        help="instead: the job machinery's overhead on TASKS tasks (tiny models; bench/jobs.py)")
     parser.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--explanations", choices=["on", "off"], help=argparse.SUPPRESS)
     parser.add_argument("--dino-size", type=int, help=argparse.SUPPRESS)
@@ -577,6 +584,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "default"]
+    if args.jobs is not None:
+        from bench import jobs
+
+        if args.jobs < 1:
+            parser.error("--jobs needs at least 1 task")
+        engine_json, _ = model_cache(MODES["smoke"], args.cache)
+        info = {**machine(device), "mode": "jobs", "device": device}
+        return jobs.main(args.jobs, engine_json, info, args.json, print_log)
     if args.smoke and args.sam != "vit_b":
         parser.error("--sam applies to the real-size models; --smoke runs the tiny ones")
     mode.device, mode.sam_variant, mode.precision = device, args.sam, precision

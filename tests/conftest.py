@@ -61,4 +61,4 @@ def chelsea() -> np.ndarray:
 
 # Real Label Studio fixture (`label_studio`), see tests/conftest_ls.py; unit/integration/e2e markers
 # from each test's fixtures, see tests/markers.py.
-pytest_plugins = ["tests.conftest_ls", "tests.markers"]
+pytest_plugins = ["tests.conftest_ls", "tests.conftest_pg", "tests.markers"]

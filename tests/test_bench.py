@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -64,3 +66,33 @@ def test_bench_refuses_a_sam_size_for_the_tiny_models():
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--sam", "vit_h"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--sam applies to the real-size models" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_bench_jobs_mode_times_a_job_written_to_label_studio(tiny_cache, tmp_path):
+    """``python -m bench --jobs N`` (the job machinery's overhead) on a handful of tasks: the job writes
+    every task's prediction to the real Label Studio it starts, and both sides of the ratio are timed."""
+    from tests.ls_server import label_studio_installed
+
+    if not label_studio_installed():
+        pytest.skip("Label Studio is not installed; run scripts/install_label_studio.sh")
+    out = tmp_path / "jobs.json"
+    env = {**os.environ, "TINY_MODEL_CACHE": str(tiny_cache)}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--jobs", "4", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in ("Job machinery overhead (4 tasks", "sum of single-task predictions", "whole job (JobRunner.run_job)",
+                   "4 predictions written to Label Studio, job done", "job overhead", "cores, torch"):
+        assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
+    data = json.loads(out.read_text())
+    jobs = data["jobs"]
+    assert (jobs["tasks"], jobs["written"], jobs["job_state"]) == (4, 4, "done")
+    assert jobs["single_sum_s"] > 0 and jobs["job_wall_s"] > 0
+    assert math.isclose(jobs["overhead"], jobs["job_wall_s"] / jobs["single_sum_s"] - 1)
+    assert data["info"]["cpu"] and data["info"]["isa"]
+
+
+def test_bench_jobs_mode_refuses_no_tasks():
+    proc = subprocess.run([sys.executable, "-m", "bench", "--jobs", "0"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--jobs needs at least 1 task" in proc.stderr

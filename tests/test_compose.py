@@ -106,6 +106,28 @@ def test_services_volumes_and_env(compose: dict[str, Any]) -> None:
     assert {"BASIC_AUTH_USER", "BASIC_AUTH_PASS"} <= set(ui["environment"])
 
 
+def test_replicas_profile_shares_postgres_behind_the_proxy(compose: dict[str, Any]) -> None:
+    """Profile "replicas": two backends on one PostgreSQL job store, reached through backend-proxy."""
+    services = compose["services"]
+    postgres = services["postgres"]
+    assert postgres["profiles"] == ["replicas"] and postgres["image"].startswith("postgres:")
+    db = postgres["environment"]
+    replicas = [services[f"backend-replica-{i}"] for i in (1, 2)]
+    for svc in replicas:
+        env = svc["environment"]
+        assert svc["profiles"] == ["replicas"] and svc["command"] == ["backend"] and "ports" not in svc
+        assert env["JOBS_DB"].startswith(f"postgresql+psycopg://{db['POSTGRES_USER']}:")
+        assert env["JOBS_DB"].endswith(f"@postgres:5432/{db['POSTGRES_DB']}")
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+        # One name for both: nginx resolves it per request (resolver + a variable proxy_pass) and
+        # takes turns between the addresses Docker's DNS answers.
+        assert svc["networks"]["default"]["aliases"] == ["backend-replicas"]
+        assert env["BASIC_AUTH_PASS"] == services["backend"]["environment"]["BASIC_AUTH_PASS"]
+    conf = (ROOT / "docker" / "nginx.conf.template").read_text()
+    assert re.search(r"^\s*resolver 127\.0\.0\.11", conf, re.M) and "set $backend http://${BACKEND_UPSTREAM}" in conf
+    assert "backend-replicas:9090" in docker_section()
+
+
 def test_readme_env_exists(compose: dict[str, Any]) -> None:
     """Every variable the README's Docker table documents is read by the compose file, and every
     secret the compose file requires is in docker/env.example."""
@@ -186,3 +208,17 @@ def test_healthcheck_script(health_server: dict[str, Any]) -> None:
     assert check(BASIC_AUTH_USER="u", BASIC_AUTH_PASS="p") == 0
     assert check(BASIC_AUTH_USER="u", BASIC_AUTH_PASS="wrong") == 1
     assert check(PORT="1") == 1  # nothing listening
+
+
+def test_ray_profile_runs_a_head_and_workers_from_the_backend_image(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    assert head["profiles"] == worker["profiles"] == ["ray"]
+    assert head["image"] == worker["image"] == services["backend"]["image"]
+    assert head["command"][:3] == ["ray", "start", "--head"] and "--block" in head["command"]
+    assert worker["command"] == ["ray", "start", "--address=ray-head:6379", "--block"]
+    for node in (head, worker):  # the engine loads from the shared cache; no Label Studio key on the nodes
+        assert "model_cache:/app/model_cache" in node["volumes"]
+        assert node["environment"]["RAY_USAGE_STATS_ENABLED"] == "0"
+        assert not any("API_KEY" in k for k in node["environment"])
+    assert "ray" not in (services["backend"].get("profiles") or [])  # the default stays one process

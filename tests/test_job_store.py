@@ -1,4 +1,5 @@
-"""The persistent job store (backend/jobs/store.py) on real SQLite files in temp dirs: idempotent job
+"""The persistent job store (backend/jobs/store.py) on real SQLite files in temp dirs and on a real
+PostgreSQL (each test runs on both; tests/conftest_pg.py): idempotent job
 creation, leased claims, a killed worker's tasks coming back, bounded retries, progress, cancel, and
 several processes sharing one database. Time is moved with a settable clock where leases or back-offs
 would otherwise need sleeping."""
@@ -11,11 +12,15 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from backend.jobs.db import jobs_table
 from backend.jobs.store import CANCELLED, DONE, FAILED, PENDING, QUEUED, RUNNING, JobStore, JobStoreError, default_url
 from backend.ls_api import Credentials
 from tests.ls_server import REPO_ROOT
@@ -39,8 +44,16 @@ def tasks(ids: range | list[int]) -> list[dict[str, object]]:
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'data' / 'jobs.sqlite3'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """Each store test runs on a SQLite file and on a database of a real PostgreSQL (conftest_pg)."""
+    if request.param == "sqlite":
+        return sqlite_url
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture
@@ -280,7 +293,8 @@ def test_two_processes_never_claim_the_same_task(db_url: str) -> None:
     assert progress is not None and (progress.state, progress.done) == (DONE, 120)
 
 
-def test_database_file_is_private_and_survives_reopening(db_url: str, tmp_path: Path) -> None:
+def test_database_file_is_private_and_survives_reopening(sqlite_url: str, tmp_path: Path) -> None:
+    db_url = sqlite_url
     credentials = Credentials("http://127.0.0.1:8080", "secret-key-0123456789", "setup")
     first = JobStore(db_url)
     job = first.create_job("7", "v1", tasks([1]), plan={"phrases": ["cat"], "box_threshold": 0.3},
@@ -311,6 +325,73 @@ def test_project_state_is_shared_between_stores(db_url: str, clock: Clock) -> No
         b.update("7", prompt="x")
     b.forget("7")
     assert a.get("7") is None
+
+
+def all_at_once(n: int, action: Callable[[int], object]) -> list[str]:
+    """Run ``action(i)`` in ``n`` threads released together; returns the errors they raised."""
+    barrier = threading.Barrier(n)
+    errors: list[str] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            action(i)
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors
+
+
+def test_replicas_starting_together_create_the_tables_once(db_url: str) -> None:
+    """Replicas started together on a new database: on PostgreSQL, concurrent CREATE TABLEs collided."""
+    stores: list[JobStore] = []
+    assert all_at_once(6, lambda _: stores.append(JobStore(db_url))) == []
+    assert stores[0].create_job("7", "v1", tasks([1])).added == 1
+
+
+def test_first_setup_of_a_project_from_two_replicas_at_once(db_url: str) -> None:
+    """Each replica's read-then-insert of a new project's row: on PostgreSQL the second insert failed."""
+    stores = [JobStore(db_url) for _ in range(6)]
+    assert all_at_once(6, lambda i: stores[i].projects.update("7", extra={"replica": i})) == []
+    state = stores[0].projects.get("7")
+    assert state is not None and state.extra is not None and state.extra["replica"] in range(6)
+
+
+def test_same_tasks_from_two_replicas_at_once_make_one_job(db_url: str) -> None:
+    stores = [JobStore(db_url) for _ in range(6)]
+    created: list[str | None] = []
+    assert all_at_once(6, lambda i: created.append(stores[i].create_job("7", "v1", tasks(range(20))).job_id)) == []
+    assert len(set(created)) == 1
+    assert [p.total for p in stores[0].list_jobs(project="7")] == [20]
+
+
+def test_workers_finishing_the_last_tasks_at_once_finish_the_job(db_url: str) -> None:
+    """Each worker's commit settles the job; on PostgreSQL each used to miss the other's last task."""
+    stores = [JobStore(db_url) for _ in range(8)]
+    for version in ("v1", "v2", "v3"):  # a race: three rounds
+        job = stores[0].create_job("7", version, tasks(range(8))).job_id
+        assert job is not None and len(stores[0].claim_tasks(job, 8, "w")) == 8
+        assert all_at_once(8, lambda i, job=job: stores[i].mark_done(job, [i])) == []
+        progress = stores[0].progress(job)
+        assert progress is not None and (progress.state, progress.done) == (DONE, 8)
+
+
+def test_a_read_sees_one_snapshot(db_url: str) -> None:
+    """progress() reads counts, rate and errors in several statements: a commit in between must not
+    show in some of them only (PostgreSQL's default, read committed, showed it)."""
+    reader, writer = JobStore(db_url), JobStore(db_url)
+    count = sa.select(sa.func.count()).select_from(jobs_table)
+    with reader.db.read() as conn:
+        before = conn.execute(count).scalar_one()
+        assert writer.create_job("7", "v1", tasks([1])).added == 1
+        assert conn.execute(count).scalar_one() == before
+    with reader.db.read() as conn:
+        assert conn.execute(count).scalar_one() == before + 1
 
 
 def test_database_location_from_the_environment(tmp_path: Path) -> None:

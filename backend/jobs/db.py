@@ -150,7 +150,11 @@ class Database:
         self.url = url or default_url()
         self.clock = clock
         self.engine = _make_engine(self.url)
-        metadata.create_all(self.engine)  # idempotent; concurrent first starts are serialised by SQLite
+        with self.engine.begin() as conn:
+            # Idempotent; replicas starting together on a new PostgreSQL database would otherwise
+            # race to create the same tables (duplicate key in pg_type).
+            serialise(conn, "schema")
+            metadata.create_all(conn)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -167,8 +171,23 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn, conn.begin():
+        """A read-only transaction that sees one snapshot throughout (a job's counts, rate and errors
+        agree): SQLite's deferred BEGIN does that; PostgreSQL needs repeatable read for it."""
+        conn = self.engine.connect()
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        else:
+            conn = conn.execution_options(sqlite_begin="DEFERRED")
+        with conn, conn.begin():
             yield conn
+
+
+def serialise(conn: Connection, key: str) -> None:
+    """Make the rest of this write transaction exclusive among those that pass the same ``key``: for a
+    read-then-insert that two processes must not interleave. On PostgreSQL a transaction-scoped advisory
+    lock (released at commit or rollback); SQLite's ``BEGIN IMMEDIATE`` already serialises every writer."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
 
 
 def credentials_from_row(url: str | None, key: str | None, source: str | None) -> Credentials | None:

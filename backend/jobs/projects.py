@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 
 from ..ls_api import Credentials
-from .db import Database, JsonObject, credentials_from_row, project_state_table
+from .db import Database, JsonObject, credentials_from_row, project_state_table, serialise
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class ProjectStates:
         now = self.db.clock()
         p = project_state_table
         with self.db.write() as conn:
+            serialise(conn, f"project|{project}")  # two replicas' first /setup must not both insert
             exists = conn.execute(sa.select(p.c.project).where(p.c.project == str(project))).first()
             if exists:
                 conn.execute(p.update().where(p.c.project == str(project)).values(updated=now, **values))

@@ -25,7 +25,16 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from ..api_schema import ACTIVE_JOB_STATES, JOB_STATES, JobJson
 from ..ls_api import Credentials
-from .db import Database, JobStoreError, JsonObject, credentials_from_row, default_url, job_tasks_table, jobs_table
+from .db import (
+    Database,
+    JobStoreError,
+    JsonObject,
+    credentials_from_row,
+    default_url,
+    job_tasks_table,
+    jobs_table,
+    serialise,
+)
 from .projects import ProjectStates, StoredProjectState
 
 __all__ = ["Database", "JobStoreError", "StoredProjectState", "default_url"]  # re-exported for callers
@@ -194,9 +203,7 @@ class JobStore:
         now = self.clock()
         project = str(project)
         with self._write() as conn:
-            if conn.dialect.name == "postgresql":  # SQLite's BEGIN IMMEDIATE already serialises this
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                             {"key": f"jobs|{project}|{model_version}"})
+            serialise(conn, f"jobs|{project}|{model_version}")  # read held tasks, then insert
             held = self._held_tasks(conn, project, model_version, list(by_id))
             new = [task_id for task_id in by_id if task_id not in held]
             if not new:
@@ -362,7 +369,8 @@ class JobStore:
         if worker_id is not None:
             where.append(t.c.lease_owner == worker_id)
         with self._write() as conn:
-            row = conn.execute(sa.select(t.c.attempts, t.c.state).where(*where)).first()
+            # Locked: on PostgreSQL a claim of an expired lease could otherwise change attempts meanwhile.
+            row = conn.execute(sa.select(t.c.attempts, t.c.state).where(*where).with_for_update()).first()
             if row is None:
                 return str(conn.execute(sa.select(t.c.state).where(
                     t.c.job_id == job_id, t.c.task_id == task_id)).scalar() or "")
@@ -394,6 +402,10 @@ class JobStore:
     def _settle(self, conn: Connection, job_id: str, now: float) -> None:
         """An active job with no pending or running task left is done."""
         t, j = job_tasks_table, jobs_table
+        # Lock the job's row before counting: on PostgreSQL (read committed) two workers finishing the
+        # last two tasks at once would each still see the other's task running, and the job would
+        # stay running with nothing left. Taken after the task updates, like every writer here.
+        conn.execute(sa.select(j.c.id).where(j.c.id == job_id).with_for_update())
         left = conn.execute(sa.select(sa.func.count()).select_from(t).where(
             t.c.job_id == job_id, t.c.state.in_((PENDING, RUNNING)))).scalar_one()
         values: JsonObject = {"updated": now}
@@ -416,6 +428,20 @@ class JobStore:
         with self._read() as conn:
             return [self._progress(conn, row) for row in conn.execute(query).mappings().all()]
 
+    def task_errors(self, job_id: str, limit: int | None = None) -> tuple[TaskError, ...]:
+        """The job's tasks that are not done and have an error (failed for good, or pending a retry),
+        newest first; ``progress`` reports the last few, a CLI's summary all of them."""
+        with self._read() as conn:
+            return self._task_errors(conn, job_id, limit)
+
+    def _task_errors(self, conn: Connection, job_id: str, limit: int | None) -> tuple[TaskError, ...]:
+        t = job_tasks_table
+        query = sa.select(t.c.task_id, t.c.state, t.c.attempts, t.c.last_error).where(
+            t.c.job_id == job_id, t.c.last_error.is_not(None), t.c.state != DONE).order_by(
+            t.c.updated.desc(), t.c.task_id)
+        rows = conn.execute(query if limit is None else query.limit(limit))
+        return tuple(TaskError(int(r.task_id), str(r.state), int(r.attempts), str(r.last_error)) for r in rows)
+
     def _progress(self, conn: Connection, job: RowMapping) -> JobProgress:
         t = job_tasks_table
         now = self.clock()
@@ -437,11 +463,7 @@ class JobStore:
                 eta = left / rate
             elif left == 0:
                 eta = 0.0
-        errors = tuple(TaskError(int(r.task_id), str(r.state), int(r.attempts), str(r.last_error))
-                       for r in conn.execute(
-                           sa.select(t.c.task_id, t.c.state, t.c.attempts, t.c.last_error).where(
-                               t.c.job_id == job["id"], t.c.last_error.is_not(None), t.c.state != DONE)
-                           .order_by(t.c.updated.desc(), t.c.task_id).limit(LAST_ERRORS)))
+        errors = self._task_errors(conn, str(job["id"]), LAST_ERRORS)
         return JobProgress(
             id=str(job["id"]), project=str(job["project"]), model_version=str(job["model_version"]),
             state=str(job["state"]), total=sum(counts.values()), done=done, failed=failed, pending=pending,

@@ -101,6 +101,13 @@ def _detail(response: requests.Response) -> str:
     return json.dumps(body)[:300]
 
 
+def has_prediction_of(task: Mapping[str, Any], model_version: str) -> bool:
+    """True when a task as Label Studio lists it (``fields=all``) has a prediction of exactly
+    ``model_version`` (Label Studio's own filter matches substrings)."""
+    return any(isinstance(p, Mapping) and p.get("model_version") == model_version
+               for p in task.get("predictions") or [])
+
+
 def tasks_with_prediction(client: LabelStudioClient, project: int, task_ids: Sequence[int],
                           model_version: str) -> set[int]:
     """The ids among ``task_ids`` that already have a prediction of exactly ``model_version``.
@@ -137,8 +144,7 @@ def tasks_with_prediction(client: LabelStudioClient, project: int, task_ids: Seq
         except (ValueError, KeyError, TypeError) as exc:
             raise LabelStudioError(f"Label Studio at {client.url} sent an unexpected answer while {what}") from exc
         for task in tasks:
-            if any(isinstance(p, Mapping) and p.get("model_version") == model_version
-                   for p in task.get("predictions") or []):
+            if has_prediction_of(task, model_version):
                 found.add(int(task["id"]))
         seen += len(tasks)
         if not tasks or seen >= total:
