@@ -242,9 +242,10 @@ def test_runner_killed_mid_job_is_finished_after_a_restart_with_nothing_lost_or_
     ls = label_studio
     pid = create_project(ls, CONFIG, title="runner-kill")
     copies = []
-    for photo in photos:  # six tasks: each photo twice, under another name
+    for photo in photos:  # six tasks: each photo twice, mirrored (the engine's cache must not skip the work)
         copy = tmp_path / f"copy-{photo.name}"
-        copy.write_bytes(photo.read_bytes())
+        with Image.open(photo) as image:
+            image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(copy)
         copies.append(copy)
     task_ids = import_files(ls, pid, photos + copies)
     db = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
@@ -258,7 +259,8 @@ def test_runner_killed_mid_job_is_finished_after_a_restart_with_nothing_lost_or_
         from backend.ls_api import Credentials
         from tests.test_job_runner import EnginePredictor, client_factory, tiny_model
         model = tiny_model(Credentials(os.environ["LS_URL"], os.environ["LS_KEY"]), Path(sys.argv[2]))
-        JobRunner(JobStore(sys.argv[1]), EnginePredictor(model), client_factory, batch_size=1,
+        # Each prediction is written as it is made, so the kill below lands between two of them.
+        JobRunner(JobStore(sys.argv[1]), EnginePredictor(model), client_factory, batch_size=1, chunk_size=1,
                   lease_s=10).run_until_idle()
     """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
