@@ -16,29 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from backend.jobs.ray_runner import RaySettings, run_job_on_ray
 from backend.jobs.runner import JobRunner
 from backend.jobs.store import JobStore
 from backend.ls_api import Credentials
 from tests.ls_server import LabelStudioServer, create_project, import_files, list_predictions
+from tests.photos import distinct_crops
 from tests.test_job_runner import CONFIG, ENGINE_ENV, client_factory, new_job, tiny_model
-
-
-def images(folder: Path, n: int) -> list[Path]:
-    import skimage.data
-
-    sources = [getattr(skimage.data, name)() for name in ("chelsea", "coffee", "astronaut")]
-    out = []
-    for i in range(n):
-        src = sources[i % 3]
-        size = 96 + 8 * (i % 5)
-        top, left = 7 * i % (src.shape[0] - size), 11 * i % (src.shape[1] - size)
-        path = folder / f"crop-{i:03d}.png"
-        Image.fromarray(src[top:top + size, left:left + size]).resize((64, 64)).save(path)
-        out.append(path)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     with tempfile.TemporaryDirectory() as tmp, LabelStudioServer() as ls:
-        photos = images(Path(tmp), args.tasks)
+        photos = distinct_crops(Path(tmp), args.tasks)
         store = JobStore(f"sqlite:///{tmp}/jobs.sqlite3")
         credentials = Credentials(ls.url, ls.token)
         figures: dict[str, float] = {}

@@ -22,6 +22,7 @@ from backend.label_config import parse_label_config
 from backend.ls_api import ClientRegistry, Credentials, LabelStudioClient, LabelStudioError
 from backend.prompts import PromptPlan
 from tests.ls_server import REPO_ROOT, LabelStudioServer, create_project, import_files, list_predictions, list_tasks
+from tests.photos import photo_files
 
 LABELS = ("tabby cat", "coffee cup")
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
@@ -32,15 +33,7 @@ PLAN = {"phrases": list(LABELS), "box_threshold": 0.2, "text_threshold": 0.2}
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    import skimage.data
-
-    d = tmp_path_factory.mktemp("runner-photos")
-    out = []
-    for name in ("chelsea", "coffee", "astronaut"):
-        path = d / f"{name}.png"
-        Image.fromarray(getattr(skimage.data, name)()).save(path)
-        out.append(path)
-    return out
+    return photo_files(tmp_path_factory.mktemp("runner-photos"))
 
 
 def tiny_model(credentials: Credentials, tiny_cache: Path, engine: Any | None = None) -> Any:

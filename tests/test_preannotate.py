@@ -26,6 +26,7 @@ from tests.ls_server import (
     list_tasks,
     personal_access_token,
 )
+from tests.photos import photo_files
 
 LABELS = ("tabby cat", "coffee cup")
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
@@ -36,15 +37,7 @@ PLAN = {"phrases": list(LABELS)}
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    import skimage.data
-
-    d = tmp_path_factory.mktemp("preannotate-photos")
-    out = []
-    for name in ("chelsea", "coffee", "astronaut"):
-        path = d / f"{name}.png"
-        Image.fromarray(getattr(skimage.data, name)()).save(path)
-        out.append(path)
-    return out
+    return photo_files(tmp_path_factory.mktemp("preannotate-photos"))
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
 
 from backend.jobs.ray_runner import EXIT_AFTER_ENV, EXIT_MARKER_ENV, RaySettings, preannotate_on_ray, run_job_on_ray
 from backend.jobs.store import DONE, JobStore
 from backend.ls_api import Credentials, LabelStudioClient
 from tests.ls_server import LabelStudioServer, create_project, import_files, list_tasks
+from tests.photos import distinct_crops
 from tests.test_job_runner import CONFIG, ENGINE_ENV, new_job, tiny_model, without_ids
 
 ray = pytest.importorskip("ray")
@@ -51,19 +51,7 @@ def cluster(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """40 small distinct images: crops of three photos at different places and sizes."""
-    import skimage.data
-
-    d = tmp_path_factory.mktemp("ray-photos")
-    sources = [getattr(skimage.data, n)() for n in ("chelsea", "coffee", "astronaut")]
-    out = []
-    for i in range(TASKS):
-        src = sources[i % 3]
-        size = 96 + 8 * (i % 5)
-        top, left = 7 * i % (src.shape[0] - size), 11 * i % (src.shape[1] - size)
-        path = d / f"crop-{i:02d}.png"
-        Image.fromarray(src[top:top + size, left:left + size]).resize((64, 64)).save(path)
-        out.append(path)
-    return out
+    return distinct_crops(tmp_path_factory.mktemp("ray-photos"), TASKS)
 
 
 @pytest.fixture(scope="module")
