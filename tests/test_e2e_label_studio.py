@@ -8,25 +8,18 @@ Studio with the API key. The expected masks come from the same tiny engine run i
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
+from tests.gunicorn_backend import GunicornBackend
 from tests.ls_server import (
-    REPO_ROOT,
     LabelStudioServer,
-    _free_port,
     connect_ml_backend,
     create_project,
     import_files,
@@ -54,66 +47,6 @@ INTERACTIVE_CONFIG = (
 # Thresholds and a detection cap for the tiny random models: they find boxes, and SAM stays cheap.
 ENGINE_ENV = {"BOX_THRESHOLD": "0.2", "TEXT_THRESHOLD": "0.2", "MAX_DETECTIONS": "3"}
 AUTH = ("ml-e2e", secrets.token_urlsafe(12))
-# Variables of ours or Label Studio's that must not leak from the test environment into gunicorn.
-_DROP_PREFIXES = ("LABEL_STUDIO_", "BASIC_AUTH_", "GROUNDING_DINO_", "SAM_")
-_DROP_NAMES = {"PROMPT", "ENGINE_CONFIG", "MODEL_CACHE_DIR", "EXPLAIN_UI_URL", "ALLOWED_IMAGE_HOSTS", "BIND",
-               "HOST", "PORT", "WORKERS", "THREADS", "PYTHONPATH", "TEXT_ENCODER", "DEVICE", "PRECISION",
-               "NMS_IOU", "BOX_THRESHOLD", "TEXT_THRESHOLD", "MAX_DETECTIONS"}
-
-
-class GunicornBackend:
-    """``gunicorn -c gunicorn.conf.py backend._wsgi:app`` on a free port of 127.0.0.1."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(_DROP_PREFIXES) and k not in _DROP_NAMES}
-        self.env.update(env, BIND=f"127.0.0.1:{self.port}", WORKERS="1", THREADS="4",
-                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.session = requests.Session()
-        self.session.trust_env = False  # never send 127.0.0.1 traffic through a proxy
-
-    def start(self, timeout: float = 180.0) -> GunicornBackend:
-        gunicorn = Path(sys.executable).parent / "gunicorn"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "backend._wsgi:app"],
-                                         cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline, last = time.monotonic() + timeout, "no answer"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}\n{self.log_tail()}")
-            try:
-                body = self.session.get(f"{self.url}/health", auth=AUTH, timeout=5).json()
-                if body.get("status") == "UP":
-                    return self
-                last = str(body)
-            except (requests.RequestException, ValueError) as exc:
-                last = type(exc).__name__
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"backend not UP after {timeout:.0f}s ({last})\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)  # the arbiter and its worker: our own process group
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
 
 # -- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -138,7 +71,7 @@ def backend(label_studio: LabelStudioServer, tiny_cache: Path,
     env = {"ENGINE_CONFIG": str(tiny_cache / "engine.json"), **ENGINE_ENV,
            "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": personal_access_token(label_studio),
            "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "LOG_LEVEL": "INFO"}
-    server = GunicornBackend(env, tmp_path_factory.mktemp("gunicorn") / "gunicorn.log").start()
+    server = GunicornBackend(env, tmp_path_factory.mktemp("gunicorn") / "gunicorn.log", auth=AUTH).start()
     yield server
     server.stop()
 

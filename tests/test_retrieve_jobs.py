@@ -14,9 +14,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,15 +21,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from backend.jobs.store import DONE, FAILED, JobProgress, JobStore
+from tests.gunicorn_backend import GunicornBackend
 from tests.ls_server import (
     DEFAULT_VENV,
-    REPO_ROOT,
     LabelStudioServer,
-    _free_port,
     connect_ml_backend,
     create_project,
     import_files,
@@ -52,69 +47,8 @@ DEADLINE_S = 4
 ENGINE_ENV = {"BOX_THRESHOLD": "0.2", "TEXT_THRESHOLD": "0.2", "MAX_DETECTIONS": "1"}
 SIDE = 128  # small images: a tiny-model task costs ~0.3-2 s on a loaded 2-core machine
 WAIT_S = 300  # the bound on any job to finish
-# Variables that must not leak from the test environment into the backend.
-_DROP_PREFIXES = ("LABEL_STUDIO_", "BASIC_AUTH_", "GROUNDING_DINO_", "SAM_")
-_DROP_NAMES = {"PROMPT", "ENGINE_CONFIG", "MODEL_CACHE_DIR", "EXPLAIN_UI_URL", "ALLOWED_IMAGE_HOSTS", "BIND",
-               "HOST", "PORT", "WORKERS", "THREADS", "PYTHONPATH", "TEXT_ENCODER", "DEVICE", "PRECISION",
-               "NMS_IOU", "BOX_THRESHOLD", "TEXT_THRESHOLD", "MAX_DETECTIONS", "DATA_DIR", "JOBS_DB",
-               "PREDICT_DEADLINE_S"}
-
-
-class Backend:
-    """``gunicorn -c gunicorn.conf.py backend._wsgi:app`` on a fixed loopback port, in its own process
-    group (so ``kill()`` takes the arbiter and its workers at once), restartable on the same port."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_PREFIXES) and k not in _DROP_NAMES}
-        self.env.update(env, BIND=f"127.0.0.1:{self.port}", WORKERS="1", THREADS="4", LOG_LEVEL="INFO",
-                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.session = requests.Session()
-        self.session.trust_env = False
-
-    def start(self, timeout: float = 180.0) -> Backend:
-        gunicorn = Path(sys.executable).parent / "gunicorn"
-        with open(self.log_path, "ab") as log:  # appended: a restart keeps the earlier log
-            self.proc = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "backend._wsgi:app"],
-                                         cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline, last = time.monotonic() + timeout, "no answer"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}\n{self.log_tail()}")
-            try:
-                body = self.session.get(f"{self.url}/health", timeout=5).json()
-                if body.get("status") == "UP":
-                    return self
-                last = str(body)
-            except (requests.RequestException, ValueError) as exc:
-                last = type(exc).__name__
-            time.sleep(0.3)
-        self.kill()
-        raise RuntimeError(f"backend not UP after {timeout:.0f}s ({last})\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL to the whole process group: no shutdown hook of ours runs."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-
-    def post(self, path: str, body: dict[str, Any], timeout: float = 120) -> requests.Response:
-        return self.session.post(self.url + path, json=body, timeout=timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
+# The job store and deadline are set by each test's env, never inherited.
+JOB_SETTINGS = ("DATA_DIR", "JOBS_DB", "PREDICT_DEADLINE_S")
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------
@@ -149,8 +83,9 @@ def backend_env(tiny_cache: Path, data_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_cache: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    server = Backend(backend_env(tiny_cache, data_dir), tmp_path_factory.mktemp("gunicorn") / "a.log").start()
+def backend(tiny_cache: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornBackend]:
+    server = GunicornBackend(backend_env(tiny_cache, data_dir), tmp_path_factory.mktemp("gunicorn") / "a.log",
+                             drop=JOB_SETTINGS).start()
     warm_up(server)
     yield server
     server.kill()
@@ -202,7 +137,7 @@ def reference(engine: Any, tiny_cache: Path) -> Callable[[bytes, tuple[str, ...]
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def warm_up(backend: Backend) -> None:
+def warm_up(backend: GunicornBackend) -> None:
     """One prediction, so the first task of a test isn't also the process's first inference (several
     times slower on a loaded machine): a task already started always finishes, deadline or not."""
     import base64
@@ -226,7 +161,7 @@ def upload_tasks(ls: LabelStudioServer, pid: int, crops: Crops, count: int, fold
     return {task_id: path.read_bytes() for task_id, path in zip(ids, paths, strict=True)}
 
 
-def connect(ls: LabelStudioServer, backend: Backend, title: str, count: int, crops: Crops,
+def connect(ls: LabelStudioServer, backend: GunicornBackend, title: str, count: int, crops: Crops,
             folder: Path) -> tuple[int, dict[int, bytes]]:
     pid = create_project(ls, CONFIG, title=title)
     tasks = upload_tasks(ls, pid, crops, count, folder)
@@ -235,7 +170,7 @@ def connect(ls: LabelStudioServer, backend: Backend, title: str, count: int, cro
     return pid, tasks
 
 
-def model_version(backend: Backend) -> str:
+def model_version(backend: GunicornBackend) -> str:
     return str(backend.session.get(f"{backend.url}/health", timeout=10).json()["model_version"])
 
 
@@ -251,7 +186,8 @@ def project_jobs(store: JobStore, pid: int) -> list[JobProgress]:
     return store.list_jobs(project=str(pid))
 
 
-def wait_jobs_finished(store: JobStore, pid: int, backend: Backend, timeout: float = WAIT_S) -> list[JobProgress]:
+def wait_jobs_finished(store: JobStore, pid: int, backend: GunicornBackend,
+                       timeout: float = WAIT_S) -> list[JobProgress]:
     deadline = time.monotonic() + timeout
     while True:
         jobs = project_jobs(store, pid)
@@ -283,13 +219,13 @@ def assert_engine_masks(prediction: dict[str, Any], expected: list[tuple[str, np
 
 
 def assert_one_prediction_each(stored: dict[int, list[dict[str, Any]]], tasks: dict[int, bytes], version: str,
-                               backend: Backend) -> None:
+                               backend: GunicornBackend) -> None:
     assert sorted(stored) == sorted(tasks)
     counts = {task_id: [p["model_version"] for p in predictions] for task_id, predictions in stored.items()}
     assert all(versions == [version] for versions in counts.values()), (counts, backend.log_tail())
 
 
-def wait_all_predicted(ls: LabelStudioServer, pid: int, backend: Backend,
+def wait_all_predicted(ls: LabelStudioServer, pid: int, backend: GunicornBackend,
                        timeout: float = WAIT_S) -> dict[int, list[dict[str, Any]]]:
     deadline = time.monotonic() + timeout
     while True:
@@ -303,7 +239,7 @@ def wait_all_predicted(ls: LabelStudioServer, pid: int, backend: Backend,
 
 # -- the tests ------------------------------------------------------------------------------------------------
 def test_big_retrieve_answers_in_time_and_the_job_stores_every_task_once(
-        ls: LabelStudioServer, backend: Backend, store: JobStore, crops: Crops, reference: Any,
+        ls: LabelStudioServer, backend: GunicornBackend, store: JobStore, crops: Crops, reference: Any,
         tmp_path: Path) -> None:
     pid, tasks = connect(ls, backend, "jobs-big", 20, crops, tmp_path)
     version = model_version(backend)
@@ -332,7 +268,7 @@ def test_big_retrieve_answers_in_time_and_the_job_stores_every_task_once(
 
 
 def test_backend_killed_mid_job_finishes_it_after_a_restart(
-        ls: LabelStudioServer, backend: Backend, store: JobStore, crops: Crops, tmp_path: Path) -> None:
+        ls: LabelStudioServer, backend: GunicornBackend, store: JobStore, crops: Crops, tmp_path: Path) -> None:
     pid, tasks = connect(ls, backend, "jobs-kill", 12, crops, tmp_path)
     version = model_version(backend)
     timed_retrieve(ls, pid)
@@ -355,7 +291,7 @@ def test_backend_killed_mid_job_finishes_it_after_a_restart(
 
 
 def test_unreachable_image_is_recorded_and_predicted_by_a_later_retrieve_after_the_fix(
-        ls: LabelStudioServer, backend: Backend, store: JobStore, crops: Crops, reference: Any,
+        ls: LabelStudioServer, backend: GunicornBackend, store: JobStore, crops: Crops, reference: Any,
         tmp_path: Path) -> None:
     pid, tasks = connect(ls, backend, "jobs-missing", 10, crops, tmp_path)
     version = model_version(backend)
@@ -382,12 +318,12 @@ def test_unreachable_image_is_recorded_and_predicted_by_a_later_retrieve_after_t
 
 
 def test_setup_on_one_backend_serves_predict_on_another_sharing_the_data_dir(
-        ls: LabelStudioServer, backend: Backend, tiny_cache: Path, data_dir: Path, crops: Crops,
+        ls: LabelStudioServer, backend: GunicornBackend, tiny_cache: Path, data_dir: Path, crops: Crops,
         reference: Any, tmp_path: Path) -> None:
     pid = create_project(ls, CONFIG, title="jobs-replicas")
     ((task_id, image),) = upload_tasks(ls, pid, crops, 1, tmp_path).items()
     task = ls.api("GET", f"/api/tasks/{task_id}").json()
-    other = Backend(backend_env(tiny_cache, data_dir), tmp_path / "b.log").start()
+    other = GunicornBackend(backend_env(tiny_cache, data_dir), tmp_path / "b.log", drop=JOB_SETTINGS).start()
     try:
         setup = backend.post("/setup", {"project": f"{pid}.1700000000", "schema": CONFIG, "hostname": ls.url,
                                         "access_token": ls.token, "extra_params": {"prompt": "coffee cup"}})
@@ -405,7 +341,7 @@ def test_setup_on_one_backend_serves_predict_on_another_sharing_the_data_dir(
 
 
 def test_job_with_a_wrong_key_stops_with_a_clear_error_and_does_not_spin(
-        ls: LabelStudioServer, backend: Backend, store: JobStore, crops: Crops) -> None:
+        ls: LabelStudioServer, backend: GunicornBackend, store: JobStore, crops: Crops) -> None:
     import base64
 
     pid = create_project(ls, CONFIG, title="jobs-wrong-key")
