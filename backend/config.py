@@ -38,6 +38,8 @@ DINO_CONFIGS = {
 TEXT_ENCODER_DIR = "bert-base-uncased"
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# What runs SAM's image encoder: auto -> openvino on CPU where it converts, else torch.
+RUNTIMES = ("auto", "torch", "openvino")
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,7 @@ class EngineConfig:
     dino_max_size: int = 1333
     device: str = "auto"  # auto -> cuda if available else cpu
     precision: str = "auto"  # auto -> fp32 on cpu, bf16 on cuda (where supported)
+    runtime: str = "auto"  # RUNTIME: SAM image encoder on torch or OpenVINO (RUNTIMES)
     box_threshold: float = 0.3
     text_threshold: float = 0.25
     nms_iou: float = 0.5
@@ -100,6 +103,8 @@ class EngineConfig:
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"PRECISION must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"RUNTIME must be one of {RUNTIMES}, got {self.runtime!r}")
         for name in ("box_threshold", "text_threshold", "nms_iou"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -238,6 +243,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "GROUNDING_DINO_MAX_SIZE": ("dino_max_size", int),
     "DEVICE": ("device", str),
     "PRECISION": ("precision", str),
+    "RUNTIME": ("runtime", str),
     "BOX_THRESHOLD": ("box_threshold", float),
     "TEXT_THRESHOLD": ("text_threshold", float),
     "NMS_IOU": ("nms_iou", float),
