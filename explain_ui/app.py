@@ -5,21 +5,34 @@
 Two tabs with the same three panels (Input, Output, Explanation): an uploaded image, or a Label
 Studio task (``/?task=ID&project=P`` opens that task and explains it on load); and a Jobs tab with the
 backend's background prediction jobs as progress bars that refresh themselves while it is on show.
+
+What is on show always belongs together: Run segments and then explains at once (a cache hit on the
+backend), and any change of the inputs clears the Output and Explanation panels. Each panel has one
+lasting error line, cleared by the next success, instead of pop-ups; one progress line per tab names
+the stage. Pictures are HTML grids (alt text, whole captions, as many columns as fit).
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import logging
 import os
-from collections.abc import Callable, Mapping
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import gradio as gr
+import numpy as np
 from gradio.components import Component
+from PIL import Image
 
 from backend.config import EngineConfig
+from backend.images import ImageError, load_rgb
 
 from . import jobs_view, views
 from .client import BackendClient, BackendError
@@ -59,8 +72,18 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+def _failure(exc: Exception, what: str) -> str:
+    """The one line a person reads for ``exc``: our own message for bad input and backend failures;
+    anything else is a bug of ours, logged with its trace here and summarised there."""
+    if isinstance(exc, (views.InputError, BackendError)):
+        return str(exc)
+    logger.error("explain UI: %s failed", what, exc_info=exc)
+    return f"The explain UI failed ({type(exc).__name__}: {exc}); see its log."
+
+
 def shown_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Bad input and backend failures become a gr.Error with their message (never a stack trace)."""
+    """Bad input and backend failures become a gr.Error with their message (never a stack trace);
+    for the Jobs tab and the deep link, whose failures have no panel of their own."""
 
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -68,71 +91,146 @@ def shown_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (views.InputError, BackendError) as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
-        except Exception as exc:  # a bug of ours: logged here, summarised there
-            logger.exception("explain UI: %s failed", fn.__name__)
-            raise gr.Error(f"The explain UI failed ({type(exc).__name__}: {exc}); see its log.",
-                           print_exception=False) from None
+        except Exception as exc:
+            raise gr.Error(_failure(exc, fn.__name__), print_exception=False) from None
 
     return wrapper
+
+
+# -- look: contrast and layout --------------------------------------------------------------------------------
+# Gradio's default help text (#bbbbc2 on white, 1.9:1) and Run button (white on #f97316, 2.8:1) are below
+# WCAG's 4.5:1 for text; these colours pass it in light and dark mode (tests measure both).
+THEME = gr.themes.Default(primary_hue="orange").set(
+    body_text_color_subdued="*neutral_600", body_text_color_subdued_dark="*neutral_300",
+    block_info_text_color="*neutral_600", block_info_text_color_dark="*neutral_300",
+    button_primary_background_fill="*primary_700", button_primary_background_fill_hover="*primary_800",
+    button_primary_background_fill_dark="*primary_700", button_primary_background_fill_hover_dark="*primary_800",
+    button_primary_text_color="white", button_primary_text_color_dark="white",
+)
+
+# Grids size their columns to the panel (one column on a narrow phone); captions wrap instead of being
+# cut; the legend stays in view while the maps scroll under it.
+CSS = """
+.figure-grid h4 { margin: 10px 0 4px; }
+.figure-grid .figures { display: grid; gap: 8px;
+  grid-template-columns: repeat(auto-fill, minmax(min(150px, 100%), 1fr)); }
+.figure-grid figure { margin: 0; min-width: 0; }
+.figure-grid img, img.picture { display: block; width: 100%; height: auto; border-radius: 4px; }
+.figure-grid figcaption { font-size: var(--text-sm); line-height: 1.3; white-space: normal;
+  overflow-wrap: anywhere; margin-top: 2px; }
+.panel-error p { color: #b91c1c; font-weight: 600; margin: 4px 0; }
+.dark .panel-error p { color: #fca5a5; }
+.progress-line { min-height: 2.2em; }
+.block.collapse-empty:has(.html-container > .prose:empty) { display: none; }
+.legend { position: sticky; top: 0; z-index: 3; background: var(--background-fill-primary); padding: 4px 0; }
+.legend ul { margin: 4px 0; padding-left: 1.2em; font-size: var(--text-sm); }
+"""
+
+# On a phone the Output panel is below the form: show it (with its progress line) when Run is pressed.
+_SCROLL_JS = ("() => { if (window.innerWidth < 768) { const line = document.getElementById('{id}');"
+              " if (line) line.scrollIntoView({behavior: 'smooth', block: 'start'}); } }")
 
 
 # -- layout ----------------------------------------------------------------------------------------------
 @dataclass
 class Panels:
-    """The Output and Explanation panels of one tab."""
+    """The Output and Explanation panels of one tab, its Input panel's error line and its buttons.
 
-    overlay: gr.Image
-    masks: gr.Gallery
+    Each panel has one error line that stays until that panel's next success; ``progress`` is the
+    tab's one progress line (the stages of a run show there, nowhere else)."""
+
+    input_error: gr.HTML
+    progress: gr.HTML
+    output_error: gr.HTML
+    overlay: gr.HTML
+    masks: gr.HTML
     summary: gr.Markdown
-    explain: gr.Button
+    explain_error: gr.HTML
     status: gr.Markdown
-    encoder_heatmaps: gr.Gallery
-    encoder_overlays: gr.Gallery
-    decoder_maps: gr.Gallery
-    mask_looks: gr.Gallery
-    grounding: gr.HTML
     legend: gr.HTML
+    encoder_heatmaps: gr.HTML
+    encoder_overlays: gr.HTML
+    decoder_maps: gr.HTML
+    mask_looks: gr.HTML
+    grounding: gr.HTML
     state: gr.State  # the Segmentation on show, redrawn when the labels toggle changes
+    buttons: tuple[gr.Button, ...]  # disabled while a run is busy
 
-    def segmentation_outputs(self) -> list[Component]:
-        return [self.overlay, self.masks, self.summary, self.state]
+    def outputs(self) -> list[Component]:
+        return [self.input_error, self.progress, self.output_error, self.overlay, self.masks, self.summary,
+                self.explain_error, self.status, self.legend, self.encoder_heatmaps, self.encoder_overlays,
+                self.decoder_maps, self.mask_looks, self.grounding, self.state, *self.buttons]
 
-    def explanation_outputs(self) -> list[Component]:
-        return [self.status, self.encoder_heatmaps, self.encoder_overlays, self.decoder_maps, self.mask_looks,
-                self.grounding, self.legend]
+    # -- what events write (dicts: components left out keep their value) --
+    def busy(self, on: bool) -> dict[Component, Any]:
+        return {button: gr.Button(interactive=not on) for button in self.buttons}
+
+    def no_explanation(self) -> dict[Component, Any]:
+        return {self.explain_error: "", self.status: "", self.legend: "", self.encoder_heatmaps: "",
+                self.encoder_overlays: "", self.decoder_maps: "", self.mask_looks: "", self.grounding: ""}
+
+    def nothing_shown(self, note: str = "") -> dict[Component, Any]:
+        """Output and Explanation emptied (the inputs changed: what was on show no longer matches)."""
+        return {**self.no_explanation(), self.output_error: "", self.overlay: "", self.masks: "",
+                self.summary: "", self.state: None, self.progress: note}
+
+    def segmentation(self, result: views.Segmentation, show_labels: bool,
+                     box_threshold: float | None) -> dict[Component, Any]:
+        summary = result.summary if result.segments else f"{views.no_masks_hint(box_threshold)}  \n{result.summary}"
+        return {self.output_error: "", self.overlay: views.picture_html(result.overlay(show_labels), _alt(result)),
+                self.masks: views.figure_grid_html("Masks", result.mask_gallery(), "Mask cut-out", views.THUMB_PX),
+                self.summary: summary, self.state: result}
+
+    def explanation(self, view: views.ExplanationView) -> dict[Component, Any]:
+        return {
+            self.explain_error: "", self.status: view.status, self.legend: view.legend_html,
+            self.encoder_heatmaps: views.figure_grid_html(
+                "Encoder attention received (global blocks; the last is the last layer)", view.encoder_heatmaps,
+                "Encoder attention heatmap"),
+            self.encoder_overlays: views.figure_grid_html(
+                "Encoder attention received, over the image", view.encoder_overlays, "Encoder attention overlay"),
+            self.decoder_maps: views.figure_grid_html(
+                "Mask decoder: where each mask's token looked", view.decoder_maps, "Mask decoder attention"),
+            self.mask_looks: views.figure_grid_html(
+                "Encoder: where each mask's own tokens look", view.mask_looks, "Mask tokens' attention"),
+            self.grounding: view.grounding_html,
+        }
 
 
-def _output_and_explanation(prefix: str) -> Panels:
-    with gr.Column(scale=1):
+def _alt(result: views.Segmentation) -> str:
+    masks = ", ".join(f"#{i} {s.label} {s.score:.2f}" for i, s in enumerate(result.segments, 1))
+    return f"The image with {len(result.segments)} mask(s) drawn" + (f": {masks}" if masks else "")
+
+
+def _error_html(message: str) -> str:
+    return f'<p role="alert">&#9888; {html.escape(message)}</p>' if message else ""
+
+
+def _error_line(elem_id: str) -> gr.HTML:
+    return gr.HTML(elem_id=elem_id, elem_classes=["panel-error", "collapse-empty"], js_on_load=None)
+
+
+def _output_and_explanation(prefix: str, input_error: gr.HTML, buttons: tuple[gr.Button, ...]) -> Panels:
+    with gr.Column(scale=1, min_width=300):
         gr.Markdown("### Output")
-        overlay = gr.Image(label="Segmented image", type="numpy", interactive=False, elem_id=f"{prefix}-output")
-        masks = gr.Gallery(label="Masks", columns=4, height=220, elem_id=f"{prefix}-masks")
+        progress = gr.HTML(elem_id=f"{prefix}-progress", elem_classes=["progress-line"], js_on_load=None)
+        output_error = _error_line(f"{prefix}-output-error")
+        overlay = gr.HTML(elem_id=f"{prefix}-output", elem_classes=["collapse-empty"], js_on_load=None)
+        masks = gr.HTML(elem_id=f"{prefix}-masks", elem_classes=["collapse-empty"], js_on_load=None)
         summary = gr.Markdown(elem_id=f"{prefix}-summary")
-    with gr.Column(scale=2):
+    with gr.Column(scale=2, min_width=300):
         gr.Markdown("### Explanation")
-        explain = gr.Button("Explain Segmentation", variant="secondary", elem_id=f"{prefix}-explain")
+        explain_error = _error_line(f"{prefix}-explain-error")
         status = gr.Markdown(elem_id=f"{prefix}-explain-status")
-        with gr.Row():
-            encoder_heatmaps = gr.Gallery(label="Encoder attention received: heatmaps (global blocks, last layer)",
-                                          columns=4, height=220, elem_id=f"{prefix}-encoder-heatmaps")
-            encoder_overlays = gr.Gallery(label="Encoder attention received: overlays", columns=4, height=220,
-                                          elem_id=f"{prefix}-encoder-overlays")
-        with gr.Row():
-            decoder_maps = gr.Gallery(label="Mask decoder: where each mask's token looked", columns=4, height=220,
-                                      elem_id=f"{prefix}-decoder-maps")
-            mask_looks = gr.Gallery(label="Encoder: where each mask's own tokens look", columns=4, height=220,
-                                    elem_id=f"{prefix}-mask-looks")
-        with gr.Row():
-            with gr.Column():
-                gr.Markdown("**Why this label** (Grounding DINO's score of each prompt word, per mask)")
-                grounding = gr.HTML(elem_id=f"{prefix}-grounding")
-            with gr.Column():
-                gr.Markdown("**Legend**")
-                legend = gr.HTML(elem_id=f"{prefix}-legend")
-    return Panels(overlay, masks, summary, explain, status, encoder_heatmaps, encoder_overlays, decoder_maps,
-                  mask_looks, grounding, legend, gr.State())
+        legend = gr.HTML(elem_id=f"{prefix}-legend", elem_classes=["collapse-empty"], js_on_load=None)
+        encoder_heatmaps = gr.HTML(elem_id=f"{prefix}-encoder-heatmaps", elem_classes=["collapse-empty"], js_on_load=None)
+        encoder_overlays = gr.HTML(elem_id=f"{prefix}-encoder-overlays", elem_classes=["collapse-empty"], js_on_load=None)
+        decoder_maps = gr.HTML(elem_id=f"{prefix}-decoder-maps", elem_classes=["collapse-empty"], js_on_load=None)
+        mask_looks = gr.HTML(elem_id=f"{prefix}-mask-looks", elem_classes=["collapse-empty"], js_on_load=None)
+        gr.Markdown("**Why this label** (Grounding DINO's score of each prompt word, per mask)")
+        grounding = gr.HTML(elem_id=f"{prefix}-grounding", js_on_load=None)
+    return Panels(input_error, progress, output_error, overlay, masks, summary, explain_error, status, legend,
+                  encoder_heatmaps, encoder_overlays, decoder_maps, mask_looks, grounding, gr.State(), buttons)
 
 
 @dataclass
@@ -170,28 +268,77 @@ def _clicked_job(event: gr.EventData) -> str | None:
 
 
 def _thresholds(settings: UISettings, prefix: str) -> tuple[gr.Slider, gr.Slider]:
-    box = gr.Slider(0.0, 1.0, value=settings.box_threshold, step=0.01, label="Segmentation strength",
-                    info="box threshold: lower finds more (and weaker) objects", elem_id=f"{prefix}-box")
-    text = gr.Slider(0.0, 1.0, value=settings.text_threshold, step=0.01, label="Text strength",
-                     info="text threshold: how strongly a box must match the prompt's words", elem_id=f"{prefix}-text")
+    box = gr.Slider(0.0, 1.0, value=settings.box_threshold, step=0.01, label="Box confidence threshold",
+                    info="Higher finds fewer, surer objects; lower finds more (and weaker) ones",
+                    elem_id=f"{prefix}-box")
+    text = gr.Slider(0.0, 1.0, value=settings.text_threshold, step=0.01, label="Word match threshold",
+                     info="Higher keeps only prompt words a box matches strongly (fewer labels)",
+                     elem_id=f"{prefix}-text")
     return box, text
 
 
-# -- what the events return ----------------------------------------------------------------------------------
-def segmentation_values(result: views.Segmentation, show_labels: bool) -> list[Any]:
-    return [result.overlay(show_labels), result.mask_gallery(), result.summary, result]
+# -- inputs the page checks itself -----------------------------------------------------------------------------
+def uploaded_rgb(upload: Mapping[str, Any] | None) -> np.ndarray:
+    """The Input image (Gradio's upload record: the run events skip Gradio's own decoding, whose
+    failure is a bare "Error") decoded as the backend decodes it.
+
+    Raises:
+        views.InputError: no image, or a file that isn't one (the message names the file and why).
+    """
+    if not upload:
+        return views.check_image(None)
+    path = Path(str(upload.get("path") or ""))
+    name = str(upload.get("orig_name") or path.name)
+    try:
+        return load_rgb(path.read_bytes())
+    except (OSError, ImageError) as exc:
+        raise views.InputError(f"{name} can't be used as an image: {exc}. Upload a PNG, JPEG or WebP photo.") from None
 
 
-def explanation_values(view: views.ExplanationView) -> list[Any]:
-    if view.encoder_reason:
-        gr.Warning(f"Encoder attention maps are unavailable: {view.encoder_reason}")
-    return [view.status, view.encoder_heatmaps, view.encoder_overlays, view.decoder_maps, view.mask_looks,
-            view.grounding_html, view.legend_html]
+# -- examples: scikit-image photos written once to a cache folder -------------------------------------------------
+EXAMPLES = (("chelsea", "cat"), ("astronaut", "person . flag"), ("coffee", "cup . spoon"), ("rocket", "rocket"))
+
+
+def example_photos(folder: Path | None = None) -> list[list[str]]:
+    """[[photo path, prompt], ...] for gr.Examples; the photos are written on first use."""
+    import skimage.data
+
+    folder = folder or Path(tempfile.gettempdir()) / "explain_ui_examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, prompt in EXAMPLES:
+        path = folder / f"{name}.png"
+        if not path.is_file():
+            partial = path.with_suffix(".part.png")
+            Image.fromarray(getattr(skimage.data, name)()).save(partial)
+            partial.replace(path)  # whole files only: two pages starting at once don't read half a photo
+        rows.append([str(path), prompt])
+    return rows
+
+
+def _same_masks(shown: views.Segmentation | None, result: views.Segmentation) -> bool:
+    if shown is None or len(shown.segments) != len(result.segments) or shown.rgb.shape != result.rgb.shape:
+        return False
+    return all(a.label == b.label and np.array_equal(a.mask, b.mask) for a, b in
+               zip(shown.segments, result.segments, strict=True))
+
+
+def _stage(progress: Any, step: int, steps: int) -> views.Progress:
+    """``views``' progress reports as "step k of n: what runs now" on the tab's progress line (no made-up
+    percentages: a backend call is one step however long it takes)."""
+
+    def report(fraction: float, desc: str | None = None) -> None:
+        progress((step - 1, steps), desc=f"Step {step} of {steps}: {desc}" if desc else None, unit="steps")
+
+    return report
 
 
 def redraw(show_labels: bool, result: views.Segmentation | None) -> Any:
     """The labels toggle: redraw what is on show (no backend call)."""
-    return result.overlay(show_labels) if result is not None else gr.skip()
+    return views.picture_html(result.overlay(show_labels), _alt(result)) if result is not None else gr.skip()
+
+
+Updates = Iterator[dict[Component, Any]]
 
 
 def build_demo(client: BackendClient | None = None, settings: UISettings | None = None) -> gr.Blocks:
@@ -199,33 +346,41 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
     client = client or BackendClient.from_env()
     settings = settings or UISettings()
 
-    # No usage analytics: an annotation tool on an internal network should not phone home.
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"## {TITLE}\nGrounding DINO finds what the prompt names, SAM cuts it out; "
-                    "**Explain Segmentation** shows where SAM's attention went and why each label was chosen.")
+    # No usage analytics: an annotation tool on an internal network should not phone home. Gradio 6 reads
+    # theme and css from launch(); given here they hold for every launcher (main, tests) alike.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The parameters have been moved", category=UserWarning)
+        demo = gr.Blocks(title=TITLE, analytics_enabled=False, theme=THEME, css=CSS)
+    with demo:
+        gr.Markdown(f"## {TITLE}\nGrounding DINO finds what the prompt names, SAM cuts it out, and the "
+                    "Explanation panel shows where SAM's attention went and why each label was chosen.")
         with gr.Tabs(selected="image") as tabs:
             # -- an uploaded image --
             with gr.Tab("Image", id="image") as image_tab:
                 with gr.Row():
-                    with gr.Column(scale=1):
+                    with gr.Column(scale=1, min_width=300):
                         gr.Markdown("### Input")
-                        image = gr.Image(label="Image", type="numpy", sources=["upload", "clipboard"],
+                        image_error = _error_line("image-input-error")
+                        image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
                                          elem_id="image-input")
                         prompt = gr.Textbox(label="Text prompt", placeholder="cat . dog", elem_id="image-prompt")
                         box, text = _thresholds(settings, "image")
                         labels = gr.Checkbox(True, label="Print the prompt/label text on the output",
                                              elem_id="image-labels")
-                        run = gr.Button("Run Segmentation", variant="primary", elem_id="image-run")
-                    panels = _output_and_explanation("image")
+                        run = gr.Button("Run segmentation and explain", variant="primary", elem_id="image-run")
+                        gr.Examples(example_photos(), [image, prompt], label="Examples (scikit-image photos)",
+                                    example_labels=[f"{name}: {p}" for name, p in EXAMPLES])
+                    panels = _output_and_explanation("image", image_error, (run,))
 
             # -- a Label Studio task --
             with gr.Tab("Label Studio task", id="task") as task_tab:
                 with gr.Row():
-                    with gr.Column(scale=1):
+                    with gr.Column(scale=1, min_width=300):
                         gr.Markdown("### Input")
+                        task_error = _error_line("task-input-error")
                         task_id = gr.Textbox(label="Task ID", placeholder="12", elem_id="task-id")
                         project = gr.Textbox(label="Project (optional)", placeholder="3", elem_id="task-project")
-                        load = gr.Button("Load task", elem_id="task-load")
+                        load = gr.Button("Load task and explain", elem_id="task-load")
                         task_prompt = gr.Textbox(label="Text prompt (empty: the project's labels or prompt)",
                                                  elem_id="task-prompt")
                         use_project = gr.Checkbox(True, label="Use the project's thresholds (ignore the sliders)",
@@ -233,59 +388,116 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                         task_box, task_text = _thresholds(settings, "task")
                         task_labels = gr.Checkbox(True, label="Print the prompt/label text on the output",
                                                   elem_id="task-labels")
-                        task_run = gr.Button("Run Segmentation", variant="primary", elem_id="task-run")
-                    task_panels = _output_and_explanation("task")
+                        task_run = gr.Button("Run segmentation and explain", variant="primary", elem_id="task-run")
+                    task_panels = _output_and_explanation("task", task_error, (load, task_run))
 
             # -- background prediction jobs --
             with gr.Tab("Jobs", id="jobs") as jobs_tab:
                 jobs = _jobs_panel()
 
-        # -- events: uploaded image --
-        @shown_errors
-        def on_segment(img, text_prompt, box_t, text_t, show, progress=gr.Progress()):
-            result = views.segment_image(client, img, text_prompt, box_t, text_t, progress)
-            return segmentation_values(result, show)
+        def runs(panels: Panels, segment: Callable[[views.Progress], views.Segmentation],
+                 explain: Callable[[views.Progress], tuple[views.Segmentation, views.ExplanationView]],
+                 show: bool, box_t: float | None, progress: Any) -> Updates:
+            """Segment, show the masks, explain them, show the explanation: each step's failure goes
+            to its panel's error line and ends the run; the buttons are disabled meanwhile."""
+            started = time.monotonic()
+            yield {**panels.busy(True), **panels.no_explanation(), panels.progress: ""}
+            done = panels.busy(False)
+            try:
+                result = segment(_stage(progress, 1, 2))
+                shown = panels.segmentation(result, show, box_t)
+            except views.InputError as exc:
+                yield {**done, panels.input_error: _error_html(str(exc))}
+                return
+            except Exception as exc:
+                yield {**done, **panels.nothing_shown(), panels.input_error: "",
+                       panels.output_error: _error_html(_failure(exc, "segment"))}
+                return
+            yield {panels.input_error: "", **shown}
+            try:
+                explained, view = explain(_stage(progress, 2, 2))
+                shown = {} if _same_masks(result, explained) else panels.segmentation(explained, show, box_t)
+                shown |= panels.explanation(view)
+            except Exception as exc:
+                yield {**done, panels.explain_error: _error_html(_failure(exc, "explain"))}
+                return
+            yield {**done, **shown, panels.progress: f"Done in {time.monotonic() - started:.1f} s."}
 
-        @shown_errors
-        def on_explain(img, text_prompt, box_t, text_t, show, progress=gr.Progress()):
-            result, view = views.explain_image(client, img, text_prompt, box_t, text_t, progress)
-            return segmentation_values(result, show) + explanation_values(view)
+        # -- events: uploaded image --
+        def on_run(upload, text_prompt, box_t, text_t, show, progress=gr.Progress()) -> Updates:
+            state: dict[str, np.ndarray] = {}
+
+            def segment(stage: views.Progress) -> views.Segmentation:
+                state["rgb"] = uploaded_rgb(upload)
+                return views.segment_image(client, state["rgb"], text_prompt, box_t, text_t, stage)
+
+            def explain(stage: views.Progress) -> tuple[views.Segmentation, views.ExplanationView]:
+                return views.explain_image(client, state["rgb"], text_prompt, box_t, text_t, stage)
+
+            yield from runs(panels, segment, explain, show, box_t, progress)
+
+        def on_upload(upload) -> dict[Component, Any]:
+            try:
+                uploaded_rgb(upload)
+            except views.InputError as exc:  # the broken preview goes; the reason stays
+                return {image: None, image_error: _error_html(str(exc))}
+            return {image_error: ""}
 
         image_inputs = [image, prompt, box, text, labels]
-        run.click(on_segment, image_inputs, panels.segmentation_outputs())
-        prompt.submit(on_segment, image_inputs, panels.segmentation_outputs())
-        panels.explain.click(on_explain, image_inputs,
-                             panels.segmentation_outputs() + panels.explanation_outputs())
-        labels.change(redraw, [labels, panels.state], [panels.overlay])
+        run_events = [trigger(on_run, image_inputs, panels.outputs(), preprocess=False,
+                              show_progress_on=[panels.progress])
+                      for trigger in (run.click, prompt.submit)]
+        run.click(None, js=_SCROLL_JS.replace("{id}", "image-progress"))
+        image.upload(on_upload, [image], [image, image_error], preprocess=False, show_progress="hidden")
+        for changed in (image.change, prompt.change, box.change, text.change):
+            changed(lambda: {**panels.nothing_shown("Inputs changed: press Run to segment and explain them."),
+                             **panels.busy(False)},
+                    None, panels.outputs(), show_progress="hidden", cancels=run_events, queue=False)
+        labels.change(redraw, [labels, panels.state], [panels.overlay], show_progress="hidden")
 
         # -- events: Label Studio task --
-        def loaded_values(view: views.TaskView, show: bool) -> list[Any]:
-            return segmentation_values(view.stored, show) + explanation_values(views.ExplanationView())
+        def on_load_task(tid, proj, text_prompt, use, box_t, text_t, show, progress=gr.Progress()) -> Updates:
+            loaded: dict[str, views.TaskView] = {}
 
-        @shown_errors
-        def on_load_task(tid, proj, show, progress=gr.Progress()):
-            return loaded_values(views.load_task(client, tid, proj, progress), show)
+            def segment(stage: views.Progress) -> views.Segmentation:
+                loaded["task"] = views.load_task(client, tid, proj, stage)
+                return loaded["task"].stored
 
-        @shown_errors
-        def on_segment_task(tid, proj, text_prompt, use, box_t, text_t, show, state, progress=gr.Progress()):
-            result = views.segment_task(client, tid, proj, text_prompt, box_t, text_t, use,
-                                        views.task_image_on_show(state, tid, proj), progress)
-            return segmentation_values(result, show)
+            def explain(stage: views.Progress) -> tuple[views.Segmentation, views.ExplanationView]:
+                return views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use, loaded["task"].rgb,
+                                          stage)
 
-        @shown_errors
-        def on_explain_task(tid, proj, text_prompt, use, box_t, text_t, show, state, progress=gr.Progress()):
-            result, view = views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use,
-                                              views.task_image_on_show(state, tid, proj), progress)
-            return segmentation_values(result, show) + explanation_values(view)
+            yield from runs(task_panels, segment, explain, show, None if use else box_t, progress)
 
-        task_inputs = [task_id, project, task_prompt, use_project, task_box, task_text, task_labels,
-                       task_panels.state]
-        all_task_outputs = task_panels.segmentation_outputs() + task_panels.explanation_outputs()
-        load.click(on_load_task, [task_id, project, task_labels], all_task_outputs)
-        task_id.submit(on_load_task, [task_id, project, task_labels], all_task_outputs)
-        task_run.click(on_segment_task, task_inputs, task_panels.segmentation_outputs())
-        task_panels.explain.click(on_explain_task, task_inputs, all_task_outputs)
-        task_labels.change(redraw, [task_labels, task_panels.state], [task_panels.overlay])
+        def on_run_task(tid, proj, text_prompt, use, box_t, text_t, show, shown, progress=gr.Progress()) -> Updates:
+            def segment(stage: views.Progress) -> views.Segmentation:
+                return views.segment_task(client, tid, proj, text_prompt, box_t, text_t, use,
+                                          views.task_image_on_show(shown, tid, proj), stage)
+
+            def explain(stage: views.Progress) -> tuple[views.Segmentation, views.ExplanationView]:
+                return views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use,
+                                          views.task_image_on_show(shown, tid, proj), stage)
+
+            yield from runs(task_panels, segment, explain, show, None if use else box_t, progress)
+
+        task_form = [task_id, project, task_prompt, use_project, task_box, task_text, task_labels]
+        task_progress = {"show_progress_on": [task_panels.progress]}
+        task_events = [load.click(on_load_task, task_form, task_panels.outputs(), **task_progress),
+                       task_id.submit(on_load_task, task_form, task_panels.outputs(), **task_progress),
+                       task_run.click(on_run_task, [*task_form, task_panels.state], task_panels.outputs(),
+                                      **task_progress)]
+        for button in (load, task_run):
+            button.click(None, js=_SCROLL_JS.replace("{id}", "task-progress"))
+        # .input, not .change: the deep link fills the task fields itself and must not clear what it loads.
+        for edited in (task_id, project, task_prompt):
+            edited.input(lambda: {**task_panels.nothing_shown("Inputs changed: press Load or Run."),
+                                  **task_panels.busy(False)},
+                         None, task_panels.outputs(), show_progress="hidden", cancels=task_events, queue=False)
+        for moved in (use_project, task_box, task_text):
+            moved.input(lambda: {**task_panels.nothing_shown("Settings changed: press Run to segment and explain."),
+                                 **task_panels.busy(False)},
+                        None, task_panels.outputs(), show_progress="hidden", cancels=task_events, queue=False)
+        task_labels.change(redraw, [task_labels, task_panels.state], [task_panels.overlay], show_progress="hidden")
 
         # -- deep link: /?task=ID&project=P opens the task tab, loads the task and explains it --
         # Two steps: switching tabs re-renders the tab's components, which would lose the end of a
@@ -297,18 +509,11 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 return [gr.skip()] * 3
             return [gr.Tabs(selected="task"), str(link[0]), link[1]]
 
-        @shown_errors
-        def explain_link(tid, proj, show, progress=gr.Progress()):
-            if not str(tid or "").strip():
-                return [gr.skip()] * len(all_task_outputs)
-            view = views.load_task(client, tid, proj, progress)
-            try:
-                result, explanation = views.explain_task(client, tid, proj, None, None, None, True, view.rgb,
-                                                         progress)
-            except BackendError as exc:  # keep the stored prediction on show, say why there is no explanation
-                gr.Warning(f"Task {view.task_id} loaded, but explaining it failed: {exc}")
-                return loaded_values(view, show)
-            return segmentation_values(result, show) + explanation_values(explanation)
+        def explain_link(tid, proj, text_prompt, use, box_t, text_t, show, progress=gr.Progress()) -> Updates:
+            if not str(tid or "").strip():  # no ?task=: nothing to load
+                yield {task_panels.progress: gr.skip()}
+                return
+            yield from on_load_task(tid, proj, text_prompt, use, box_t, text_t, show, progress)
 
         # -- events: jobs; the timer runs only while the Jobs tab is on show --
         def on_jobs(proj):
@@ -332,8 +537,8 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         for other in (image_tab, task_tab):
             other.select(lambda: gr.Timer(active=False), None, [jobs.timer])
 
-        demo.load(open_link, None, [tabs, task_id, project]).success(
-            explain_link, [task_id, project, task_labels], all_task_outputs)
+        demo.load(open_link, None, [tabs, task_id, project], show_progress="hidden").success(
+            explain_link, task_form, task_panels.outputs(), **task_progress)
     return demo
 
 
