@@ -210,23 +210,28 @@ def _error_line(elem_id: str) -> gr.HTML:
     return gr.HTML(elem_id=elem_id, elem_classes=["panel-error", "collapse-empty"], js_on_load=None)
 
 
+def _shown_html(elem_id: str) -> gr.HTML:
+    """An HTML output that takes no room while empty (no click handler: these are pictures and text)."""
+    return gr.HTML(elem_id=elem_id, elem_classes=["collapse-empty"], js_on_load=None)
+
+
 def _output_and_explanation(prefix: str, input_error: gr.HTML, buttons: tuple[gr.Button, ...]) -> Panels:
     with gr.Column(scale=1, min_width=300):
         gr.Markdown("### Output")
         progress = gr.HTML(elem_id=f"{prefix}-progress", elem_classes=["progress-line"], js_on_load=None)
         output_error = _error_line(f"{prefix}-output-error")
-        overlay = gr.HTML(elem_id=f"{prefix}-output", elem_classes=["collapse-empty"], js_on_load=None)
-        masks = gr.HTML(elem_id=f"{prefix}-masks", elem_classes=["collapse-empty"], js_on_load=None)
+        overlay = _shown_html(f"{prefix}-output")
+        masks = _shown_html(f"{prefix}-masks")
         summary = gr.Markdown(elem_id=f"{prefix}-summary")
     with gr.Column(scale=2, min_width=300):
         gr.Markdown("### Explanation")
         explain_error = _error_line(f"{prefix}-explain-error")
         status = gr.Markdown(elem_id=f"{prefix}-explain-status")
-        legend = gr.HTML(elem_id=f"{prefix}-legend", elem_classes=["collapse-empty"], js_on_load=None)
-        encoder_heatmaps = gr.HTML(elem_id=f"{prefix}-encoder-heatmaps", elem_classes=["collapse-empty"], js_on_load=None)
-        encoder_overlays = gr.HTML(elem_id=f"{prefix}-encoder-overlays", elem_classes=["collapse-empty"], js_on_load=None)
-        decoder_maps = gr.HTML(elem_id=f"{prefix}-decoder-maps", elem_classes=["collapse-empty"], js_on_load=None)
-        mask_looks = gr.HTML(elem_id=f"{prefix}-mask-looks", elem_classes=["collapse-empty"], js_on_load=None)
+        legend = _shown_html(f"{prefix}-legend")
+        encoder_heatmaps = _shown_html(f"{prefix}-encoder-heatmaps")
+        encoder_overlays = _shown_html(f"{prefix}-encoder-overlays")
+        decoder_maps = _shown_html(f"{prefix}-decoder-maps")
+        mask_looks = _shown_html(f"{prefix}-mask-looks")
         gr.Markdown("**Why this label** (Grounding DINO's score of each prompt word, per mask)")
         grounding = gr.HTML(elem_id=f"{prefix}-grounding", js_on_load=None)
     return Panels(input_error, progress, output_error, overlay, masks, summary, explain_error, status, legend,
@@ -292,7 +297,12 @@ def uploaded_rgb(upload: Mapping[str, Any] | None) -> np.ndarray:
     try:
         return load_rgb(path.read_bytes())
     except (OSError, ImageError) as exc:
-        raise views.InputError(f"{name} can't be used as an image: {exc}. Upload a PNG, JPEG or WebP photo.") from None
+        reason = str(exc).removeprefix("image bytes: ")
+        raise views.InputError(f"{name} can't be used as an image: {reason}. "
+                               "Upload a PNG, JPEG or WebP photo.") from None
+
+
+_BROWSER_FORMATS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avif", ".apng"}
 
 
 # -- examples: scikit-image photos written once to a cache folder -------------------------------------------------
@@ -401,7 +411,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             """Segment, show the masks, explain them, show the explanation: each step's failure goes
             to its panel's error line and ends the run; the buttons are disabled meanwhile."""
             started = time.monotonic()
-            yield {**panels.busy(True), **panels.no_explanation(), panels.progress: ""}
+            yield {**panels.no_explanation(), panels.progress: ""}
             done = panels.busy(False)
             try:
                 result = segment(_stage(progress, 1, 2))
@@ -423,6 +433,13 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 return
             yield {**done, **shown, panels.progress: f"Done in {time.monotonic() - started:.1f} s."}
 
+        def started(trigger: Callable[..., Any], panels: Panels) -> Any:
+            """The buttons off before the run is queued (a click during the run does nothing), and on a
+            phone the Output panel scrolled into view."""
+            scroll = _SCROLL_JS.replace("{id}", panels.progress.elem_id or "")
+            return trigger(lambda: panels.busy(True), None, list(panels.buttons), queue=False,
+                           show_progress="hidden", js=scroll)
+
         # -- events: uploaded image --
         def on_run(upload, text_prompt, box_t, text_t, show, progress=gr.Progress()) -> Updates:
             state: dict[str, np.ndarray] = {}
@@ -438,16 +455,17 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
 
         def on_upload(upload) -> dict[Component, Any]:
             try:
-                uploaded_rgb(upload)
+                rgb = uploaded_rgb(upload)
             except views.InputError as exc:  # the broken preview goes; the reason stays
                 return {image: None, image_error: _error_html(str(exc))}
-            return {image_error: ""}
+            suffix = Path(str(upload.get("orig_name") or upload.get("path") or "")).suffix.lower()
+            # A TIFF (or another format browsers don't draw) is shown as what the backend will see.
+            return {image_error: "", **({} if suffix in _BROWSER_FORMATS else {image: rgb})}
 
         image_inputs = [image, prompt, box, text, labels]
-        run_events = [trigger(on_run, image_inputs, panels.outputs(), preprocess=False,
-                              show_progress_on=[panels.progress])
+        run_events = [started(trigger, panels).then(on_run, image_inputs, panels.outputs(), preprocess=False,
+                                                    show_progress_on=[panels.progress])
                       for trigger in (run.click, prompt.submit)]
-        run.click(None, js=_SCROLL_JS.replace("{id}", "image-progress"))
         image.upload(on_upload, [image], [image, image_error], preprocess=False, show_progress="hidden")
         for changed in (image.change, prompt.change, box.change, text.change):
             changed(lambda: {**panels.nothing_shown("Inputs changed: press Run to segment and explain them."),
@@ -482,12 +500,11 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
 
         task_form = [task_id, project, task_prompt, use_project, task_box, task_text, task_labels]
         task_progress = {"show_progress_on": [task_panels.progress]}
-        task_events = [load.click(on_load_task, task_form, task_panels.outputs(), **task_progress),
-                       task_id.submit(on_load_task, task_form, task_panels.outputs(), **task_progress),
-                       task_run.click(on_run_task, [*task_form, task_panels.state], task_panels.outputs(),
-                                      **task_progress)]
-        for button in (load, task_run):
-            button.click(None, js=_SCROLL_JS.replace("{id}", "task-progress"))
+        task_events = [started(trigger, task_panels).then(on_load_task, task_form, task_panels.outputs(),
+                                                          **task_progress)
+                       for trigger in (load.click, task_id.submit)]
+        task_events.append(started(task_run.click, task_panels).then(
+            on_run_task, [*task_form, task_panels.state], task_panels.outputs(), **task_progress))
         # .input, not .change: the deep link fills the task fields itself and must not clear what it loads.
         for edited in (task_id, project, task_prompt):
             edited.input(lambda: {**task_panels.nothing_shown("Inputs changed: press Load or Run."),

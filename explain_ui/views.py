@@ -313,7 +313,7 @@ def figure_grid_html(title: str, items: Sequence[tuple[Any, str]], kind: str, ma
     if not items:
         return ""
     figures = "".join(
-        f'<figure><img src="{data_url(image, max_side)}" alt="{html.escape(f"{kind}: {caption}")}" loading="lazy">'
+        f'<figure><img src="{data_url(image, max_side)}" alt="{html.escape(f"{kind}: {caption}")}">'
         f'<figcaption>{html.escape(caption)}</figcaption></figure>' for image, caption in items)
     return f'<section class="figure-grid"><h4>{html.escape(title)}</h4><div class="figures">{figures}</div></section>'
 

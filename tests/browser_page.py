@@ -39,8 +39,8 @@ def browser_missing() -> str | None:
 @contextlib.contextmanager
 def chromium(width: int = 1600, height: int = 2200) -> Iterator[object]:
     """A headless Chromium (selenium WebDriver) with a ``width`` x ``height`` window; skips (or fails
-    under REQUIRE_BROWSER=1) when the browser is missing. Phone sizes also get a phone's touch/UA-free
-    viewport: the window is the viewport here (headless has no chrome around it)."""
+    under REQUIRE_BROWSER=1) when the browser is missing. The viewport is exactly ``width`` x ``height``
+    (a phone's size without its touch events or user agent)."""
     missing = browser_missing()
     if missing:
         if os.environ.get("REQUIRE_BROWSER", "") not in ("", "0"):
@@ -56,6 +56,9 @@ def chromium(width: int = 1600, height: int = 2200) -> Iterator[object]:
         options.add_argument(arg)
     # An explicit chromedriver: selenium never fetches a browser or driver of its own.
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    # Headless Chromium keeps windows at least 500 px wide: the viewport is set exactly, so PHONE is 390.
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
     try:
         yield driver
     finally:

@@ -1,0 +1,238 @@
+"""The explain page as annotators use it, in headless Chromium at a desktop and a phone size (one page
+load each, several checks per load; screenshots in test-artifacts/):
+
+- a non-image upload and a backend failure each leave a lasting one-line error in their panel (not a
+  pop-up, no broken image, no empty "Error" badges), and the next success clears it;
+- Run shows one progress line (nowhere else) and disables the buttons until it is done;
+- an explanation never stays beside masks of another image: photo B's masks never sit beside
+  photo A's maps;
+- every mask and map, with its whole caption and alt text, is inside the page width (no sideways
+  scrolling, nothing hidden in a scrolling box, no caption cut);
+- help text and the Run button reach WCAG's 4.5:1 contrast;
+- without ?task= the task tab has no spinner.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.browser_page import DESKTOP, PHONE, chromium, serve_page, shot
+
+UI_WAIT_S = 20  # page-only reactions (no model): an error line, a cleared panel
+RUN_WAIT_S = 120  # a run on the tiny CPU models
+
+MAPS = ("#image-encoder-heatmaps", "#image-encoder-overlays", "#image-decoder-maps", "#image-mask-looks")
+PICTURES = ("#image-output", "#image-masks", *MAPS)
+
+# One look at the page: natural sizes of the masks and maps on show, the progress indicators and where
+# they are, the Run button, error badges.
+SNAPSHOT_JS = """
+const sizes = sel => [...document.querySelectorAll(sel + ' img')].filter(i => i.getAttribute('src'))
+  .map(i => [i.naturalWidth, i.naturalHeight]);
+const shown = el => el.offsetParent !== null && !el.classList.contains('hide');
+const trackers = [...document.querySelectorAll('[data-testid=status-tracker]')].filter(shown)
+  .filter(t => t.querySelector('.eta-bar, .progress-text, .meta-text-center, .meta-text, .loader, svg'));
+const where = t => { const b = t.parentElement && t.parentElement.closest('[id]'); return b ? b.id : '?'; };
+const run = document.querySelector('#image-run');
+return {
+  masks: sizes('#image-masks'),
+  maps: [].concat(...arguments[0].map(sizes)),
+  busy: trackers.map(where),
+  run_disabled: !!(run && (run.disabled || run.getAttribute('aria-disabled') === 'true')),
+  badges: [...document.querySelectorAll('[data-testid=status-tracker] .error')].filter(shown)
+    .map(e => e.textContent.trim()),
+};
+"""
+
+# Every picture of the Output and Explanation panels inside the page width and inside every box that
+# clips or scrolls it; every caption whole; every picture with alt text.
+LAYOUT_JS = """
+const doc = document.documentElement, problems = [];
+if (doc.scrollWidth > doc.clientWidth + 1)
+  problems.push(`page scrolls sideways: ${doc.scrollWidth} > ${doc.clientWidth}`);
+const hidden = el => {
+  const r = el.getBoundingClientRect();
+  if (r.left < -1 || r.right > doc.clientWidth + 1) return `outside the page width (${r.left}..${r.right})`;
+  for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+    if (getComputedStyle(a).overflowX === 'visible') continue;
+    const q = a.getBoundingClientRect();
+    if (r.left < q.left - 1 || r.right > q.right + 1) return `hidden in a scrolling box (${a.className})`;
+  }
+  return null;
+};
+for (const sel of arguments[0]) {
+  for (const img of document.querySelectorAll(sel + ' img')) {
+    if (!img.getAttribute('src')) continue;
+    const why = hidden(img);
+    if (why) problems.push(`${sel} image ${why}`);
+    if (!(img.getAttribute('alt') || '').trim()) problems.push(`${sel} image without alt text`);
+  }
+  for (const cap of document.querySelectorAll(sel + ' figcaption, ' + sel + ' .caption-label')) {
+    const why = hidden(cap);
+    if (why) problems.push(`${sel} caption "${cap.textContent}" ${why}`);
+    if (cap.scrollWidth > cap.clientWidth + 1) problems.push(`${sel} caption cut: "${cap.textContent}"`);
+  }
+}
+return problems;
+"""
+
+# The text colour of an element and the first opaque background behind it, as [r, g, b].
+COLOURS_JS = """
+const rgb = c => (c.match(/[\\d.]+/g) || []).map(Number);
+const el = arguments[0];
+let bg = null;
+for (let a = el; a && !bg; a = a.parentElement) {
+  const c = rgb(getComputedStyle(a).backgroundColor);
+  if (c.length === 3 || (c.length === 4 && c[3] > 0.9)) bg = c.slice(0, 3);
+}
+return [rgb(getComputedStyle(el).color).slice(0, 3), bg || [255, 255, 255]];
+"""
+
+
+def contrast(fg: list[float], bg: list[float]) -> float:
+    """WCAG 2 contrast ratio of two sRGB colours."""
+
+    def luminance(colour: list[float]) -> float:
+        c = np.asarray(colour, float) / 255
+        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return float(0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2])
+
+    high, low = sorted((luminance(fg), luminance(bg)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+@pytest.fixture(scope="module")
+def page(engine) -> Iterator[str]:
+    with serve_page(engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, chelsea, astronaut) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    # Text under an image's name: the browser lets it through as image/png.
+    files = {"a": folder / "a.png", "b": folder / "b.png", "text": folder / "notes.png"}
+    Image.fromarray(chelsea).save(files["a"])  # 451 x 300
+    Image.fromarray(np.ascontiguousarray(astronaut[:, :256])).save(files["b"])  # 256 x 512: another aspect
+    files["text"].write_text("these are notes, not a photo\n")
+    return files
+
+
+def aspects(sizes: list[list[int]]) -> set[float]:
+    return {round(w / h, 1) for w, h in sizes if h}
+
+
+def decoded(sizes: list[list[int]]) -> bool:
+    """Some pictures, all of them decoded by the browser."""
+    return bool(sizes) and all(w and h for w, h in sizes)
+
+
+def watch_run(browser, until) -> list[dict]:
+    """Snapshots of the page every ~0.1 s until ``until(snapshot)`` holds with nothing busy."""
+    samples, deadline = [], time.monotonic() + RUN_WAIT_S
+    while time.monotonic() < deadline:
+        samples.append(browser.execute_script(SNAPSHOT_JS, list(MAPS)))
+        if len(samples) > 3 and not samples[-1]["busy"] and until(samples[-1]):
+            return samples
+        time.sleep(0.1)
+    raise AssertionError(f"the run did not finish in {RUN_WAIT_S} s; last look: {samples[-1]}")
+
+
+@pytest.mark.parametrize("size", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_page_keeps_state_layout_errors_and_progress_right(page, photos, size):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name = "desktop" if size == DESKTOP else "phone"
+    with chromium(*size) as browser:
+        wait = WebDriverWait(browser, UI_WAIT_S)
+
+        def text(selector: str) -> str:
+            found = browser.find_elements(By.CSS_SELECTOR, selector)
+            return found[0].text.strip() if found else ""
+
+        def set_prompt(value: str) -> None:
+            box = browser.find_element(By.CSS_SELECTOR, "#image-prompt textarea")
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(Keys.DELETE)
+            browser.execute_script("arguments[0].value = arguments[1];"
+                                   "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, value)
+
+        def upload(path: Path) -> None:
+            browser.find_element(By.CSS_SELECTOR, "#image-input input[type=file]").send_keys(str(path))
+
+        browser.get(page)
+        try:
+            wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#image-input input[type=file]"))
+
+            # -- contrast of help text and the Run button (WCAG AA for text: 4.5:1) --
+            help_text = browser.find_element(By.XPATH, "//*[@id='image-box']//*[contains(text(), 'fewer') "
+                                                       "or contains(text(), 'lower finds')]")
+            for what, element in (("slider help text", help_text),
+                                  ("Run button", browser.find_element(By.CSS_SELECTOR, "#image-run"))):
+                fg, bg = browser.execute_script(COLOURS_JS, element)
+                assert contrast(fg, bg) >= 4.5, f"{what}: {fg} on {bg} is {contrast(fg, bg):.1f}:1"
+
+            # -- a file that isn't an image: a lasting message in the Input panel, no broken preview --
+            upload(photos["text"])
+            wait.until(lambda _: "notes.png" in text("#image-input-error"))
+            assert "image" in text("#image-input-error")
+            broken = browser.execute_script("return [...document.querySelectorAll('#image-input img')]"
+                                            ".filter(i => i.complete && i.naturalWidth === 0).length")
+            assert broken == 0, "a broken image icon in the Input panel"
+
+            # -- a backend failure (one prompt phrase longer than Grounding DINO reads): the Output panel --
+            upload(photos["a"])
+            set_prompt(" ".join(["cat"] * 300))
+            browser.find_element(By.CSS_SELECTOR, "#image-run").click()
+            wait.until(lambda _: "too long" in text("#image-output-error"))
+            time.sleep(1.5)  # still there once the run has ended
+            look = browser.execute_script(SNAPSHOT_JS, list(MAPS))
+            assert "too long" in text("#image-output-error") and not look["busy"]
+            assert not look["badges"], f"error badges without text: {look['badges']}"
+            shot(browser, f"page_state_{name}_error.png")
+
+            # -- photo A runs: one progress line, buttons off meanwhile; success clears both errors --
+            set_prompt("cat . rocket")
+            browser.find_element(By.CSS_SELECTOR, "#image-run").click()
+            samples = watch_run(browser, lambda s: decoded(s["masks"]) and decoded(s["maps"]))
+            busy = [s for s in samples if s["busy"]]
+            assert busy, "no progress shown during the run"
+            assert all(s["busy"] == ["image-progress"] for s in busy), \
+                f"progress must show on the progress line only: {[s['busy'] for s in busy]}"
+            assert all(s["run_disabled"] for s in busy), "the Run button stays enabled while busy"
+            assert not samples[-1]["run_disabled"], "the Run button is enabled again when done"
+            assert text("#image-output-error") == "" and text("#image-input-error") == ""
+            assert not samples[-1]["badges"]
+            a = aspects(samples[-1]["masks"])
+            assert a == {1.5} and aspects(samples[-1]["maps"]) == a, samples[-1]
+
+            # -- photo B: A's maps never sit beside B's masks, not even before B runs --
+            upload(photos["b"])
+            wait.until(lambda _: not browser.execute_script(SNAPSHOT_JS, list(MAPS))["maps"])
+            browser.find_element(By.CSS_SELECTOR, "#image-run").click()
+            samples = watch_run(browser, lambda s: aspects(s["masks"]) == {0.5} and decoded(s["maps"]))
+            stale = [s for s in samples if aspects(s["maps"]) & a]
+            assert not stale, f"photo A's maps still on show after photo B was uploaded: {stale[0]}"
+            assert aspects(samples[-1]["maps"]) == {0.5}
+
+            # -- every mask and map, its whole caption and its alt text, inside the page width --
+            problems = browser.execute_script(LAYOUT_JS, list(PICTURES))
+            assert not problems, "\n".join(problems)
+            shot(browser, f"page_state_{name}.png")
+
+            # -- the task tab, opened without ?task=, spins nowhere --
+            tab = [b for b in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if "task" in b.text.lower()]
+            tab[0].click()
+            time.sleep(2)
+            spinning = browser.execute_script(SNAPSHOT_JS, list(MAPS))["busy"]
+            assert not spinning, f"spinners on the task tab without ?task=: {spinning}"
+        finally:
+            shot(browser, f"page_state_{name}_last.png")
