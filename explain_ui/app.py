@@ -115,7 +115,9 @@ CSS = """
 .figure-grid .figures { display: grid; gap: 8px;
   grid-template-columns: repeat(auto-fill, minmax(min(150px, 100%), 1fr)); }
 .figure-grid figure { margin: 0; min-width: 0; }
-.figure-grid img, img.picture { display: block; width: 100%; height: auto; border-radius: 4px; }
+.figure-grid img, img.picture { display: block; max-width: 100%; max-height: 70vh; width: auto; height: auto;
+  border-radius: 4px; }
+.figure-grid img { max-height: 40vh; }
 .figure-grid figcaption { font-size: var(--text-sm); line-height: 1.3; white-space: normal;
   overflow-wrap: anywhere; margin-top: 2px; }
 .panel-error p { color: #b91c1c; font-weight: 600; margin: 4px 0; }
@@ -123,12 +125,16 @@ CSS = """
 .progress-line { min-height: 2.2em; }
 .block.collapse-empty:has(.html-container > .prose:empty) { display: none; }
 .legend { position: sticky; top: 0; z-index: 3; background: var(--background-fill-primary); padding: 4px 0; }
+/* A phone shows the Output panel below the form: room to scroll it to the top when Run is pressed. */
+@media (max-width: 767px) { .output-column { min-height: 100vh; } }
 .legend ul { margin: 4px 0; padding-left: 1.2em; font-size: var(--text-sm); }
 """
 
-# On a phone the Output panel is below the form: show it (with its progress line) when Run is pressed.
-_SCROLL_JS = ("() => { if (window.innerWidth < 768) { const line = document.getElementById('{id}');"
-              " if (line) line.scrollIntoView({behavior: 'smooth', block: 'start'}); } }")
+# On a phone the Output panel is below the form (on a desktop it may be scrolled away): Run brings its
+# progress line into view, where the result will appear.
+_SCROLL_JS = ("() => { const line = document.getElementById('{id}'); if (!line) return;"
+              " const top = line.getBoundingClientRect().top;"
+              " if (top < 0 || top > window.innerHeight / 2) line.scrollIntoView({block: 'start'}); }")
 
 
 # -- layout ----------------------------------------------------------------------------------------------
@@ -216,7 +222,7 @@ def _shown_html(elem_id: str) -> gr.HTML:
 
 
 def _output_and_explanation(prefix: str, input_error: gr.HTML, buttons: tuple[gr.Button, ...]) -> Panels:
-    with gr.Column(scale=1, min_width=300):
+    with gr.Column(scale=1, min_width=300, elem_classes=["output-column"]):
         gr.Markdown("### Output")
         progress = gr.HTML(elem_id=f"{prefix}-progress", elem_classes=["progress-line"], js_on_load=None)
         output_error = _error_line(f"{prefix}-output-error")

@@ -221,7 +221,11 @@ def test_page_keeps_state_layout_errors_and_progress_right(page, photos, size):
             samples = watch_run(browser, lambda s: aspects(s["masks"]) == {0.5} and decoded(s["maps"]))
             stale = [s for s in samples if aspects(s["maps"]) & a]
             assert not stale, f"photo A's maps still on show after photo B was uploaded: {stale[0]}"
-            assert aspects(samples[-1]["maps"]) == {0.5}
+            assert aspects(samples[-1]["maps"]) == {0.5} and not samples[-1]["run_disabled"]
+            # Run scrolled the result into view (on a phone it is below the form).
+            top = browser.execute_script("return document.querySelector('#image-progress')"
+                                         ".getBoundingClientRect().top")
+            assert 0 <= top < size[1] / 2, f"the progress line is at {top} px, not in view"
 
             # -- every mask and map, its whole caption and its alt text, inside the page width --
             problems = browser.execute_script(LAYOUT_JS, list(PICTURES))
