@@ -182,10 +182,9 @@ class Panels:
 
     def segmentation(self, result: views.Segmentation, show_labels: bool,
                      box_threshold: float | None) -> dict[Component, Any]:
-        summary = result.summary if result.segments else f"{views.no_masks_hint(box_threshold)}  \n{result.summary}"
         return {self.output_error: "", self.overlay: views.picture_html(result.overlay(show_labels), _alt(result)),
                 self.masks: views.figure_grid_html("Masks", result.mask_gallery(), "Mask cut-out", views.THUMB_PX),
-                self.summary: summary, self.state: result}
+                self.summary: segmentation_summary(result, box_threshold), self.state: result}
 
     def explanation(self, view: views.ExplanationView) -> dict[Component, Any]:
         return {
@@ -201,6 +200,12 @@ class Panels:
                 "Encoder: where each mask's own tokens look", view.mask_looks, "Mask tokens' attention"),
             self.grounding: view.grounding_html,
         }
+
+
+def segmentation_summary(result: views.Segmentation, box_threshold: float | None) -> str:
+    """The Output panel's text: the masks found, or what to change when there are none (markdown).
+    ``box_threshold`` is the one the run used (None: the project's own)."""
+    return result.summary if result.segments else f"{views.no_masks_hint(box_threshold)}  \n{result.summary}"
 
 
 def _alt(result: views.Segmentation) -> str:

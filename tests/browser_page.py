@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -101,6 +101,18 @@ def busy(browser) -> int:
     from selenium.webdriver.common.by import By
 
     return len(browser.find_elements(By.CSS_SELECTOR, ".eta-bar, .progress-text, .meta-text-center, .meta-text"))
+
+
+def contrast(fg: Sequence[float], bg: Sequence[float]) -> float:
+    """WCAG 2 contrast ratio of two sRGB colours given as 0..255 [r, g, b] (text needs 4.5:1)."""
+
+    def luminance(colour: Sequence[float]) -> float:
+        c = [v / 255 for v in colour[:3]]
+        c = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in c]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    high, low = sorted((luminance(fg), luminance(bg)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
 
 
 def shot(browser, name: str) -> None:

@@ -1,8 +1,8 @@
 """A real browser on the explain page: Debian's headless Chromium driven by selenium.
 
 The backend app (tiny random-weight engine) and the Gradio page both run in this process on free
-ports; Chromium uploads a scikit-image photo, types a prompt, runs the segmentation and the
-explanation, and the galleries must fill. A screenshot is kept in test-artifacts/explain_ui.png.
+ports; Chromium uploads a scikit-image photo, types a prompt and runs: the masks and then the
+explanation's maps must fill. A screenshot is kept in test-artifacts/explain_ui.png.
 Skipped when chromium/chromedriver/selenium are missing, unless REQUIRE_BROWSER=1 (then it fails).
 """
 
@@ -38,14 +38,13 @@ def test_upload_run_and_explain_in_chromium(browser, engine, chelsea, tmp_path):
             upload.send_keys(str(photo))
             wait.until(lambda _: images(browser, "#image-input"))
             browser.find_element(By.CSS_SELECTOR, "#image-prompt textarea").send_keys("cat . rocket")
-            browser.find_element(By.CSS_SELECTOR, "#image-run").click()
+            browser.find_element(By.CSS_SELECTOR, "#image-run").click()  # segments, then explains at once
 
             wait.until(lambda _: images(browser, "#image-output") and images(browser, "#image-masks"))
             masks = images(browser, "#image-masks")
             assert len(masks) >= 1
             assert "mask" in browser.find_element(By.CSS_SELECTOR, "#image-summary").text
 
-            browser.find_element(By.CSS_SELECTOR, "#image-explain").click()
             wait.until(lambda _: images(browser, "#image-encoder-heatmaps") and images(browser, "#image-decoder-maps")
                        and not busy(browser))
             heatmaps = images(browser, "#image-encoder-heatmaps")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.browser_page import DESKTOP, PHONE, chromium, serve_page, shot
+from tests.browser_page import DESKTOP, PHONE, chromium, contrast, serve_page, shot
 
 UI_WAIT_S = 20  # page-only reactions (no model): an error line, a cleared panel
 RUN_WAIT_S = 120  # a run on the tiny CPU models
@@ -93,18 +93,6 @@ for (let a = el; a && !bg; a = a.parentElement) {
 }
 return [rgb(getComputedStyle(el).color).slice(0, 3), bg || [255, 255, 255]];
 """
-
-
-def contrast(fg: list[float], bg: list[float]) -> float:
-    """WCAG 2 contrast ratio of two sRGB colours."""
-
-    def luminance(colour: list[float]) -> float:
-        c = np.asarray(colour, float) / 255
-        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-        return float(0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2])
-
-    high, low = sorted((luminance(fg), luminance(bg)), reverse=True)
-    return (high + 0.05) / (low + 0.05)
 
 
 @pytest.fixture(scope="module")
