@@ -111,7 +111,7 @@ THEME = gr.themes.Default(primary_hue="orange").set(
 # Grids size their columns to the panel (one column on a narrow phone); captions wrap instead of being
 # cut; the legend stays in view while the maps scroll under it.
 CSS = """
-.figure-grid h4 { margin: 10px 0 4px; }
+.figure-grid h4 { margin: 4px 0; }
 .figure-grid .figures { display: grid; gap: 8px;
   grid-template-columns: repeat(auto-fill, minmax(min(150px, 100%), 1fr)); }
 .figure-grid figure { margin: 0; min-width: 0; }
@@ -190,12 +190,12 @@ class Panels:
         return {
             self.explain_error: "", self.status: view.status, self.legend: view.legend_html,
             self.encoder_heatmaps: views.figure_grid_html(
-                "Encoder attention received (global blocks; the last is the last layer)", view.encoder_heatmaps,
+                "Encoder: attention each place received", view.encoder_heatmaps,
                 "Encoder attention heatmap"),
             self.encoder_overlays: views.figure_grid_html(
-                "Encoder attention received, over the image", view.encoder_overlays, "Encoder attention overlay"),
+                "Encoder: the same, over the image", view.encoder_overlays, "Encoder attention overlay"),
             self.decoder_maps: views.figure_grid_html(
-                "Mask decoder: where each mask's token looked", view.decoder_maps, "Mask decoder attention"),
+                "Decoder: where each mask's token looked", view.decoder_maps, "Mask decoder attention"),
             self.mask_looks: views.figure_grid_html(
                 "Encoder: where each mask's own tokens look", view.mask_looks, "Mask tokens' attention"),
             self.grounding: view.grounding_html,
@@ -532,7 +532,11 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         # slow event that also fills them (they'd spin forever).
         @shown_errors
         def open_link(request: gr.Request):
-            link = views.deep_link(dict(request.query_params)) if request is not None else None
+            query = dict(request.query_params) if request is not None else {}
+            try:
+                link = views.deep_link(query)
+            except views.InputError:  # ?task=abc: shown as typed; loading it says what is wrong, in the panel
+                return [gr.Tabs(selected="task"), str(query.get("task")), str(query.get("project") or "")]
             if link is None:
                 return [gr.skip()] * 3
             return [gr.Tabs(selected="task"), str(link[0]), link[1]]

@@ -7,7 +7,7 @@ load each, several checks per load; screenshots in test-artifacts/):
 - an explanation never stays beside masks of another image: photo B's masks never sit beside
   photo A's maps;
 - every mask and map, with its whole caption and alt text, is inside the page width (no sideways
-  scrolling, nothing hidden in a scrolling box, no caption cut);
+  scrolling, nothing hidden in a scrolling box, no caption cut); the colour bar sits beside the heatmaps;
 - help text and the Run button reach WCAG's 4.5:1 contrast;
 - without ?task= the task tab has no spinner.
 """
@@ -214,6 +214,12 @@ def test_page_keeps_state_layout_errors_and_progress_right(page, photos, size):
             top = browser.execute_script("return document.querySelector('#image-progress')"
                                          ".getBoundingClientRect().top")
             assert 0 <= top < size[1] / 2, f"the progress line is at {top} px, not in view"
+
+            # -- the colour bar and its words beside the heatmaps (not a page further down) --
+            gap = browser.execute_script("return document.querySelector('#image-encoder-heatmaps img')"
+                                         ".getBoundingClientRect().top - document.querySelector("
+                                         "'#image-legend [style*=linear-gradient]').getBoundingClientRect().bottom")
+            assert 0 <= gap < 150, f"the colour bar is {gap:.0f} px from the heatmaps"
 
             # -- every mask and map, its whole caption and its alt text, inside the page width --
             problems = browser.execute_script(LAYOUT_JS, list(PICTURES))
