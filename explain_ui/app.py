@@ -123,6 +123,10 @@ CSS = """
 .panel-error p { color: #b91c1c; font-weight: 600; margin: 4px 0; }
 .dark .panel-error p { color: #fca5a5; }
 .progress-line { min-height: 2.2em; }
+.progress-line p.step::before { content: ""; display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.5em;
+  vertical-align: -0.1em; border: 2px solid currentColor; border-right-color: transparent; border-radius: 50%;
+  animation: step-spin 1s linear infinite; }
+@keyframes step-spin { to { transform: rotate(360deg); } }
 .block.collapse-empty:has(.html-container > .prose:empty) { display: none; }
 .legend { position: sticky; top: 0; z-index: 3; background: var(--background-fill-primary); padding: 4px 0; }
 /* A phone shows the Output panel below the form: room to scroll it to the top when Run is pressed. */
@@ -198,8 +202,11 @@ class Panels:
                 "Decoder: where each mask's token looked", view.decoder_maps, "Mask decoder attention"),
             self.mask_looks: views.figure_grid_html(
                 "Encoder: where each mask's own tokens look", view.mask_looks, "Mask tokens' attention"),
-            self.grounding: view.grounding_html,
+            self.grounding: _WHY_LABEL + view.grounding_html if view.grounding_html else "",
         }
+
+
+_WHY_LABEL = "<h4>Why this label</h4><p><small>Grounding DINO's score of each prompt word, per mask</small></p>"
 
 
 def segmentation_summary(result: views.Segmentation, box_threshold: float | None) -> str:
@@ -243,8 +250,7 @@ def _output_and_explanation(prefix: str, input_error: gr.HTML, buttons: tuple[gr
         encoder_overlays = _shown_html(f"{prefix}-encoder-overlays")
         decoder_maps = _shown_html(f"{prefix}-decoder-maps")
         mask_looks = _shown_html(f"{prefix}-mask-looks")
-        gr.Markdown("**Why this label** (Grounding DINO's score of each prompt word, per mask)")
-        grounding = gr.HTML(elem_id=f"{prefix}-grounding", js_on_load=None)
+        grounding = _shown_html(f"{prefix}-grounding")
     return Panels(input_error, progress, output_error, overlay, masks, summary, explain_error, status, legend,
                   encoder_heatmaps, encoder_overlays, decoder_maps, mask_looks, grounding, gr.State(), buttons)
 
@@ -344,14 +350,12 @@ def _same_masks(shown: views.Segmentation | None, result: views.Segmentation) ->
                zip(shown.segments, result.segments, strict=True))
 
 
-def _stage(progress: Any, step: int, steps: int) -> views.Progress:
-    """``views``' progress reports as "step k of n: what runs now" on the tab's progress line (no made-up
-    percentages: a backend call is one step however long it takes)."""
+_SEGMENT_STEPS = ("detecting and segmenting on the backend", "explaining the masks (attention maps)")
+_LOAD_STEPS = ("fetching the task, its image and its stored prediction", "explaining the masks (attention maps)")
 
-    def report(fraction: float, desc: str | None = None) -> None:
-        progress((step - 1, steps), desc=f"Step {step} of {steps}: {desc}" if desc else None, unit="steps")
 
-    return report
+def _step_html(step: int, what: str) -> str:
+    return f'<p class="step" aria-live="polite">Step {step} of 2: {html.escape(what)}&hellip;</p>'
 
 
 def redraw(show_labels: bool, result: views.Segmentation | None) -> Any:
@@ -416,33 +420,34 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             with gr.Tab("Jobs", id="jobs") as jobs_tab:
                 jobs = _jobs_panel()
 
-        def runs(panels: Panels, segment: Callable[[views.Progress], views.Segmentation],
-                 explain: Callable[[views.Progress], tuple[views.Segmentation, views.ExplanationView]],
-                 show: bool, box_t: float | None, progress: Any) -> Updates:
-            """Segment, show the masks, explain them, show the explanation: each step's failure goes
-            to its panel's error line and ends the run; the buttons are disabled meanwhile."""
+        def runs(panels: Panels, steps: tuple[str, str], segment: Callable[[], views.Segmentation],
+                 explain: Callable[[], tuple[views.Segmentation, views.ExplanationView]],
+                 show: bool, box_t: float | None) -> Updates:
+            """Segment, show the masks, explain them, show the explanation, naming each step on the
+            progress line: each step's failure goes to its panel's error line and ends the run; the
+            buttons are off meanwhile."""
             started = time.monotonic()
-            yield {**panels.no_explanation(), panels.progress: ""}
+            yield {**panels.no_explanation(), panels.progress: _step_html(1, steps[0])}
             done = panels.busy(False)
             try:
-                result = segment(_stage(progress, 1, 2))
+                result = segment()
                 shown = panels.segmentation(result, show, box_t)
             except views.InputError as exc:
-                yield {**done, panels.input_error: _error_html(str(exc))}
+                yield {**done, panels.progress: "", panels.input_error: _error_html(str(exc))}
                 return
             except Exception as exc:
                 yield {**done, **panels.nothing_shown(), panels.input_error: "",
                        panels.output_error: _error_html(_failure(exc, "segment"))}
                 return
-            yield {panels.input_error: "", **shown}
+            yield {panels.input_error: "", **shown, panels.progress: _step_html(2, steps[1])}
             try:
-                explained, view = explain(_stage(progress, 2, 2))
+                explained, view = explain()
                 shown = {} if _same_masks(result, explained) else panels.segmentation(explained, show, box_t)
                 shown |= panels.explanation(view)
             except Exception as exc:
-                yield {**done, panels.explain_error: _error_html(_failure(exc, "explain"))}
+                yield {**done, panels.progress: "", panels.explain_error: _error_html(_failure(exc, "explain"))}
                 return
-            yield {**done, **shown, panels.progress: f"Done in {time.monotonic() - started:.1f} s."}
+            yield {**done, **shown, panels.progress: f"<p>Done in {time.monotonic() - started:.1f} s.</p>"}
 
         def started(trigger: Callable[..., Any], panels: Panels) -> Any:
             """The buttons off before the run is queued (a click during the run does nothing), and on a
@@ -452,17 +457,17 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                            show_progress="hidden", js=scroll)
 
         # -- events: uploaded image --
-        def on_run(upload, text_prompt, box_t, text_t, show, progress=gr.Progress()) -> Updates:
+        def on_run(upload, text_prompt, box_t, text_t, show) -> Updates:
             state: dict[str, np.ndarray] = {}
 
-            def segment(stage: views.Progress) -> views.Segmentation:
+            def segment() -> views.Segmentation:
                 state["rgb"] = uploaded_rgb(upload)
-                return views.segment_image(client, state["rgb"], text_prompt, box_t, text_t, stage)
+                return views.segment_image(client, state["rgb"], text_prompt, box_t, text_t)
 
-            def explain(stage: views.Progress) -> tuple[views.Segmentation, views.ExplanationView]:
-                return views.explain_image(client, state["rgb"], text_prompt, box_t, text_t, stage)
+            def explain() -> tuple[views.Segmentation, views.ExplanationView]:
+                return views.explain_image(client, state["rgb"], text_prompt, box_t, text_t)
 
-            yield from runs(panels, segment, explain, show, box_t, progress)
+            yield from runs(panels, _SEGMENT_STEPS, segment, explain, show, box_t)
 
         def on_upload(upload) -> dict[Component, Any]:
             try:
@@ -475,7 +480,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
 
         image_inputs = [image, prompt, box, text, labels]
         run_events = [started(trigger, panels).then(on_run, image_inputs, panels.outputs(), preprocess=False,
-                                                    show_progress_on=[panels.progress])
+                                                    show_progress="minimal", show_progress_on=[panels.progress])
                       for trigger in (run.click, prompt.submit)]
         image.upload(on_upload, [image], [image, image_error], preprocess=False, show_progress="hidden")
         for changed in (image.change, prompt.change, box.change, text.change):
@@ -485,32 +490,32 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         labels.change(redraw, [labels, panels.state], [panels.overlay], show_progress="hidden")
 
         # -- events: Label Studio task --
-        def on_load_task(tid, proj, text_prompt, use, box_t, text_t, show, progress=gr.Progress()) -> Updates:
+        def on_load_task(tid, proj, text_prompt, use, box_t, text_t, show) -> Updates:
             loaded: dict[str, views.TaskView] = {}
 
-            def segment(stage: views.Progress) -> views.Segmentation:
-                loaded["task"] = views.load_task(client, tid, proj, stage)
+            def segment() -> views.Segmentation:
+                loaded["task"] = views.load_task(client, tid, proj)
                 return loaded["task"].stored
 
-            def explain(stage: views.Progress) -> tuple[views.Segmentation, views.ExplanationView]:
-                return views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use, loaded["task"].rgb,
-                                          stage)
+            def explain() -> tuple[views.Segmentation, views.ExplanationView]:
+                return views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use, loaded["task"].rgb)
 
-            yield from runs(task_panels, segment, explain, show, None if use else box_t, progress)
+            yield from runs(task_panels, _LOAD_STEPS, segment, explain, show, None if use else box_t)
 
-        def on_run_task(tid, proj, text_prompt, use, box_t, text_t, show, shown, progress=gr.Progress()) -> Updates:
-            def segment(stage: views.Progress) -> views.Segmentation:
+        def on_run_task(tid, proj, text_prompt, use, box_t, text_t, show, shown) -> Updates:
+            def segment() -> views.Segmentation:
                 return views.segment_task(client, tid, proj, text_prompt, box_t, text_t, use,
-                                          views.task_image_on_show(shown, tid, proj), stage)
+                                          views.task_image_on_show(shown, tid, proj))
 
-            def explain(stage: views.Progress) -> tuple[views.Segmentation, views.ExplanationView]:
+            def explain() -> tuple[views.Segmentation, views.ExplanationView]:
                 return views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use,
-                                          views.task_image_on_show(shown, tid, proj), stage)
+                                          views.task_image_on_show(shown, tid, proj))
 
-            yield from runs(task_panels, segment, explain, show, None if use else box_t, progress)
+            yield from runs(task_panels, _SEGMENT_STEPS, segment, explain, show, None if use else box_t)
 
         task_form = [task_id, project, task_prompt, use_project, task_box, task_text, task_labels]
-        task_progress = {"show_progress_on": [task_panels.progress]}
+        # The steps are written on the progress line; Gradio adds only its timer there ("minimal").
+        task_progress: dict[str, Any] = {"show_progress": "minimal", "show_progress_on": [task_panels.progress]}
         task_events = [started(trigger, task_panels).then(on_load_task, task_form, task_panels.outputs(),
                                                           **task_progress)
                        for trigger in (load.click, task_id.submit)]
@@ -541,11 +546,11 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 return [gr.skip()] * 3
             return [gr.Tabs(selected="task"), str(link[0]), link[1]]
 
-        def explain_link(tid, proj, text_prompt, use, box_t, text_t, show, progress=gr.Progress()) -> Updates:
+        def explain_link(tid, proj, text_prompt, use, box_t, text_t, show) -> Updates:
             if not str(tid or "").strip():  # no ?task=: nothing to load
                 yield {task_panels.progress: gr.skip()}
                 return
-            yield from on_load_task(tid, proj, text_prompt, use, box_t, text_t, show, progress)
+            yield from on_load_task(tid, proj, text_prompt, use, box_t, text_t, show)
 
         # -- events: jobs; the timer runs only while the Jobs tab is on show --
         def on_jobs(proj):

@@ -3,7 +3,8 @@ load each, several checks per load; screenshots in test-artifacts/):
 
 - a non-image upload and a backend failure each leave a lasting one-line error in their panel (not a
   pop-up, no broken image, no empty "Error" badges), and the next success clears it;
-- Run shows one progress line (nowhere else) and disables the buttons until it is done;
+- Run names its steps on one progress line (no progress anywhere else) and disables the buttons
+  until it is done;
 - an explanation never stays beside masks of another image: photo B's masks never sit beside
   photo A's maps;
 - every mask and map, with its whole caption and alt text, is inside the page width (no sideways
@@ -40,7 +41,9 @@ const trackers = [...document.querySelectorAll('[data-testid=status-tracker]')].
   .filter(t => t.querySelector('.eta-bar, .progress-text, .meta-text-center, .meta-text, .loader, svg'));
 const where = t => { const b = t.parentElement && t.parentElement.closest('[id]'); return b ? b.id : '?'; };
 const run = document.querySelector('#image-run');
+const line = document.querySelector('#image-progress');
 return {
+  progress: line ? line.textContent.trim() : '',
   masks: sizes('#image-masks'),
   maps: [].concat(...arguments[0].map(sizes)),
   busy: trackers.map(where),
@@ -48,6 +51,14 @@ return {
   badges: [...document.querySelectorAll('[data-testid=status-tracker] .error')].filter(shown)
     .map(e => e.textContent.trim()),
 };
+"""
+
+# Every text the progress line shows from now on, with the Run button's state at that moment.
+RECORD_STEPS_JS = """
+window.steps = [];
+const line = document.querySelector('#image-progress'), run = document.querySelector('#image-run');
+if (line) new MutationObserver(() => window.steps.push([line.textContent.trim(), run.disabled]))
+  .observe(line, {subtree: true, childList: true, characterData: true});
 """
 
 # Every picture of the Output and Explanation panels inside the page width and inside every box that
@@ -126,7 +137,8 @@ def watch_run(browser, until) -> list[dict]:
     samples, deadline = [], time.monotonic() + RUN_WAIT_S
     while time.monotonic() < deadline:
         samples.append(browser.execute_script(SNAPSHOT_JS, list(MAPS)))
-        if len(samples) > 3 and not samples[-1]["busy"] and until(samples[-1]):
+        last = samples[-1]
+        if last["progress"].startswith("Done") and not last["busy"] and until(last):
             return samples
         time.sleep(0.1)
     raise AssertionError(f"the run did not finish in {RUN_WAIT_S} s; last look: {samples[-1]}")
@@ -189,13 +201,16 @@ def test_page_keeps_state_layout_errors_and_progress_right(page, photos, size):
 
             # -- photo A runs: one progress line, buttons off meanwhile; success clears both errors --
             set_prompt("cat . rocket")
+            browser.execute_script(RECORD_STEPS_JS)
             browser.find_element(By.CSS_SELECTOR, "#image-run").click()
             samples = watch_run(browser, lambda s: decoded(s["masks"]) and decoded(s["maps"]))
-            busy = [s for s in samples if s["busy"]]
-            assert busy, "no progress shown during the run"
-            assert all(s["busy"] == ["image-progress"] for s in busy), \
-                f"progress must show on the progress line only: {[s['busy'] for s in busy]}"
-            assert all(s["run_disabled"] for s in busy), "the Run button stays enabled while busy"
+            steps = browser.execute_script("return window.steps")
+            busy = [(line, disabled) for line, disabled in steps if line.startswith("Step")]
+            assert {line[:11] for line, _ in busy} == {"Step 1 of 2", "Step 2 of 2"}, f"steps not named: {steps}"
+            assert all(disabled for _, disabled in busy), f"the Run button stays enabled while busy: {steps}"
+            spinners = {where for s in samples for where in s["busy"]}
+            assert spinners <= {"image-progress"}, f"progress must show on the progress line only: {spinners}"
+            assert all(s["run_disabled"] for s in samples if s["progress"].startswith("Step"))
             assert not samples[-1]["run_disabled"], "the Run button is enabled again when done"
             assert text("#image-output-error") == "" and text("#image-input-error") == ""
             assert not samples[-1]["badges"]
