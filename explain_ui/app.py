@@ -201,7 +201,8 @@ class Panels:
             self.decoder_maps: views.figure_grid_html(
                 "Decoder: where each mask's token looked", view.decoder_maps, "Mask decoder attention"),
             self.mask_looks: views.figure_grid_html(
-                "Encoder: where each mask's own tokens look", view.mask_looks, "Mask tokens' attention"),
+                "Encoder, last global block: where each mask's own tokens look", view.mask_looks,
+                "Mask tokens' attention"),
             self.grounding: _WHY_LABEL + view.grounding_html if view.grounding_html else "",
         }
 

@@ -10,7 +10,7 @@ load each, several checks per load; screenshots in test-artifacts/):
 - every mask and map, with its whole caption and alt text, is inside the page width (no sideways
   scrolling, nothing hidden in a scrolling box, no caption cut); the colour bar sits beside the heatmaps;
 - help text and the Run button reach WCAG's 4.5:1 contrast;
-- without ?task= the task tab has no spinner.
+- without ?task= the task tab has no spinner; the scikit-image examples fill the inputs.
 """
 
 from __future__ import annotations
@@ -179,6 +179,14 @@ def test_page_keeps_state_layout_errors_and_progress_right(page, photos, size):
                                   ("Run button", browser.find_element(By.CSS_SELECTOR, "#image-run"))):
                 fg, bg = browser.execute_script(COLOURS_JS, element)
                 assert contrast(fg, bg) >= 4.5, f"{what}: {fg} on {bg} is {contrast(fg, bg):.1f}:1"
+
+            # -- an example (a scikit-image photo) fills the image and the prompt --
+            example = [b for b in browser.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "chelsea: cat"]
+            assert example, "no scikit-image examples on the page"
+            example[0].click()
+            wait.until(lambda _: browser.execute_script(
+                "const i = document.querySelector('#image-input img'); return i && i.naturalWidth") == 451)
+            assert browser.find_element(By.CSS_SELECTOR, "#image-prompt textarea").get_attribute("value") == "cat"
 
             # -- a file that isn't an image: a lasting message in the Input panel, no broken preview --
             upload(photos["text"])
