@@ -1,4 +1,4 @@
-"""The explain page's Gradio layout and event wiring (the logic lives in ``explain_ui.views``).
+"""The explain page: its tabs and event wiring (panels in ``explain_ui.panels``, logic in ``explain_ui.views``).
 
     python -m explain_ui        # BACKEND_URL, EXPLAIN_UI_HOST / EXPLAIN_UI_PORT, EXPLAIN_UI_AUTH
 
@@ -15,10 +15,8 @@ the stage. Pictures are HTML grids (alt text, whole captions, as many columns as
 from __future__ import annotations
 
 import functools
-import html
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -29,13 +27,29 @@ from typing import Any, ParamSpec, TypeVar
 import gradio as gr
 import numpy as np
 from gradio.components import Component
-from PIL import Image
 
 from backend.config import EngineConfig
-from backend.images import ImageError, load_rgb
 
 from . import jobs_view, views
 from .client import BackendClient, BackendError
+from .panels import (
+    BROWSER_FORMATS,
+    CSS,
+    EXAMPLES,
+    LOAD_STEPS,
+    SCROLL_JS,
+    SEGMENT_STEPS,
+    THEME,
+    Panels,
+    error_html,
+    error_line,
+    example_photos,
+    output_and_explanation,
+    redraw,
+    same_masks,
+    step_html,
+    uploaded_rgb,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,165 +111,6 @@ def shown_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-# -- look: contrast and layout --------------------------------------------------------------------------------
-# Gradio's default help text (#bbbbc2 on white, 1.9:1) and Run button (white on #f97316, 2.8:1) are below
-# WCAG's 4.5:1 for text; these colours pass it in light and dark mode (tests measure both).
-THEME = gr.themes.Default(primary_hue="orange").set(
-    body_text_color_subdued="*neutral_600", body_text_color_subdued_dark="*neutral_300",
-    block_info_text_color="*neutral_600", block_info_text_color_dark="*neutral_300",
-    button_primary_background_fill="*primary_700", button_primary_background_fill_hover="*primary_800",
-    button_primary_background_fill_dark="*primary_700", button_primary_background_fill_hover_dark="*primary_800",
-    button_primary_text_color="white", button_primary_text_color_dark="white",
-)
-
-# Grids size their columns to the panel (one column on a narrow phone); captions wrap instead of being
-# cut; the legend stays in view while the maps scroll under it.
-CSS = """
-.figure-grid h4 { margin: 4px 0; }
-.figure-grid .figures { display: grid; gap: 8px;
-  grid-template-columns: repeat(auto-fill, minmax(min(150px, 100%), 1fr)); }
-.figure-grid figure { margin: 0; min-width: 0; }
-.figure-grid img, img.picture { display: block; max-width: 100%; max-height: 70vh; width: auto; height: auto;
-  border-radius: 4px; }
-.figure-grid img { max-height: 40vh; }
-.figure-grid figcaption { font-size: var(--text-sm); line-height: 1.3; white-space: normal;
-  overflow-wrap: anywhere; margin-top: 2px; }
-.panel-error p { color: #b91c1c; font-weight: 600; margin: 4px 0; }
-.dark .panel-error p { color: #fca5a5; }
-.progress-line { min-height: 2.2em; }
-.progress-line p.step::before { content: ""; display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.5em;
-  vertical-align: -0.1em; border: 2px solid currentColor; border-right-color: transparent; border-radius: 50%;
-  animation: step-spin 1s linear infinite; }
-@keyframes step-spin { to { transform: rotate(360deg); } }
-.block.collapse-empty:has(.html-container > .prose:empty) { display: none; }
-.legend { position: sticky; top: 0; z-index: 3; background: var(--background-fill-primary); padding: 4px 0; }
-/* A phone shows the Output panel below the form: room to scroll it to the top when Run is pressed. */
-@media (max-width: 767px) { .output-column { min-height: 100vh; } }
-.legend ul { margin: 4px 0; padding-left: 1.2em; font-size: var(--text-sm); }
-"""
-
-# On a phone the Output panel is below the form (on a desktop it may be scrolled away): Run brings its
-# progress line into view, where the result will appear.
-_SCROLL_JS = ("() => { const line = document.getElementById('{id}'); if (!line) return;"
-              " const top = line.getBoundingClientRect().top;"
-              " if (top < 0 || top > window.innerHeight / 2) line.scrollIntoView({block: 'start'}); }")
-
-
-# -- layout ----------------------------------------------------------------------------------------------
-@dataclass
-class Panels:
-    """The Output and Explanation panels of one tab, its Input panel's error line and its buttons.
-
-    Each panel has one error line that stays until that panel's next success; ``progress`` is the
-    tab's one progress line (the stages of a run show there, nowhere else)."""
-
-    input_error: gr.HTML
-    progress: gr.HTML
-    output_error: gr.HTML
-    overlay: gr.HTML
-    masks: gr.HTML
-    summary: gr.Markdown
-    explain_error: gr.HTML
-    status: gr.Markdown
-    legend: gr.HTML
-    encoder_heatmaps: gr.HTML
-    encoder_overlays: gr.HTML
-    decoder_maps: gr.HTML
-    mask_looks: gr.HTML
-    grounding: gr.HTML
-    state: gr.State  # the Segmentation on show, redrawn when the labels toggle changes
-    buttons: tuple[gr.Button, ...]  # disabled while a run is busy
-
-    def outputs(self) -> list[Component]:
-        return [self.input_error, self.progress, self.output_error, self.overlay, self.masks, self.summary,
-                self.explain_error, self.status, self.legend, self.encoder_heatmaps, self.encoder_overlays,
-                self.decoder_maps, self.mask_looks, self.grounding, self.state, *self.buttons]
-
-    # -- what events write (dicts: components left out keep their value) --
-    def busy(self, on: bool) -> dict[Component, Any]:
-        return {button: gr.Button(interactive=not on) for button in self.buttons}
-
-    def no_explanation(self) -> dict[Component, Any]:
-        return {self.explain_error: "", self.status: "", self.legend: "", self.encoder_heatmaps: "",
-                self.encoder_overlays: "", self.decoder_maps: "", self.mask_looks: "", self.grounding: ""}
-
-    def nothing_shown(self, note: str = "") -> dict[Component, Any]:
-        """Output and Explanation emptied (the inputs changed: what was on show no longer matches)."""
-        return {**self.no_explanation(), self.output_error: "", self.overlay: "", self.masks: "",
-                self.summary: "", self.state: None, self.progress: note}
-
-    def segmentation(self, result: views.Segmentation, show_labels: bool,
-                     box_threshold: float | None) -> dict[Component, Any]:
-        return {self.output_error: "", self.overlay: views.picture_html(result.overlay(show_labels), _alt(result)),
-                self.masks: views.figure_grid_html("Masks", result.mask_gallery(), "Mask cut-out", views.THUMB_PX),
-                self.summary: segmentation_summary(result, box_threshold), self.state: result}
-
-    def explanation(self, view: views.ExplanationView) -> dict[Component, Any]:
-        return {
-            self.explain_error: "", self.status: view.status, self.legend: view.legend_html,
-            self.encoder_heatmaps: views.figure_grid_html(
-                "Encoder: attention each place received", view.encoder_heatmaps,
-                "Encoder attention heatmap"),
-            self.encoder_overlays: views.figure_grid_html(
-                "Encoder: the same, over the image", view.encoder_overlays, "Encoder attention overlay"),
-            self.decoder_maps: views.figure_grid_html(
-                "Decoder: where each mask's token looked", view.decoder_maps, "Mask decoder attention"),
-            self.mask_looks: views.figure_grid_html(
-                "Encoder, last global block: where each mask's own tokens look", view.mask_looks,
-                "Mask tokens' attention"),
-            self.grounding: _WHY_LABEL + view.grounding_html if view.grounding_html else "",
-        }
-
-
-_WHY_LABEL = "<h4>Why this label</h4><p><small>Grounding DINO's score of each prompt word, per mask</small></p>"
-
-
-def segmentation_summary(result: views.Segmentation, box_threshold: float | None) -> str:
-    """The Output panel's text: the masks found, or what to change when there are none (markdown).
-    ``box_threshold`` is the one the run used (None: the project's own)."""
-    return result.summary if result.segments else f"{views.no_masks_hint(box_threshold)}  \n{result.summary}"
-
-
-def _alt(result: views.Segmentation) -> str:
-    masks = ", ".join(f"#{i} {s.label} {s.score:.2f}" for i, s in enumerate(result.segments, 1))
-    return f"The image with {len(result.segments)} mask(s) drawn" + (f": {masks}" if masks else "")
-
-
-def _error_html(message: str) -> str:
-    return f'<p role="alert">&#9888; {html.escape(message)}</p>' if message else ""
-
-
-def _error_line(elem_id: str) -> gr.HTML:
-    return gr.HTML(elem_id=elem_id, elem_classes=["panel-error", "collapse-empty"], js_on_load=None)
-
-
-def _shown_html(elem_id: str) -> gr.HTML:
-    """An HTML output that takes no room while empty (no click handler: these are pictures and text)."""
-    return gr.HTML(elem_id=elem_id, elem_classes=["collapse-empty"], js_on_load=None)
-
-
-def _output_and_explanation(prefix: str, input_error: gr.HTML, buttons: tuple[gr.Button, ...]) -> Panels:
-    with gr.Column(scale=1, min_width=300, elem_classes=["output-column"]):
-        gr.Markdown("### Output")
-        progress = gr.HTML(elem_id=f"{prefix}-progress", elem_classes=["progress-line"], js_on_load=None)
-        output_error = _error_line(f"{prefix}-output-error")
-        overlay = _shown_html(f"{prefix}-output")
-        masks = _shown_html(f"{prefix}-masks")
-        summary = gr.Markdown(elem_id=f"{prefix}-summary")
-    with gr.Column(scale=2, min_width=300):
-        gr.Markdown("### Explanation")
-        explain_error = _error_line(f"{prefix}-explain-error")
-        status = gr.Markdown(elem_id=f"{prefix}-explain-status")
-        legend = _shown_html(f"{prefix}-legend")
-        encoder_heatmaps = _shown_html(f"{prefix}-encoder-heatmaps")
-        encoder_overlays = _shown_html(f"{prefix}-encoder-overlays")
-        decoder_maps = _shown_html(f"{prefix}-decoder-maps")
-        mask_looks = _shown_html(f"{prefix}-mask-looks")
-        grounding = _shown_html(f"{prefix}-grounding")
-    return Panels(input_error, progress, output_error, overlay, masks, summary, explain_error, status, legend,
-                  encoder_heatmaps, encoder_overlays, decoder_maps, mask_looks, grounding, gr.State(), buttons)
-
-
 @dataclass
 class JobsPanel:
     """The Jobs tab: a project filter, the job list (one progress bar per job) and its timer."""
@@ -300,70 +155,6 @@ def _thresholds(settings: UISettings, prefix: str) -> tuple[gr.Slider, gr.Slider
     return box, text
 
 
-# -- inputs the page checks itself -----------------------------------------------------------------------------
-def uploaded_rgb(upload: Mapping[str, Any] | None) -> np.ndarray:
-    """The Input image (Gradio's upload record: the run events skip Gradio's own decoding, whose
-    failure is a bare "Error") decoded as the backend decodes it.
-
-    Raises:
-        views.InputError: no image, or a file that isn't one (the message names the file and why).
-    """
-    if not upload:
-        return views.check_image(None)
-    path = Path(str(upload.get("path") or ""))
-    name = str(upload.get("orig_name") or path.name)
-    try:
-        return load_rgb(path.read_bytes())
-    except (OSError, ImageError) as exc:
-        reason = str(exc).removeprefix("image bytes: ")
-        raise views.InputError(f"{name} can't be used as an image: {reason}. "
-                               "Upload a PNG, JPEG or WebP photo.") from None
-
-
-_BROWSER_FORMATS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avif", ".apng"}
-
-
-# -- examples: scikit-image photos written once to a cache folder -------------------------------------------------
-EXAMPLES = (("chelsea", "cat"), ("astronaut", "person . flag"), ("coffee", "cup . spoon"), ("rocket", "rocket"))
-
-
-def example_photos(folder: Path | None = None) -> list[list[str]]:
-    """[[photo path, prompt], ...] for gr.Examples; the photos are written on first use."""
-    import skimage.data
-
-    folder = folder or Path(tempfile.gettempdir()) / "explain_ui_examples"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, prompt in EXAMPLES:
-        path = folder / f"{name}.png"
-        if not path.is_file():
-            partial = path.with_suffix(".part.png")
-            Image.fromarray(getattr(skimage.data, name)()).save(partial)
-            partial.replace(path)  # whole files only: two pages starting at once don't read half a photo
-        rows.append([str(path), prompt])
-    return rows
-
-
-def _same_masks(shown: views.Segmentation | None, result: views.Segmentation) -> bool:
-    if shown is None or len(shown.segments) != len(result.segments) or shown.rgb.shape != result.rgb.shape:
-        return False
-    return all(a.label == b.label and np.array_equal(a.mask, b.mask) for a, b in
-               zip(shown.segments, result.segments, strict=True))
-
-
-_SEGMENT_STEPS = ("detecting and segmenting on the backend", "explaining the masks (attention maps)")
-_LOAD_STEPS = ("fetching the task, its image and its stored prediction", "explaining the masks (attention maps)")
-
-
-def _step_html(step: int, what: str) -> str:
-    return f'<p class="step" aria-live="polite">Step {step} of 2: {html.escape(what)}&hellip;</p>'
-
-
-def redraw(show_labels: bool, result: views.Segmentation | None) -> Any:
-    """The labels toggle: redraw what is on show (no backend call)."""
-    return views.picture_html(result.overlay(show_labels), _alt(result)) if result is not None else gr.skip()
-
-
 Updates = Iterator[dict[Component, Any]]
 
 
@@ -386,7 +177,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 with gr.Row():
                     with gr.Column(scale=1, min_width=300):
                         gr.Markdown("### Input")
-                        image_error = _error_line("image-input-error")
+                        image_error = error_line("image-input-error")
                         image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
                                          elem_id="image-input")
                         prompt = gr.Textbox(label="Text prompt", placeholder="cat . dog", elem_id="image-prompt")
@@ -396,14 +187,14 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                         run = gr.Button("Run segmentation and explain", variant="primary", elem_id="image-run")
                         gr.Examples(example_photos(), [image, prompt], label="Examples (scikit-image photos)",
                                     example_labels=[f"{name}: {p}" for name, p in EXAMPLES])
-                    panels = _output_and_explanation("image", image_error, (run,))
+                    panels = output_and_explanation("image", image_error, (run,))
 
             # -- a Label Studio task --
             with gr.Tab("Label Studio task", id="task") as task_tab:
                 with gr.Row():
                     with gr.Column(scale=1, min_width=300):
                         gr.Markdown("### Input")
-                        task_error = _error_line("task-input-error")
+                        task_error = error_line("task-input-error")
                         task_id = gr.Textbox(label="Task ID", placeholder="12", elem_id="task-id")
                         project = gr.Textbox(label="Project (optional)", placeholder="3", elem_id="task-project")
                         load = gr.Button("Load task and explain", elem_id="task-load")
@@ -415,7 +206,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                         task_labels = gr.Checkbox(True, label="Print the prompt/label text on the output",
                                                   elem_id="task-labels")
                         task_run = gr.Button("Run segmentation and explain", variant="primary", elem_id="task-run")
-                    task_panels = _output_and_explanation("task", task_error, (load, task_run))
+                    task_panels = output_and_explanation("task", task_error, (load, task_run))
 
             # -- background prediction jobs --
             with gr.Tab("Jobs", id="jobs") as jobs_tab:
@@ -428,32 +219,32 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             progress line: each step's failure goes to its panel's error line and ends the run; the
             buttons are off meanwhile."""
             started = time.monotonic()
-            yield {**panels.no_explanation(), panels.progress: _step_html(1, steps[0])}
+            yield {**panels.no_explanation(), panels.progress: step_html(1, steps[0])}
             done = panels.busy(False)
             try:
                 result = segment()
                 shown = panels.segmentation(result, show, box_t)
             except views.InputError as exc:
-                yield {**done, panels.progress: "", panels.input_error: _error_html(str(exc))}
+                yield {**done, panels.progress: "", panels.input_error: error_html(str(exc))}
                 return
             except Exception as exc:
                 yield {**done, **panels.nothing_shown(), panels.input_error: "",
-                       panels.output_error: _error_html(_failure(exc, "segment"))}
+                       panels.output_error: error_html(_failure(exc, "segment"))}
                 return
-            yield {panels.input_error: "", **shown, panels.progress: _step_html(2, steps[1])}
+            yield {panels.input_error: "", **shown, panels.progress: step_html(2, steps[1])}
             try:
                 explained, view = explain()
-                shown = {} if _same_masks(result, explained) else panels.segmentation(explained, show, box_t)
+                shown = {} if same_masks(result, explained) else panels.segmentation(explained, show, box_t)
                 shown |= panels.explanation(view)
             except Exception as exc:
-                yield {**done, panels.progress: "", panels.explain_error: _error_html(_failure(exc, "explain"))}
+                yield {**done, panels.progress: "", panels.explain_error: error_html(_failure(exc, "explain"))}
                 return
             yield {**done, **shown, panels.progress: f"<p>Done in {time.monotonic() - started:.1f} s.</p>"}
 
         def started(trigger: Callable[..., Any], panels: Panels) -> Any:
             """The buttons off before the run is queued (a click during the run does nothing), and on a
             phone the Output panel scrolled into view."""
-            scroll = _SCROLL_JS.replace("{id}", panels.progress.elem_id or "")
+            scroll = SCROLL_JS.replace("{id}", panels.progress.elem_id or "")
             return trigger(lambda: panels.busy(True), None, list(panels.buttons), queue=False,
                            show_progress="hidden", js=scroll)
 
@@ -468,16 +259,16 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             def explain() -> tuple[views.Segmentation, views.ExplanationView]:
                 return views.explain_image(client, state["rgb"], text_prompt, box_t, text_t)
 
-            yield from runs(panels, _SEGMENT_STEPS, segment, explain, show, box_t)
+            yield from runs(panels, SEGMENT_STEPS, segment, explain, show, box_t)
 
         def on_upload(upload) -> dict[Component, Any]:
             try:
                 rgb = uploaded_rgb(upload)
             except views.InputError as exc:  # the broken preview goes; the reason stays
-                return {image: None, image_error: _error_html(str(exc))}
+                return {image: None, image_error: error_html(str(exc))}
             suffix = Path(str(upload.get("orig_name") or upload.get("path") or "")).suffix.lower()
             # A TIFF (or another format browsers don't draw) is shown as what the backend will see.
-            return {image_error: "", **({} if suffix in _BROWSER_FORMATS else {image: rgb})}
+            return {image_error: "", **({} if suffix in BROWSER_FORMATS else {image: rgb})}
 
         image_inputs = [image, prompt, box, text, labels]
         run_events = [started(trigger, panels).then(on_run, image_inputs, panels.outputs(), preprocess=False,
@@ -501,7 +292,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             def explain() -> tuple[views.Segmentation, views.ExplanationView]:
                 return views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use, loaded["task"].rgb)
 
-            yield from runs(task_panels, _LOAD_STEPS, segment, explain, show, None if use else box_t)
+            yield from runs(task_panels, LOAD_STEPS, segment, explain, show, None if use else box_t)
 
         def on_run_task(tid, proj, text_prompt, use, box_t, text_t, show, shown) -> Updates:
             def segment() -> views.Segmentation:
@@ -512,7 +303,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 return views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use,
                                           views.task_image_on_show(shown, tid, proj))
 
-            yield from runs(task_panels, _SEGMENT_STEPS, segment, explain, show, None if use else box_t)
+            yield from runs(task_panels, SEGMENT_STEPS, segment, explain, show, None if use else box_t)
 
         task_form = [task_id, project, task_prompt, use_project, task_box, task_text, task_labels]
         # The steps are written on the progress line; Gradio adds only its timer there ("minimal").

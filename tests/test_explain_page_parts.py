@@ -14,7 +14,7 @@ from PIL import Image
 
 from backend.types import Segment
 from explain_ui import views
-from explain_ui.app import EXAMPLES, THEME, example_photos, segmentation_summary, uploaded_rgb
+from explain_ui.panels import EXAMPLES, THEME, example_photos, segmentation_summary, uploaded_rgb
 from tests.browser_page import contrast
 
 
