@@ -276,7 +276,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                       for trigger in (run.click, prompt.submit)]
         image.upload(on_upload, [image], [image, image_error], preprocess=False, show_progress="hidden")
         for changed in (image.change, prompt.change, box.change, text.change):
-            changed(lambda: {**panels.nothing_shown("Inputs changed: press Run to segment and explain them."),
+            changed(lambda: {**panels.nothing_shown("Press Run to segment and explain."),
                              **panels.busy(False)},
                     None, panels.outputs(), show_progress="hidden", cancels=run_events, queue=False)
         labels.change(redraw, [labels, panels.state], [panels.overlay], show_progress="hidden")
