@@ -45,6 +45,7 @@ CSS = """
 .figure-grid figcaption { font-size: var(--text-sm); line-height: 1.3; white-space: normal;
   overflow-wrap: anywhere; margin-top: 2px; }
 .panel-error p { color: #b91c1c; margin: 4px 0; }
+.panel-error p, .output-column .prose { overflow-wrap: anywhere; }  /* long URLs and versions wrap */
 .dark .panel-error p { color: #fca5a5; }
 .progress-line { min-height: 2.2em; }
 .progress-line p.step::before { content: ""; display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.5em;

@@ -249,6 +249,12 @@ def test_page_keeps_state_layout_errors_and_progress_right(page, photos, size):
             assert not problems, "\n".join(problems)
             shot(browser, f"page_state_{name}.png")
 
+            # -- a threshold moved: the masks and maps on show no longer match it, so they go --
+            number = browser.find_element(By.CSS_SELECTOR, "#image-box input[type=number]")
+            number.send_keys(Keys.CONTROL, "a")
+            number.send_keys("0.5", Keys.TAB)
+            wait.until(lambda _: not any(browser.execute_script(SNAPSHOT_JS, list(MAPS))[k] for k in ("masks", "maps")))
+
             # -- the task tab, opened without ?task=, spins nowhere --
             tab = [b for b in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if "task" in b.text.lower()]
             tab[0].click()
