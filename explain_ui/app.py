@@ -3,7 +3,8 @@
     python -m explain_ui        # BACKEND_URL, EXPLAIN_UI_HOST / EXPLAIN_UI_PORT, EXPLAIN_UI_AUTH
 
 Two tabs with the same three panels (Input, Output, Explanation): an uploaded image, or a Label
-Studio task (``/?task=ID&project=P`` opens that task and explains it on load); and a Jobs tab with the
+Studio task (``/?task=ID&project=P`` opens that task and explains it on load; ``&region=R``, as in
+the backend's "Why this mask" links, shows that region's explanation first); and a Jobs tab with the
 backend's background prediction jobs as progress bars that refresh themselves while it is on show.
 """
 
@@ -21,7 +22,7 @@ from gradio.components import Component
 
 from backend.config import EngineConfig
 
-from . import jobs_view, views
+from . import jobs_view, region_link, views
 from .client import BackendClient, BackendError
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,9 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
 
             # -- a Label Studio task --
             with gr.Tab("Label Studio task", id="task") as task_tab:
+                # A "Why this mask" link's region: its explanation first, above the panels.
+                region = gr.HTML(elem_id="task-region", visible=False)
+                link_region = gr.State(None)  # the link's ?region=, for the deep link's second step
                 with gr.Row():
                     with gr.Column(scale=1):
                         gr.Markdown("### Input")
@@ -286,6 +290,8 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         task_run.click(on_segment_task, task_inputs, task_panels.segmentation_outputs())
         task_panels.explain.click(on_explain_task, task_inputs, all_task_outputs)
         task_labels.change(redraw, [task_labels, task_panels.state], [task_panels.overlay])
+        for new_masks in (load.click, task_id.submit, task_run.click, task_panels.explain.click):
+            new_masks(lambda: gr.HTML(visible=False), None, [region])  # it was about the masks of the link
 
         # -- deep link: /?task=ID&project=P opens the task tab, loads the task and explains it --
         # Two steps: switching tabs re-renders the tab's components, which would lose the end of a
@@ -294,21 +300,33 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         def open_link(request: gr.Request):
             link = views.deep_link(dict(request.query_params)) if request is not None else None
             if link is None:
-                return [gr.skip()] * 3
-            return [gr.Tabs(selected="task"), str(link[0]), link[1]]
+                return [gr.skip()] * 4
+            return [gr.Tabs(selected="task"), str(link.task_id), link.project, link.region]
+
+        def focused(values: list[Any], focus: region_link.RegionFocus | None, shown: views.Segmentation,
+                    explanation: views.ExplanationView | None) -> list[Any]:
+            """The deep link's outputs with its region's block, and that mask selected in the gallery."""
+            if focus is not None and focus.index is not None:
+                masks = all_task_outputs.index(task_panels.masks)
+                values[masks] = gr.Gallery(value=values[masks], selected_index=focus.index)
+            block = region_link.region_html(focus, shown, explanation)
+            return [*values, gr.HTML(block, visible=bool(block))]
 
         @shown_errors
-        def explain_link(tid, proj, show, progress=gr.Progress()):
+        def explain_link(tid, proj, region_value, show, progress=gr.Progress()):
             if not str(tid or "").strip():
-                return [gr.skip()] * len(all_task_outputs)
+                return [gr.skip()] * (len(all_task_outputs) + 1)
             view = views.load_task(client, tid, proj, progress)
             try:
                 result, explanation = views.explain_task(client, tid, proj, None, None, None, True, view.rgb,
                                                          progress)
             except BackendError as exc:  # keep the stored prediction on show, say why there is no explanation
                 gr.Warning(f"Task {view.task_id} loaded, but explaining it failed: {exc}")
-                return loaded_values(view, show)
-            return segmentation_values(result, show) + explanation_values(explanation)
+                focus = region_link.region_first(region_value, view.stored, view.predictions)
+                return focused(loaded_values(view, show), focus, view.stored, None)
+            focus = region_link.region_first(region_value, result, view.predictions)
+            return focused(segmentation_values(result, show) + explanation_values(explanation), focus, result,
+                           explanation)
 
         # -- events: jobs; the timer runs only while the Jobs tab is on show --
         def on_jobs(proj):
@@ -332,8 +350,9 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         for other in (image_tab, task_tab):
             other.select(lambda: gr.Timer(active=False), None, [jobs.timer])
 
-        demo.load(open_link, None, [tabs, task_id, project]).success(
-            explain_link, [task_id, project, task_labels], all_task_outputs)
+        demo.load(open_link, None, [tabs, task_id, project, link_region]).success(
+            explain_link, [task_id, project, link_region, task_labels], [*all_task_outputs, region]).success(
+            None, None, None, js=region_link.SCROLL_JS)
     return demo
 
 

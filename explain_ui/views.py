@@ -65,11 +65,23 @@ def check_task_id(value: Any) -> int:
     return int(number)
 
 
-def deep_link(query: Mapping[str, str]) -> tuple[int, str] | None:
-    """``?task=ID&project=P`` (what the backend links each predicted region to) -> (task id, project)."""
+@dataclass(frozen=True)
+class DeepLink:
+    """What a link to the page asks for: ``?task=ID&project=P&region=R``."""
+
+    task_id: int
+    project: str  # "" when the link names none
+    region: str | None = None  # a result id, as given (checked when the masks are known: region_link)
+
+
+def deep_link(query: Mapping[str, str]) -> DeepLink | None:
+    """``?task=ID&project=P&region=R`` (the link the backend puts on each predicted region) -> a
+    DeepLink; None without ``task``. A bad task id raises InputError; the region is kept as given
+    (a bad one is reported beside the task, which is still shown)."""
     if not query.get("task"):
         return None
-    return check_task_id(query["task"]), str(query.get("project") or "").strip()
+    region = str(query.get("region") or "").strip() or None
+    return DeepLink(check_task_id(query["task"]), str(query.get("project") or "").strip(), region)
 
 
 # -- segmentations ---------------------------------------------------------------------------------------
@@ -292,6 +304,7 @@ class TaskView:
     rgb: np.ndarray
     stored: Segmentation
     info: str  # markdown
+    predictions: tuple[Mapping[str, Any], ...] = ()  # all of the task's stored predictions, as Label Studio sent them
 
 
 def _newest(predictions: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -344,7 +357,8 @@ def load_task(client: BackendClient, task_id: Any, project: str | None = None,
                   f"{float(newest.get('score') or 0):.2f}, model version `{newest.get('model_version', '?')}`")
     info = "  \n".join([f"**Task {task.get('id', number)}** (project {project or '?'}), labels: "
                         f"{', '.join(map(str, task.get('labels') or [])) or '?'}", stored])
-    return TaskView(number, project, rgb, Segmentation(rgb, segments, info, (number, asked)), info)
+    return TaskView(number, project, rgb, Segmentation(rgb, segments, info, (number, asked)), info,
+                    tuple(p for p in predictions if isinstance(p, Mapping)))
 
 
 def task_image_on_show(shown: Segmentation | None, task_id: Any, project: str | None) -> np.ndarray | None:

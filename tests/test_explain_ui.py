@@ -160,8 +160,8 @@ def test_settings_and_deep_link():
     for bad, name in (({"BACKEND_URL": "h:1"}, "BACKEND_URL"), ({"EXPLAIN_UI_TIMEOUT": "soon"}, "EXPLAIN_UI_TIMEOUT")):
         with pytest.raises(ValueError, match=name):
             BackendClient.from_env(bad)
-    assert views.deep_link({"task": "12", "project": "3"}) == (12, "3")
-    assert views.deep_link({"task": "12"}) == (12, "")
+    assert views.deep_link({"task": "12", "project": "3"}) == views.DeepLink(12, "3")
+    assert views.deep_link({"task": "12"}) == views.DeepLink(12, "")
     assert views.deep_link({}) is None
     with pytest.raises(views.InputError):
         views.deep_link({"task": "x"})

@@ -282,8 +282,9 @@ def test_explain_ui_link_on_every_region(quick_engine):
     entry = predict(client, [{"id": 70, "data": {"image": data_url(photo(3))}}], project="3.17").get_json()
     results = entry["results"][0]["result"]
     assert results
-    for result in results:
-        assert result["meta"] == {"text": ["Why this mask: http://ui.example:7860/?task=70&project=3"]}
+    for result in results:  # each region links to its own explanation, on a line of its own
+        link = f"http://ui.example:7860/?task=70&project=3&region={result['id']}"
+        assert result["meta"] == {"text": [f"Why this mask:\n{link}"]}
     assert LabelInterface(CONFIG).validate_prediction(entry["results"][0], return_errors=True) == []
     assert ModelSettings.from_env({"EXPLAIN_UI_URL": "http://ui:7860/"}).explain_link(5, None) == "http://ui:7860/?task=5"
 
