@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from backend.label_config import parse_label_config
 from backend.ls_model import ModelSettings
-from backend.ls_results import RegionRef, parse_region_id, prediction, region_id, segments_to_results
+from backend.ls_results import parse_region_id, prediction, region_id, segments_to_results
 from backend.types import Segment
 from explain_ui import region_link, views
 from explain_ui.region_link import region_first, region_html
@@ -170,7 +170,3 @@ def test_block_shows_the_region_mask_its_maps_and_its_grounding_only():
 
 def test_scroll_script_targets_the_block():
     assert "#task-region .region-focus" in region_link.SCROLL_JS
-
-
-def test_regionref_index():
-    assert RegionRef("mask", 3).index == 2
