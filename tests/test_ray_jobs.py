@@ -233,6 +233,7 @@ def test_pipeline_uses_no_deprecated_ray_argument(cluster: Path, label_studio: L
     and logs no deprecation (Ray Data logs ``concurrency``'s instead of warning)."""
     ls = label_studio
     pid = create_project(ls, CONFIG, title="ray-deprecations")
+    ls.api("POST", f"/api/projects/{pid}/import", json=[{"data": {"image": "https://images.example/1.png"}}])
     now = time.time()
     job = Job(id="deprecations", project=str(pid), model_version="v", plan=PLAN, label_config=CONFIG,
               credentials=Credentials(ls.url, ls.token), state="running", error=None, created=now, updated=now)
@@ -244,9 +245,10 @@ def test_pipeline_uses_no_deprecated_ray_argument(cluster: Path, label_studio: L
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", RayDeprecationWarning)
-            build_dataset(job, SETTINGS, rows=[{"id": 1, "task": "{}", "written": False}])
-            build_dataset(job, SETTINGS)
+            built = [build_dataset(job, SETTINGS, rows=[{"id": 1, "task": "{}", "written": False}]),
+                     build_dataset(job, SETTINGS)]
     finally:
         ray_data.removeHandler(handler)
+    assert all(ds is not None for ds in built), "a pipeline was not built: nothing was checked"
     deprecations = [r.getMessage() for r in logged if "deprecat" in r.getMessage().lower()]
     assert not deprecations, deprecations

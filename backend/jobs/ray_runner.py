@@ -1,8 +1,9 @@
 """Running a prediction job on a Ray cluster, for projects one machine can't get through in time.
 
 Same work as ``JobRunner`` (same ``predict_job_task``, model version, skip-if-written rule and bulk
-writer), spread with Ray Data instead of the store's leases: the task list is read from Label Studio
-page by page (one Ray task per page), ``map_batches`` runs an actor pool where each actor loads the
+writer), spread with Ray Data: the CLI's pass reads the task list from Label Studio page by page (one
+Ray task per page); a store job's pass (the server's runner, ``ray_server.py``) takes the tasks it
+claimed with a lease, as the store holds them. ``map_batches`` runs an actor pool where each actor loads the
 engine once (from the node's environment, as the server does), fetches a batch's images ahead of the
 model (``read_ahead``), predicts, and writes the batch through ``write_predictions``; the driver only
 sees a (task id, outcome) row per task, and records it in the JobStore when a job is given (so
@@ -248,10 +249,11 @@ def ensure_ray(address: str | None) -> None:
 
 
 def build_dataset(job: Job, settings: RaySettings, only: frozenset[int] | None = None,
-                  rows: Sequence[dict[str, Any]] | None = None) -> ray.data.Dataset:
+                  rows: Sequence[dict[str, Any]] | None = None) -> ray.data.Dataset | None:
     """The lazy pipeline of one pass: ``rows`` (a store job's claimed tasks, ``stored_rows``), else the
-    project's task list read page by page (``only`` these ids, if given), into the actor pool.
-    Only named ``map_batches`` parameters: no deprecated ``concurrency`` or ``ray_remote_args``."""
+    project's task list read page by page (``only`` these ids, if given), into the actor pool; None
+    when there is no task. Only named ``map_batches`` parameters: no deprecated ``concurrency`` or
+    ``ray_remote_args``."""
     import ray.data
 
     assert job.credentials is not None
@@ -259,14 +261,18 @@ def build_dataset(job: Job, settings: RaySettings, only: frozenset[int] | None =
     project, size, version = int(job.project), settings.page_size, job.model_version
     ds: ray.data.Dataset
     if rows is not None:
+        if not rows:
+            return None
         ds = ray.data.from_items(list(rows), override_num_blocks=max(1, math.ceil(len(rows) / settings.batch_size)))
     else:
         pages = math.ceil(count_tasks(LabelStudioClient(credentials), project) / size)
+        if pages == 0:
+            return None
 
         def page_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
             return read_page(LabelStudioClient(credentials), project, int(row["page"]), size, version, only)
 
-        ds = (ray.data.from_items([{"page": p} for p in range(1, pages + 1)], override_num_blocks=max(1, pages))
+        ds = (ray.data.from_items([{"page": p} for p in range(1, pages + 1)], override_num_blocks=pages)
               .flat_map(page_rows, num_cpus=0.25))
     gpus, cpus = actor_resources(settings.num_gpus, settings.num_cpus)
     return ds.map_batches(
@@ -280,9 +286,10 @@ def run_pass(job: Job, settings: RaySettings, only: frozenset[int] | None = None
              rows: Sequence[dict[str, Any]] | None = None) -> Iterator[tuple[int, str, str]]:
     """One pass on the cluster over ``rows`` or the project's tasks (see ``build_dataset``): yields
     (task id, outcome, error) as batches finish."""
-    if rows is not None and not rows:
+    ds = build_dataset(job, settings, only, rows)
+    if ds is None:
         return
-    for batch in build_dataset(job, settings, only, rows).iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for task_id, state, error in zip(batch["task_id"], batch["state"], batch["error"], strict=True):
             yield int(task_id), str(state), str(error)
 
