@@ -252,3 +252,30 @@ def test_pipeline_uses_no_deprecated_ray_argument(cluster: Path, label_studio: L
     assert all(ds is not None for ds in built), "a pipeline was not built: nothing was checked"
     deprecations = [r.getMessage() for r in logged if "deprecat" in r.getMessage().lower()]
     assert not deprecations, deprecations
+
+
+def test_ray_address_setting_is_read_from_the_environment() -> None:
+    from backend._wsgi import ServerSettings
+
+    assert ServerSettings.from_env({"RAY_ADDRESS": " head:6379 "}).ray_address == "head:6379"
+    assert ServerSettings.from_env({"RAY_ADDRESS": " "}).ray_address is None
+    assert ServerSettings.from_env({}).ray_address is None
+
+
+@pytest.mark.parametrize("form", ["{host}:{port}", "ray://{host}:{port}"])
+def test_reachable_ray_address_forms_pass_the_check(form: str) -> None:
+    import socket
+
+    from backend.jobs.ray_server import check_ray_address
+
+    for host, family in (("127.0.0.1", socket.AF_INET), ("[::1]", socket.AF_INET6)):
+        try:
+            listener = socket.socket(family)
+            listener.bind((host.strip("[]"), 0))
+        except OSError:  # no IPv6 loopback here
+            continue
+        with listener:
+            listener.listen()
+            check_ray_address(form.format(host=host, port=listener.getsockname()[1]))  # raises if refused
+    for keyword in ("auto", "local"):
+        check_ray_address(keyword)
