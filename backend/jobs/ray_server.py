@@ -143,9 +143,12 @@ class RayJobRunner:
                     logger.info("job %s: %d written, %d skipped, %d failed, %d to retry on Ray%s", job.id,
                                 len(outcome.written), len(outcome.skipped), len(outcome.failed), len(outcome.retry),
                                 f"; stopped: {outcome.stopped}" if outcome.stopped else "")
+                    self._problem = None
                     continue
-            except Exception:  # the database or the cluster failed, or a bug: log it, keep the thread alive
-                logger.exception("Ray job runner: unexpected error; retrying in %.0f s", self.poll_s)
+            except Exception as exc:  # the database or the cluster failed, or a bug: keep the thread alive
+                self._problem = (f"background jobs on the Ray cluster at RAY_ADDRESS={self.address!r} failed "
+                                 f"({type(exc).__name__}: {exc}); retrying every {self.poll_s:g} s")
+                logger.exception("%s", self._problem)
             self._wait(self.poll_s)
 
     def _connect(self) -> RaySettings | None:
