@@ -21,8 +21,10 @@ import torch
 
 from backend.jobs.db import job_tasks_table
 from backend.jobs.ray_runner import (
+    CRASH_TASKS_ENV,
     EXIT_AFTER_ENV,
     EXIT_MARKER_ENV,
+    MAX_TASK_CRASHES,
     RaySettings,
     build_dataset,
     preannotate_on_ray,
@@ -55,7 +57,7 @@ def cluster(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     marker = tmp_path_factory.mktemp("ray") / "exited"
     marker.touch()
     env = {"RAY_USAGE_STATS_ENABLED": "0", "ENGINE_CONFIG": str(tiny_cache / "engine.json"), **ENGINE_ENV,
-           EXIT_AFTER_ENV: "10", EXIT_MARKER_ENV: str(marker)}
+           EXIT_AFTER_ENV: "10", EXIT_MARKER_ENV: str(marker), CRASH_TASKS_ENV: str(marker.parent / "crash-tasks")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -159,6 +161,29 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(
     stored = stored_predictions(ls, pid)
     assert sorted(stored) == task_ids
     assert all(len(p) == 1 and p[0]["model_version"] == model.model_version for p in stored.values()), stored
+
+
+def test_task_that_kills_its_actor_every_time_fails_alone(
+        cluster: Path, label_studio: LabelStudioServer, photos: list[Path], model: Any, tmp_path: Path) -> None:
+    """Ray Data restarts a dead actor and retries its batch without bound: a task that kills the actor
+    each time is failed after MAX_TASK_CRASHES, with the reason; its batch-mates are stored once."""
+    ls = label_studio
+    pid = create_project(ls, CONFIG, title="ray-poison")
+    task_ids = import_files(ls, pid, photos[:4])
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    job_id = new_job(store, ls, pid, model.model_version)
+    poison = task_ids[1]
+    crashes = cluster.parent / "crash-tasks"
+    crashes.write_text(str(poison))
+    try:
+        outcome = run_job_on_ray(store, job_id, SETTINGS, timeout=300)
+    finally:
+        crashes.write_text("")
+    progress = store.progress(job_id)
+    assert progress is not None and (progress.state, progress.done, progress.failed) == (DONE, 3, 1), progress
+    assert f"died {MAX_TASK_CRASHES} times" in outcome.failed[poison], outcome
+    stored = stored_predictions(ls, pid)
+    assert stored[poison] == [] and all(len(stored[t]) == 1 for t in task_ids if t != poison), stored
 
 
 SERVER_TASKS = 6

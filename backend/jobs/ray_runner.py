@@ -10,7 +10,8 @@ sees a (task id, outcome) row per task, and records it in the JobStore when a jo
 /api/jobs shows the run). Ray is optional: imported only here.
 
 Faults: an actor that dies is restarted and its batch retried (Ray Data's own policy for an actor
-pool, without bound: the count can only be set through ``ray_remote_args``, deprecated from Ray 2.60);
+pool, without bound: the count can only be set through ``ray_remote_args``, deprecated from Ray 2.60,
+so a ``CrashLedger`` fails a task that killed its actor ``MAX_TASK_CRASHES`` times);
 the retried batch finds what the dead actor wrote already stored (the actor asks Label Studio before
 predicting, and ``write_predictions`` before each chunk), so nothing is stored twice. Task failures
 follow the runner's policy (``classify``): retryable ones go back to pending and another pass takes
@@ -26,7 +27,8 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -40,6 +42,7 @@ from .writer import DEFAULT_CHUNK, has_prediction_of, tasks_with_prediction, wri
 
 if TYPE_CHECKING:
     import ray.data
+    from ray.actor import ActorHandle
 
     from ..ls_model import GroundedSamModel
 
@@ -53,6 +56,10 @@ RAY_LEASE_S = 600.0
 # marker file (the first actor to create it).
 EXIT_AFTER_ENV = "GSAM_RAY_EXIT_AFTER"
 EXIT_MARKER_ENV = "GSAM_RAY_EXIT_MARKER"
+# Fault injection for the tests: a file of task ids; an actor exits whenever it is about to predict one.
+CRASH_TASKS_ENV = "GSAM_RAY_CRASH_TASKS_FILE"
+# An actor may die this many times with a task in hand; the next try fails the task for good.
+MAX_TASK_CRASHES = 3
 
 # Row outcomes, one per task
 WRITTEN, SKIPPED, REJECTED, RETRY, FAILED, STOPPED = "written", "skipped", "rejected", "retry", "failed", "stopped"
@@ -140,29 +147,53 @@ def stored_rows(claimed: Sequence[ClaimedTask]) -> list[dict[str, Any]]:
     return [{"id": c.task_id, "task": json.dumps({**c.task, "id": c.task_id}), "written": False} for c in claimed]
 
 
+class CrashLedger:
+    """Shared by one pass's actor pool (a Ray actor of its own): per task, how many times an actor died
+    with it in hand. Ray Data restarts a dead actor and retries its batch without bound (the bound can
+    only be set through the deprecated ``ray_remote_args``), so a task that kills its actor every time
+    (out of memory on one image) would hold the pass forever; the ledger lets the next try of that
+    batch go one task at a time and fail the task that keeps killing it."""
+
+    def __init__(self) -> None:
+        self.in_hand: dict[int, int] = {}
+
+    def crashes(self, ids: list[int]) -> dict[int, int]:
+        return {i: self.in_hand.get(i, 0) for i in ids}
+
+    def begin(self, ids: list[int]) -> None:
+        for i in ids:
+            self.in_hand[i] = self.in_hand.get(i, 0) + 1
+
+    def end(self, ids: list[int]) -> None:
+        for i in ids:
+            self.in_hand.pop(i, None)
+
+
 class PredictActor:
     """One engine per actor: predicts and writes a batch of a job's tasks; returns an outcome row each.
 
     Arguments:
         job: what to predict with and where to write.
         chunk_size: predictions per bulk request.
+        ledger: the pass's ``CrashLedger`` (a Ray actor handle).
         check_written: ask Label Studio which of a batch's tasks already have a prediction of the
             job's version before predicting (rows from the store; page rows carry ``written``).
     """
 
-    def __init__(self, job: Job, chunk_size: int, check_written: bool = False) -> None:
+    def __init__(self, job: Job, chunk_size: int, ledger: ActorHandle, check_written: bool = False) -> None:
         from ..preannotate import build_model
 
         assert job.credentials is not None
         self.job = job
         self.chunk_size = chunk_size
+        self.ledger = ledger
         self.check_written = check_written
         self.model: GroundedSamModel = build_model(None, job.credentials)  # engine from this node's env
         self.client = LabelStudioClient(job.credentials)
         self.done = 0
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..ls_model import read_ahead
+        import ray
 
         job, model = self.job, self.model
         written = {int(t) for t, w in zip(batch["id"], batch["written"], strict=True) if w}
@@ -176,16 +207,41 @@ class PredictActor:
         rows: dict[int, tuple[str, str]] = {t: (SKIPPED, "") for t in written}
         tasks: list[JsonObject] = [json.loads(str(t)) for i, t in zip(batch["id"], batch["task"], strict=True)
                                    if int(i) not in written]
-        entries: dict[int, Mapping[str, Any]] = {}
         try:
             version = model.model_version
         except Exception as exc:  # noqa: BLE001 - the engine config can't be read on this node
             return _rows({int(t["id"]): (STOPPED, str(exc)) for t in tasks})
         if version != job.model_version:
             return _rows({int(t["id"]): (STOPPED, version_changed(version, job.model_version)) for t in tasks})
-        loads = read_ahead(tasks, lambda task: model.load_job_task(job, task), model.settings.prefetch_tasks)
+        ids = [int(t["id"]) for t in tasks]
+        crashes = cast("dict[int, int]", ray.get(self.ledger.crashes.remote(ids)))
+        if not any(crashes.values()):
+            ray.get(self.ledger.begin.remote(ids))
+            rows.update(self._predict_and_write(tasks, model.settings.prefetch_tasks))
+            ray.get(self.ledger.end.remote(ids))
+        else:  # an actor died holding some of these: one at a time, each written at once
+            for task, task_id in zip(tasks, ids, strict=True):
+                if crashes[task_id] >= MAX_TASK_CRASHES:
+                    rows[task_id] = (FAILED, f"the actor predicting it died {crashes[task_id]} times (out of "
+                                             "memory? a crash in the model?); not tried again")
+                    continue
+                ray.get(self.ledger.begin.remote([task_id]))
+                rows.update(self._predict_and_write([task], 0))
+                ray.get(self.ledger.end.remote([task_id]))
+        self.done += len(tasks)
+        self._maybe_exit()
+        return _rows(rows)
+
+    def _predict_and_write(self, tasks: list[JsonObject], prefetch: int) -> dict[int, tuple[str, str]]:
+        from ..ls_model import read_ahead
+
+        job, model = self.job, self.model
+        rows: dict[int, tuple[str, str]] = {}
+        entries: dict[int, Mapping[str, Any]] = {}
+        loads = read_ahead(tasks, lambda task: model.load_job_task(job, task), prefetch)
         for task, loaded in zip(tasks, loads, strict=True):
             task_id = int(task["id"])
+            _maybe_crash(task_id)
             try:
                 entries[task_id] = model.predict_job_task(job, task, loaded.result())
             except Exception as exc:  # noqa: BLE001 - classified per the runner's policy
@@ -203,9 +259,7 @@ class PredictActor:
             rows.update({t: (WRITTEN, "") for t in outcome.written})
             rows.update({t: (SKIPPED, "") for t in outcome.skipped})
             rows.update({t: (REJECTED, reason) for t, reason in outcome.rejected.items()})
-        self.done += len(tasks)
-        self._maybe_exit()
-        return _rows(rows)
+        return rows
 
     def _maybe_exit(self) -> None:
         """Fault injection (tests): die after writing, before answering: the worst moment for duplicates."""
@@ -216,6 +270,19 @@ class PredictActor:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+        os._exit(1)
+
+
+def _maybe_crash(task_id: int) -> None:
+    """Fault injection (tests): die whenever about to predict a task listed in CRASH_TASKS_ENV's file."""
+    path = os.environ.get(CRASH_TASKS_ENV)
+    if not path:
+        return
+    try:
+        listed = Path(path).read_text().split()
+    except OSError:
+        return
+    if str(task_id) in listed:
         os._exit(1)
 
 
@@ -254,6 +321,7 @@ def build_dataset(job: Job, settings: RaySettings, only: frozenset[int] | None =
     project's task list read page by page (``only`` these ids, if given), into the actor pool; None
     when there is no task. Only named ``map_batches`` parameters: no deprecated ``concurrency`` or
     ``ray_remote_args``."""
+    import ray
     import ray.data
 
     assert job.credentials is not None
@@ -275,8 +343,9 @@ def build_dataset(job: Job, settings: RaySettings, only: frozenset[int] | None =
         ds = (ray.data.from_items([{"page": p} for p in range(1, pages + 1)], override_num_blocks=pages)
               .flat_map(page_rows, num_cpus=0.25))
     gpus, cpus = actor_resources(settings.num_gpus, settings.num_cpus)
+    ledger = ray.remote(num_cpus=0)(CrashLedger).remote()  # lives as long as the pass's dataset holds it
     return ds.map_batches(
-        PredictActor, fn_constructor_kwargs={"job": job, "chunk_size": settings.chunk_size,
+        PredictActor, fn_constructor_kwargs={"job": job, "chunk_size": settings.chunk_size, "ledger": ledger,
                                              "check_written": rows is not None},
         batch_size=settings.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=settings.num_actors), num_gpus=gpus, num_cpus=cpus)
