@@ -46,7 +46,7 @@ from .prompts import (
 )
 
 if TYPE_CHECKING:
-    from .jobs.runner import JobRunner, TaskPredictor
+    from .jobs.runner import BackgroundRunner, JobRunner, TaskPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -214,13 +214,14 @@ class GroundedSamModel:
                                               shared=jobs.projects if jobs is not None else None)
         self.clients = clients or ClientRegistry(timeout=self.settings.fetch.timeout)
         self.stats = PredictionStats()
-        self.runner: JobRunner | None = None
+        self.runner: BackgroundRunner | None = None
 
     # -- background jobs ---------------------------------------------------------------------------
-    def start_jobs(self) -> JobRunner:
-        """Run the store's jobs in a background thread of this process (resuming unfinished ones)."""
+    def start_jobs(self, runner: BackgroundRunner | None = None) -> BackgroundRunner:
+        """Run the store's jobs in the background (resuming unfinished ones): with ``runner`` (the
+        server's ``RayJobRunner`` when RAY_ADDRESS is set), else in a thread of this process."""
         if self.runner is None:
-            self.runner = self.job_runner()
+            self.runner = runner or self.job_runner()
             self.runner.start()
         return self.runner
 
