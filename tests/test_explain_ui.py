@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.heatmaps import render_explanation
 from backend.images import working_size
 from explain_ui import views
 from explain_ui.app import UISettings, build_demo, shown_errors
@@ -77,7 +78,7 @@ def test_explain_fills_galleries_with_maps_in_the_image_aspect(client, quick_eng
     assert n >= 1
     assert len(view.decoder_maps) == 2 * n  # overlay + heatmap per mask
     body = client.explain(chelsea, PROMPT, BOX, TEXT)  # the raw JSON (cached): what the page had to show
-    assert len(view.mask_looks) == sum(len(m["token_look"]) for m in body["masks"]) >= 1
+    assert len(view.mask_looks) == sum(len(s["maps"]["token_look"]) for s in body["segments"] if s["maps"]) >= 1
     for image, _ in view.encoder_heatmaps + view.encoder_overlays + view.decoder_maps + view.mask_looks:
         # Sent at a working size (the page scales them to the display): the image's shape, never larger.
         assert image.shape == (*working_size(chelsea.shape[:2], max(image.shape[:2])), 3) and image.dtype == np.uint8
@@ -85,6 +86,15 @@ def test_explain_fills_galleries_with_maps_in_the_image_aspect(client, quick_eng
         assert image.std() > 0, "a map is not a flat colour"
     heat, over = view.encoder_heatmaps[0][0], view.encoder_overlays[0][0]
     assert not np.array_equal(heat, over), "overlays blend the heatmap with the photo"
+    # The page draws what the backend's own drawing of its explanation shows: the token grids crossed
+    # the wire as 8-bit PNGs, so colours differ by a few levels at most, and nothing moved.
+    direct = render_explanation(quick_engine.explain(chelsea, ["cat", "rocket"], BOX, TEXT), chelsea)
+    pairs = [(heat, direct.encoder[0][1].heatmap), (view.encoder_overlays[-1][0], direct.encoder[-1][1].overlay),
+             (view.decoder_maps[0][0], direct.masks[0].decoder.overlay),
+             (view.mask_looks[0][0], direct.masks[0].token_look[0][1].overlay)]
+    for drawn, reference in pairs:
+        difference = np.abs(drawn.astype(int) - reference.astype(int))
+        assert drawn.shape == reference.shape and difference.mean() < 1.5 and difference.max() <= 24
     assert view.encoder_reason is None
     assert "cache" in view.status.lower() and "no model ran" in view.status
     for segment in result.segments:
