@@ -100,7 +100,9 @@ def prompt_input(fields: Mapping[str, Any], required: bool) -> PromptInput:
 def mask_png(mask: np.ndarray) -> str:
     """Base64 PNG of a mask: white where the mask is set, black elsewhere (1 bit per pixel)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG", optimize=True)
+    # Fast deflate: ``optimize`` took ~0.2 s a 1024 px mask (most of a cached explanation's time) to
+    # save ~10% of its bytes.
+    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from backend.api_schema import ExplanationJson, SegmentationJson, SegmentJson, TaskRunJson
-from backend.heatmaps import HeatmapImage, render_explanation, token_map_from_png
+from backend.heatmaps import HeatmapImage, at_working_size, render_explanation, token_map_from_png
 from backend.images import ImageError, load_rgb, working_size
 from backend.render import draw_segments
 from backend.types import DenseMask, Explanation, MaskExplanation, Segment, as_box
@@ -24,6 +24,9 @@ from backend.types import DenseMask, Explanation, MaskExplanation, Segment, as_b
 from .client import BackendClient, BackendError, decode_ls_brush, decode_mask
 
 GalleryItem = tuple[np.ndarray, str]
+# Mask cut-outs are previews: Gradio encodes every gallery image on each answer (~0.2 s a megapixel),
+# and a cut-out is shown at a gallery's size, well under this.
+MASK_PREVIEW_SIDE = 384
 Progress = Callable[..., Any]  # gr.Progress: progress(fraction, desc=...)
 
 
@@ -89,10 +92,13 @@ class Segmentation:
         return draw_segments(self.rgb, self.segments, show_labels=show_labels)
 
     def mask_gallery(self) -> list[GalleryItem]:
-        """One cut-out per mask: the photo inside the mask, dimmed outside it."""
+        """One cut-out per mask: the photo inside the mask, dimmed outside it; at most
+        ``MASK_PREVIEW_SIDE`` px on the long side (the page encodes each one it shows)."""
         items = []
+        rgb = at_working_size(self.rgb, MASK_PREVIEW_SIDE)
+        dimmed = (rgb * 0.2).astype(np.uint8)
         for i, segment in enumerate(self.segments, 1):
-            cut = np.where(segment.mask[..., None], self.rgb, (self.rgb * 0.2).astype(np.uint8))
+            cut = np.where(segment.mask_source.resized(*rgb.shape[:2])[..., None], rgb, dimmed)
             iou = f" · IoU {segment.predicted_iou:.2f}" if np.isfinite(segment.predicted_iou) else ""
             items.append((cut, f"#{i} {segment.label} · score {segment.score:.2f}{iou}"))
         return items
