@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.heatmaps import render_explanation
+from backend.heatmaps import at_working_size, render_explanation
 from backend.images import working_size
 from explain_ui import views
 from explain_ui.app import UISettings, build_demo, shown_errors
@@ -61,9 +61,12 @@ def test_segment_fills_image_and_gallery(client, quick_engine, chelsea):
 
     gallery = result.mask_gallery()
     assert len(gallery) == len(expected)
-    for (image, caption), segment in zip(gallery, expected, strict=True):
-        assert image.shape == chelsea.shape
-        assert np.array_equal(image[segment.mask], chelsea[segment.mask])
+    preview = at_working_size(chelsea, views.MASK_PREVIEW_SIDE)  # cut-outs are previews: 384 px at most
+    assert preview.shape[:2] == working_size(chelsea.shape[:2], views.MASK_PREVIEW_SIDE) != chelsea.shape[:2]
+    for (image, caption), segment in zip(gallery, result.segments, strict=True):
+        inside = segment.resized(*preview.shape[:2]).mask
+        assert image.shape == preview.shape and inside.any()
+        assert np.array_equal(image[inside], preview[inside]) and not np.array_equal(image[~inside], preview[~inside])
         assert segment.label in caption and f"{segment.score:.2f}" in caption
     assert "cat" in result.summary and str(len(expected)) in result.summary
 
