@@ -146,6 +146,48 @@ def test_bad_inputs_say_what_is_wrong(client, chelsea):
         views.load_task(client, 7, "")
 
 
+def test_an_answer_in_old_names_is_refused_naming_the_field(client, chelsea):
+    """A backend of another version (the old ``prompt_phrases`` / ``iou`` names) is a BackendError that
+    names the missing field, not a KeyError in a view: the client parses every answer."""
+    import http.server
+    import json
+    import threading
+
+    small = chelsea[:64, :96]
+    answer = client._json("POST", "/api/explain", image=small, json={"prompt": PROMPT, "box_threshold": BOX,
+                                                                       "text_threshold": TEXT})
+    answer["prompt_phrases"] = answer.pop("prompt")
+
+    class OldBackend(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OldBackend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        old = BackendClient(f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(BackendError, match=r"POST /api/explain .*answer has no 'prompt'.*same version"):
+            views.explain_image(old, small, PROMPT, BOX, TEXT)
+        answer["prompt"] = answer.pop("prompt_phrases")
+        for segment in answer["segments"]:
+            segment["iou"] = segment.pop("predicted_iou")
+        answer["segments"] = answer["segments"] or [{}]
+        with pytest.raises(BackendError, match=r"answer\.segments\[0\] has no '(predicted_iou|label)'"):
+            views.explain_image(old, small, PROMPT, BOX, TEXT)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_backend_down_is_a_clear_message(chelsea):
     down = BackendClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2)
     with pytest.raises(BackendError, match="can't reach the backend .*BACKEND_URL"):
