@@ -17,6 +17,8 @@ from PIL import Image
 
 from tests.browser_page import ARTIFACTS, DESKTOP, PHONE, WAIT_S, chromium, images, serve_page, shot
 
+pytestmark = pytest.mark.e2e  # a real browser (its own per window size, not the ``browser`` fixture)
+
 PAINT_LIMIT_S = 1.0  # the target for a cache hit
 # Every click is a cache hit; the best of a few is the page's time, a slower one the shared machine's.
 CLICKS = 3

@@ -188,6 +188,14 @@ def test_an_answer_in_old_names_is_refused_naming_the_field(client, chelsea):
         server.server_close()
 
 
+def test_maps_that_do_not_fit_the_photo_are_a_backend_error(client, chelsea):
+    small = chelsea[:64, :96]
+    body = client.explain(small, PROMPT, BOX, TEXT)
+    body["token_grid"]["img_size"] = 1000  # a 64-token grid can't tile it
+    with pytest.raises(BackendError, match="maps that don't fit this image"):
+        views._explained(body, small, views._no_progress)
+
+
 def test_backend_down_is_a_clear_message(chelsea):
     down = BackendClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2)
     with pytest.raises(BackendError, match="can't reach the backend .*BACKEND_URL"):
