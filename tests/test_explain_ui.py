@@ -196,6 +196,21 @@ def test_maps_that_do_not_fit_the_photo_are_a_backend_error(client, chelsea):
         views._explained(body, small, views._no_progress)
 
 
+def test_uploads_are_lossless_bmp_and_png_past_the_raw_limit(chelsea):
+    """The page sends the very pixels it holds (a cache hit needs them), as BMP (no encoding time) up to
+    RAW_UPLOAD_BYTES, then as PNG so the body stays under the backend's MAX_IMAGE_BYTES."""
+    from backend.images import load_rgb
+    from explain_ui.client import RAW_UPLOAD_BYTES, upload_file
+
+    _, data, kind = upload_file(chelsea)
+    assert kind == "image/bmp" and np.array_equal(load_rgb(data), chelsea)
+    big = np.zeros((3000, 3000, 3), np.uint8)
+    big[::7, ::3] = (255, 128, 1)
+    assert big.nbytes > RAW_UPLOAD_BYTES
+    _, data, kind = upload_file(big)
+    assert kind == "image/png" and len(data) < RAW_UPLOAD_BYTES and np.array_equal(load_rgb(data), big)
+
+
 def test_backend_down_is_a_clear_message(chelsea):
     down = BackendClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2)
     with pytest.raises(BackendError, match="can't reach the backend .*BACKEND_URL"):
