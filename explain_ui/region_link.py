@@ -10,6 +10,7 @@ link keeps naming the mask that was clicked even if the explanation's order or s
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ import numpy as np
 from backend.ls_results import parse_region_id
 from backend.types import Box
 
-from .client import BackendError, data_url
+from .client import BackendError, encode_png
 from .views import ExplanationView, GalleryItem, Segmentation, _bar, stored_segments
 
 MATCH_IOU = 0.5  # a stored region and an explained mask overlapping less than this are not the same mask
@@ -153,7 +154,8 @@ def _numbered(items: Sequence[GalleryItem], number: int) -> list[GalleryItem]:
 
 def _figure(image: np.ndarray, caption: str) -> str:
     text = html.escape(caption)
-    return (f'<figure style="margin:0;flex:1 1 160px;max-width:260px"><img src="{data_url(image)}" alt="{text}" '
+    source = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
+    return (f'<figure style="margin:0;flex:1 1 160px;max-width:260px"><img src="{source}" alt="{text}" '
             f'style="width:100%;height:auto;display:block;border-radius:4px"><figcaption style="font-size:0.85em">'
             f"{text}</figcaption></figure>")
 
