@@ -8,6 +8,7 @@ GET /metrics; the explain UI's JSON API lives under /api (backend/http_api.py).
 
 Environment: BASIC_AUTH_USER / BASIC_AUTH_PASS, LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, PROMPT,
 ALLOWED_IMAGE_HOSTS, MAX_IMAGE_BYTES, IMAGE_FETCH_TIMEOUT, ENGINE_WAIT_S, PREFETCH_TASKS, EXPLAIN_UI_URL, LOG_LEVEL,
+RAY_ADDRESS (background jobs on a Ray cluster),
 plus the engine's own (ENGINE_CONFIG, MODEL_CACHE_DIR, BOX_THRESHOLD, TEXT_THRESHOLD, ... see backend/config.py).
 """
 
@@ -21,7 +22,7 @@ import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
@@ -38,6 +39,10 @@ from .ls_api import LabelStudioError, install_log_redaction, register_secret
 from .ls_model import GroundedSamModel, ModelSettings
 from .project_state import project_key
 
+if TYPE_CHECKING:
+    from .jobs.runner import BackgroundRunner
+    from .jobs.store import JobStore
+
 logger = logging.getLogger(__name__)
 
 MODEL_CLASS = "GroundedSamModel"
@@ -53,6 +58,9 @@ class ServerSettings:
     # JOBS_DB (a SQLAlchemy URL) or sqlite:///$DATA_DIR/jobs.sqlite3: background jobs and per-project
     # state shared by every worker; None keeps project state in the process and queues no jobs.
     jobs_db: str | None = None
+    # RAY_ADDRESS (auto, local, head:6379, ray://head:10001): the background jobs run on that Ray
+    # cluster (backend/jobs/ray_server.py); None runs them in this process.
+    ray_address: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -63,7 +71,7 @@ class ServerSettings:
         from .jobs.db import default_url
 
         return cls(basic_auth=(user, password) if user else None, model=ModelSettings.from_env(env),
-                   jobs_db=default_url(env))
+                   jobs_db=default_url(env), ray_address=env.get("RAY_ADDRESS", "").strip() or None)
 
     @property
     def max_request_bytes(self) -> int:
@@ -240,7 +248,10 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
         jobs = JobStore(settings.jobs_db)
     model = GroundedSamModel(holder, settings.model, jobs=jobs)
     if jobs is not None:
-        model.start_jobs()  # resumes this store's unfinished jobs; every worker shares them
+        # Resumes this store's unfinished jobs; every worker shares them (leases), in-process or on Ray.
+        model.start_jobs(_ray_runner(jobs, settings.ray_address) if settings.ray_address else None)
+    elif settings.ray_address:
+        logger.warning("RAY_ADDRESS is set but there is no job store (JOBS_DB / DATA_DIR): no background jobs")
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -285,6 +296,8 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
                     body["problems"] = holder.problems
         # Tasks whose prediction failed since start (details: /metrics, the response's "errors", the log).
         body["failed_tasks"] = model.stats.failed_tasks
+        if model.runner is not None and model.runner.problem:  # e.g. RAY_ADDRESS unreachable
+            body["jobs_problem"] = model.runner.problem
         # Always 200: Label Studio only checks that the backend answers, and shows the body.
         return jsonify(body)
 
@@ -346,6 +359,12 @@ def create_app(engine: Any | None = None, settings: ServerSettings | None = None
     app.register_blueprint(api)
     app.register_blueprint(jobs_blueprint(jobs))  # /api/jobs: progress and cancel (backend/jobs_api.py)
     return app
+
+
+def _ray_runner(jobs: JobStore, address: str) -> BackgroundRunner:
+    from .jobs.ray_server import RayJobRunner  # imports Ray only when RAY_ADDRESS is set
+
+    return RayJobRunner(jobs, address)
 
 
 # -- logging, the module-level app, the dev server ----------------------------------------------------

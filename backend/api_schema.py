@@ -1,6 +1,7 @@
-"""The JSON the backend's job routes answer with, as one typed definition: the server builds it
-(``JobProgress.to_json``, ``backend.jobs_api``) and the explain UI's client reads it
-(``explain_ui.client``), both importing these types. Plain ``typing`` only: no torch, no Flask.
+"""The JSON the backend's /api routes answer with, as one typed definition: the server builds it
+(``backend.http_api``, ``JobProgress.to_json``, ``backend.jobs_api``) and the explain UI's client reads
+it (``explain_ui.client``), both importing these types. Plain ``typing`` only: no torch, no Flask.
+Each thing has one name in every answer (``prompt``, ``predicted_iou``, ``token_scores``, ...).
 
 ``parse`` checks a decoded answer against a type here, so a client fails with the field that is
 wrong instead of a ``KeyError`` somewhere in a view.
@@ -54,6 +55,136 @@ class CancelJson(TypedDict):
     job: JobJson  # the job after cancelling: its state is "cancelled"
 
 
+# -- segmentations and explanations (backend/http_api.py) ---------------------------------------------
+class TokenScoreJson(TypedDict):
+    """Grounding DINO's score of one prompt token for a box (sigmoid of its logit)."""
+
+    token: str
+    score: float
+
+
+class SegmentJson(TypedDict):
+    """One mask, in every answer that has masks. ``box`` and ``area`` are in the image's own pixels."""
+
+    label: str  # the requested phrase the box matched best
+    score: float  # Grounding DINO's box score
+    predicted_iou: float  # SAM's estimate of the mask's quality
+    box: list[float]  # x0, y0, x1, y1
+    area: int  # mask pixels at the image's size
+    phrase_scores: dict[str, float]  # per requested phrase
+    token_scores: list[TokenScoreJson]  # per prompt token: why this label
+    mask_png: str  # base64 1-bit PNG, white = mask; size: the image's, or an explanation's mask size
+
+
+class PredictedSegmentJson(SegmentJson):
+    """A segment of a segmentation answer, with its mask as Label Studio stores it too."""
+
+    mask_rle: list[int]  # Label Studio brush RLE at the image's size
+
+
+class SegmentationJson(TypedDict):
+    """``POST /api/segment``: masks at the image's own size."""
+
+    model_version: str
+    width: int  # the image's size, in pixels
+    height: int
+    prompt: list[str]  # the phrases segmented
+    segments: list[PredictedSegmentJson]
+
+
+class TaskRunJson(TypedDict):
+    """What a task route worked on (added to its segmentation or explanation)."""
+
+    task: int  # Label Studio task id
+    project: int | None  # its project
+    prompt_source: str  # where the prompt came from: "request", "context", "project", "labels", ...
+
+
+class TaskSegmentationJson(SegmentationJson, TaskRunJson):
+    """``POST /api/tasks/<id>/segment``: a segmentation plus the Label Studio prediction it makes."""
+
+    prediction: dict[str, Any]  # Label Studio's prediction JSON (result, score, model_version)
+
+
+class TokenGridJson(TypedDict):
+    """How SAM laid the photo over its token grid, to lay the maps back over the photo
+    (``backend.heatmaps.token_map_to_image``): resized so the long side is ``img_size``, padded
+    bottom/right to a square of ``img_size``, cut into tokens."""
+
+    input_height: int  # the photo as SAM saw it, before padding
+    input_width: int
+    img_size: int  # SAM's square input side
+
+
+class BlockMapJson(TypedDict):
+    """A map from one global-attention block of SAM's image encoder."""
+
+    block: int  # the encoder block's index
+    map_png: str  # ``backend.heatmaps.token_map_png``: the token grid, 8-bit grayscale PNG
+
+
+class MaskMapsJson(TypedDict):
+    """Why SAM drew one mask."""
+
+    decoder_png: str  # token grid PNG: where the mask decoder's token looked
+    token_look: list[BlockMapJson]  # where the mask's own tokens look, per global block
+
+
+class ExplainedSegmentJson(SegmentJson):
+    """A segment of an explanation (``mask_png`` at the explanation's mask size)."""
+
+    maps: MaskMapsJson | None  # None past the first MASK_MAPS segments
+
+
+class EncoderJson(TypedDict):
+    """SAM's image encoder: the attention each place receives, per global-attention block."""
+
+    available: bool
+    reason: str | None  # why there are no blocks (e.g. MobileSAM's TinyViT), else None
+    blocks: list[BlockMapJson]  # in block order: the last one is the last global layer
+
+
+class LegendJson(TypedDict):
+    colormap: str  # an OpenCV colormap name ("jet")
+    low: str
+    high: str
+    notes: list[str]  # what each kind of map means
+
+
+class ExplanationJson(TypedDict):
+    """``POST /api/explain``: the segmentation and the attention that made it. Maps are token grids
+    (``token_grid`` says how they lie over the photo); the page colours and blends them itself."""
+
+    model_version: str
+    width: int  # the image's own size
+    height: int
+    mask_width: int  # the size of the masks sent: at most WORKING_SIDE px on the long side
+    mask_height: int
+    cached: bool  # true when the engine already had this image + prompt + thresholds: no model ran
+    prompt: list[str]
+    token_grid: TokenGridJson
+    segments: list[ExplainedSegmentJson]
+    encoder: EncoderJson
+    legend: LegendJson
+    notes: list[str]  # what is missing and why
+
+
+class TaskExplanationJson(ExplanationJson, TaskRunJson):
+    """``POST /api/tasks/<id>/explain``."""
+
+
+class TaskJson(TypedDict):
+    """``GET /api/tasks/<id>``: a Label Studio task as the explain page needs it."""
+
+    id: int
+    project: int | None
+    image_url: str
+    image_key: str  # the data field holding the image
+    labels: list[str]  # the project's brush labels
+    data: dict[str, Any]  # the task's data, as Label Studio holds it
+    predictions: list[dict[str, Any]]  # Label Studio's stored predictions, oldest first
+
+
 # The states a job can be in (``JobJson.state``; the store's own constants are these); only an
 # active job can be cancelled.
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -72,7 +203,7 @@ def parse(data: object, schema: type[_T], where: str = "answer") -> _T:
 
     Arguments:
         data: what ``json.loads`` returned.
-        schema: ``JobJson``, ``JobListJson`` or ``CancelJson``.
+        schema: a TypedDict above (``ExplanationJson``, ``JobJson``, ...).
         where: how the message names the value ("answer" gives "answer.jobs[0].done").
     Returns:
         ``data`` itself, typed. Extra keys are allowed (a newer server may add fields).
@@ -92,6 +223,8 @@ def _check(value: object, hint: Any, where: str) -> None:
                 raise SchemaError(f"{where} has no '{name}'")
             _check(value[name], field_hint, f"{where}.{name}")
         return
+    if hint is Any:  # a part another system defines (Label Studio's task data)
+        return
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         errors = []
@@ -108,6 +241,13 @@ def _check(value: object, hint: Any, where: str) -> None:
         (item,) = get_args(hint)
         for i, element in enumerate(value):
             _check(element, item, f"{where}[{i}]")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SchemaError(f"{where} must be a JSON object, got {_kind(value)}")
+        _, item = get_args(hint)  # JSON keys are strings
+        for key, element in value.items():
+            _check(element, item, f"{where}[{key!r}]")
         return
     if hint is type(None):
         if value is not None:
@@ -129,5 +269,7 @@ def _kind(value: object) -> str:
             float: "a number"}.get(type(value), type(value).__name__)
 
 
-__all__ = ["ACTIVE_JOB_STATES", "JOB_STATES", "CancelJson", "JobJson", "JobListJson", "SchemaError",
-           "TaskErrorJson", "parse"]
+__all__ = ["ACTIVE_JOB_STATES", "JOB_STATES", "BlockMapJson", "CancelJson", "EncoderJson", "ExplainedSegmentJson",
+           "ExplanationJson", "JobJson", "JobListJson", "LegendJson", "MaskMapsJson", "PredictedSegmentJson",
+           "SchemaError", "SegmentJson", "SegmentationJson", "TaskErrorJson", "TaskExplanationJson", "TaskJson",
+           "TaskRunJson", "TaskSegmentationJson", "TokenGridJson", "TokenScoreJson", "parse"]

@@ -5,8 +5,10 @@ the engine's and ``backend.ls_model``'s.
     GET  /api/tasks/<id>              a Label Studio task: image URL, data, stored predictions
     GET  /api/tasks/<id>/image        the task's image bytes (fetched with the backend's LS key)
     POST /api/tasks/<id>/segment      segment a task's image (project labels, or a given prompt)
-    POST /api/explain                 like /api/segment, plus attention heatmaps (``explanation_json``)
-    POST /api/tasks/<id>/explain      like /api/tasks/<id>/segment, plus attention heatmaps
+    POST /api/explain                 like /api/segment, plus attention maps (``explanation_json``)
+    POST /api/tasks/<id>/explain      like /api/tasks/<id>/segment, plus attention maps
+
+Every answer is one of ``backend.api_schema``'s types, the ones the explain UI's client parses.
 """
 
 from __future__ import annotations
@@ -21,20 +23,34 @@ import numpy as np
 from flask import Blueprint, Response, jsonify, request
 from PIL import Image
 
-from . import sam_attention
 from ._wsgi import current_model, field_of, json_body, read_body
-from .config import parse_switch
+from .api_schema import (
+    BlockMapJson,
+    EncoderJson,
+    ExplainedSegmentJson,
+    ExplanationJson,
+    MaskMapsJson,
+    PredictedSegmentJson,
+    SegmentationJson,
+    SegmentJson,
+    TaskExplanationJson,
+    TaskJson,
+    TaskRunJson,
+    TaskSegmentationJson,
+    TokenGridJson,
+    TokenScoreJson,
+)
 from .detector import parse_prompt
 from .errors import BadRequest
-from .explainer import LEGEND, MASK_MAPS, WORKING_SIDE, HeatmapImage, MaskMaps, at_working_size, render_explanation
 from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
+from .heatmaps import LEGEND, MASK_MAPS, WORKING_SIDE, token_map_png
+from .images import working_size
 from .label_config import LabelConfig, parse_label_config
 from .ls_api import LabelStudioClient, LabelStudioError
 from .ls_results import mask_to_rle, prediction, segments_to_results
 from .project_state import project_key
 from .prompts import PromptInput, PromptPlan, parse_threshold, split_typed_prompt
-from .render import draw_segments
-from .types import Explanation, Segment
+from .types import Explanation, MaskExplanation, Segment
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
@@ -84,37 +100,35 @@ def prompt_input(fields: Mapping[str, Any], required: bool) -> PromptInput:
 def mask_png(mask: np.ndarray) -> str:
     """Base64 PNG of a mask: white where the mask is set, black elsewhere (1 bit per pixel)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG", optimize=True)
+    # Fast deflate: ``optimize`` took ~0.2 s a 1024 px mask (most of a cached explanation's time) to
+    # save ~10% of its bytes.
+    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def segment_json(segment: Segment, size: tuple[int, int] | None = None) -> dict[str, Any]:
-    """A segment with its mask as a Label Studio brush RLE and a PNG at the image's size; with
-    ``size`` (H, W), only a PNG at that size (what /api/explain sends: a view, not an annotation)."""
-    body: dict[str, Any] = {
-        "label": segment.label,
-        "score": float(segment.score),
-        "predicted_iou": float(segment.predicted_iou),
-        "box": [float(v) for v in segment.box],
-        "area": segment.area,
-        "phrase_scores": {k: float(v) for k, v in segment.phrase_scores.items()},
-        "token_scores": [[token, float(score)] for token, score in segment.token_scores],
-    }
-    if size is not None:
-        return {**body, "mask_png": mask_png(segment.mask_source.resized(*size))}
+def _segment_fields(segment: Segment, mask: np.ndarray) -> SegmentJson:
+    return SegmentJson(
+        label=segment.label,
+        score=float(segment.score),
+        predicted_iou=float(segment.predicted_iou),
+        box=[float(v) for v in segment.box],
+        area=segment.area,
+        phrase_scores={k: float(v) for k, v in segment.phrase_scores.items()},
+        token_scores=[TokenScoreJson(token=token, score=float(score)) for token, score in segment.token_scores],
+        mask_png=mask_png(mask),
+    )
+
+
+def segment_json(segment: Segment) -> PredictedSegmentJson:
+    """A segment with its mask at the image's size, as a PNG and as a Label Studio brush RLE."""
     mask = segment.mask  # made full size once for both encodings
-    return {**body, "mask_rle": mask_to_rle(mask), "mask_png": mask_png(mask)}
+    return PredictedSegmentJson(**_segment_fields(segment, mask), mask_rle=mask_to_rle(mask))
 
 
 def segmentation_json(segments: list[Segment], phrases: tuple[str, ...], width: int, height: int,
-                      version: str) -> dict[str, Any]:
-    return {
-        "model_version": version,
-        "width": int(width),
-        "height": int(height),
-        "prompt": list(phrases),
-        "segments": [segment_json(s) for s in segments],
-    }
+                      version: str) -> SegmentationJson:
+    return SegmentationJson(model_version=version, width=int(width), height=int(height), prompt=list(phrases),
+                            segments=[segment_json(s) for s in segments])
 
 
 def required_image_request() -> tuple[bytes, dict[str, Any]]:
@@ -185,15 +199,22 @@ def _task_image(task: Mapping[str, Any], config: LabelConfig, client: LabelStudi
 def get_task(task_id: int) -> Response:
     task, config, _ = _task_and_config(task_id)
     target = config.targets[0]
-    return jsonify({
-        "id": task.get("id", task_id),
-        "project": task.get("project"),
-        "image_url": target.image_url(task.get("data") or {}),
-        "image_key": target.value.lstrip("$"),
-        "labels": config.brush_labels,
-        "data": task.get("data"),
-        "predictions": task.get("predictions") or [],
-    })
+    data = task.get("data") or {}
+    return jsonify(TaskJson(
+        id=task_id,
+        project=_task_project(task),
+        image_url=target.image_url(data),
+        image_key=target.value.lstrip("$"),
+        labels=list(config.brush_labels),
+        data=data,
+        predictions=[p for p in task.get("predictions") or [] if isinstance(p, dict)],
+    ))
+
+
+def _task_project(task: Mapping[str, Any]) -> int | None:
+    """The task's project id as a number (``_task_and_config`` already refused a malformed one)."""
+    key = _project_id(task.get("project"))
+    return None if key is None else int(key)
 
 
 @api.get("/tasks/<int:task_id>/image")
@@ -223,9 +244,8 @@ class TaskRun:
     rgb: np.ndarray
     fields: dict[str, Any]
 
-    def describe(self, task_id: int) -> dict[str, Any]:
-        return {"task": self.task.get("id", task_id), "project": self.task.get("project"),
-                "prompt_source": self.plan.source}
+    def describe(self, task_id: int) -> TaskRunJson:
+        return TaskRunJson(task=task_id, project=_task_project(self.task), prompt_source=self.plan.source)
 
 
 def _task_run(task_id: int) -> TaskRun:
@@ -250,72 +270,35 @@ def segment_task(task_id: int) -> Response:
     results, scores = segments_to_results(segments, run.config.targets[0], width, height)
     version = run.engine.model_version
     body = segmentation_json(segments, run.plan.phrases, width, height, version)
-    body.update(run.describe(task_id), prediction=prediction(results, scores, version))
-    return jsonify(body)
+    return jsonify(TaskSegmentationJson(**body, **run.describe(task_id),
+                                        prediction=prediction(results, scores, version)))
 
 
 # -- explanations -------------------------------------------------------------------------------------
-DEFAULT_ALPHA = 0.5  # heatmap opacity over the photo in the overlay PNGs
+def explained_segment_json(segment: Segment, mask: MaskExplanation | None, explanation: Explanation,
+                           size: tuple[int, int]) -> ExplainedSegmentJson:
+    """A segment with its mask as a PNG at ``size`` (H, W) and, when ``mask`` is given, its maps."""
+    maps = None
+    if mask is not None and mask.decoder_map is not None:
+        maps = MaskMapsJson(decoder_png=_map_png(mask.decoder_map, explanation),
+                            token_look=[BlockMapJson(block=int(block), map_png=_map_png(look, explanation))
+                                        for block, look in sorted(mask.token_look.items())])
+    return ExplainedSegmentJson(**_segment_fields(segment, segment.mask_source.resized(*size)), maps=maps)
 
 
-def rgb_png(image: np.ndarray) -> str:
-    """Base64 PNG of an (H, W, 3) uint8 RGB image (no data: prefix)."""
-    buffer = io.BytesIO()
-    # Low compression: these are big photo-like images and encoding time matters more than bytes.
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(buffer, format="PNG", compress_level=3)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+def _map_png(token_map: np.ndarray, explanation: Explanation) -> str:
+    return token_map_png(token_map, explanation.input_size, explanation.img_size)
 
 
-def parse_flag(fields: Mapping[str, Any], name: str, default: bool) -> bool:
-    """A boolean from JSON (true/false) or a form field ("true"/"false"/"1"/"0")."""
-    value = fields.get(name)
-    if value in (None, ""):
-        return default
-    if isinstance(value, bool):
-        return value
-    try:
-        return parse_switch(str(value))
-    except ValueError:
-        raise BadRequest(f"'{name}' must be true or false, got {value!r}") from None
-
-
-def parse_alpha(fields: Mapping[str, Any]) -> float:
-    value = fields.get("alpha")
-    return DEFAULT_ALPHA if value in (None, "") else parse_threshold(value, "alpha")
-
-
-def heatmap_json(heatmap: HeatmapImage, alpha: float) -> dict[str, Any]:
-    # render_explanation blends at DEFAULT_ALPHA; re-blend only when another opacity was asked for.
-    blended = (heatmap.overlay if alpha == DEFAULT_ALPHA
-               else sam_attention.overlay(heatmap.image, heatmap.heatmap, alpha))
-    return {"title": heatmap.title, "heatmap_png": rgb_png(heatmap.heatmap), "overlay_png": rgb_png(blended)}
-
-
-def mask_maps_json(mask: MaskMaps, segment: Segment, alpha: float) -> dict[str, Any]:
-    decoder = heatmap_json(mask.decoder, alpha) if mask.decoder is not None else {}
-    return {
-        "index": mask.index,
-        "label": mask.label,
-        "score": float(mask.score),
-        "iou": float(segment.predicted_iou),
-        "decoder_heatmap_png": decoder.get("heatmap_png"),  # null past the first MASK_MAPS masks
-        "decoder_overlay_png": decoder.get("overlay_png"),
-        "token_look": [{"block": int(block), **heatmap_json(look, alpha)} for block, look in mask.token_look],
-        "grounding": [{"token": token, "score": float(score)} for token, score in mask.grounding],
-        "phrase_scores": {k: float(v) for k, v in mask.phrase_scores.items()},
-    }
-
-
-def explanation_json(explanation: Explanation, rgb: np.ndarray, phrases: tuple[str, ...], cached: bool,
-                     alpha: float = DEFAULT_ALPHA, show_labels: bool = True) -> dict[str, Any]:
-    """The /api/*explain response, sized for viewing whatever the photo's size: segments with masks
-    and their overlay at ``map_width`` x ``map_height`` (at most WORKING_SIDE px on the long side),
-    attention maps as PNGs of at most ENCODER_MAP_SIDE / MASK_MAP_SIDE px, for the first MASK_MAPS
-    masks. ``width`` x ``height`` is the image's own size (``area`` and ``box`` are in its pixels)."""
-    height, width = rgb.shape[:2]
-    rgb = at_working_size(rgb, WORKING_SIDE)
-    map_height, map_width = rgb.shape[:2]
-    rendered = render_explanation(explanation, rgb)
+def explanation_json(explanation: Explanation, phrases: tuple[str, ...], cached: bool) -> ExplanationJson:
+    """The /api/*explain response, small whatever the photo's size: segments with masks at
+    ``mask_width`` x ``mask_height`` (at most WORKING_SIDE px on the long side), and every attention map
+    once, as its token grid (a few KB; ``token_grid`` says how it lies over the photo), for the
+    first MASK_MAPS masks. The page colours the maps and lays them over the photo it holds
+    (``backend.heatmaps.render_explanation``). ``width`` x ``height`` is the image's own size
+    (``area`` and ``box`` are in its pixels)."""
+    height, width = explanation.original_size
+    mask_height, mask_width = working_size((height, width), WORKING_SIDE)
     blocks = sorted(explanation.encoder_received)
     reason = None
     if not blocks:
@@ -323,56 +306,47 @@ def explanation_json(explanation: Explanation, rgb: np.ndarray, phrases: tuple[s
     notes = list(explanation.notes)
     if len(explanation.segments) > MASK_MAPS:
         notes.append(f"maps are drawn for the first {MASK_MAPS} of {len(explanation.segments)} masks")
-    return {
-        "model_version": explanation.model_version,
-        "width": int(width),
-        "height": int(height),
-        "map_width": int(map_width),
-        "map_height": int(map_height),
-        "cached": bool(cached),
-        "prompt_phrases": list(phrases),
-        "segments": [segment_json(s, (map_height, map_width)) for s in explanation.segments],
-        "overlay_png": rgb_png(draw_segments(rgb, [s.resized(map_height, map_width) for s in explanation.segments],
-                                             show_labels=show_labels)),
-        "encoder": {
-            "available": bool(blocks),
-            "reason": reason,
-            "blocks": [{"block": int(block), "kind": "last" if block == blocks[-1] else "global",
-                        **heatmap_json(image, alpha)} for block, image in rendered.encoder],
-        },
-        "masks": [mask_maps_json(mask, segment, alpha)
-                  for mask, segment in zip(rendered.masks, explanation.segments, strict=True)],
-        "legend": LEGEND,
-        "notes": notes,
-    }
+    return ExplanationJson(
+        model_version=explanation.model_version,
+        width=int(width),
+        height=int(height),
+        mask_width=mask_width,
+        mask_height=mask_height,
+        cached=bool(cached),
+        prompt=list(phrases),
+        token_grid=TokenGridJson(input_height=int(explanation.input_size[0]),
+                                 input_width=int(explanation.input_size[1]), img_size=int(explanation.img_size)),
+        segments=[explained_segment_json(s, m if i < MASK_MAPS else None, explanation, (mask_height, mask_width))
+                  for i, (s, m) in enumerate(zip(explanation.segments, explanation.masks, strict=True))],
+        encoder=EncoderJson(available=bool(blocks), reason=reason,
+                            blocks=[BlockMapJson(block=int(block), map_png=_map_png(token_map, explanation))
+                                    for block, token_map in sorted(explanation.encoder_received.items())]),
+        legend=LEGEND,
+        notes=notes,
+    )
 
 
 def explain_image(engine: Any, rgb: np.ndarray, phrases: tuple[str, ...], box_threshold: float | None,
-                  text_threshold: float | None, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Explain (from the engine's cache when this image + prompt + thresholds ran before); ``fields``
-    give the drawing options ``alpha`` and ``show_labels``."""
-    alpha, show_labels = parse_alpha(fields), parse_flag(fields, "show_labels", True)
+                  text_threshold: float | None) -> ExplanationJson:
+    """Explain (from the engine's cache when this image + prompt + thresholds ran before)."""
     prompt = list(phrases)
     cached = engine.cached_explanation(rgb, prompt, box_threshold, text_threshold) is not None
     explanation = engine.explain(rgb, prompt, box_threshold, text_threshold)
-    return explanation_json(explanation, rgb, tuple(parse_prompt(prompt)), cached, alpha, show_labels)
+    return explanation_json(explanation, tuple(parse_prompt(prompt)), cached)
 
 
 @api.post("/explain")
 def explain() -> Response:
     image, fields = required_image_request()
     given = prompt_input(fields, required=True)
-    parse_alpha(fields), parse_flag(fields, "show_labels", True)  # bad options fail before any model runs
     model = current_model()
     engine = model.engine.get(timeout=model.settings.engine_wait_s)
     rgb = engine.load_image(image)
-    return jsonify(explain_image(engine, rgb, given.phrases or (), given.box_threshold, given.text_threshold, fields))
+    return jsonify(explain_image(engine, rgb, given.phrases or (), given.box_threshold, given.text_threshold))
 
 
 @api.post("/tasks/<int:task_id>/explain")
 def explain_task(task_id: int) -> Response:
     run = _task_run(task_id)
-    body = explain_image(run.engine, run.rgb, run.plan.phrases, run.plan.box_threshold, run.plan.text_threshold,
-                         run.fields)
-    body.update(run.describe(task_id))
-    return jsonify(body)
+    body = explain_image(run.engine, run.rgb, run.plan.phrases, run.plan.box_threshold, run.plan.text_threshold)
+    return jsonify(TaskExplanationJson(**body, **run.describe(task_id)))

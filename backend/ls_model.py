@@ -46,7 +46,7 @@ from .prompts import (
 )
 
 if TYPE_CHECKING:
-    from .jobs.runner import JobRunner, TaskPredictor
+    from .jobs.runner import BackgroundRunner, JobRunner, TaskPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +117,21 @@ class ModelSettings:
             predict_deadline_s=deadline,
         )
 
-    def explain_link(self, task_id: Any, project: str | None) -> str | None:
-        """``{EXPLAIN_UI_URL}/?task=<id>&project=<project>``, or None without a URL or task id."""
+    def explain_link(self, task_id: Any, project: str | None, region: str | None = None) -> str | None:
+        """``{EXPLAIN_UI_URL}/?task=<id>&project=<project>&region=<result id>`` (the page opens that
+        region's explanation first), or None without a URL or task id.
+
+        Arguments:
+            task_id: the Label Studio task id (an int; anything else gives None).
+            project: the project id, left out when None.
+            region: the result id (``ls_results.region_id``), left out when None.
+        Returns:
+            The link, percent-encoded, or None.
+        """
         if not self.explain_ui_url or task_id is None or isinstance(task_id, bool):
             return None
-        query = {"task": task_id, **({"project": project} if project is not None else {})}
+        query = {"task": task_id, **({"project": project} if project is not None else {}),
+                 **({"region": region} if region else {})}
         return f"{self.explain_ui_url}/?{urlencode(query)}"
 
 
@@ -204,13 +214,14 @@ class GroundedSamModel:
                                               shared=jobs.projects if jobs is not None else None)
         self.clients = clients or ClientRegistry(timeout=self.settings.fetch.timeout)
         self.stats = PredictionStats()
-        self.runner: JobRunner | None = None
+        self.runner: BackgroundRunner | None = None
 
     # -- background jobs ---------------------------------------------------------------------------
-    def start_jobs(self) -> JobRunner:
-        """Run the store's jobs in a background thread of this process (resuming unfinished ones)."""
+    def start_jobs(self, runner: BackgroundRunner | None = None) -> BackgroundRunner:
+        """Run the store's jobs in the background (resuming unfinished ones): with ``runner`` (the
+        server's ``RayJobRunner`` when RAY_ADDRESS is set), else in a thread of this process."""
         if self.runner is None:
-            self.runner = self.job_runner()
+            self.runner = runner or self.job_runner()
             self.runner.start()
         return self.runner
 
@@ -251,10 +262,21 @@ class GroundedSamModel:
         return self.clients.get(job.credentials)
 
     def _link_regions(self, entry: dict[str, Any], task_id: Any, project: str | None) -> None:
-        link = self.settings.explain_link(task_id, project)
-        if link:  # Label Studio shows a region's meta text in the region panel
-            for result in entry["result"]:
-                result["meta"] = {"text": [f"Why this mask: {link}"]}
+        """Put "Why this mask" and a link to the region's explanation in each result's meta text.
+
+        Label Studio 1.23.2 shows ``meta.text`` as plain text and has no clickable form for it: the
+        editor's RegionDetailsMeta (libs/editor/src/components/SidePanels/DetailsPanel/RegionDetails.tsx,
+        built into web/dist/apps/labelstudio/358.js) renders ``{region.meta?.text}`` as a React text
+        child of a ``div.lsf-detailed-region__meta-text`` (CSS ``white-space: pre-wrap``) whose click
+        only opens a textarea to edit it; ``meta`` is ``types.frozen<{text?: string[]}>`` and no other
+        field of it is shown, nor is markdown, HTML or a link rendered for a region. So the link goes
+        on a line of its own, short, to select and copy.
+        """
+        for result in entry["result"]:
+            link = self.settings.explain_link(task_id, project, result.get("id") or None)
+            if link is None:
+                return
+            result["meta"] = {"text": [f"Why this mask:\n{link}"]}
 
     @property
     def model_version(self) -> str:

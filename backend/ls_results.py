@@ -1,11 +1,19 @@
 """Segments -> Label Studio results: brush RLE masks, rectangles and polygons for each label control
-on the image, and the /predict entry that carries them."""
+on the image, and the /predict entry that carries them.
+
+Result ids are ``<control>-<n>``: mask ``n`` (1-based, the engine's order, which is the explain page's
+"#n") on that control. They are deterministic, so predicting a task again writes the same ids and a
+region's "Why this mask" link (``?region=<id>``) names the same mask; the explain page reads ``n``
+back with ``parse_region_id``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import uuid
+import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,13 +24,50 @@ from .types import Segment
 logger = logging.getLogger(__name__)
 
 
-def _region_id() -> str:
-    return uuid.uuid4().hex[:10]
+# A control name as it may appear in a region id: URL-safe and without "#" (Label Studio's editor
+# keys regions as "<id>#<annotation>") or "-" (the separator before the mask number).
+_ID_SAFE = re.compile(r"[A-Za-z0-9_.]{1,40}")
+_REGION_ID = re.compile(r"([A-Za-z0-9_.]{1,40})-([1-9][0-9]{0,5})")
+
+
+@dataclass(frozen=True)
+class RegionRef:
+    """What a region id written by ``region_id`` names."""
+
+    control: str  # the control part: its name, or "c" + a digest of a name that isn't URL-safe
+    number: int  # 1-based mask number in the engine's order (the explain page's "#number")
+
+    @property
+    def index(self) -> int:
+        return self.number - 1
+
+
+def region_id(control: str, number: int) -> str:
+    """The result id of mask ``number`` (1-based) on the control named ``control``: unique within a
+    prediction (control names are unique in a labeling config), the same every time, short and URL-safe.
+
+    >>> region_id("label", 2)
+    'label-2'
+    """
+    if number < 1:
+        raise ValueError(f"mask numbers start at 1, got {number}")
+    part = control if _ID_SAFE.fullmatch(control) else "c" + hashlib.sha1(control.encode()).hexdigest()[:8]
+    return f"{part}-{number}"
+
+
+def parse_region_id(value: str) -> RegionRef:
+    """``region_id``'s inverse; ValueError saying what a region id looks like for anything else."""
+    match = _REGION_ID.fullmatch(value)
+    if match is None:
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise ValueError(f"{shown!r} is not a region of this backend (its ids look like 'label-2': the "
+                         "control's name, '-', the mask number)")
+    return RegionRef(match.group(1), int(match.group(2)))
 
 
 def _base(control: LabelControl, width: int, height: int, score: float) -> dict[str, Any]:
     return {
-        "id": _region_id(),
+        "id": "",  # set by segments_to_results, which knows the mask's number
         "from_name": control.name,
         "to_name": control.to_name,
         "type": control.kind,
@@ -100,13 +145,14 @@ _BUILDERS: dict[str, Callable[..., dict[str, Any] | None]] = {
 def segments_to_results(segments: Iterable[Segment], target: ImageTarget, width: int,
                         height: int) -> tuple[list[dict[str, Any]], list[float]]:
     """Results for every label control on ``target``, and the score of each segment that made one.
+    The n-th segment's results get the ids ``region_id(control, n)`` (n from 1, empty ones counted).
 
     A segment whose phrase maps to no label of a control is left out of that control (logged).
     """
     results: list[dict[str, Any]] = []
     scores: list[float] = []
     skipped: set[tuple[str, str]] = set()
-    for segment in segments:
+    for number, segment in enumerate(segments, 1):
         if segment.area == 0:  # SAM found nothing inside the box: an empty brush helps nobody
             logger.debug("skipping %r: empty mask", segment.label)
             continue
@@ -119,6 +165,7 @@ def segments_to_results(segments: Iterable[Segment], target: ImageTarget, width:
                 continue
             result = _BUILDERS[control.kind](control, label, segment, width, height)
             if result is not None:
+                result["id"] = region_id(control.name, number)
                 results.append(result)
                 used = True
         if used:

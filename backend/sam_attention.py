@@ -11,8 +11,8 @@ MobileSAM's), without editing site-packages:
 * ``capture_decoder_attention``: the mask decoder's final token-to-image softmax, i.e. where each
   output token (and so each returned mask) looked in the image embedding.
 
-Plus the geometry to show token maps on the original image (``token_map_to_image``, ``colorize``,
-``overlay``) and its inverse for masks (``mask_to_token_grid``).
+Plus ``mask_to_token_grid`` (a mask on the token grid); showing token maps on the original image
+(``token_map_to_image``, ``colorize``, ``overlay``) is ``backend.heatmaps``'s, re-exported here.
 
 Patching swaps the attention module's class for a subclass whose forward differs; parameters,
 ``state_dict`` and ``isinstance`` checks are unchanged. A capture is a plain object owned by the
@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Block, get_rel_pos
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
+
+# The drawing half (no torch) lives in heatmaps, shared with the explain UI; re-exported here.
+from .heatmaps import colorize, normalize_map, overlay, token_map_to_image
 
 __all__ = [
     "EncoderBlockAttention",
@@ -579,64 +582,8 @@ def mask_token_maps(
 
 
 # ----------------------------------------------------------------------------------------------
-# Geometry and display
+# Geometry
 # ----------------------------------------------------------------------------------------------
-
-
-def normalize_map(heatmap: np.ndarray) -> np.ndarray:
-    """Min-max scale to [0, 1] (float32); a constant map becomes zeros."""
-    m = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    if m.size == 0:
-        return m
-    lo, hi = float(m.min()), float(m.max())
-    if hi <= lo:
-        return np.zeros_like(m)
-    return (m - lo) / (hi - lo)
-
-
-def _valid_tokens(input_size: tuple[int, int], patch: int) -> tuple[int, int]:
-    # A partial token (the resized side not a multiple of the patch) still saw real pixels: keep it.
-    return math.ceil(input_size[0] / patch), math.ceil(input_size[1] / patch)
-
-
-def token_map_to_image(
-    token_map: np.ndarray,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    img_size: int = 1024,
-    normalize: bool = True,
-) -> np.ndarray:
-    """Lay a token-grid map over the original image: (H, W) float32.
-
-    SAM resized the image so its long side is ``img_size`` (giving ``input_size``) and padded the
-    bottom/right to a square. The map is cropped to the tokens that saw real pixels, upsampled to
-    their pixel extent (token centres on patch centres), cropped exactly to ``input_size`` and
-    resized to ``original_size``. ``normalize`` min-max scales the result to [0, 1].
-    """
-    token_map = np.asarray(token_map, dtype=np.float32)
-    if token_map.ndim != 2:
-        raise ValueError(f"token_map must be 2-D (h_tok, w_tok), got shape {token_map.shape}")
-    h_tok, w_tok = token_map.shape
-    patch = img_size // h_tok
-    if patch * h_tok != img_size or patch * w_tok != img_size:
-        raise ValueError(f"token grid {token_map.shape} does not tile a {img_size} x {img_size} input")
-    h_in, w_in = int(input_size[0]), int(input_size[1])
-    height, width = int(original_size[0]), int(original_size[1])
-    if not (0 < h_in <= img_size and 0 < w_in <= img_size) or height <= 0 or width <= 0:
-        raise ValueError(f"bad sizes: input_size={input_size}, original_size={original_size}")
-    th, tw = _valid_tokens((h_in, w_in), patch)
-    valid = np.ascontiguousarray(token_map[:th, :tw])
-    # cv2 sizes are (width, height). INTER_LINEAR maps pixel centres, so token i's value sits at the
-    # centre of its patch, pixels [i*patch, (i+1)*patch).
-    resized = cv2.resize(valid, (tw * patch, th * patch), interpolation=cv2.INTER_LINEAR)[:h_in, :w_in]
-    shrink = height < h_in or width < w_in
-    out = cv2.resize(
-        np.ascontiguousarray(resized),
-        (width, height),
-        interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
-    )
-    out = out.reshape(height, width).astype(np.float32, copy=False)
-    return normalize_map(out) if normalize else out
 
 
 def mask_to_token_grid(
@@ -656,23 +603,3 @@ def mask_to_token_grid(
     padded = np.zeros((grid * patch_size, grid * patch_size), dtype=np.float32)
     padded[:h_in, :w_in] = resized.reshape(h_in, w_in)
     return padded.reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))
-
-
-def colorize(heatmap: np.ndarray, cmap: str = "jet") -> np.ndarray:
-    """(H, W) map in [0, 1] -> (H, W, 3) uint8 RGB with an OpenCV colormap ("jet", "turbo", ...)."""
-    code = getattr(cv2, f"COLORMAP_{cmap.upper()}", None)
-    if code is None:
-        raise ValueError(f"unknown colormap {cmap!r}")
-    m = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
-    bgr = cv2.applyColorMap(np.round(m * 255).astype(np.uint8), code)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # applyColorMap gives BGR
-
-
-def overlay(image_rgb: np.ndarray, heatmap_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a colorized heatmap over an RGB image: (1 - alpha) * image + alpha * heatmap, uint8."""
-    if image_rgb.shape != heatmap_rgb.shape or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-        raise ValueError(f"need two (H, W, 3) arrays of one shape, got {image_rgb.shape} and {heatmap_rgb.shape}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    blend = (1.0 - alpha) * image_rgb.astype(np.float32) + alpha * heatmap_rgb.astype(np.float32)
-    return np.clip(np.round(blend), 0, 255).astype(np.uint8)

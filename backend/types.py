@@ -132,8 +132,9 @@ class Segment:
 class MaskExplanation:
     """Why SAM drew one mask. Maps are on SAM's token grid (64 x 64 for a 1024 input)."""
 
-    # Mask decoder: the final token-to-image attention of the mask token that produced the mask.
-    decoder_map: np.ndarray
+    # Mask decoder: the final token-to-image attention of the mask token that produced the mask
+    # (None: not sent, in an explanation rebuilt from the HTTP API past its first maps).
+    decoder_map: np.ndarray | None
     # Encoder: where the mask's own tokens look, per global block (head-averaged softmax rows).
     token_look: dict[int, np.ndarray] = field(default_factory=dict)
 

@@ -3,7 +3,8 @@
     python -m explain_ui        # BACKEND_URL, EXPLAIN_UI_HOST / EXPLAIN_UI_PORT, EXPLAIN_UI_AUTH
 
 Two tabs with the same three panels (Input, Output, Explanation): an uploaded image, or a Label
-Studio task (``/?task=ID&project=P`` opens that task and explains it on load); and a Jobs tab with the
+Studio task (``/?task=ID&project=P`` opens that task and explains it on load; ``&region=R``, as in
+the backend's "Why this mask" links, shows that region's explanation first); and a Jobs tab with the
 backend's background prediction jobs as progress bars that refresh themselves while it is on show.
 
 What is on show always belongs together: Run segments and then explains at once (a cache hit on the
@@ -30,7 +31,7 @@ from gradio.components import Component
 
 from backend.config import EngineConfig
 
-from . import jobs_view, views
+from . import jobs_view, region_link, views
 from .client import BackendClient, BackendError
 from .panels import (
     BROWSER_FORMATS,
@@ -191,6 +192,9 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
 
             # -- a Label Studio task --
             with gr.Tab("Label Studio task", id="task") as task_tab:
+                # A "Why this mask" link's region: its explanation first, above the panels.
+                region = gr.HTML(elem_id="task-region", visible=False)
+                link_region = gr.State(None)  # the link's ?region=, for the deep link's second step
                 with gr.Row():
                     with gr.Column(scale=1, min_width=300):
                         gr.Markdown("### Input")
@@ -323,6 +327,9 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                                  **task_panels.busy(False)},
                         None, task_panels.outputs(), show_progress="hidden", cancels=task_events, queue=False)
         task_labels.change(redraw, [task_labels, task_panels.state], [task_panels.overlay], show_progress="hidden")
+        for new_masks in (load.click, task_id.submit, task_run.click):
+            # The link's region block was about the masks the link opened.
+            new_masks(lambda: gr.HTML(visible=False), None, [region], queue=False, show_progress="hidden")
 
         # -- deep link: /?task=ID&project=P opens the task tab, loads the task and explains it --
         # Two steps: switching tabs re-renders the tab's components, which would lose the end of a
@@ -333,16 +340,41 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             try:
                 link = views.deep_link(query)
             except views.InputError:  # ?task=abc: shown as typed; loading it says what is wrong, in the panel
-                return [gr.Tabs(selected="task"), str(query.get("task")), str(query.get("project") or "")]
+                return [gr.Tabs(selected="task"), str(query.get("task")), str(query.get("project") or ""), None]
             if link is None:
-                return [gr.skip()] * 3
-            return [gr.Tabs(selected="task"), str(link[0]), link[1]]
+                return [gr.skip()] * 4
+            return [gr.Tabs(selected="task"), str(link.task_id), link.project, link.region]
 
-        def explain_link(tid, proj, text_prompt, use, box_t, text_t, show) -> Updates:
+        def explain_link(tid, proj, region_value, text_prompt, use, box_t, text_t, show) -> Updates:
+            """The deep link's second step: load and explain the task as "Load task and explain" does,
+            then show the link's region first (its block above the panels, its mask marked)."""
             if not str(tid or "").strip():  # no ?task=: nothing to load
                 yield {task_panels.progress: gr.skip()}
                 return
-            yield from on_load_task(tid, proj, text_prompt, use, box_t, text_t, show)
+            loaded: dict[str, Any] = {}
+
+            def segment() -> views.Segmentation:
+                loaded["task"] = views.load_task(client, tid, proj)
+                return loaded["task"].stored
+
+            def explain() -> tuple[views.Segmentation, views.ExplanationView]:
+                loaded["explained"] = views.explain_task(client, tid, proj, text_prompt, box_t, text_t, use,
+                                                         loaded["task"].rgb)
+                return loaded["explained"]
+
+            yield from runs(task_panels, LOAD_STEPS, segment, explain, show, None if use else box_t)
+            if "task" not in loaded:  # the task itself failed to load: its error line says why
+                return
+            task: views.TaskView = loaded["task"]
+            # Without an explanation (it failed: the Explanation panel says why) the stored masks stay on show.
+            shown, explanation = loaded.get("explained", (task.stored, None))
+            focus = region_link.region_first(region_value, shown, task.predictions)
+            block = region_link.region_html(focus, shown, explanation)
+            update: dict[Component, Any] = {region: gr.HTML(block, visible=bool(block))}
+            if focus is not None and focus.index is not None:
+                update[task_panels.masks] = views.figure_grid_html("Masks", shown.mask_gallery(), "Mask cut-out",
+                                                                   views.THUMB_PX, selected=focus.index)
+            yield update
 
         # -- events: jobs; the timer runs only while the Jobs tab is on show --
         def on_jobs(proj):
@@ -366,8 +398,9 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         for other in (image_tab, task_tab):
             other.select(lambda: gr.Timer(active=False), None, [jobs.timer])
 
-        demo.load(open_link, None, [tabs, task_id, project], show_progress="hidden").success(
-            explain_link, task_form, task_panels.outputs(), **task_progress)
+        demo.load(open_link, None, [tabs, task_id, project, link_region], show_progress="hidden").success(
+            explain_link, [task_id, project, link_region, *task_form[2:]], [*task_panels.outputs(), region],
+            **task_progress).success(None, None, None, js=region_link.SCROLL_JS)
     return demo
 
 

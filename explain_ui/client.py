@@ -1,11 +1,13 @@
 """HTTP client of the backend's /api (the explain UI never loads a model itself), plus image codecs.
 
     client = BackendClient.from_env()          # BACKEND_URL, BASIC_AUTH_USER / BASIC_AUTH_PASS
-    body = client.explain(rgb, "cat . dog", box_threshold=0.3, text_threshold=0.25)
-    heatmap = decode_png(body["encoder"]["blocks"][0]["heatmap_png"])
+    body = client.explain(rgb, "cat . dog", box_threshold=0.3, text_threshold=0.25)   # an ExplanationJson
+    grid = token_map_from_png(body["encoder"]["blocks"][0]["map_png"])
 
-Only ``backend.images`` (PIL + numpy) is shared with the backend, so images decode the same way on
-both sides; no model code is imported.
+Every answer is checked against its type in ``backend.api_schema`` (the one the backend builds it
+with) before a view reads it. Only torch-free backend modules are shared (``backend.images``,
+``backend.heatmaps``, ``backend.api_schema``), so images decode the same way on both sides; no model
+code is imported.
 
 Every failure (HTTP error, backend down, a body that isn't JSON) is a ``BackendError`` whose message
 is the backend's own ``{"error": ...}`` text where there is one.
@@ -26,7 +28,18 @@ import numpy as np
 import requests
 from PIL import Image
 
-from backend.api_schema import CancelJson, JobJson, JobListJson, SchemaError, parse
+from backend.api_schema import (
+    CancelJson,
+    ExplanationJson,
+    JobJson,
+    JobListJson,
+    SchemaError,
+    SegmentationJson,
+    TaskExplanationJson,
+    TaskJson,
+    TaskSegmentationJson,
+    parse,
+)
 from backend.images import ImageError, load_rgb
 
 DEFAULT_BACKEND_URL = "http://127.0.0.1:9090"
@@ -54,11 +67,6 @@ def _b64(data: str | bytes) -> bytes:
         return base64.b64decode(data, validate=False)
     except (binascii.Error, ValueError) as exc:
         raise BackendError(f"the backend sent an image that isn't base64: {exc}") from exc
-
-
-def decode_png(data: str | bytes) -> np.ndarray:
-    """A base64 (or data URL) PNG from the backend -> HxWx3 uint8 RGB."""
-    return decode_image_bytes(_b64(data))
 
 
 def decode_mask(data: str | bytes) -> np.ndarray:
@@ -91,10 +99,25 @@ def encode_png(image: np.ndarray | Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def data_url(image: np.ndarray | Image.Image | bytes) -> str:
-    """An image as a ``data:`` URL (bytes are sent as they are: the backend sniffs the format)."""
-    raw = image if isinstance(image, bytes) else encode_png(image)
-    return "data:image/png;base64," + base64.b64encode(raw).decode("ascii")
+# An upload is BMP up to this many bytes (an 8-megapixel photo): no encoding time on either side, and
+# a body that crosses a local link in milliseconds (PNG costs ~0.2 s a megapixel each way). Past it,
+# PNG keeps the body under the backend's MAX_IMAGE_BYTES (50 MB by default).
+RAW_UPLOAD_BYTES = 24 * 1024 * 1024
+
+
+def upload_file(image: np.ndarray | Image.Image | bytes) -> tuple[str, bytes, str]:
+    """An image as a multipart file (name, bytes, type); bytes are sent as they are (the backend sniffs
+    the format). Lossless either way: the backend decodes the very pixels the page holds, so an image
+    it segmented before is a cache hit."""
+    if isinstance(image, bytes):
+        return "image", image, "application/octet-stream"
+    array = np.asarray(image)
+    if array.nbytes > RAW_UPLOAD_BYTES:
+        return "image.png", encode_png(array), "image/png"
+    buffer = io.BytesIO()
+    Image.fromarray(array if array.dtype == np.uint8 else np.clip(array, 0, 255).astype(np.uint8)).save(
+        buffer, format="BMP")
+    return "image.bmp", buffer.getvalue(), "image/bmp"
 
 
 def decode_ls_brush(result: Mapping[str, Any]) -> np.ndarray:
@@ -136,12 +159,17 @@ class BackendClient:
 
     # -- plumbing --
     def _send(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-              json: Mapping[str, Any] | None = None, timeout: float | None = None) -> requests.Response:
-        """One request; any failure (no answer, an HTTP error) is a BackendError."""
+              json: Mapping[str, Any] | None = None, image: np.ndarray | Image.Image | bytes | None = None,
+              timeout: float | None = None) -> requests.Response:
+        """One request (with ``image``: a multipart form, ``json`` its fields); any failure (no answer,
+        an HTTP error) is a BackendError."""
         url = f"{self.base_url.rstrip('/')}{path}"
         timeout = self.timeout if timeout is None else timeout
+        body: dict[str, Any] = {"json": json}
+        if image is not None:
+            body = {"files": {"image": upload_file(image)}, "data": {k: str(v) for k, v in (json or {}).items()}}
         try:
-            response = requests.request(method, url, auth=self.auth, params=params, json=json,
+            response = requests.request(method, url, auth=self.auth, params=params, **body,
                                         timeout=(self.connect_timeout, timeout))
         except requests.Timeout as exc:
             raise BackendError(f"the backend at {self.base_url} didn't answer within {timeout:.0f} s") from exc
@@ -153,9 +181,10 @@ class BackendClient:
         return response
 
     def _json(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-              json: Mapping[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+              json: Mapping[str, Any] | None = None, image: np.ndarray | Image.Image | bytes | None = None,
+              timeout: float | None = None) -> dict[str, Any]:
         """``_send``, and the answer's JSON object (anything else is a BackendError)."""
-        response = self._send(method, path, params=params, json=json, timeout=timeout)
+        response = self._send(method, path, params=params, json=json, image=image, timeout=timeout)
         try:
             body = response.json()
         except ValueError as exc:
@@ -165,11 +194,12 @@ class BackendClient:
             raise BackendError(f"the backend's answer to {method} {path} isn't a JSON object")
         return body
 
-    def _typed(self, method: str, path: str, schema: type[_Json], *,
-               params: Mapping[str, str] | None = None) -> _Json:
+    def _typed(self, method: str, path: str, schema: type[_Json], *, params: Mapping[str, str] | None = None,
+               json: Mapping[str, Any] | None = None, image: np.ndarray | Image.Image | bytes | None = None,
+               timeout: float | None = None) -> _Json:
         """``_json`` checked against its type in ``backend.api_schema`` (a mismatch is a BackendError
         naming the field: the backend and this page are out of step)."""
-        body = self._json(method, path, params=params, timeout=min(self.timeout, POLL_TIMEOUT_S))
+        body = self._json(method, path, params=params, json=json, image=image, timeout=timeout)
         try:
             return parse(body, schema)
         except SchemaError as exc:
@@ -177,8 +207,7 @@ class BackendClient:
                                "are the backend and the explain UI the same version?") from exc
 
     @staticmethod
-    def _fields(prompt: str | None, box_threshold: float | None, text_threshold: float | None,
-                show_labels: bool | None = None) -> dict[str, Any]:
+    def _fields(prompt: str | None, box_threshold: float | None, text_threshold: float | None) -> dict[str, Any]:
         fields: dict[str, Any] = {}
         if prompt is not None and prompt.strip():
             fields["prompt"] = prompt.strip()
@@ -186,8 +215,6 @@ class BackendClient:
             fields["box_threshold"] = float(box_threshold)
         if text_threshold is not None:
             fields["text_threshold"] = float(text_threshold)
-        if show_labels is not None:
-            fields["show_labels"] = bool(show_labels)
         return fields
 
     # -- routes --
@@ -195,45 +222,54 @@ class BackendClient:
         return self._json("GET", "/health")
 
     def segment(self, image: np.ndarray | Image.Image | bytes, prompt: str, box_threshold: float | None = None,
-                text_threshold: float | None = None) -> dict[str, Any]:
-        body = {"image": data_url(image), **self._fields(prompt, box_threshold, text_threshold)}
-        return self._json("POST", "/api/segment", json=body)
+                text_threshold: float | None = None) -> SegmentationJson:
+        """Masks for ``prompt`` on ``image`` (an array, or image file bytes)."""
+        return self._typed("POST", "/api/segment", SegmentationJson, image=image,
+                           json=self._fields(prompt, box_threshold, text_threshold))
 
     def explain(self, image: np.ndarray | Image.Image | bytes, prompt: str, box_threshold: float | None = None,
-                text_threshold: float | None = None, show_labels: bool = True) -> dict[str, Any]:
-        body = {"image": data_url(image), **self._fields(prompt, box_threshold, text_threshold, show_labels)}
-        return self._json("POST", "/api/explain", json=body)
+                text_threshold: float | None = None) -> ExplanationJson:
+        """The masks and the attention maps (token grids) that made them; from the backend's cache when
+        it segmented this image with this prompt and these thresholds before."""
+        return self._typed("POST", "/api/explain", ExplanationJson, image=image,
+                           json=self._fields(prompt, box_threshold, text_threshold))
 
-    def task(self, task_id: int, project: str | int | None = None) -> dict[str, Any]:
-        return self._json("GET", f"/api/tasks/{int(task_id)}", params=_project(project))
+    def task(self, task_id: int, project: str | int | None = None) -> TaskJson:
+        """A Label Studio task: its image's URL, labels and stored predictions."""
+        return self._typed("GET", f"/api/tasks/{int(task_id)}", TaskJson, params=_project(project))
 
     def task_image(self, task_id: int, project: str | int | None = None) -> np.ndarray:
         response = self._send("GET", f"/api/tasks/{int(task_id)}/image", params=_project(project))
         return decode_image_bytes(response.content)
 
     def segment_task(self, task_id: int, project: str | int | None = None, prompt: str | None = None,
-                     box_threshold: float | None = None, text_threshold: float | None = None) -> dict[str, Any]:
-        return self._json("POST", f"/api/tasks/{int(task_id)}/segment", params=_project(project),
-                          json=self._fields(prompt, box_threshold, text_threshold))
+                     box_threshold: float | None = None, text_threshold: float | None = None) -> TaskSegmentationJson:
+        """Masks on a task's image (no prompt: the project's labels or remembered prompt)."""
+        return self._typed("POST", f"/api/tasks/{int(task_id)}/segment", TaskSegmentationJson,
+                           params=_project(project), json=self._fields(prompt, box_threshold, text_threshold))
 
     def explain_task(self, task_id: int, project: str | int | None = None, prompt: str | None = None,
-                     box_threshold: float | None = None, text_threshold: float | None = None,
-                     show_labels: bool = True) -> dict[str, Any]:
-        return self._json("POST", f"/api/tasks/{int(task_id)}/explain", params=_project(project),
-                          json=self._fields(prompt, box_threshold, text_threshold, show_labels))
+                     box_threshold: float | None = None, text_threshold: float | None = None) -> TaskExplanationJson:
+        """``explain`` for a task's image (a task the backend predicted comes from its cache)."""
+        return self._typed("POST", f"/api/tasks/{int(task_id)}/explain", TaskExplanationJson,
+                           params=_project(project), json=self._fields(prompt, box_threshold, text_threshold))
 
     # -- background prediction jobs (backend/jobs_api.py) --
+    @property
+    def _poll_timeout(self) -> float:
+        return min(self.timeout, POLL_TIMEOUT_S)
+
     def jobs(self, project: str | int | None = None) -> JobListJson:
         """The backend's most recent prediction jobs, newest first (of ``project`` when given)."""
-        return self._typed("GET", "/api/jobs", JobListJson, params=_project(project))
+        return self._typed("GET", "/api/jobs", JobListJson, params=_project(project), timeout=self._poll_timeout)
 
     def job(self, job_id: str) -> JobJson:
         """One job's progress: state, done/failed/total, rate, ETA, recent task errors."""
-        return self._typed("GET", f"/api/jobs/{_job_path(job_id)}", JobJson)
+        return self._typed("GET", f"/api/jobs/{_job_path(job_id)}", JobJson, timeout=self._poll_timeout)
 
     def cancel_job(self, job_id: str) -> CancelJson:
         """Cancel an active job; a finished one is a BackendError with status 409 saying its state."""
-        return self._typed("POST", f"/api/jobs/{_job_path(job_id)}/cancel", CancelJson)
+        return self._typed("POST", f"/api/jobs/{_job_path(job_id)}/cancel", CancelJson, timeout=self._poll_timeout)
 
 
 def _job_path(job_id: str) -> str:

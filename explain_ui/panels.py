@@ -39,6 +39,7 @@ CSS = """
 .figure-grid .figures { display: grid; gap: 8px;
   grid-template-columns: repeat(auto-fill, minmax(min(150px, 100%), 1fr)); }
 .figure-grid figure { margin: 0; min-width: 0; }
+.figure-grid figure.selected { outline: 3px solid #c2410c; outline-offset: 2px; border-radius: 4px; }
 .figure-grid img, img.picture { display: block; max-width: 100%; max-height: 70vh; width: auto; height: auto;
   border-radius: 4px; }
 .figure-grid img { max-height: 40vh; }

@@ -17,13 +17,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from backend.api_schema import ExplanationJson, SegmentationJson, SegmentJson, TaskRunJson
+from backend.heatmaps import HeatmapImage, at_working_size, render_explanation, token_map_from_png
 from backend.images import ImageError, load_rgb, working_size
 from backend.render import draw_segments
-from backend.types import DenseMask, Segment, as_box
+from backend.types import DenseMask, Explanation, MaskExplanation, Segment, as_box
 
-from .client import BackendClient, BackendError, decode_ls_brush, decode_mask, decode_png
+from .client import BackendClient, BackendError, decode_ls_brush, decode_mask
 
 GalleryItem = tuple[np.ndarray, str]
+# Mask cut-outs are previews: Gradio encodes every gallery image on each answer (~0.2 s a megapixel),
+# and a cut-out is shown at a gallery's size, well under this.
+MASK_PREVIEW_SIDE = 384
 Progress = Callable[..., Any]  # gr.Progress: progress(fraction, desc=...)
 
 
@@ -67,11 +72,23 @@ def check_task_id(value: Any) -> int:
     return int(number)
 
 
-def deep_link(query: Mapping[str, str]) -> tuple[int, str] | None:
-    """``?task=ID&project=P`` (what the backend links each predicted region to) -> (task id, project)."""
+@dataclass(frozen=True)
+class DeepLink:
+    """What a link to the page asks for: ``?task=ID&project=P&region=R``."""
+
+    task_id: int
+    project: str  # "" when the link names none
+    region: str | None = None  # a result id, as given (checked when the masks are known: region_link)
+
+
+def deep_link(query: Mapping[str, str]) -> DeepLink | None:
+    """``?task=ID&project=P&region=R`` (the link the backend puts on each predicted region) -> a
+    DeepLink; None without ``task``. A bad task id raises InputError; the region is kept as given
+    (a bad one is reported beside the task, which is still shown)."""
     if not query.get("task"):
         return None
-    return check_task_id(query["task"]), str(query.get("project") or "").strip()
+    region = str(query.get("region") or "").strip() or None
+    return DeepLink(check_task_id(query["task"]), str(query.get("project") or "").strip(), region)
 
 
 # -- segmentations ---------------------------------------------------------------------------------------
@@ -89,18 +106,21 @@ class Segmentation:
         return draw_segments(self.rgb, self.segments, show_labels=show_labels)
 
     def mask_gallery(self) -> list[GalleryItem]:
-        """One cut-out per mask: the photo inside the mask, dimmed outside it."""
+        """One cut-out per mask: the photo inside the mask, dimmed outside it; at most
+        ``MASK_PREVIEW_SIDE`` px on the long side (the page encodes each one it shows)."""
         items = []
+        rgb = at_working_size(self.rgb, MASK_PREVIEW_SIDE)
+        dimmed = (rgb * 0.2).astype(np.uint8)
         for i, segment in enumerate(self.segments, 1):
-            cut = np.where(segment.mask[..., None], self.rgb, (self.rgb * 0.2).astype(np.uint8))
+            cut = np.where(segment.mask_source.resized(*rgb.shape[:2])[..., None], rgb, dimmed)
             iou = f" · IoU {segment.predicted_iou:.2f}" if np.isfinite(segment.predicted_iou) else ""
             items.append((cut, f"#{i} {segment.label} · score {segment.score:.2f}{iou}"))
         return items
 
 
-def segments_from_json(items: Sequence[Mapping[str, Any]], rgb: np.ndarray) -> list[Segment]:
-    """The backend's ``segments`` JSON -> Segments with masks at the image's size (an explanation
-    sends them at its working size, at most 1024 px on the long side: scaled up here)."""
+def segments_from_json(items: Sequence[SegmentJson], rgb: np.ndarray) -> list[Segment]:
+    """The backend's ``segments`` (parsed by the client) -> Segments with masks at the image's size (an
+    explanation sends them at its mask size, at most 1024 px on the long side: scaled up here)."""
     segments = []
     for item in items:
         mask = decode_mask(item["mask_png"])
@@ -114,33 +134,30 @@ def segments_from_json(items: Sequence[Mapping[str, Any]], rgb: np.ndarray) -> l
         except (TypeError, ValueError) as exc:
             raise BackendError(f"the backend sent a bad segment box ({exc})") from exc
         segments.append(Segment(
-            label=str(item["label"]), box=box, score=float(item["score"]),
-            predicted_iou=float(item.get("predicted_iou", item.get("iou", 0.0))), mask=mask,
-            phrase_scores=dict(item.get("phrase_scores") or {}),
-            token_scores=tuple((str(t), float(s)) for t, s in item.get("token_scores") or ()),
+            label=item["label"], box=box, score=float(item["score"]), predicted_iou=float(item["predicted_iou"]),
+            mask=mask, phrase_scores=dict(item["phrase_scores"]),
+            token_scores=tuple((t["token"], float(t["score"])) for t in item["token_scores"]),
         ))
     return segments
 
 
-def _image_for(body: Mapping[str, Any], rgb: np.ndarray) -> np.ndarray:
+def _image_for(body: SegmentationJson | ExplanationJson, rgb: np.ndarray) -> np.ndarray:
     """The image the backend worked on: ours, checked against the size it reports."""
-    size = (int(body.get("height", rgb.shape[0])), int(body.get("width", rgb.shape[1])))
+    size = (body["height"], body["width"])
     if size != rgb.shape[:2]:
         raise BackendError(f"the backend worked on a {size[1]}x{size[0]} image, but this one is "
                            f"{rgb.shape[1]}x{rgb.shape[0]}")
     return rgb
 
 
-def _summary(body: Mapping[str, Any], segments: Sequence[Segment]) -> str:
-    phrases = body.get("prompt_phrases", body.get("prompt")) or []
+def _summary(body: SegmentationJson | ExplanationJson, segments: Sequence[Segment],
+             run: TaskRunJson | None = None) -> str:
     found = ", ".join(f"{s.label} ({s.score:.2f})" for s in segments) or "nothing above the thresholds"
     lines = [f"**{len(segments)} mask{'s' if len(segments) != 1 else ''}** for "
-             f"{' . '.join(map(str, phrases)) or 'the prompt'}: {found}"]
-    if body.get("task") is not None:
-        source = body.get("prompt_source")
-        lines.append(f"Task {body['task']} (project {body.get('project')})"
-                     + (f", prompt from {source}" if source else ""))
-    lines.append(f"Model version `{body.get('model_version', '?')}`")
+             f"{' . '.join(body['prompt']) or 'the prompt'}: {found}"]
+    if run is not None:
+        lines.append(f"Task {run['task']} (project {run['project']}), prompt from {run['prompt_source']}")
+    lines.append(f"Model version `{body['model_version']}`")
     return "  \n".join(lines)
 
 
@@ -152,7 +169,7 @@ def segment_image(client: BackendClient, image: Any, prompt: str | None, box_thr
     progress(0.1, desc="Segmenting on the backend")
     body = client.segment(rgb, text, box_threshold, text_threshold)
     progress(0.8, desc="Drawing the masks")
-    segments = segments_from_json(body.get("segments") or [], _image_for(body, rgb))
+    segments = segments_from_json(body["segments"], _image_for(body, rgb))
     return Segmentation(rgb, segments, _summary(body, segments))
 
 
@@ -171,44 +188,72 @@ class ExplanationView:
     encoder_reason: str | None = None  # why encoder maps are missing (e.g. MobileSAM), else None
 
 
-def _block_caption(block: Mapping[str, Any]) -> str:
-    return str(block.get("title") or f"block {block.get('block')}")
+def explanation_from_json(body: ExplanationJson, segments: Sequence[Segment]) -> Explanation:
+    """The backend's explanation (token-grid maps) as the ``Explanation`` it was made from, with
+    ``segments`` (``segments_from_json`` of the same body), for ``backend.heatmaps`` to draw."""
+    def grid(data: str) -> np.ndarray:
+        try:
+            return token_map_from_png(data)
+        except ValueError as exc:
+            raise BackendError(f"the backend sent a map that can't be read: {exc}") from exc
+
+    masks = []
+    for item in body["segments"]:
+        maps = item["maps"]
+        if maps is None:  # past the backend's first MASK_MAPS masks
+            masks.append(MaskExplanation(decoder_map=None))
+        else:
+            masks.append(MaskExplanation(decoder_map=grid(maps["decoder_png"]),
+                                         token_look={b["block"]: grid(b["map_png"]) for b in maps["token_look"]}))
+    layout = body["token_grid"]
+    return Explanation(
+        model_version=body["model_version"],
+        segments=tuple(segments),
+        masks=tuple(masks),
+        encoder_received={b["block"]: grid(b["map_png"]) for b in body["encoder"]["blocks"]},
+        original_size=(body["height"], body["width"]),
+        input_size=(layout["input_height"], layout["input_width"]),
+        img_size=layout["img_size"],
+        notes=tuple(body["notes"]),
+    )
 
 
-def explanation_view(body: Mapping[str, Any], progress: Progress = _no_progress) -> ExplanationView:
-    """The backend's explain JSON -> decoded images, bars and legend."""
+def explanation_view(body: ExplanationJson, rgb: np.ndarray, segments: Sequence[Segment],
+                     progress: Progress = _no_progress) -> ExplanationView:
+    """The backend's explanation -> heatmaps and overlays on ``rgb`` (the photo it explained, whose
+    masks are ``segments``), bars and legend."""
+    progress(0.7, desc="Drawing the attention maps")
+    try:
+        rendered = render_explanation(explanation_from_json(body, segments), rgb, mask_maps=len(segments))
+    except ValueError as exc:  # a grid that doesn't tile SAM's input, sizes that don't fit the photo
+        raise BackendError(f"the backend sent maps that don't fit this image: {exc}") from exc
     view = ExplanationView()
-    encoder = body.get("encoder") or {}
-    blocks = list(encoder.get("blocks") or [])
-    masks = list(body.get("masks") or [])
-    total = max(1, len(blocks) + len(masks))
-    for i, block in enumerate(blocks):
-        progress(0.6 + 0.35 * i / total, desc="Decoding encoder attention maps")
-        view.encoder_heatmaps.append((decode_png(block["heatmap_png"]), _block_caption(block)))
-        view.encoder_overlays.append((decode_png(block["overlay_png"]), _block_caption(block)))
-    for j, mask in enumerate(masks):
-        progress(0.6 + 0.35 * (len(blocks) + j) / total, desc="Decoding per-mask maps")
-        name = f"#{int(mask.get('index', j)) + 1} {mask.get('label', '')}"
-        if mask.get("decoder_overlay_png"):  # maps come for the best masks only (the backend's MASK_MAPS)
-            view.decoder_maps.append((decode_png(mask["decoder_overlay_png"]), f"{name}: decoder, overlay"))
-            view.decoder_maps.append((decode_png(mask["decoder_heatmap_png"]), f"{name}: decoder, heatmap"))
-        for look in mask.get("token_look") or []:
-            caption = f"#{int(mask.get('index', j)) + 1} {_block_caption(look)}"
-            view.mask_looks.append((decode_png(look["overlay_png"]), caption))
-    if not encoder.get("available", bool(blocks)):
-        view.encoder_reason = str(encoder.get("reason") or "the backend captured no encoder attention")
-    view.grounding_html = grounding_html(masks)
-    view.legend_html = legend_html(body.get("legend") or {})
+    for _, heatmap in rendered.encoder:
+        view.encoder_heatmaps.append((heatmap.heatmap, heatmap.title))
+        view.encoder_overlays.append((heatmap.overlay, heatmap.title))
+    for mask in rendered.masks:  # maps come for the best masks only (the backend's MASK_MAPS)
+        name = f"#{mask.index + 1} {mask.label}"
+        decoder: HeatmapImage | None = mask.decoder
+        if decoder is not None:
+            view.decoder_maps.append((decoder.overlay, f"{name}: decoder, overlay"))
+            view.decoder_maps.append((decoder.heatmap, f"{name}: decoder, heatmap"))
+        for _, look in mask.token_look:
+            view.mask_looks.append((look.overlay, f"#{mask.index + 1} {look.title}"))
+    encoder = body["encoder"]
+    if not encoder["available"]:
+        view.encoder_reason = encoder["reason"] or "the backend captured no encoder attention"
+    view.grounding_html = grounding_html(body["segments"])
+    view.legend_html = legend_html(body["legend"])
     view.status = _explanation_status(body, view.encoder_reason)
     return view
 
 
-def _explanation_status(body: Mapping[str, Any], encoder_reason: str | None) -> str:
-    lines = ["From the backend's cache: no model ran." if body.get("cached")
+def _explanation_status(body: ExplanationJson, encoder_reason: str | None) -> str:
+    lines = ["From the backend's cache: no model ran." if body["cached"]
              else "Computed now (later requests for this image and prompt come from the cache)."]
     if encoder_reason:
         lines.append(f"**Encoder attention maps are unavailable:** {encoder_reason}")
-    lines += [f"- {note}" for note in body.get("notes") or [] if note != encoder_reason]
+    lines += [f"- {note}" for note in body["notes"] if note != encoder_reason]
     return "  \n".join(lines)
 
 
@@ -226,15 +271,16 @@ def _bar(name: str, score: float, strongest: bool) -> str:
 
 
 def grounding_html(masks: Sequence[Mapping[str, Any]]) -> str:
-    """Per mask: Grounding DINO's score of every prompt token (bars), then the per-phrase scores."""
+    """Per mask (the backend's ``segments``): Grounding DINO's score of every prompt token (bars), then
+    the per-phrase scores."""
     if not masks:
         return "<p>No masks: nothing to ground.</p>"
     parts = []
     for j, mask in enumerate(masks):
-        tokens = [(str(g["token"]), float(g["score"])) for g in mask.get("grounding") or []]
+        tokens = [(str(g["token"]), float(g["score"])) for g in mask.get("token_scores") or []]
         top = max((s for _, s in tokens), default=None)
-        head = (f"#{int(mask.get('index', j)) + 1} {html.escape(str(mask.get('label', '')))} · score "
-                f"{float(mask.get('score', 0)):.2f} · IoU {float(mask.get('iou', 0)):.2f}")
+        head = (f"#{j + 1} {html.escape(str(mask.get('label', '')))} · score "
+                f"{float(mask.get('score', 0)):.2f} · IoU {float(mask.get('predicted_iou', 0)):.2f}")
         bars = "".join(_bar(token, score, score == top) for token, score in tokens) or "<p>(no token scores)</p>"
         phrase_scores = (mask.get("phrase_scores") or {}).items()
         phrases = ", ".join(f"{html.escape(str(k))} {float(v):.2f}" for k, v in phrase_scores)
@@ -298,7 +344,8 @@ def picture_html(image: np.ndarray | None, alt: str) -> str:
     return f'<img class="picture" src="{data_url(image)}" alt="{html.escape(alt)}">'
 
 
-def figure_grid_html(title: str, items: Sequence[tuple[Any, str]], kind: str, max_side: int | None = None) -> str:
+def figure_grid_html(title: str, items: Sequence[tuple[Any, str]], kind: str, max_side: int | None = None,
+                     selected: int | None = None) -> str:
     """A titled grid of images, each with its whole caption under it: as many columns as fit the
     panel (one on a narrow phone), so no image or caption is off screen or cut.
 
@@ -307,14 +354,16 @@ def figure_grid_html(title: str, items: Sequence[tuple[Any, str]], kind: str, ma
         items: (image, caption) pairs; images as ``data_url`` takes them.
         kind: what one image is, for its alt text ("Encoder heatmap" -> alt "Encoder heatmap: block 3 ...").
         max_side: scale images down to this many pixels on the long side (None: as given).
+        selected: the index of the item to mark (a deep link's region): outlined, ``aria-current``.
     Returns:
         HTML, or "" when there are no items (the grid disappears).
     """
     if not items:
         return ""
     figures = "".join(
-        f'<figure><img src="{data_url(image, max_side)}" alt="{html.escape(f"{kind}: {caption}")}">'
-        f'<figcaption>{html.escape(caption)}</figcaption></figure>' for image, caption in items)
+        ('<figure class="selected" aria-current="true">' if index == selected else "<figure>")
+        + f'<img src="{data_url(image, max_side)}" alt="{html.escape(f"{kind}: {caption}")}">'
+        f'<figcaption>{html.escape(caption)}</figcaption></figure>' for index, (image, caption) in enumerate(items))
     return f'<section class="figure-grid"><h4>{html.escape(title)}</h4><div class="figures">{figures}</div></section>'
 
 
@@ -337,12 +386,13 @@ def explain_image(client: BackendClient, image: Any, prompt: str | None, box_thr
     return _explained(body, rgb, progress)
 
 
-def _explained(body: Mapping[str, Any], rgb: np.ndarray, progress: Progress) -> tuple[Segmentation, ExplanationView]:
+def _explained(body: ExplanationJson, rgb: np.ndarray, progress: Progress,
+               run: TaskRunJson | None = None) -> tuple[Segmentation, ExplanationView]:
     progress(0.5, desc="Decoding masks")
-    segments = segments_from_json(body.get("segments") or [], _image_for(body, rgb))
-    view = explanation_view(body, progress)
+    segments = segments_from_json(body["segments"], _image_for(body, rgb))
+    view = explanation_view(body, rgb, segments, progress)
     progress(1.0, desc="Done")
-    return Segmentation(rgb, segments, _summary(body, segments)), view
+    return Segmentation(rgb, segments, _summary(body, segments, run)), view
 
 
 # -- Label Studio tasks ------------------------------------------------------------------------------------
@@ -355,6 +405,7 @@ class TaskView:
     rgb: np.ndarray
     stored: Segmentation
     info: str  # markdown
+    predictions: tuple[Mapping[str, Any], ...] = ()  # all of the task's stored predictions, as Label Studio sent them
 
 
 def _newest(predictions: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -396,18 +447,19 @@ def load_task(client: BackendClient, task_id: Any, project: str | None = None,
     task = client.task(number, project or None)
     progress(0.4, desc="Fetching the task's image")
     rgb = client.task_image(number, project or None)
-    predictions = task.get("predictions") or []
+    predictions = task["predictions"]
     newest = _newest(predictions)
     segments = stored_segments(newest, rgb)
-    project = project or str(task.get("project") or "")
+    project = project or str(task["project"] or "")
     if newest is None:
         stored = "No stored prediction yet: run or explain the segmentation."
     else:
         stored = (f"Newest of {len(predictions)} stored prediction(s): {len(segments)} brush mask(s), score "
                   f"{float(newest.get('score') or 0):.2f}, model version `{newest.get('model_version', '?')}`")
-    info = "  \n".join([f"**Task {task.get('id', number)}** (project {project or '?'}), labels: "
-                        f"{', '.join(map(str, task.get('labels') or [])) or '?'}", stored])
-    return TaskView(number, project, rgb, Segmentation(rgb, segments, info, (number, asked)), info)
+    info = "  \n".join([f"**Task {task['id']}** (project {project or '?'}), labels: "
+                        f"{', '.join(task['labels']) or '?'}", stored])
+    return TaskView(number, project, rgb, Segmentation(rgb, segments, info, (number, asked)), info,
+                    tuple(p for p in predictions if isinstance(p, Mapping)))
 
 
 def task_image_on_show(shown: Segmentation | None, task_id: Any, project: str | None) -> np.ndarray | None:
@@ -440,8 +492,8 @@ def segment_task(client: BackendClient, task_id: Any, project: str | None, promp
     progress(0.1, desc=f"Segmenting task {number} on the backend")
     body = client.segment_task(number, project or None, prompt, *_task_thresholds(
         use_project_thresholds, box_threshold, text_threshold))
-    segments = segments_from_json(body.get("segments") or [], _image_for(body, rgb))
-    return Segmentation(rgb, segments, _summary(body, segments), (number, project))
+    segments = segments_from_json(body["segments"], _image_for(body, rgb))
+    return Segmentation(rgb, segments, _summary(body, segments, body), (number, project))
 
 
 def explain_task(client: BackendClient, task_id: Any, project: str | None, prompt: str | None,
@@ -454,6 +506,6 @@ def explain_task(client: BackendClient, task_id: Any, project: str | None, promp
     progress(0.05, desc=f"Explaining task {number} on the backend")
     body = client.explain_task(number, project or None, prompt, *_task_thresholds(
         use_project_thresholds, box_threshold, text_threshold))
-    result, view = _explained(body, rgb, progress)
+    result, view = _explained(body, rgb, progress, body)
     result.task = (number, project)
     return result, view

@@ -34,7 +34,7 @@ secrets=(LABEL_STUDIO_PASSWORD=placeholder-password LABEL_STUDIO_API_KEY=0123456
 
 dc=(docker-compose --env-file "$work/empty.env" -f "$FILE")
 compose "${secrets[@]}" "${dc[@]}" config -q
-compose "${secrets[@]}" "${dc[@]}" --profile gpu --profile replicas config > "$work/resolved.yml"
+compose "${secrets[@]}" "${dc[@]}" --profile gpu --profile replicas --profile ray config > "$work/resolved.yml"
 # Every build context and Dockerfile the resolved file names must exist.
 while read -r context; do
     [[ -d "$context" ]] || { echo "validate_compose: build context $context does not exist" >&2; exit 1; }

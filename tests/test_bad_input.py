@@ -198,9 +198,17 @@ def test_extreme_aspect_ratios_predict_and_explain(client, width, height):
     assert explained.status_code == 200, explained.get_json()
     shown = explained.get_json()
     assert (shown["width"], shown["height"]) == (width, height)
-    overlay = Image.open(io.BytesIO(base64.b64decode(shown["overlay_png"])))
-    assert overlay.size == (shown["map_width"], shown["map_height"]) and min(overlay.size) >= 1
-    assert (overlay.size[0] > overlay.size[1]) == (width > height)  # the working size keeps the shape
+    size = (shown["mask_width"], shown["mask_height"])
+    assert min(size) >= 1 and (size[0] > size[1]) == (width > height)  # the working size keeps the shape
+    for segment in shown["segments"]:
+        assert Image.open(io.BytesIO(base64.b64decode(segment["mask_png"]))).size == size
+    # The page draws the maps over the photo at its shape, however thin.
+    from explain_ui import views
+
+    rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    view = views.explanation_view(shown, rgb, views.segments_from_json(shown["segments"], rgb))
+    for picture, _ in view.encoder_heatmaps + view.encoder_overlays + view.decoder_maps:
+        assert min(picture.shape[:2]) >= 1 and (picture.shape[1] > picture.shape[0]) == (width > height)
 
 
 # -- oversized chunked bodies, on real servers --------------------------------------------------------

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
+from backend.heatmaps import MAP_SIDE
+from backend.images import working_size
 from tests.browser_page import ARTIFACTS, WAIT_S, busy, chromium, images, serve_page, shot
 
 
@@ -55,10 +57,11 @@ def test_upload_run_and_explain_in_chromium(browser, engine, chelsea, tmp_path):
             assert len(grounding) == len(masks)
             legend = browser.find_element(By.CSS_SELECTOR, "#image-legend").get_attribute("innerHTML")
             assert "linear-gradient" in legend
-            # The heatmap as the browser decoded it has the photo's size (the preview may show it smaller).
+            # The heatmap as the browser decoded it has the photo's shape at the maps' working size.
             natural = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
                                              heatmaps[0])
-            assert natural == [chelsea.shape[1], chelsea.shape[0]]
+            height, width = working_size(chelsea.shape[:2], MAP_SIDE)
+            assert natural == [width, height]
             assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body.error")
         finally:
             shot(browser, "explain_ui.png")
@@ -97,7 +100,8 @@ def test_deep_link_opens_and_explains_a_label_studio_task(browser, label_studio,
             assert images(browser, "#task-decoder-maps") and images(browser, "#task-masks")
             natural = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
                                              images(browser, "#task-encoder-heatmaps")[0])
-            assert natural == [chelsea[::2, ::2].shape[1], chelsea[::2, ::2].shape[0]]
+            height, width = working_size(chelsea[::2, ::2].shape[:2], MAP_SIDE)
+            assert natural == [width, height]
         finally:
             shot(browser, "explain_ui_task.png")
 

@@ -222,3 +222,21 @@ def test_ray_profile_runs_a_head_and_workers_from_the_backend_image(compose: dic
         assert node["environment"]["RAY_USAGE_STATS_ENABLED"] == "0"
         assert not any("API_KEY" in k for k in node["environment"])
     assert "ray" not in (services["backend"].get("profiles") or [])  # the default stays one process
+    assert "RAY_ADDRESS" not in services["backend"]["environment"]
+
+
+def test_ray_profile_backend_runs_its_jobs_on_the_head(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    backend, plain = services["backend-ray"], services["backend"]
+    assert backend["profiles"] == ["ray"] and backend["image"] == plain["image"]
+    assert backend["environment"]["RAY_ADDRESS"] == "ray-head:6379"
+    # Same engine as the nodes (their actors refuse a job whose model_version differs), same job store.
+    for name, value in services["ray-head"]["environment"].items():
+        if name not in ("RAY_USAGE_STATS_ENABLED",):
+            assert backend["environment"][name] == value, name
+    assert {k: v for k, v in backend["environment"].items() if k not in ("RAY_ADDRESS", "RAY_USAGE_STATS_ENABLED")} \
+        == plain["environment"]
+    assert backend["volumes"] == plain["volumes"]
+    # The driver joins the cluster as a node without CPUs, then serves as the plain backend does.
+    script = backend["command"][-1]
+    assert "ray start --address=ray-head:6379 --num-cpus=0" in script and script.endswith("entrypoint.sh backend")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.heatmaps import at_working_size, render_explanation
 from backend.images import working_size
 from explain_ui import views
 from explain_ui.app import UISettings, build_demo, shown_errors
@@ -60,9 +61,12 @@ def test_segment_fills_image_and_gallery(client, quick_engine, chelsea):
 
     gallery = result.mask_gallery()
     assert len(gallery) == len(expected)
-    for (image, caption), segment in zip(gallery, expected, strict=True):
-        assert image.shape == chelsea.shape
-        assert np.array_equal(image[segment.mask], chelsea[segment.mask])
+    preview = at_working_size(chelsea, views.MASK_PREVIEW_SIDE)  # cut-outs are previews: 384 px at most
+    assert preview.shape[:2] == working_size(chelsea.shape[:2], views.MASK_PREVIEW_SIDE) != chelsea.shape[:2]
+    for (image, caption), segment in zip(gallery, result.segments, strict=True):
+        inside = segment.resized(*preview.shape[:2]).mask
+        assert image.shape == preview.shape and inside.any()
+        assert np.array_equal(image[inside], preview[inside]) and not np.array_equal(image[~inside], preview[~inside])
         assert segment.label in caption and f"{segment.score:.2f}" in caption
     assert "cat" in result.summary and str(len(expected)) in result.summary
 
@@ -77,7 +81,7 @@ def test_explain_fills_galleries_with_maps_in_the_image_aspect(client, quick_eng
     assert n >= 1
     assert len(view.decoder_maps) == 2 * n  # overlay + heatmap per mask
     body = client.explain(chelsea, PROMPT, BOX, TEXT)  # the raw JSON (cached): what the page had to show
-    assert len(view.mask_looks) == sum(len(m["token_look"]) for m in body["masks"]) >= 1
+    assert len(view.mask_looks) == sum(len(s["maps"]["token_look"]) for s in body["segments"] if s["maps"]) >= 1
     for image, _ in view.encoder_heatmaps + view.encoder_overlays + view.decoder_maps + view.mask_looks:
         # Sent at a working size (the page scales them to the display): the image's shape, never larger.
         assert image.shape == (*working_size(chelsea.shape[:2], max(image.shape[:2])), 3) and image.dtype == np.uint8
@@ -85,6 +89,15 @@ def test_explain_fills_galleries_with_maps_in_the_image_aspect(client, quick_eng
         assert image.std() > 0, "a map is not a flat colour"
     heat, over = view.encoder_heatmaps[0][0], view.encoder_overlays[0][0]
     assert not np.array_equal(heat, over), "overlays blend the heatmap with the photo"
+    # The page draws what the backend's own drawing of its explanation shows: the token grids crossed
+    # the wire as 8-bit PNGs, so colours differ by a few levels at most, and nothing moved.
+    direct = render_explanation(quick_engine.explain(chelsea, ["cat", "rocket"], BOX, TEXT), chelsea)
+    pairs = [(heat, direct.encoder[0][1].heatmap), (view.encoder_overlays[-1][0], direct.encoder[-1][1].overlay),
+             (view.decoder_maps[0][0], direct.masks[0].decoder.overlay),
+             (view.mask_looks[0][0], direct.masks[0].token_look[0][1].overlay)]
+    for drawn, reference in pairs:
+        difference = np.abs(drawn.astype(int) - reference.astype(int))
+        assert drawn.shape == reference.shape and difference.mean() < 1.5 and difference.max() <= 24
     assert view.encoder_reason is None
     assert "cache" in view.status.lower() and "no model ran" in view.status
     for segment in result.segments:
@@ -133,6 +146,71 @@ def test_bad_inputs_say_what_is_wrong(client, chelsea):
         views.load_task(client, 7, "")
 
 
+def test_an_answer_in_old_names_is_refused_naming_the_field(client, chelsea):
+    """A backend of another version (the old ``prompt_phrases`` / ``iou`` names) is a BackendError that
+    names the missing field, not a KeyError in a view: the client parses every answer."""
+    import http.server
+    import json
+    import threading
+
+    small = chelsea[:64, :96]
+    answer = client._json("POST", "/api/explain", image=small, json={"prompt": PROMPT, "box_threshold": BOX,
+                                                                       "text_threshold": TEXT})
+    answer["prompt_phrases"] = answer.pop("prompt")
+
+    class OldBackend(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OldBackend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        old = BackendClient(f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(BackendError, match=r"POST /api/explain .*answer has no 'prompt'.*same version"):
+            views.explain_image(old, small, PROMPT, BOX, TEXT)
+        answer["prompt"] = answer.pop("prompt_phrases")
+        for segment in answer["segments"]:
+            segment["iou"] = segment.pop("predicted_iou")
+        answer["segments"] = answer["segments"] or [{}]
+        with pytest.raises(BackendError, match=r"answer\.segments\[0\] has no '(predicted_iou|label)'"):
+            views.explain_image(old, small, PROMPT, BOX, TEXT)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_maps_that_do_not_fit_the_photo_are_a_backend_error(client, chelsea):
+    small = chelsea[:64, :96]
+    body = client.explain(small, PROMPT, BOX, TEXT)
+    body["token_grid"]["img_size"] = 1000  # a 64-token grid can't tile it
+    with pytest.raises(BackendError, match="maps that don't fit this image"):
+        views._explained(body, small, views._no_progress)
+
+
+def test_uploads_are_lossless_bmp_and_png_past_the_raw_limit(chelsea):
+    """The page sends the very pixels it holds (a cache hit needs them), as BMP (no encoding time) up to
+    RAW_UPLOAD_BYTES, then as PNG so the body stays under the backend's MAX_IMAGE_BYTES."""
+    from backend.images import load_rgb
+    from explain_ui.client import RAW_UPLOAD_BYTES, upload_file
+
+    _, data, kind = upload_file(chelsea)
+    assert kind == "image/bmp" and np.array_equal(load_rgb(data), chelsea)
+    big = np.zeros((3000, 3000, 3), np.uint8)
+    big[::7, ::3] = (255, 128, 1)
+    assert big.nbytes > RAW_UPLOAD_BYTES
+    _, data, kind = upload_file(big)
+    assert kind == "image/png" and len(data) < RAW_UPLOAD_BYTES and np.array_equal(load_rgb(data), big)
+
+
 def test_backend_down_is_a_clear_message(chelsea):
     down = BackendClient(f"http://127.0.0.1:{free_port()}", connect_timeout=2)
     with pytest.raises(BackendError, match="can't reach the backend .*BACKEND_URL"):
@@ -160,8 +238,8 @@ def test_settings_and_deep_link():
     for bad, name in (({"BACKEND_URL": "h:1"}, "BACKEND_URL"), ({"EXPLAIN_UI_TIMEOUT": "soon"}, "EXPLAIN_UI_TIMEOUT")):
         with pytest.raises(ValueError, match=name):
             BackendClient.from_env(bad)
-    assert views.deep_link({"task": "12", "project": "3"}) == (12, "3")
-    assert views.deep_link({"task": "12"}) == (12, "")
+    assert views.deep_link({"task": "12", "project": "3"}) == views.DeepLink(12, "3")
+    assert views.deep_link({"task": "12"}) == views.DeepLink(12, "")
     assert views.deep_link({}) is None
     with pytest.raises(views.InputError):
         views.deep_link({"task": "x"})

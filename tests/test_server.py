@@ -23,7 +23,16 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from backend._wsgi import ServerSettings, create_app
+from backend.api_schema import (
+    ExplanationJson,
+    SchemaError,
+    SegmentationJson,
+    TaskExplanationJson,
+    TaskSegmentationJson,
+    parse,
+)
 from backend.fetch import FetchSettings
+from backend.heatmaps import normalize_map
 from backend.label_config import parse_label_config
 from backend.ls_api import Credentials
 from backend.ls_model import ModelSettings
@@ -52,6 +61,7 @@ CONFIG = """
 BRUSH_ONLY = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
               '<Label value="cat"/><Label value="dog"/></BrushLabels></View>')
 LABEL_PROMPT = ["CAT", "car", "truck"]  # CONFIG's default prompt: BrushLabels names, Vehicle's aliases
+MB = 1_000_000
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------
@@ -282,8 +292,9 @@ def test_explain_ui_link_on_every_region(quick_engine):
     entry = predict(client, [{"id": 70, "data": {"image": data_url(photo(3))}}], project="3.17").get_json()
     results = entry["results"][0]["result"]
     assert results
-    for result in results:
-        assert result["meta"] == {"text": ["Why this mask: http://ui.example:7860/?task=70&project=3"]}
+    for result in results:  # each region links to its own explanation, on a line of its own
+        link = f"http://ui.example:7860/?task=70&project=3&region={result['id']}"
+        assert result["meta"] == {"text": [f"Why this mask:\n{link}"]}
     assert LabelInterface(CONFIG).validate_prediction(entry["results"][0], return_errors=True) == []
     assert ModelSettings.from_env({"EXPLAIN_UI_URL": "http://ui:7860/"}).explain_link(5, None) == "http://ui:7860/?task=5"
 
@@ -397,12 +408,13 @@ def test_api_segment_json(client):
     response = client.post("/api/segment", data={"image": (io.BytesIO(image), "x.png"), "prompt": "cat, car"},
                            content_type="multipart/form-data")
     assert response.status_code == 200, response.get_json()
-    body = response.get_json()
+    body = parse(response.get_json(), SegmentationJson)
     height, width = rgb_of(image).shape[:2]
     assert (body["width"], body["height"], body["prompt"]) == (width, height, ["cat", "car"])
     assert body["segments"]
     for segment in body["segments"]:
         assert segment["label"] in ("cat", "car")
+        assert [t["token"] for t in segment["token_scores"]] == ["cat", "car"]
         mask = np.asarray(decode_png(segment["mask_png"]))
         assert mask.shape == (height, width) and mask.sum() == segment["area"]
         rle = {"value": {"rle": segment["mask_rle"]}, "original_width": width, "original_height": height}
@@ -422,47 +434,93 @@ def test_api_explain_json_and_cache(client, quick_engine, monkeypatch):
     request = {"image": data_url(image), "prompt": "cat . car", "box_threshold": 0.05, "text_threshold": 0.1}
     first = client.post("/api/explain", json=request)
     assert first.status_code == 200, first.get_json()
-    body = first.get_json()
+    body = parse(first.get_json(), ExplanationJson)
     assert body["cached"] is False and len(calls) == 1
     height, width = rgb_of(image).shape[:2]
-    assert (body["width"], body["height"], body["prompt_phrases"]) == (width, height, ["cat", "car"])
+    assert (body["width"], body["height"], body["prompt"]) == (width, height, ["cat", "car"])
+    assert (body["mask_width"], body["mask_height"]) == (width, height)  # small: masks at its own size
     assert body["model_version"] == quick_engine.model_version
-    assert body["legend"]["colormap"] == "jet" and body["segments"] and len(body["masks"]) == len(body["segments"])
+    assert body["legend"]["colormap"] == "jet" and body["segments"]
+    # The maps are SAM's token grids, once each; the token grid says how they lie over the photo.
+    explanation = quick_engine.explain(rgb_of(image), ["cat", "car"], 0.05, 0.1)
+    grid = body["token_grid"]
+    assert (grid["input_height"], grid["input_width"], grid["img_size"]) == (*explanation.input_size, 1024)
 
-    def rgb_png(b64: str) -> None:
-        image = decode_png(b64)
-        assert image.mode == "RGB" and image.size == (width, height)
+    def token_map(png: str) -> np.ndarray:
+        image = decode_png(png)
+        assert image.mode == "L" and image.size == (64, 64)  # the tiny SAM's grid
+        return np.asarray(image)
 
-    rgb_png(body["overlay_png"])
     encoder_part = body["encoder"]
     assert encoder_part["available"] is True and encoder_part["reason"] is None
     blocks = encoder_part["blocks"]
     global_blocks = [i for i, block in enumerate(encoder.blocks) if block.window_size == 0]
     assert [b["block"] for b in blocks] == global_blocks and global_blocks
-    assert [b["kind"] for b in blocks] == ["global"] * (len(blocks) - 1) + ["last"]
     for block in blocks:
-        rgb_png(block["heatmap_png"]), rgb_png(block["overlay_png"])
-    for i, (mask, segment) in enumerate(zip(body["masks"], body["segments"], strict=True)):
-        assert (mask["index"], mask["label"], mask["score"]) == (i, segment["label"], segment["score"])
-        assert mask["iou"] == segment["predicted_iou"]
-        rgb_png(mask["decoder_heatmap_png"]), rgb_png(mask["decoder_overlay_png"])
-        assert [t["block"] for t in mask["token_look"]] == [blocks[-1]["block"]]
-        rgb_png(mask["token_look"][0]["heatmap_png"])
-        assert [g["token"] for g in mask["grounding"]] == ["cat", "car"]
-        assert set(mask["phrase_scores"]) == {"cat", "car"}
-    # Same image + prompt + thresholds again: from the cache, no encoder run; alpha only re-blends.
-    again = client.post("/api/explain", json={**request, "alpha": 0.9}).get_json()
+        sent = token_map(block["map_png"]).astype(float) / 255
+        rows, cols = -(-grid["input_height"] // 16), -(-grid["input_width"] // 16)  # tokens that saw the photo
+        want = normalize_map(explanation.encoder_received[block["block"]][:rows, :cols])
+        assert np.abs(sent[:rows, :cols] - want).max() <= 1 / 255 + 1e-6
+    for segment in body["segments"]:
+        assert segment["maps"] is not None
+        token_map(segment["maps"]["decoder_png"])
+        assert [t["block"] for t in segment["maps"]["token_look"]] == [blocks[-1]["block"]]
+        assert [t["token"] for t in segment["token_scores"]] == ["cat", "car"]
+        assert set(segment["phrase_scores"]) == {"cat", "car"}
+        assert "mask_rle" not in segment  # a view, not an annotation
+    # Same image + prompt + thresholds again: from the cache, no encoder run, the same answer.
+    again = client.post("/api/explain", json=request).get_json()
     assert again["cached"] is True and len(calls) == 1
-    assert again["segments"] == body["segments"]
-    assert again["masks"][0]["decoder_heatmap_png"] == body["masks"][0]["decoder_heatmap_png"]
-    assert again["masks"][0]["decoder_overlay_png"] != body["masks"][0]["decoder_overlay_png"]
-    bad = client.post("/api/explain", json={**request, "alpha": 2})
-    assert bad.status_code == 400 and "alpha" in bad.get_json()["error"]
-    plain = client.post("/api/explain", json={**request, "show_labels": False}).get_json()
-    assert plain["cached"] is True and plain["overlay_png"] != body["overlay_png"]  # no label text drawn
-    bad = client.post("/api/explain", json={**request, "show_labels": "maybe"})
-    assert bad.status_code == 400 and "show_labels" in bad.get_json()["error"]
-    assert len(calls) == 1
+    assert again["segments"] == body["segments"] and again["encoder"] == body["encoder"]
+
+
+def test_explain_answer_parses_and_a_renamed_or_missing_field_is_named(client):
+    """The schema both sides import: a real answer parses; one with an old name or a field missing
+    fails with a message naming the field, which the client turns into a BackendError."""
+    request = {"image": data_url(photo(10)), "prompt": "cat", "box_threshold": 0.0, "text_threshold": 0.0}
+    body = client.post("/api/explain", json=request).get_json()
+    parse(body, ExplanationJson)
+    renamed = json.loads(json.dumps(body))
+    renamed["prompt_phrases"] = renamed.pop("prompt")
+    with pytest.raises(SchemaError, match=r"answer has no 'prompt'"):
+        parse(renamed, ExplanationJson)
+    renamed = json.loads(json.dumps(body))
+    renamed["segments"][0]["iou"] = renamed["segments"][0].pop("predicted_iou")
+    with pytest.raises(SchemaError, match=r"answer\.segments\[0\] has no 'predicted_iou'"):
+        parse(renamed, ExplanationJson)
+    wrong = json.loads(json.dumps(body))
+    wrong["segments"][0]["maps"] = {"decoder_png": "x"}
+    with pytest.raises(SchemaError, match=r"answer\.segments\[0\]\.maps has no 'token_look'"):
+        parse(wrong, ExplanationJson)
+    wrong = json.loads(json.dumps(body))
+    wrong["segments"][0]["phrase_scores"]["cat"] = "high"
+    with pytest.raises(SchemaError, match=r"answer\.segments\[0\]\.phrase_scores\['cat'\] must be a number"):
+        parse(wrong, ExplanationJson)
+    segmented = client.post("/api/segment", json=request).get_json()
+    parse(segmented, SegmentationJson)
+    del segmented["segments"][0]["mask_rle"]
+    with pytest.raises(SchemaError, match=r"answer\.segments\[0\] has no 'mask_rle'"):
+        parse(segmented, SegmentationJson)
+
+
+def test_explain_of_a_megapixel_photo_answers_under_1_5_mb(engine):
+    """Issue 13: 17 MB of pictures for a 512 x 512 image made a cache hit take seconds. A 1-megapixel
+    photo's explanation (as many masks as the engine finds, with all their maps) is under 1.5 MB."""
+    import cv2
+    import skimage.data
+
+    rgb = cv2.resize(skimage.data.astronaut(), (1000, 1000), interpolation=cv2.INTER_CUBIC)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    client = make_client(engine)  # the session engine: up to max_detections (8) masks
+    form = {"image": (io.BytesIO(buffer.getvalue()), "astronaut.png"), "prompt": "person . rocket . flag",
+            "box_threshold": "0", "text_threshold": "0"}
+    response = client.post("/api/explain", data=form, content_type="multipart/form-data")
+    assert response.status_code == 200, response.get_json()
+    body = parse(response.get_json(), ExplanationJson)
+    assert len(body["segments"]) == engine.config.max_detections, "every mask the engine may find, with maps"
+    assert all(s["maps"] for s in body["segments"]) and body["encoder"]["blocks"]
+    assert len(response.data) < 1.5 * MB, f"{len(response.data) / MB:.2f} MB"
 
 
 def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeypatch):
@@ -481,12 +539,14 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
     body = client.post("/api/tasks/60/explain").get_json()
     assert body["cached"] is True and not calls
     assert (body["task"], body["project"], body["prompt_source"]) == (60, 6, "labels")
-    assert body["prompt_phrases"] == LABEL_PROMPT
+    parse(body, TaskExplanationJson)
+    assert body["prompt"] == LABEL_PROMPT
     # The predicted masks, sent at the explanation's working size (this image is smaller: its own size).
-    assert (body["map_width"], body["map_height"]) == (body["width"], body["height"])
+    assert (body["mask_width"], body["mask_height"]) == (body["width"], body["height"])
     assert [np.asarray(decode_png(s["mask_png"])).tolist() for s in body["segments"] if s["area"]] == [
         decode_brush(r).tolist() for r in brush_regions(entry)]
     segmented = client.post("/api/tasks/60/segment", json={"prompt": "car"}).get_json()
+    parse(segmented, TaskSegmentationJson)
     assert segmented["prompt_source"] == "context"
     assert segmented["prediction"]["model_version"] == entry["model_version"]
     assert client.post("/api/tasks/61/explain").status_code == 502  # Label Studio has no such task
@@ -494,7 +554,7 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
     predict(client, [fake_ls.tasks[60]], project="6.17", context={"result": [textarea("truck")]})
     calls.clear()
     body = client.post("/api/tasks/60/explain?project=6").get_json()
-    assert (body["cached"], body["prompt_source"], body["prompt_phrases"]) == (True, "project", ["truck"])
+    assert (body["cached"], body["prompt_source"], body["prompt"]) == (True, "project", ["truck"])
     assert not calls
 
 
@@ -510,8 +570,8 @@ def test_explain_without_encoder_attention_says_why(tiny_cache):
                                                           "text_threshold": 0.0}).get_json()
     assert body["encoder"]["available"] is False and body["encoder"]["blocks"] == []
     assert "TinyViT" in body["encoder"]["reason"] and body["encoder"]["reason"] in " ".join(body["notes"])
-    assert len(body["masks"]) == 1 and body["masks"][0]["token_look"] == []
-    assert decode_png(body["masks"][0]["decoder_overlay_png"]).size == Image.open(io.BytesIO(image)).size
+    assert len(body["segments"]) == 1 and body["segments"][0]["maps"]["token_look"] == []
+    assert decode_png(body["segments"][0]["maps"]["decoder_png"]).size == (64, 64)  # MobileSAM's token grid
 
 
 # -- failures Label Studio can see (issue 10 item 8) ---------------------------------------------------------

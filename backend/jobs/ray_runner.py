@@ -1,18 +1,21 @@
 """Running a prediction job on a Ray cluster, for projects one machine can't get through in time.
 
 Same work as ``JobRunner`` (same ``predict_job_task``, model version, skip-if-written rule and bulk
-writer), spread with Ray Data instead of the store's leases: the task list is read from Label Studio
-page by page (one Ray task per page), ``map_batches`` runs an actor pool where each actor loads the
+writer), spread with Ray Data: the CLI's pass reads the task list from Label Studio page by page (one
+Ray task per page); a store job's pass (the server's runner, ``ray_server.py``) takes the tasks it
+claimed with a lease, as the store holds them. ``map_batches`` runs an actor pool where each actor loads the
 engine once (from the node's environment, as the server does), fetches a batch's images ahead of the
 model (``read_ahead``), predicts, and writes the batch through ``write_predictions``; the driver only
 sees a (task id, outcome) row per task, and records it in the JobStore when a job is given (so
 /api/jobs shows the run). Ray is optional: imported only here.
 
-Faults: an actor that dies is restarted (``max_restarts``) and its batch retried (``max_task_retries``);
-the retried batch finds what the dead actor wrote already stored (``write_predictions`` checks Label
-Studio before each chunk), so nothing is stored twice. Task failures follow the runner's policy
-(``classify``): retryable ones go back to pending and another pass takes them, up to the store's
-``max_attempts``; a rejected key or a changed model version stops the job.
+Faults: an actor that dies is restarted and its batch retried (Ray Data's own policy for an actor
+pool, without bound: the count can only be set through ``ray_remote_args``, deprecated from Ray 2.60,
+so a ``CrashLedger`` fails a task that killed its actor ``MAX_TASK_CRASHES`` times);
+the retried batch finds what the dead actor wrote already stored (the actor asks Label Studio before
+predicting, and ``write_predictions`` before each chunk), so nothing is stored twice. Task failures
+follow the runner's policy (``classify``): retryable ones go back to pending and another pass takes
+them, up to the store's ``max_attempts``; a rejected key or a changed model version stops the job.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -33,10 +37,13 @@ from ..images import ImageError
 from ..label_config import TaskDataError
 from ..ls_api import Credentials, LabelStudioAuthError, LabelStudioClient, LabelStudioError
 from .runner import PermanentTaskError, worker_name
-from .store import ACTIVE_JOB_STATES, Job, JobStore, JsonObject
-from .writer import DEFAULT_CHUNK, has_prediction_of, write_predictions
+from .store import ACTIVE_JOB_STATES, ClaimedTask, Job, JobStore, JsonObject
+from .writer import DEFAULT_CHUNK, has_prediction_of, tasks_with_prediction, write_predictions
 
 if TYPE_CHECKING:
+    import ray.data
+    from ray.actor import ActorHandle
+
     from ..ls_model import GroundedSamModel
 
 logger = logging.getLogger(__name__)
@@ -49,6 +56,10 @@ RAY_LEASE_S = 600.0
 # marker file (the first actor to create it).
 EXIT_AFTER_ENV = "GSAM_RAY_EXIT_AFTER"
 EXIT_MARKER_ENV = "GSAM_RAY_EXIT_MARKER"
+# Fault injection for the tests: a file of task ids; an actor exits whenever it is about to predict one.
+CRASH_TASKS_ENV = "GSAM_RAY_CRASH_TASKS_FILE"
+# An actor may die this many times with a task in hand; the next try fails the task for good.
+MAX_TASK_CRASHES = 3
 
 # Row outcomes, one per task
 WRITTEN, SKIPPED, REJECTED, RETRY, FAILED, STOPPED = "written", "skipped", "rejected", "retry", "failed", "stopped"
@@ -74,7 +85,6 @@ class RaySettings:
     page_size: int = DEFAULT_PAGE_SIZE
     num_gpus: float | None = None
     num_cpus: float = 0.5
-    max_restarts: int = 3
 
     def __post_init__(self) -> None:
         for name in ("num_actors", "batch_size", "chunk_size", "page_size"):
@@ -131,37 +141,107 @@ def count_tasks(client: LabelStudioClient, project: int) -> int:
     return int(body.get("total", 0)) if isinstance(body, dict) else len(body)
 
 
-class PredictActor:
-    """One engine per actor: predicts and writes a batch of a job's tasks; returns an outcome row each."""
+def stored_rows(claimed: Sequence[ClaimedTask]) -> list[dict[str, Any]]:
+    """A store job's claimed tasks as dataset rows (``written`` unknown: the actor asks Label Studio):
+    the task as the store holds it, which is what the in-process runner predicts."""
+    return [{"id": c.task_id, "task": json.dumps({**c.task, "id": c.task_id}), "written": False} for c in claimed]
 
-    def __init__(self, job: Job, chunk_size: int) -> None:
+
+class CrashLedger:
+    """Shared by one pass's actor pool (a Ray actor of its own): per task, how many times an actor died
+    with it in hand. Ray Data restarts a dead actor and retries its batch without bound (the bound can
+    only be set through the deprecated ``ray_remote_args``), so a task that kills its actor every time
+    (out of memory on one image) would hold the pass forever; the ledger lets the next try of that
+    batch go one task at a time and fail the task that keeps killing it."""
+
+    def __init__(self) -> None:
+        self.in_hand: dict[int, int] = {}
+
+    def crashes(self, ids: list[int]) -> dict[int, int]:
+        return {i: self.in_hand.get(i, 0) for i in ids}
+
+    def begin(self, ids: list[int]) -> None:
+        for i in ids:
+            self.in_hand[i] = self.in_hand.get(i, 0) + 1
+
+    def end(self, ids: list[int]) -> None:
+        for i in ids:
+            self.in_hand.pop(i, None)
+
+
+class PredictActor:
+    """One engine per actor: predicts and writes a batch of a job's tasks; returns an outcome row each.
+
+    Arguments:
+        job: what to predict with and where to write.
+        chunk_size: predictions per bulk request.
+        ledger: the pass's ``CrashLedger`` (a Ray actor handle).
+        check_written: ask Label Studio which of a batch's tasks already have a prediction of the
+            job's version before predicting (rows from the store; page rows carry ``written``).
+    """
+
+    def __init__(self, job: Job, chunk_size: int, ledger: ActorHandle, check_written: bool = False) -> None:
         from ..preannotate import build_model
 
         assert job.credentials is not None
         self.job = job
         self.chunk_size = chunk_size
+        self.ledger = ledger
+        self.check_written = check_written
         self.model: GroundedSamModel = build_model(None, job.credentials)  # engine from this node's env
         self.client = LabelStudioClient(job.credentials)
         self.done = 0
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..ls_model import read_ahead
+        import ray
 
         job, model = self.job, self.model
-        rows: dict[int, tuple[str, str]] = {int(t): (SKIPPED, "") for t, w in zip(batch["id"], batch["written"],
-                                                                                strict=True) if w}
-        tasks: list[JsonObject] = [json.loads(str(t)) for t, w in zip(batch["task"], batch["written"], strict=True)
-                                   if not w]
-        entries: dict[int, Mapping[str, Any]] = {}
+        written = {int(t) for t, w in zip(batch["id"], batch["written"], strict=True) if w}
+        if self.check_written:
+            try:  # written before a crash, by a "Retrieve predictions", or by this batch's dead first try
+                written |= tasks_with_prediction(self.client, int(job.project), [int(t) for t in batch["id"]],
+                                                 job.model_version)
+            except LabelStudioError as exc:
+                kind = STOPPED if isinstance(exc, LabelStudioAuthError) else RETRY
+                return _rows({int(t): (kind, str(exc)) for t in batch["id"]})
+        rows: dict[int, tuple[str, str]] = {t: (SKIPPED, "") for t in written}
+        tasks: list[JsonObject] = [json.loads(str(t)) for i, t in zip(batch["id"], batch["task"], strict=True)
+                                   if int(i) not in written]
         try:
             version = model.model_version
         except Exception as exc:  # noqa: BLE001 - the engine config can't be read on this node
             return _rows({int(t["id"]): (STOPPED, str(exc)) for t in tasks})
         if version != job.model_version:
             return _rows({int(t["id"]): (STOPPED, version_changed(version, job.model_version)) for t in tasks})
-        loads = read_ahead(tasks, lambda task: model.load_job_task(job, task), model.settings.prefetch_tasks)
+        ids = [int(t["id"]) for t in tasks]
+        crashes = cast("dict[int, int]", ray.get(self.ledger.crashes.remote(ids)))
+        if not any(crashes.values()):
+            ray.get(self.ledger.begin.remote(ids))
+            rows.update(self._predict_and_write(tasks, model.settings.prefetch_tasks))
+            ray.get(self.ledger.end.remote(ids))
+        else:  # an actor died holding some of these: one at a time, each written at once
+            for task, task_id in zip(tasks, ids, strict=True):
+                if crashes[task_id] >= MAX_TASK_CRASHES:
+                    rows[task_id] = (FAILED, f"the actor predicting it died {crashes[task_id]} times (out of "
+                                             "memory? a crash in the model?); not tried again")
+                    continue
+                ray.get(self.ledger.begin.remote([task_id]))
+                rows.update(self._predict_and_write([task], 0))
+                ray.get(self.ledger.end.remote([task_id]))
+        self.done += len(tasks)
+        self._maybe_exit()
+        return _rows(rows)
+
+    def _predict_and_write(self, tasks: list[JsonObject], prefetch: int) -> dict[int, tuple[str, str]]:
+        from ..ls_model import read_ahead
+
+        job, model = self.job, self.model
+        rows: dict[int, tuple[str, str]] = {}
+        entries: dict[int, Mapping[str, Any]] = {}
+        loads = read_ahead(tasks, lambda task: model.load_job_task(job, task), prefetch)
         for task, loaded in zip(tasks, loads, strict=True):
             task_id = int(task["id"])
+            _maybe_crash(task_id)
             try:
                 entries[task_id] = model.predict_job_task(job, task, loaded.result())
             except Exception as exc:  # noqa: BLE001 - classified per the runner's policy
@@ -179,9 +259,7 @@ class PredictActor:
             rows.update({t: (WRITTEN, "") for t in outcome.written})
             rows.update({t: (SKIPPED, "") for t in outcome.skipped})
             rows.update({t: (REJECTED, reason) for t, reason in outcome.rejected.items()})
-        self.done += len(tasks)
-        self._maybe_exit()
-        return _rows(rows)
+        return rows
 
     def _maybe_exit(self) -> None:
         """Fault injection (tests): die after writing, before answering: the worst moment for duplicates."""
@@ -192,6 +270,19 @@ class PredictActor:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+        os._exit(1)
+
+
+def _maybe_crash(task_id: int) -> None:
+    """Fault injection (tests): die whenever about to predict a task listed in CRASH_TASKS_ENV's file."""
+    path = os.environ.get(CRASH_TASKS_ENV)
+    if not path:
+        return
+    try:
+        listed = Path(path).read_text().split()
+    except OSError:
+        return
+    if str(task_id) in listed:
         os._exit(1)
 
 
@@ -224,32 +315,49 @@ def ensure_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
-def run_pass(job: Job, settings: RaySettings, only: frozenset[int] | None) -> Iterator[tuple[int, str, str]]:
-    """One pass over the project's tasks not yet predicted (``only`` these, if given) on the cluster:
-    yields (task id, outcome, error) as batches finish."""
+def build_dataset(job: Job, settings: RaySettings, only: frozenset[int] | None = None,
+                  rows: Sequence[dict[str, Any]] | None = None) -> ray.data.Dataset | None:
+    """The lazy pipeline of one pass: ``rows`` (a store job's claimed tasks, ``stored_rows``), else the
+    project's task list read page by page (``only`` these ids, if given), into the actor pool; None
+    when there is no task. Only named ``map_batches`` parameters: no deprecated ``concurrency`` or
+    ``ray_remote_args``."""
+    import ray
     import ray.data
 
     assert job.credentials is not None
-    client = LabelStudioClient(job.credentials)
-    project = int(job.project)
-    pages = math.ceil(count_tasks(client, project) / settings.page_size)
-    if pages == 0:
-        return
     credentials: Credentials = job.credentials
-    size, version = settings.page_size, job.model_version
+    project, size, version = int(job.project), settings.page_size, job.model_version
+    ds: ray.data.Dataset
+    if rows is not None:
+        if not rows:
+            return None
+        ds = ray.data.from_items(list(rows), override_num_blocks=max(1, math.ceil(len(rows) / settings.batch_size)))
+    else:
+        pages = math.ceil(count_tasks(LabelStudioClient(credentials), project) / size)
+        if pages == 0:
+            return None
 
-    def page_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
-        return read_page(LabelStudioClient(credentials), project, int(row["page"]), size, version, only)
+        def page_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+            return read_page(LabelStudioClient(credentials), project, int(row["page"]), size, version, only)
 
+        ds = (ray.data.from_items([{"page": p} for p in range(1, pages + 1)], override_num_blocks=pages)
+              .flat_map(page_rows, num_cpus=0.25))
     gpus, cpus = actor_resources(settings.num_gpus, settings.num_cpus)
-    # A dead actor is restarted and its batch retried (max_restarts / max_task_retries go through
-    # ray_remote_args, deprecated from Ray 2.64: the lock pins 2.60).
-    ds = (ray.data.from_items([{"page": p} for p in range(1, pages + 1)], override_num_blocks=pages)
-          .flat_map(page_rows, num_cpus=0.25)
-          .map_batches(PredictActor, fn_constructor_kwargs={"job": job, "chunk_size": settings.chunk_size},
-                       batch_size=settings.batch_size, batch_format="numpy", concurrency=settings.num_actors,
-                       max_restarts=settings.max_restarts, max_task_retries=settings.max_restarts,
-                       num_gpus=gpus, num_cpus=cpus))
+    ledger = ray.remote(num_cpus=0)(CrashLedger).remote()  # lives as long as the pass's dataset holds it
+    return ds.map_batches(
+        PredictActor, fn_constructor_kwargs={"job": job, "chunk_size": settings.chunk_size, "ledger": ledger,
+                                             "check_written": rows is not None},
+        batch_size=settings.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=settings.num_actors), num_gpus=gpus, num_cpus=cpus)
+
+
+def run_pass(job: Job, settings: RaySettings, only: frozenset[int] | None = None,
+             rows: Sequence[dict[str, Any]] | None = None) -> Iterator[tuple[int, str, str]]:
+    """One pass on the cluster over ``rows`` or the project's tasks (see ``build_dataset``): yields
+    (task id, outcome, error) as batches finish."""
+    ds = build_dataset(job, settings, only, rows)
+    if ds is None:
+        return
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for task_id, state, error in zip(batch["task_id"], batch["state"], batch["error"], strict=True):
             yield int(task_id), str(state), str(error)
@@ -302,62 +410,66 @@ def preannotate_on_ray(model: GroundedSamModel, client: LabelStudioClient, proje
     return run_project_on_ray(job, settings)
 
 
-def run_job_on_ray(store: JobStore, job_id: str, settings: RaySettings, timeout: float | None = None) -> RayOutcome:
-    """Work a store's job on the cluster until it is finished: claim its due tasks, run a pass over
-    them, record each outcome (so /api/jobs shows progress), and pass again over the retryable
-    failures until the store's ``max_attempts`` are used up.
+def run_job_on_ray(store: JobStore, job_id: str, settings: RaySettings, timeout: float | None = None, *,
+                   worker_id: str | None = None, stop: Callable[[], bool] | None = None,
+                   wait: bool = True) -> RayOutcome:
+    """Work a store's job on the cluster until it is finished: claim its due tasks (leased, so no other
+    runner, in-process or on Ray, takes them meanwhile), run a pass over them as the store holds them,
+    record each outcome (so /api/jobs shows progress), and pass again over the retryable failures until
+    the store's ``max_attempts`` are used up.
 
     Arguments:
         store: the job store (the driver alone uses it; actors only talk to Label Studio).
         job_id: the job (created with ``create_job``, with credentials and a label config).
         settings: cluster address and pool size.
         timeout: seconds before giving up (the claimed tasks go back to pending).
+        worker_id: the lease owner (default: ``ray:`` and a ``worker_name``).
+        stop: called between results; True hands what is left back (the server shutting down).
+        wait: while tasks wait out a retry back-off or are leased to another runner, wait for them
+            (the CLI); False returns (the server's runner, which has other jobs to look at).
     Returns:
         ``RayOutcome`` of every pass together.
     """
     ensure_ray(settings.address)
     deadline = None if timeout is None else time.monotonic() + timeout
-    worker = f"ray:{worker_name()}"
+    worker = worker_id or f"ray:{worker_name()}"
     outcome = RayOutcome()
-    while deadline is None or time.monotonic() < deadline:
+    while (deadline is None or time.monotonic() < deadline) and not (stop is not None and stop()):
         job = store.get_job(job_id)
         if job is None or job.state not in ACTIVE_JOB_STATES:
             break
-        claimed = {c.task_id for c in store.claim_tasks(job_id, 1 << 30, worker, RAY_LEASE_S)}
+        claimed = store.claim_tasks(job_id, 1 << 30, worker, RAY_LEASE_S)
         if not claimed:
             progress = store.progress(job_id)
-            if progress is None or progress.finished:
-                break
+            if progress is None or progress.finished or not wait:
+                break  # done, or (not waiting) the rest is another runner's or waits out a back-off
             time.sleep(0.5)  # retries waiting out their back-off
             continue
-        _record_pass(store, job, settings, claimed, worker, outcome)
+        _record_pass(store, job, settings, claimed, worker, outcome, stop)
         if outcome.stopped:
             store.fail_job(job_id, outcome.stopped)
             break
     return outcome
 
 
-def _record_pass(store: JobStore, job: Job, settings: RaySettings, claimed: set[int], worker: str,
-                 outcome: RayOutcome) -> None:
-    left = set(claimed)
+def _record_pass(store: JobStore, job: Job, settings: RaySettings, claimed: Sequence[ClaimedTask], worker: str,
+                 outcome: RayOutcome, stop: Callable[[], bool] | None) -> None:
+    left = {c.task_id for c in claimed}
     renewed = time.monotonic()
     try:
-        for task_id, state, error in run_pass(job, settings, frozenset(claimed)):
+        for task_id, state, error in run_pass(job, settings, rows=stored_rows(claimed)):
             left.discard(task_id)
             _tally(outcome, task_id, state, error)
             if state in (WRITTEN, SKIPPED):
                 store.mark_done(job.id, [task_id])
             elif state in (REJECTED, FAILED, RETRY):
                 store.mark_failed(job.id, task_id, error, retryable=state == RETRY, worker_id=worker)
-            if outcome.stopped or store.job_state(job.id) not in ACTIVE_JOB_STATES:
-                return  # stopped or cancelled: what is left goes back below
+            if (outcome.stopped or (stop is not None and stop())
+                    or store.job_state(job.id) not in ACTIVE_JOB_STATES):
+                return  # stopped, shutting down or cancelled: what is left goes back below
             if time.monotonic() - renewed > RAY_LEASE_S / 3:
                 store.renew(job.id, sorted(left), worker, RAY_LEASE_S)
                 renewed = time.monotonic()
-        for task_id in sorted(left):  # claimed, but Label Studio listed no such task
-            store.mark_failed(job.id, task_id, f"Label Studio has no task {task_id} in project {job.project} "
-                              "(deleted?)", retryable=False, worker_id=worker)
-        left.clear()
     finally:
         store.release(job.id, sorted(left), worker)
 

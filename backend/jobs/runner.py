@@ -62,6 +62,24 @@ class TaskPredictor(Protocol):
 ClientFactory = Callable[[Job], LabelStudioClient]
 
 
+class BackgroundRunner(Protocol):
+    """What the server needs of the runner of its jobs: ``JobRunner`` (in this process) or
+    ``ray_server.RayJobRunner`` (on a Ray cluster, RAY_ADDRESS)."""
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def problem(self) -> str | None:
+        """Why jobs are not running now (the cluster can't be reached), for /health; None when fine."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 30.0) -> None: ...
+
+    def wake(self) -> None: ...
+
+
 class PermanentTaskError(Exception):
     """The task itself is wrong (no image in its data, ...): fail it without retrying."""
 
@@ -187,6 +205,10 @@ class JobRunner:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def problem(self) -> str | None:
+        return None  # in-process: nothing outside this process to wait for
 
     def _loop(self) -> None:
         while not self._stop.is_set():
