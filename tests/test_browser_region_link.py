@@ -26,7 +26,7 @@ def _block(browser) -> dict | None:
         const panels = document.querySelector('#task-output').getBoundingClientRect();
         return {mask: block.dataset.mask || null, region: block.dataset.region || null, top: r.top,
                 bottom: r.bottom, viewport: window.innerHeight, text: block.innerText,
-                images: block.querySelectorAll('img[src^="data:image/png"]').length,
+                images: block.querySelectorAll('img[src^="data:image/"]').length,
                 alert: block.getAttribute('role') === 'alert', panels_top: panels.top};""")
 
 
