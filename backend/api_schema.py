@@ -240,8 +240,8 @@ def _check(value: object, hint: Any, where: str) -> None:
             raise SchemaError(f"{where} must be a list, got {_kind(value)}")
         (item,) = get_args(hint)
         if item in _NAMES:  # a list of scalars (a mask's RLE: ~10^6 numbers): one pass in C speed
-            accepted = (int, float) if item is float else (item,)
-            if all(type(element) in accepted for element in value):
+            scalars = (int, float) if item is float else (item,)
+            if all(type(element) in scalars for element in value):
                 return  # (bool's type is not int's: true in a list of integers falls through to the message)
         for i, element in enumerate(value):
             _check(element, item, f"{where}[{i}]")
