@@ -11,20 +11,27 @@ modules (SDPA once ``sam_attention.use_fast_attention`` patched them).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from . import sam_attention
 
+if TYPE_CHECKING:
+    from segment_anything.modeling.image_encoder import Attention as VitAttention
 
-def global_block_indices(image_encoder: nn.Module) -> tuple[int, ...]:
+    from .encoder_runtime import ImageEncoder
+
+
+def global_block_indices(image_encoder: ImageEncoder) -> tuple[int, ...]:
     """Indices of the encoder's global-attention blocks (window_size == 0); () for other encoders."""
     if not sam_attention.supports_encoder_attention(image_encoder):
         return ()
     return tuple(i for i, block in enumerate(image_encoder.blocks) if block.window_size == 0)
 
 
-def _attention_with_mean(attn: nn.Module, x: torch.Tensor, head_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_with_mean(attn: VitAttention, x: torch.Tensor, head_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's global attention (q.k * scale + decomposed rel-pos, softmax, @ v), ``head_chunk`` heads at a
     time so no (B, heads, N, N) tensor exists; also returns the head-averaged softmax (B, N, N)."""
     b, h, w, _ = x.shape
@@ -57,7 +64,9 @@ class CapturingEncoder(nn.Module):
     Shares the wrapped encoder's parameters (no copy).
     """
 
-    def __init__(self, image_encoder: nn.Module, head_chunk: int = 1) -> None:
+    encoder: ImageEncoder
+
+    def __init__(self, image_encoder: ImageEncoder, head_chunk: int = 1) -> None:
         super().__init__()
         self.encoder = image_encoder
         self.global_blocks = global_block_indices(image_encoder)

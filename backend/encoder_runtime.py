@@ -12,16 +12,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import sam_attention
 
 if TYPE_CHECKING:
+    # No type information ships with these packages (mypy reads them as Any); the name says what is meant.
+    from mobile_sam.modeling import TinyViT
+    from segment_anything.modeling import ImageEncoderViT
+
     from .config import EngineConfig
+
+    ImageEncoder: TypeAlias = ImageEncoderViT | TinyViT
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +81,7 @@ class TorchImageEncoder:
 
     name = "torch"
 
-    def __init__(self, image_encoder: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, image_encoder: ImageEncoder, dtype: torch.dtype = torch.float32) -> None:
         self.encoder = image_encoder
         self.dtype = dtype
         self.img_size = int(image_encoder.img_size)
@@ -102,7 +107,7 @@ class TorchImageEncoder:
         return EncoderAttention(received=received, last_block=last)
 
 
-def build_encoder_runtime(config: EngineConfig, image_encoder: nn.Module, device: torch.device,
+def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, device: torch.device,
                           dtype: torch.dtype) -> ImageEncoderRuntime:
     """The runtime ``config.runtime`` asks for on ``device``; torch when OpenVINO can't serve.
 
@@ -124,9 +129,15 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: nn.Module, device
             image_encoder, dtype, device, capture=config.explanations,
             cache_dir=cache_folder(config), identity=_identity(config, file_sha256(config.sam_checkpoint_path)))
     except Exception as exc:  # noqa: BLE001 - any failure to import, export, convert or compile
-        logger.warning("RUNTIME=%s: SAM's image encoder runs on torch, because OpenVINO could not serve it: %s: %s",
-                       config.runtime, type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+        logger.warning("RUNTIME=%s: SAM's image encoder runs on torch, because OpenVINO could not serve it: %s",
+                       config.runtime, describe_error(exc))
         return torch_runtime
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line of the message`` (bounded): enough to act on, in one log line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else 'no message'}"
 
 
 def _identity(config: EngineConfig, sha256: str) -> dict[str, object]:

@@ -1,7 +1,7 @@
 """SAM's image encoder on OpenVINO's CPU runtime: converted once per checkpoint, cached on disk.
 
 Conversion goes through ``torch.export`` (seconds and about a GB for vit_b; tracing took minutes and
-9-14 GB) and ``openvino.convert_model``; the result is saved as OpenVINO IR (f32 weights) in
+9-14 GB) and ``openvino.convert_model``; the result is saved as OpenVINO IR (f32 weights; f16 for bf16 inference) in
 ``cache_folder(config)``, named by a digest of the checkpoint's sha256, the architecture, the
 OpenVINO version, the input side, the precision and the graph kind, so a warm start reads the file
 and never converts again. The inference precision is always set explicitly (OpenVINO would pick bf16
@@ -33,10 +33,11 @@ from torch import nn
 
 from . import sam_attention
 from .encoder_graph import CapturingEncoder, global_block_indices
-from .encoder_runtime import EncodedImage, EncoderAttention, valid_tokens
+from .encoder_runtime import EncodedImage, EncoderAttention, describe_error, valid_tokens
 
 if TYPE_CHECKING:
     from .config import EngineConfig
+    from .encoder_runtime import ImageEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ def convert(module: nn.Module, example: tuple[torch.Tensor, ...]) -> ov.Model:
             exported = torch.export.export(module, example)
         return ov.convert_model(exported)
     except Exception as exc:
-        raise ConversionError(f"{type(module).__name__} did not convert ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else 'no message'})") from exc
+        raise ConversionError(f"{type(module).__name__} did not convert ({describe_error(exc)})") from exc
 
 
 def _ir_size(xml: Path) -> int:
@@ -131,7 +131,9 @@ def _save(model: ov.Model, xml: Path, key: CacheKey) -> Path | None:
         xml.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".converting-") as tmp:
             part = Path(tmp) / xml.name
-            ov.save_model(model, part, compress_to_fp16=False)  # f16 weights would change the outputs
+            # f32 weights for f32 inference (f16 ones would change its numbers); at bf16 the weights are
+            # rounded further when compiled anyway, so the file is stored at half the size.
+            ov.save_model(model, part, compress_to_fp16=key.precision != "f32")
             meta = {"key": key.as_json(), "bin_bytes": part.with_suffix(".bin").stat().st_size}
             part.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
             for suffix in (".bin", ".json", ".xml"):
@@ -157,13 +159,14 @@ def load_or_convert(module: nn.Module, example: tuple[torch.Tensor, ...], key: C
             model = _read_cached(xml, key)
             return model, Conversion(xml, False, time.perf_counter() - started, _ir_size(xml))
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, a conversion replaces it
-            logger.warning("cached OpenVINO encoder %s is unusable (%s: %s); converting again",
-                           xml, type(exc).__name__, str(exc)[:200])
+            logger.warning("cached OpenVINO encoder %s is unusable (%s); converting again", xml, describe_error(exc))
     started = time.perf_counter()
     model = convert(module, example)
     seconds = time.perf_counter() - started
     saved = _save(model, xml, key)
     logger.info("converted SAM's image encoder to OpenVINO in %.1f s (%s)", seconds, saved or "not cached")
+    if saved is not None:
+        model = ov.Core().read_model(saved)  # what every warm start will run (f16-stored weights at bf16)
     return model, Conversion(saved, True, seconds, _ir_size(saved) if saved else 0)
 
 
@@ -172,7 +175,7 @@ class OpenVinoImageEncoder:
 
     name = "openvino"
 
-    def __init__(self, image_encoder: nn.Module, dtype: torch.dtype, device: torch.device, capture: bool,
+    def __init__(self, image_encoder: ImageEncoder, dtype: torch.dtype, device: torch.device, capture: bool,
                  cache_dir: Path, identity: Mapping[str, object]) -> None:
         if dtype not in PRECISION_HINTS:
             raise ValueError(f"no OpenVINO precision for {dtype}")
