@@ -125,16 +125,21 @@ def _read_cached(xml: Path, key: CacheKey) -> ov.Model:
     return ov.Core().read_model(xml)
 
 
-def _save(model: ov.Model, xml: Path, key: CacheKey) -> Path | None:
+def _save(model: ov.Model, xml: Path, key: CacheKey, seconds: float) -> Path | None:
     """Write the IR beside a key file, each renamed into place (.xml last: a present .xml is complete)."""
     try:
         xml.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".converting-") as tmp:
             part = Path(tmp) / xml.name
-            # f32 weights for f32 inference (f16 ones would change its numbers); at bf16 the weights are
-            # rounded further when compiled anyway, so the file is stored at half the size.
-            ov.save_model(model, part, compress_to_fp16=key.precision != "f32")
-            meta = {"key": key.as_json(), "bin_bytes": part.with_suffix(".bin").stat().st_size}
+            ov.save_model(model, part, compress_to_fp16=False)  # f16 weights would change f32 numbers
+            if key.precision != "f32":
+                # bf16 inference rounds the weights further anyway: store them at half the size. (A model
+                # fresh from convert_model keeps f32 whatever compress_to_fp16 says; one read back does not.)
+                half = Path(tmp) / "f16" / xml.name
+                ov.save_model(ov.Core().read_model(part), half, compress_to_fp16=True)
+                part = half
+            meta = {"key": key.as_json(), "bin_bytes": part.with_suffix(".bin").stat().st_size,
+                    "convert_seconds": round(seconds, 2)}
             part.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
             for suffix in (".bin", ".json", ".xml"):
                 os.replace(part.with_suffix(suffix), xml.with_suffix(suffix))
@@ -163,7 +168,7 @@ def load_or_convert(module: nn.Module, example: tuple[torch.Tensor, ...], key: C
     started = time.perf_counter()
     model = convert(module, example)
     seconds = time.perf_counter() - started
-    saved = _save(model, xml, key)
+    saved = _save(model, xml, key, seconds)
     logger.info("converted SAM's image encoder to OpenVINO in %.1f s (%s)", seconds, saved or "not cached")
     if saved is not None:
         model = ov.Core().read_model(saved)  # what every warm start will run (f16-stored weights at bf16)
