@@ -38,9 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import bench.runtime as rt  # noqa: E402
 from bench.cache import DINO_CONFIG_FILE, SAM_VARIANTS, write_cache  # noqa: E402
 from bench.reference import ReferenceChain, clock  # noqa: E402
-from bench.runtime import CPU_FLAGS, conversion_figures, lscpu, same_box_iou, torch_fp32_segmenter  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "grounded-sam-bench-cache"
@@ -308,10 +308,10 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
     t0 = time.perf_counter()
     engine = Engine(config)
     log(f"engine loaded in {time.perf_counter() - t0:.1f} s ({engine.describe()})")
-    res.notes["conversion"] = conversion_figures(engine)
+    res.notes["conversion"] = rt.conversion_figures(engine)
     log(f"SAM image encoder: {json.dumps(res.notes['conversion'])}")
     # Off torch, the masks are also compared with torch fp32's on the very same boxes.
-    torch_sam = torch_fp32_segmenter(engine) if engine.segmenter.encoder.name != "torch" else None
+    torch_sam = rt.torch_fp32_segmenter(engine) if engine.segmenter.encoder.name != "torch" else None
     ref = ReferenceChain(image_size=config.dino_image_size, max_size=config.dino_max_size, device=mode.device,
                          **ref_files)
     timer = StageTimer(engine, mode.device)
@@ -362,7 +362,7 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
         res.add("mask_iou", iou)
         if torch_sam is not None:
             boxes = np.array([d.prompt_box for d in engine.detect(path, prompt, bt, text_threshold)]).reshape(-1, 4)
-            res.add("runtime_iou", same_box_iou(engine, torch_sam, engine.load_image(path), boxes))
+            res.add("runtime_iou", rt.same_box_iou(engine, torch_sam, engine.load_image(path), boxes))
             timer.take(0.0)
 
         reprompt = PROMPTS[(r + 5) % len(PROMPTS)]
@@ -494,7 +494,7 @@ def report(res: Results, info: dict[str, Any]) -> str:
     conversion = res.notes.get("conversion", {})
     runtime = conversion.get("runtime", "torch")
     cpu = info.get("lscpu", {})
-    flags = " ".join(cpu.get("flags", [])) or "none of " + ", ".join(CPU_FLAGS)
+    flags = " ".join(cpu.get("flags", [])) or "none of " + ", ".join(rt.CPU_FLAGS)
     lines = [f"# Grounded SAM benchmark ({info['mode']} mode, {info['models']}, {info['device']}, ours in {precision}, "
              f"SAM encoder on {runtime})",
              f"{info['date']} | {info['cpu']} | {info['cores']} cores, torch {info['torch']} ({info['isa']}), "
@@ -540,6 +540,10 @@ def report(res: Results, info: dict[str, Any]) -> str:
                 w["gpu_peak_mib"] / wo["gpu_peak_mib"], "<= 1.2")
             row("  task's own GPU growth: with / without", f"{w['gpu_task_mib']:.0f} MiB",
                 w["gpu_task_mib"] / max(wo["gpu_task_mib"], 1e-9), "")
+    overhead = res.notes.get("capture_overhead")
+    if overhead:
+        row(f"SAM encoder ({runtime}) with capture / without", f"{overhead['with_s']:.2f} s", overhead["ratio"],
+            "<= 1.1")
     for kind in ("capture", "plain"):
         figures = conversion.get(kind)
         if figures:
@@ -640,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
 
     info = machine(device)
-    info["lscpu"] = lscpu()
+    info["lscpu"] = rt.lscpu()
     on_cpu = device == "cpu"
     # A GPU needs a large product to approach its peak; on CPU bf16 can run at ~1 GFLOP/s without native
     # support, so its probe stays small there.
@@ -655,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     res = Results()
     with tempfile.TemporaryDirectory() as tmp:
         engine, _ = run_tasks(mode, engine_json, ref_files, Path(tmp), res, log)
+        res.notes["capture_overhead"] = rt.capture_overhead(engine, photos(1)[0], mode.repeats)
+        res.notes["conversion"] = rt.conversion_figures(engine)  # now with the graph kind the probe added
+        log(f"SAM encoder with / without capture: {json.dumps(res.notes['capture_overhead'])}")
         if "batch" not in args.skip:
             run_batch(engine, mode, res, log)
     del engine

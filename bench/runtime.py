@@ -64,3 +64,24 @@ def same_box_iou(engine: Any, reference: Any, rgb: np.ndarray, boxes: np.ndarray
         union = np.logical_or(ma, mb).sum()
         ious.append(float(np.logical_and(ma, mb).sum() / union) if union else 1.0)
     return float(np.mean(ious))
+
+
+def capture_overhead(engine: Any, rgb: np.ndarray, rounds: int) -> dict[str, float]:
+    """SAM's encoder on ``rgb`` with and without the explanation capture, interleaved, medians in s.
+
+    The first call of each kind is left out (it compiles, or converts, the graph kind not loaded yet).
+    """
+    import statistics
+    import time
+
+    encoder = engine.segmenter.encoder
+    x, input_size = engine.segmenter.preprocess(rgb)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds + 1):
+        for capture in (True, False):
+            t0 = time.perf_counter()
+            encoder.encode(x, input_size, capture)
+            if r:
+                times[capture].append(time.perf_counter() - t0)
+    with_s, without_s = statistics.median(times[True]), statistics.median(times[False])
+    return {"with_s": with_s, "without_s": without_s, "ratio": with_s / without_s}
