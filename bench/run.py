@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = f"bf16 matmul here {info['matmul_bf16']:.0f} vs {info['matmul_fp32']:.0f} GFLOP/s fp32"
     if device == "cuda":
         usage = "the GPU default"
-    elif info["matmul_bf16"] > info["matmul_fp32"]:
+    elif {"avx512_bf16", "amx_bf16"} & set(info["lscpu"]["flags"]) or info["matmul_bf16"] > info["matmul_fp32"]:
         usage = f"opt-in on CPU; this {info['isa']} CPU has native bf16"
     else:
         usage = f"opt-in on CPU; no native bf16 on this {info['isa']} CPU, so it stays off"
