@@ -42,7 +42,13 @@ def _attention_with_mean(attn: VitAttention, x: torch.Tensor, head_chunk: int) -
     total: torch.Tensor | None = None
     for h0 in range(0, heads, head_chunk):
         h1 = min(h0 + head_chunk, heads)
-        logits = (q[:, h0:h1] * attn.scale) @ k[:, h0:h1].transpose(-2, -1)
+        q_heads = q[:, h0:h1]
+        if total is not None:
+            # Adds zero, but makes these heads wait for the previous ones: without the dependency
+            # OpenVINO's memory plan keeps every head's N x N softmax of the block alive at once
+            # (measured on a vit_b global block in bf16: +1.66 GiB, against +0.70 GiB with it).
+            q_heads = q_heads + total[:, :1, :1, None] * 0.0
+        logits = (q_heads * attn.scale) @ k[:, h0:h1].transpose(-2, -1)
         if rel is not None:
             rel_h, rel_w = rel[0][:, h0:h1, ..., :, None], rel[1][:, h0:h1, ..., None, :]
             logits = (logits.view(b, h1 - h0, h, w, h, w) + rel_h + rel_w).view(b, h1 - h0, n, n)

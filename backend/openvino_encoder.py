@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GRAPH_VERSION = 1  # bump when encoder_graph's inputs/outputs change: older cache files are then unused
+GRAPH_VERSION = 2  # bump when encoder_graph's inputs/outputs change: older cache files are then unused
 PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
