@@ -249,3 +249,13 @@ def test_planted_attention_lands_on_the_right_token(config, tmp_path):
     received = encoded.attention.received[1]
     assert np.unravel_index(received.argmax(), received.shape) == (r, c)
     assert received[r, c] > 0.99
+
+
+def test_cache_folder_is_beside_the_weights_unless_set(tmp_path):
+    from backend.openvino_encoder import cache_folder
+
+    assert cache_folder(EngineConfig(cache_dir=tmp_path)) == tmp_path / "openvino"
+    assert cache_folder(EngineConfig(cache_dir=tmp_path, sam_checkpoint=str(tmp_path / "w" / "sam.pth"))) == (
+        tmp_path / "w" / "openvino")
+    chosen = EngineConfig.from_env({"OPENVINO_CACHE_DIR": str(tmp_path / "ov"), "MODEL_CACHE_DIR": str(tmp_path)})
+    assert cache_folder(chosen) == tmp_path / "ov"
