@@ -66,6 +66,9 @@ class EngineConfig:
     device: str = "auto"  # auto -> cuda if available else cpu
     precision: str = "auto"  # auto -> fp32 on cpu, bf16 on cuda (where supported)
     runtime: str = "auto"  # RUNTIME: SAM image encoder on torch or OpenVINO (RUNTIMES)
+    # OPENVINO_CACHE_DIR: where converted encoders are kept; default openvino/ beside the SAM checkpoint
+    # (the user's cache folder when that is read-only).
+    openvino_cache_dir: Path | None = None
     box_threshold: float = 0.3
     text_threshold: float = 0.25
     nms_iou: float = 0.5
@@ -183,8 +186,9 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown engine config keys in {source}: {unknown}")
         values = dict(data)
-        if "cache_dir" in values:
-            values["cache_dir"] = Path(values["cache_dir"])
+        for name in ("cache_dir", "openvino_cache_dir"):
+            if values.get(name) is not None:
+                values[name] = Path(values[name])
         return cls(**values)
 
 
@@ -244,6 +248,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "DEVICE": ("device", str),
     "PRECISION": ("precision", str),
     "RUNTIME": ("runtime", str),
+    "OPENVINO_CACHE_DIR": ("openvino_cache_dir", Path),
     "BOX_THRESHOLD": ("box_threshold", float),
     "TEXT_THRESHOLD": ("text_threshold", float),
     "NMS_IOU": ("nms_iou", float),

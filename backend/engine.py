@@ -39,7 +39,12 @@ class Engine:
             dtype = resolve_dtype(config.precision, device)
             detector = detector or GroundingDinoDetector(
                 build_grounding_dino(config), device, dtype, config.dino_image_size, config.dino_max_size)
-            segmenter = segmenter or SamSegmenter(build_sam(config), device, dtype)
+            if segmenter is None:
+                from .encoder_runtime import build_encoder_runtime
+
+                sam = build_sam(config)
+                segmenter = SamSegmenter(sam, device, dtype,
+                                         build_encoder_runtime(config, sam.image_encoder, device, dtype))
         self.detector = detector
         self.segmenter = segmenter
         self.model_version = model_version(config)
@@ -130,6 +135,7 @@ class Engine:
             "grounding_dino": f"{self.config.dino_variant} ({self.config.dino_checkpoint_path.name})",
             "device": str(self.segmenter.device),
             "dtype": str(self.segmenter.dtype).replace("torch.", ""),
+            "sam_encoder_runtime": self.segmenter.encoder.name,
         }
 
 

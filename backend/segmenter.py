@@ -17,21 +17,12 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from . import sam_attention
+from .encoder_runtime import EncoderAttention, ImageEncoderRuntime, TorchImageEncoder
 
 if TYPE_CHECKING:
     from .models import SamModel
 
 DECODE_CHUNK = 32  # boxes per decoder call: bounds the decoder's activations
-
-
-@dataclass
-class EncoderAttention:
-    """The encoder's attention for one image, reduced right after the forward that produced it."""
-
-    # Global block -> attention received by each token from the image's own (unpadded) tokens.
-    received: dict[int, np.ndarray]
-    # The last global block with its head-averaged matrix kept (float16), for per-mask maps.
-    last_block: sam_attention.EncoderBlockAttention
 
 
 @dataclass
@@ -98,7 +89,10 @@ class _ResizeLongestSide(ResizeLongestSide):
 class SamSegmenter:
     """Wraps a loaded Sam (segment_anything or MobileSAM) model."""
 
-    def __init__(self, sam: SamModel, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, sam: SamModel, device: torch.device, dtype: torch.dtype = torch.float32,
+                 encoder: ImageEncoderRuntime | None = None) -> None:
+        """``encoder``: what runs the image encoder (``encoder_runtime.build_encoder_runtime``); default
+        the model's own forward on ``device``."""
         self.sam = sam.to(device).eval()
         self.device = device
         self.dtype = dtype
@@ -108,6 +102,7 @@ class SamSegmenter:
         if self.has_global_attention:
             # SDPA with the relative position as an additive mask: same numbers (~1e-6), ~1.7x faster.
             sam_attention.use_fast_attention(sam.image_encoder)
+        self.encoder = encoder if encoder is not None else TorchImageEncoder(sam.image_encoder, dtype)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -126,32 +121,13 @@ class SamSegmenter:
         second encoder run; the matrices are reduced before returning.
         """
         x, input_size = self.preprocess(image)
-        encoder = self.sam.image_encoder
-        attention = None
+        encoded = self.encoder.encode(x, input_size, capture_attention)
         notes: tuple[str, ...] = ()
-        with self._autocast():
-            if capture_attention and self.has_global_attention:
-                with sam_attention.capture_encoder_attention(encoder, "global", keep_matrix=True) as capture:
-                    features = encoder(x)
-                attention = self._reduce(capture, input_size)
-            else:
-                features = encoder(x)
-                if capture_attention:
-                    notes = (f"{type(encoder).__name__} has no global attention: encoder maps are not available "
-                             "for this SAM variant; the mask decoder's maps are.",)
-        return ImageEmbedding(features=features.float(), original_size=tuple(image.shape[:2]),
-                              input_size=input_size, attention=attention, notes=notes)
-
-    def _reduce(self, capture: sam_attention.EncoderAttentionCapture, input_size: tuple[int, int]) -> EncoderAttention:
-        last = capture.last
-        valid = np.zeros(last.grid, dtype=bool)
-        patch = self.img_size // last.grid[0]
-        valid[: -(-input_size[0] // patch), : -(-input_size[1] // patch)] = True
-        received = {i: sam_attention.mask_attention_map(block, valid) for i, block in capture.blocks.items()}
-        for block in capture.blocks.values():
-            if block is not last:
-                block.matrix = None  # only the last block's matrix is needed later (per-mask maps)
-        return EncoderAttention(received=received, last_block=last)
+        if capture_attention and not self.has_global_attention:
+            notes = (f"{type(self.sam.image_encoder).__name__} has no global attention: encoder maps are not "
+                     "available for this SAM variant; the mask decoder's maps are.",)
+        return ImageEmbedding(features=encoded.features, original_size=tuple(image.shape[:2]),
+                              input_size=input_size, attention=encoded.attention, notes=notes)
 
     @torch.inference_mode()
     def segment(self, embedding: ImageEmbedding, boxes_xyxy: np.ndarray, capture_attention: bool = False) -> Decoded:

@@ -5,6 +5,7 @@
     python -m bench --smoke    # tiny models (tests/tiny_models.py): checks the script still works
     python -m bench --device cuda --sam vit_h --precision bf16   # the GPU bench (per-stage ms)
     python -m bench --jobs 200  # a 200-task job vs its tasks one by one (tiny models, real Label Studio)
+    python -m bench --runtime openvino --precision bf16   # SAM's encoder on OpenVINO (+ IoU vs torch fp32)
 
 Everything is timed interleaved (reference, ours, reference, ours, ...) so background load hits both
 alike; figures are medians. See bench/README.md for what each figure means and measured results.
@@ -37,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import bench.runtime as rt  # noqa: E402
 from bench.cache import DINO_CONFIG_FILE, SAM_VARIANTS, write_cache  # noqa: E402
 from bench.reference import ReferenceChain, clock  # noqa: E402
 
@@ -60,6 +62,7 @@ class Mode:
     device: str = "cpu"
     sam_variant: str = "vit_b"
     precision: str = "fp32"  # the engine's; the reference chain always runs fp32, as it ships
+    runtime: str = "auto"  # the engine's RUNTIME for SAM's image encoder
 
 
 MODES = {
@@ -297,13 +300,18 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
     from backend.explainer import render_explanation
 
     # Re-prompts keep the same box budget.
-    overrides: dict[str, Any] = {"max_detections": BOXES_PER_TASK, "device": mode.device, "precision": mode.precision}
+    overrides: dict[str, Any] = {"max_detections": BOXES_PER_TASK, "device": mode.device, "precision": mode.precision,
+                                 "runtime": mode.runtime}
     if mode.dino_size:
         overrides.update(dino_image_size=mode.dino_size, dino_max_size=int(mode.dino_size * 1333 / 800))
     config = EngineConfig.from_file(engine_json, **overrides)
     t0 = time.perf_counter()
     engine = Engine(config)
     log(f"engine loaded in {time.perf_counter() - t0:.1f} s ({engine.describe()})")
+    res.notes["conversion"] = rt.conversion_figures(engine)
+    log(f"SAM image encoder: {json.dumps(res.notes['conversion'])}")
+    # Off torch, the masks are also compared with torch fp32's on the very same boxes.
+    torch_sam = rt.torch_fp32_segmenter(engine) if engine.segmenter.encoder.name != "torch" else None
     ref = ReferenceChain(image_size=config.dino_image_size, max_size=config.dino_max_size, device=mode.device,
                          **ref_files)
     timer = StageTimer(engine, mode.device)
@@ -352,6 +360,10 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
         res.add("ours_encoders", st["dino_backbone"][-1] + st["dino_text_decoder"][-1] + st["sam_encoder"][-1])
         iou, _ = matched_iou(segments, out.boxes_xyxy, out.masks)
         res.add("mask_iou", iou)
+        if torch_sam is not None:
+            boxes = np.array([d.prompt_box for d in engine.detect(path, prompt, bt, text_threshold)]).reshape(-1, 4)
+            res.add("runtime_iou", rt.same_box_iou(engine, torch_sam, engine.load_image(path), boxes))
+            timer.take(0.0)
 
         reprompt = PROMPTS[(r + 5) % len(PROMPTS)]
         t0 = time.perf_counter()
@@ -413,7 +425,7 @@ def run_batch(engine, mode: Mode, res: Results, log) -> None:
 
 
 def memory_probe(engine_json: Path, explanations: bool, dino_size: int | None, device: str,
-                 precision: str) -> dict[str, float]:
+                 precision: str, runtime: str = "auto") -> dict[str, float]:
     """In this (fresh) process: load, run one cold task, report peak RSS (and GPU memory) of the task, MiB."""
     import ctypes
 
@@ -421,7 +433,7 @@ def memory_probe(engine_json: Path, explanations: bool, dino_size: int | None, d
     from backend.engine import Engine
 
     overrides: dict[str, Any] = {"explanations": explanations, "max_detections": BOXES_PER_TASK,
-                                 "device": device, "precision": precision}
+                                 "device": device, "precision": precision, "runtime": runtime}
     if dino_size:
         overrides.update(dino_image_size=dino_size, dino_max_size=int(dino_size * 1333 / 800))
     engine = Engine(EngineConfig.from_file(engine_json, **overrides))
@@ -463,7 +475,7 @@ def run_memory(engine_json: Path, mode: Mode, res: Results, log) -> None:
     for explanations in (False, True):
         cmd = [sys.executable, "-m", "bench.run", "--memory-probe", str(engine_json),
                "--explanations", "on" if explanations else "off", "--device", mode.device,
-               "--precision", mode.precision]
+               "--precision", mode.precision, "--runtime", mode.runtime]
         if mode.dino_size:
             cmd += ["--dino-size", str(mode.dino_size)]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
@@ -479,10 +491,16 @@ def report(res: Results, info: dict[str, Any]) -> str:
     m = {k: median(v) for k, v in res.rows.items()}
     cold, ref = m["ours_cold"], m["reference_cold"]
     precision, on_gpu = info["precision"], info["device"] == "cuda"
-    lines = [f"# Grounded SAM benchmark ({info['mode']} mode, {info['models']}, {info['device']}, ours in {precision})",
+    conversion = res.notes.get("conversion", {})
+    runtime = conversion.get("runtime", "torch")
+    cpu = info.get("lscpu", {})
+    flags = " ".join(cpu.get("flags", [])) or "none of " + ", ".join(rt.CPU_FLAGS)
+    lines = [f"# Grounded SAM benchmark ({info['mode']} mode, {info['models']}, {info['device']}, ours in {precision}, "
+             f"SAM encoder on {runtime})",
              f"{info['date']} | {info['cpu']} | {info['cores']} cores, torch {info['torch']} ({info['isa']}), "
              f"{info['torch_threads']} threads | load avg {info['load_avg_start']:.1f} -> {info['load_avg_end']:.1f}"
              + (f" | GPU {info['gpu']}" if on_gpu else ""),
+             f"lscpu: {cpu.get('model', '?')} | flags: {flags}",
              f"matmul ({info['matmul_n']}^2, {info['device']}): fp32 {info['matmul_fp32']:.0f} GFLOP/s, "
              f"bf16 {info['matmul_bf16']:.0f} GFLOP/s",
              f"repeats: {len(res.rows['ours_cold'])} (medians), boxes per task: reference "
@@ -494,13 +512,18 @@ def report(res: Results, info: dict[str, Any]) -> str:
         lines.append(f"{name:44s} {value:>12s} {r:>10s} {target:>8s}")
 
     row("reference cold task (DINO predict + SamPredictor)", f"{ref:.2f} s")
-    row(f"ours cold task ({precision}) / reference", f"{cold:.2f} s", cold / ref, "<= 0.4")
+    openvino = runtime == "openvino"
+    row(f"ours cold task ({precision}) / reference", f"{cold:.2f} s", cold / ref, "<= 0.25" if openvino else "<= 0.4")
     row("  DINO + SAM encoders only / reference", f"{m['ours_encoders']:.2f} s",
         m["ours_encoders"] / m["reference_encoders"], "")
     # The reference chain runs fp32; in a reduced precision this is that mode's difference from it.
     row(f"mask IoU vs fp32 reference chain ({precision}, mean)", f"{m['mask_iou']:.4f}", None,
         ">= 0.99" if precision == "fp32" else "report")
-    row("re-prompt (same image, new text) / cold", f"{m['ours_reprompt']:.2f} s", m["ours_reprompt"] / cold, "<= 0.2")
+    if "runtime_iou" in m:
+        row("mask IoU vs torch fp32 on the same boxes", f"{m['runtime_iou']:.4f}", None, ">= 0.98")
+    row("re-prompt (same image, new text) / cold", f"{m['ours_reprompt']:.2f} s", m["ours_reprompt"] / cold,
+        "<= 0.15" if openvino else "<= 0.2")
+    row("  re-prompt / reference cold", f"{m['ours_reprompt']:.2f} s", m["ours_reprompt"] / ref, "")
     row("explain already-predicted task / cold", f"{m['ours_explain_cached'] * 1e3:.1f} ms",
         m["ours_explain_cached"] / cold, "<= 0.05")
     row("  + rendering the heatmaps (UI/API payload)", f"{m['ours_explain_render'] * 1e3:.0f} ms",
@@ -517,6 +540,18 @@ def report(res: Results, info: dict[str, Any]) -> str:
                 w["gpu_peak_mib"] / wo["gpu_peak_mib"], "<= 1.2")
             row("  task's own GPU growth: with / without", f"{w['gpu_task_mib']:.0f} MiB",
                 w["gpu_task_mib"] / max(wo["gpu_task_mib"], 1e-9), "")
+    overhead = res.notes.get("capture_overhead")
+    if overhead:
+        row(f"SAM encoder ({runtime}) with capture / without", f"{overhead['with_s']:.2f} s", overhead["ratio"],
+            "<= 1.1")
+    for kind in ("capture", "plain"):
+        figures = conversion.get(kind)
+        if figures:
+            how = "this run" if figures["converted_now"] else f"an earlier run; read in {figures['load_s']:.1f} s"
+            convert_s = figures["convert_s"]
+            row(f"OpenVINO {kind} graph: conversion ({how})", f"{convert_s:.1f} s" if convert_s else "?")
+            row(f"  compile ({conversion['precision']})", f"{figures['compile_s']:.1f} s")
+            row("  cache on disk", f"{figures['bytes'] / (1 << 20):.0f} MiB")
     batch = res.notes.get("batch")
     if batch:
         row(f"/predict: {batch['tasks']} tasks, 1 request vs {batch['tasks']} requests", f"{batch['batch_s']:.1f} s",
@@ -564,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="the engine's precision (default: the engine's auto, fp32 on CPU, bf16 on GPU or fp16 "
                              "where bf16 is unsupported); the reference runs fp32")
+    parser.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto",
+                        help="what runs SAM's image encoder in our engine (RUNTIME; default auto: OpenVINO on CPU); "
+                             "off torch, an extra row compares its masks with torch fp32's on the same boxes")
     parser.add_argument("--jobs", type=int, metavar="TASKS",
                         help="instead: the job machinery's overhead on TASKS tasks (tiny models; bench/jobs.py)")
     parser.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)
@@ -580,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision or resolve_precision("auto", torch.device(device))
 
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, args.explanations == "on", args.dino_size, device, precision)))
+        print(json.dumps(memory_probe(args.memory_probe, args.explanations == "on", args.dino_size, device, precision,
+                                      args.runtime)))
         return 0
 
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "default"]
@@ -594,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         return jobs.main(args.jobs, engine_json, info, args.json, print_log)
     if args.smoke and args.sam != "vit_b":
         parser.error("--sam applies to the real-size models; --smoke runs the tiny ones")
-    mode.device, mode.sam_variant, mode.precision = device, args.sam, precision
+    mode.device, mode.sam_variant, mode.precision, mode.runtime = device, args.sam, precision, args.runtime
     if args.repeats:
         mode.repeats = args.repeats
     if args.batch_tasks:
@@ -605,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
 
     info = machine(device)
+    info["lscpu"] = rt.lscpu()
     on_cpu = device == "cpu"
     # A GPU needs a large product to approach its peak; on CPU bf16 can run at ~1 GFLOP/s without native
     # support, so its probe stays small there.
@@ -619,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     res = Results()
     with tempfile.TemporaryDirectory() as tmp:
         engine, _ = run_tasks(mode, engine_json, ref_files, Path(tmp), res, log)
+        res.notes["capture_overhead"] = rt.capture_overhead(engine, photos(1)[0], mode.repeats)
+        res.notes["conversion"] = rt.conversion_figures(engine)  # now with the graph kind the probe added
+        log(f"SAM encoder with / without capture: {json.dumps(res.notes['capture_overhead'])}")
         if "batch" not in args.skip:
             run_batch(engine, mode, res, log)
     del engine
@@ -640,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = f"bf16 matmul here {info['matmul_bf16']:.0f} vs {info['matmul_fp32']:.0f} GFLOP/s fp32"
     if device == "cuda":
         usage = "the GPU default"
-    elif info["matmul_bf16"] > info["matmul_fp32"]:
+    elif {"avx512_bf16", "amx_bf16"} & set(info["lscpu"]["flags"]) or info["matmul_bf16"] > info["matmul_fp32"]:
         usage = f"opt-in on CPU; this {info['isa']} CPU has native bf16"
     else:
         usage = f"opt-in on CPU; no native bf16 on this {info['isa']} CPU, so it stays off"

@@ -35,7 +35,9 @@ def tiny_cache(tmp_path_factory) -> Path:
 def engine_config(tiny_cache):
     from backend.config import EngineConfig
 
-    return EngineConfig.from_file(tiny_cache / "engine.json")
+    # RUNTIME=torch|openvino runs the engine tests on that SAM encoder runtime (default: the engine's auto).
+    runtime = os.environ.get("RUNTIME")
+    return EngineConfig.from_file(tiny_cache / "engine.json", **({"runtime": runtime} if runtime else {}))
 
 
 @pytest.fixture(scope="session")

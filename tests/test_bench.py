@@ -19,15 +19,21 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "TINY_MODEL_CACHE": str(tiny_cache)}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--repeats", "1", "--batch-tasks", "2", "--json", str(out)],
+        [sys.executable, "-m", "bench", "--smoke", "--repeats", "1", "--batch-tasks", "2", "--runtime", "openvino",
+         "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for figure in ("ours cold task (fp32) / reference", "mask IoU vs fp32 reference chain (fp32, mean)", "re-prompt",
                    "explain already-predicted task", "peak RSS, task with capture", "/predict:", "dino_backbone",
-                   "sam_encoder", "Speed options"):
+                   "sam_encoder", "Speed options", "SAM encoder on openvino", "lscpu:",
+                   "mask IoU vs torch fp32 on the same boxes", "SAM encoder (openvino) with capture / without",
+                   "OpenVINO capture graph: conversion", "OpenVINO plain graph: conversion", "cache on disk"):
         assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
     data = json.loads(out.read_text())
+    # OpenVINO f32 against torch fp32 on the same boxes: the same masks.
+    assert data["rows"]["runtime_iou"][0] >= 0.99
+    assert data["notes"]["conversion"]["capture"]["bytes"] > 0
     rows = data["rows"]
     assert rows["reference_boxes"][0] >= rows["ours_boxes"][0] > 0
     # Same weights, same photo: the engine's masks are the reference chain's.
@@ -50,7 +56,7 @@ def test_bench_smoke_in_bf16_reports_its_iou_against_fp32(tiny_cache, tmp_path):
     env = {**os.environ, "TINY_MODEL_CACHE": str(tiny_cache)}
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--repeats", "1", "--skip", "batch", "--skip", "memory",
-         "--device", "cpu", "--precision", "bf16", "--json", str(out)],
+         "--device", "cpu", "--precision", "bf16", "--runtime", "torch", "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
