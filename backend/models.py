@@ -87,9 +87,9 @@ def cpu_flags() -> frozenset[str]:
 def resolve_dtype(precision: str, device: torch.device, flags: Iterable[str] | None = None) -> torch.dtype:
     """The dtype PRECISION means on ``device``; ``flags`` are the CPU's (default: this machine's).
 
-    "auto" is bf16 on a CPU with native bf16 (AMX or AVX-512 BF16: SAM's masks keep IoU >= 0.98
-    against fp32 on the same boxes, ``python -m bench.precision``) and fp32 on other CPUs; on GPUs
-    bf16 where supported, fp16 otherwise.
+    "auto" is bf16 on a CPU with native bf16 (AMX or AVX-512 BF16: SAM's masks keep a mean IoU
+    >= 0.98 against fp32 on the same boxes, ``python -m bench.precision``) and fp32 on other CPUs; on
+    GPUs bf16 where supported, fp16 otherwise.
     """
     if precision == "fp32":
         return torch.float32

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
           f"native bf16: {kind or 'none'} | matmul fp32 {info['matmul_fp32']:.0f}, "
           f"bf16 {info['matmul_bf16']:.0f} GFLOP/s")
     print(f"{'mask IoU, SAM bf16 vs fp32, same boxes (mean / min)':52s} {iou.mean:.4f} / {iou.min:.4f}"
-          f"  ({iou.boxes} boxes on {iou.images} photos; PRECISION=auto needs >= 0.98)")
+          f"  ({iou.boxes} boxes on {iou.images} photos; PRECISION=auto needs a mean >= 0.98)")
     for o in overheads:
         print(f"{'capture overhead, embed with / without (' + o.precision + ')':52s} {o.ratio:.3f}x"
               f"  ({o.capture_s:.2f} s vs {o.plain_s:.2f} s, median of {o.rounds}; target <= 1.10)")

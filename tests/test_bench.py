@@ -25,7 +25,7 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for figure in ("ours cold task (fp32) / reference", "mask IoU vs fp32 reference chain (fp32, mean)", "re-prompt",
                    "explain already-predicted task", "peak RSS, task with capture", "/predict:", "dino_backbone",
-                   "sam_encoder", "Speed options", "mask IoU, SAM bf16 vs fp32, same boxes (min)"):
+                   "sam_encoder", "Speed options", "mask IoU, SAM bf16 vs fp32, same boxes (mean)"):
         assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
     data = json.loads(out.read_text())
     rows = data["rows"]
