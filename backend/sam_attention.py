@@ -360,7 +360,8 @@ def _sdpa(
         chunk = heads
     out = None if chunk == heads else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # One mask buffer for all chunks: a fresh 64 MiB mask per head is faulted in page by page again
-    # each time (glibc mmaps blocks that large); reusing it made a vit_b global block ~1.4x faster.
+    # each time (glibc mmaps blocks that large); reusing it made a vit_b global block ~1.4x faster
+    # (one thread, without REUSE_FREED_MEMORY).
     reuse = _no_autograd(q, k, v)
     buf = None
     for h0 in range(0, heads, chunk):
@@ -431,7 +432,9 @@ def _attend_and_capture(
                 # SAM's logit: (q * scale) @ k^T + rel_h + rel_w, the rel-pos terms from the unscaled q.
                 torch.add(rel[0][:, s, ..., :, None], rel[1][:, s, ..., None, :], out=buf.view(b, c, h, w, h, w))
                 logits = buf.baddbmm_(qs, kt)
-            attn = torch.softmax(logits, dim=-1, out=logits)  # row by row, so in place is exact
+            # Row by row, so in place is exact on CPU (checked against stock in tests); GPUs keep the
+            # allocating form, their caching allocator has no page faults to save.
+            attn = torch.softmax(logits, dim=-1, out=logits) if logits.is_cpu else logits.softmax(dim=-1)
         else:
             if rel is None:
                 logits = torch.bmm(qs, kt)
