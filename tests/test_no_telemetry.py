@@ -70,6 +70,7 @@ print("ok", sorted(m for m in sys.modules if "telemetry" in m))
 """
 
 
+@pytest.mark.integration  # a fresh interpreter converts a model: tens of seconds, not the quick loop
 def test_openvino_converts_and_compiles_without_telemetry():
     pytest.importorskip("openvino")
     out = subprocess.run([sys.executable, "-c", _CONVERT_WITHOUT_TELEMETRY], capture_output=True, text=True,
