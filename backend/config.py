@@ -64,7 +64,7 @@ class EngineConfig:
     dino_image_size: int = 800  # shorter side Grounding DINO sees, as in groundingdino's inference
     dino_max_size: int = 1333
     device: str = "auto"  # auto -> cuda if available else cpu
-    precision: str = "auto"  # auto -> fp32 on cpu, bf16 on cuda (where supported)
+    precision: str = "auto"  # auto -> bf16 on a CPU with AMX/AVX-512 BF16, else fp32; cuda: bf16 (fp16 if unsupported)
     runtime: str = "auto"  # RUNTIME: SAM image encoder on torch or OpenVINO (RUNTIMES)
     # OPENVINO_CACHE_DIR: where converted encoders are kept; default openvino/ beside the SAM checkpoint
     # (the user's cache folder when that is read-only).

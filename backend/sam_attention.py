@@ -362,20 +362,37 @@ def _sdpa(
     if chunk >= heads:
         chunk = heads
     out = None if chunk == heads else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # One mask buffer for all chunks: a fresh 64 MiB mask per head is faulted in page by page again
+    # each time (glibc mmaps blocks that large); reusing it made a vit_b global block ~1.4x faster
+    # (one thread, without REUSE_FREED_MEMORY).
+    reuse = _no_autograd(q, k, v)
+    buf = None
     for h0 in range(0, heads, chunk):
         s = slice(h0, h0 + chunk)
         mask = None
         if rel is not None:
             # SDPA computes softmax(q @ k^T * scale + mask); SAM adds the rel-pos terms (made from the
             # unscaled q) after scaling, so the mask is the terms themselves, unscaled.
-            rel_h, rel_w = rel
-            mask = (rel_h[:, s, ..., :, None] + rel_w[:, s, ..., None, :]).reshape(b, -1, n, n)
+            rel_h, rel_w = rel[0][:, s, ..., :, None], rel[1][:, s, ..., None, :]
+            c = rel_h.shape[1]
+            if reuse:
+                if buf is None or buf.shape[1] != c:
+                    buf = torch.empty((b, c, n, n), dtype=rel_h.dtype, device=q.device)
+                h, w = rel_h.shape[2], rel_h.shape[3]
+                mask = torch.add(rel_h, rel_w, out=buf.view(b, c, h, w, h, w)).view(b, c, n, n)
+            else:
+                mask = (rel_h + rel_w).reshape(b, c, n, n)
         o = F.scaled_dot_product_attention(q[:, s], k[:, s], v[:, s], attn_mask=mask, scale=scale)
         if out is None:
             return o
         out[:, s] = o
     assert out is not None
     return out
+
+
+def _no_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether out= and in-place ops may be used (they are not differentiable)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _attend_and_capture(
@@ -389,40 +406,69 @@ def _attend_and_capture(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stock SAM attention, ``head_chunk`` heads at a time; also returns the head-mean softmax (fp32).
 
-    Peak extra memory is a few (B, head_chunk, N, N) tensors plus one (B, N, N) float32 accumulator.
+    Peak extra memory is one (B, head_chunk, N, N) buffer plus one (B, N, N) float32 accumulator.
     """
     b, heads, n, _ = q.shape
     h, w = size
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    acc = torch.zeros((b, n, n), dtype=torch.float32, device=q.device)
-    # Writing the rel-pos mask into a reused buffer and adding q @ k^T onto it (baddbmm_) saves an
-    # N x N allocation and two passes per head over stock's matmul-then-add; out= and in-place ops
-    # are not differentiable, so with autograd on, allocate instead.
-    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    # No zero fill: the first head chunk is copied in, the others added.
+    acc = torch.empty((b, n, n), dtype=torch.float32, device=q.device)
+    # Without autograd, every step of a head writes into one reused buffer: the rel-pos mask, then
+    # q @ k^T added onto it (baddbmm_), then the softmax in place. Fresh N x N tensors per head are
+    # faulted in page by page each time: on a vit_b global block (one thread, CPU time, no
+    # REUSE_FREED_MEMORY) a fresh softmax per head, a zero-filled accumulator and a whole-matrix
+    # float32 copy for bf16's add made capture 1.5x (fp32) and 1.7x (bf16) dearer than this. out=
+    # and in-place ops are not differentiable, so with autograd on, allocate.
+    reuse = _no_autograd(q, k, v)
     buf = None
     for h0 in range(0, heads, head_chunk):
         s = slice(h0, min(h0 + head_chunk, heads))
         c = s.stop - s.start
         qs = (q[:, s] * scale).reshape(b * c, n, -1)
         kt = k[:, s].reshape(b * c, n, -1).transpose(1, 2)
-        if rel is None:
-            logits = torch.bmm(qs, kt)
-        else:
-            # SAM's logit: (q * scale) @ k^T + rel_h + rel_w, the rel-pos terms from the unscaled q.
-            rel_h, rel_w = rel[0][:, s, ..., :, None], rel[1][:, s, ..., None, :]
-            if reuse:
-                if buf is None or buf.shape[0] != b * c:
-                    buf = torch.empty((b * c, n, n), dtype=q.dtype, device=q.device)
-                torch.add(rel_h, rel_w, out=buf.view(b, c, h, w, h, w))
-                logits = buf.baddbmm_(qs, kt)
+        if reuse:
+            if buf is None or buf.shape[0] != b * c:
+                buf = torch.empty((b * c, n, n), dtype=q.dtype, device=q.device)
+            if rel is None:
+                logits = torch.bmm(qs, kt, out=buf)
             else:
-                logits = torch.baddbmm((rel_h + rel_w).reshape(b * c, n, n), qs, kt)
-        attn = logits.softmax(dim=-1)
+                # SAM's logit: (q * scale) @ k^T + rel_h + rel_w, the rel-pos terms from the unscaled q.
+                torch.add(rel[0][:, s, ..., :, None], rel[1][:, s, ..., None, :], out=buf.view(b, c, h, w, h, w))
+                logits = buf.baddbmm_(qs, kt)
+            # Row by row, so in place is exact on CPU (checked against stock in tests); GPUs keep the
+            # allocating form, their caching allocator has no page faults to save.
+            attn = torch.softmax(logits, dim=-1, out=logits) if logits.is_cpu else logits.softmax(dim=-1)
+        else:
+            if rel is None:
+                logits = torch.bmm(qs, kt)
+            else:
+                logits = torch.baddbmm((rel[0][:, s, ..., :, None] + rel[1][:, s, ..., None, :]).reshape(b * c, n, n),
+                                       qs, kt)
+            attn = logits.softmax(dim=-1)
         out[:, s] = torch.bmm(attn, v[:, s].reshape(b * c, n, -1)).view(b, c, n, -1)
-        attn = attn.detach().view(b, c, n, n)
-        acc.add_(attn[:, 0] if c == 1 else attn.sum(dim=1, dtype=torch.float32))
+        _accumulate(acc, attn.detach().view(b, c, n, n), first=h0 == 0)
         del attn, logits
     return out, acc.div_(heads)
+
+
+# Rows per step when a reduced-precision softmax is added into the float32 accumulator: a mixed-dtype
+# add converts its whole input first, a fresh (B, N, N) float32 temporary per head; 2^21 elements
+# (8 MiB) per step keeps that temporary small and cache-sized.
+_ACCUMULATE_ELEMENTS = 1 << 21
+
+
+def _accumulate(acc: torch.Tensor, attn: torch.Tensor, first: bool) -> None:
+    """acc (B, N, N) float32 = (first ? 0 : acc) + attn.sum(heads); attn (B, c, N, N), any float dtype."""
+    b, c, n, _ = attn.shape
+    step = n if attn.dtype == torch.float32 and c == 1 else max(1, _ACCUMULATE_ELEMENTS // (b * c * n))
+    for r0 in range(0, n, step):
+        rows = attn[:, :, r0 : r0 + step]
+        part = rows[:, 0] if c == 1 else rows.sum(dim=1, dtype=torch.float32)
+        dst = acc[:, r0 : r0 + step]
+        if first:
+            dst.copy_(part)
+        else:
+            dst.add_(part)
 
 
 class _FastEncoderAttention(_Patch):
@@ -475,14 +521,18 @@ def mask_attention_map(
     rows = np.flatnonzero(weights)
     if rows.size == 0:
         raise ValueError("token_mask selects no tokens")
-    w = weights[rows] / weights[rows].sum(dtype=np.float64)
-    matrix = block.matrix[batch_index]
-    total = np.zeros(matrix.shape[1], dtype=np.float64)
-    # Row chunks keep the float32 copy small even for a mask covering the whole image.
-    for start in range(0, rows.size, 512):
-        idx = rows[start : start + 512]
-        total += w[start : start + 512] @ matrix[idx].astype(np.float32)
-    return total.astype(np.float32).reshape(block.grid)
+    w = torch.from_numpy((weights[rows] / weights[rows].sum(dtype=np.float64)).astype(np.float32))
+    matrix = torch.from_numpy(block.matrix[batch_index])
+    index = torch.from_numpy(rows)
+    total = torch.zeros(matrix.shape[1], dtype=torch.float32)
+    # Row chunks keep the float32 copy small even for a mask covering the whole image; float32
+    # products (not numpy's float64 upcast) made this ~4x faster: it runs for every global block of
+    # every explained image and for every mask.
+    with torch.inference_mode():
+        for start in range(0, rows.size, 512):
+            chunk = matrix.index_select(0, index[start : start + 512]).float()
+            total += w[start : start + 512] @ chunk
+    return total.numpy().reshape(block.grid)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -486,6 +487,15 @@ def run_memory(engine_json: Path, mode: Mode, res: Results, log) -> None:
     log(f"memory: {json.dumps(figures)}")
 
 
+def same_box_precision_iou(engine, res: Results, log) -> None:
+    """SAM under bf16 against fp32 on the same boxes of 3 photos (the figure behind PRECISION=auto)."""
+    from bench.precision import same_box_iou
+
+    iou = same_box_iou(engine.segmenter.sam, engine.segmenter.device, photos(3))
+    res.notes["same_box_iou"] = dataclasses.asdict(iou)
+    log(f"SAM bf16 vs fp32 on the same boxes: mask IoU mean {iou.mean:.4f}, min {iou.min:.4f}")
+
+
 # -- report ------------------------------------------------------------------------------------------
 def report(res: Results, info: dict[str, Any]) -> str:
     m = {k: median(v) for k, v in res.rows.items()}
@@ -519,6 +529,10 @@ def report(res: Results, info: dict[str, Any]) -> str:
     # The reference chain runs fp32; in a reduced precision this is that mode's difference from it.
     row(f"mask IoU vs fp32 reference chain ({precision}, mean)", f"{m['mask_iou']:.4f}", None,
         ">= 0.99" if precision == "fp32" else "report")
+    same = res.notes.get("same_box_iou")
+    if same:
+        row("mask IoU, SAM bf16 vs fp32, same boxes (mean)", f"{same['mean']:.4f}", None, ">= 0.98")
+        row("  worst box", f"{same['min']:.4f}", None, "")
     if "runtime_iou" in m:
         row("mask IoU vs torch fp32 on the same boxes", f"{m['runtime_iou']:.4f}", None, ">= 0.98")
     row("re-prompt (same image, new text) / cold", f"{m['ours_reprompt']:.2f} s", m["ours_reprompt"] / cold,
@@ -590,15 +604,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="cold tasks per side (default: 3, quick/smoke 2)")
     parser.add_argument("--batch-tasks", type=int, help="tasks in the /predict batch comparison (default 16)")
     parser.add_argument("--cache", type=Path, help=f"model cache folder (default {DEFAULT_CACHE})")
-    parser.add_argument("--skip", action="append", default=[], choices=["batch", "memory"])
+    parser.add_argument("--skip", action="append", default=[], choices=["batch", "memory", "precision"])
     parser.add_argument("--json", type=Path, help="also write every raw figure here")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where both chains run (default: cuda if available)")
     parser.add_argument("--sam", choices=SAM_VARIANTS, default="vit_b",
                         help="SAM size of both chains, real-size models only (default vit_b)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                        help="the engine's precision (default: the engine's auto, fp32 on CPU, bf16 on GPU or fp16 "
-                             "where bf16 is unsupported); the reference runs fp32")
+                        help="the engine's precision (default: PRECISION, else auto: on CPU bf16 where it has "
+                             "native bf16 (AMX, AVX-512 BF16), else fp32; bf16 on GPU, fp16 where bf16 is "
+                             "unsupported); the reference runs fp32")
     parser.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto",
                         help="what runs SAM's image encoder in our engine (RUNTIME; default auto: OpenVINO on CPU); "
                              "off torch, an extra row compares its masks with torch fp32's on the same boxes")
@@ -609,13 +624,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dino-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from backend.models import ModelLoadError, resolve_device, resolve_precision
+    from backend.config import PRECISIONS
+    from backend.models import ModelLoadError, cpu_bf16_kind, cpu_flags, resolve_device, resolve_precision
 
     try:
         device = resolve_device(args.device).type  # the engine's own choice: cuda if available
     except ModelLoadError as exc:
         parser.error(str(exc))
-    precision = args.precision or resolve_precision("auto", torch.device(device))
+    # Without --precision, the engine's own setting (PRECISION, default auto) decides, as in the backend.
+    setting = os.environ.get("PRECISION") or "auto"
+    if setting not in PRECISIONS:
+        parser.error(f"PRECISION must be one of {PRECISIONS}, got {setting!r}")
+    precision = args.precision or resolve_precision(setting, torch.device(device))
 
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.explanations == "on", args.dino_size, device, precision,
@@ -662,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
         res.notes["capture_overhead"] = rt.capture_overhead(engine, photos(1)[0], mode.repeats)
         res.notes["conversion"] = rt.conversion_figures(engine)  # now with the graph kind the probe added
         log(f"SAM encoder with / without capture: {json.dumps(res.notes['capture_overhead'])}")
+        if "precision" not in args.skip:
+            same_box_precision_iou(engine, res, log)
         if "batch" not in args.skip:
             run_batch(engine, mode, res, log)
     del engine
@@ -683,10 +705,10 @@ def main(argv: list[str] | None = None) -> int:
     speed = f"bf16 matmul here {info['matmul_bf16']:.0f} vs {info['matmul_fp32']:.0f} GFLOP/s fp32"
     if device == "cuda":
         usage = "the GPU default"
-    elif {"avx512_bf16", "amx_bf16"} & set(info["lscpu"]["flags"]) or info["matmul_bf16"] > info["matmul_fp32"]:
-        usage = f"opt-in on CPU; this {info['isa']} CPU has native bf16"
+    elif kind := cpu_bf16_kind(cpu_flags()):
+        usage = f"the CPU default here: this CPU has native bf16 ({kind}); PRECISION=fp32 opts out"
     else:
-        usage = f"opt-in on CPU; no native bf16 on this {info['isa']} CPU, so it stays off"
+        usage = "opt-in on CPU; this CPU has no native bf16 (AMX, AVX-512 BF16), so auto stays fp32"
     info["options"].append(f"bf16 autocast (PRECISION=bf16, {usage}): {speed}; its mask IoU against the fp32 "
                            "reference is the IoU row of a run with --precision bf16")
     text = report(res, info)

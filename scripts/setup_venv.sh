@@ -17,7 +17,10 @@ fi
 echo "setup_venv: installing $LOCK into $VENV (first time: several minutes)"
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade "pip==25.3"
-"$VENV/bin/python" -m pip install --no-input --progress-bar off -r "$LOCK"
+# --no-deps: the lock is the complete environment (a full pip freeze), and it leaves out
+# openvino-telemetry on purpose (requirements.in); a venv made before that loses it here.
+"$VENV/bin/python" -m pip install --no-input --progress-bar off --no-deps -r "$LOCK"
+"$VENV/bin/python" -m pip uninstall --yes --quiet openvino-telemetry >/dev/null 2>&1 || true
 # The stamp is written last so an interrupted install is detected as stale next time.
 echo "$want" > "$STAMP"
 echo "setup_venv: done"

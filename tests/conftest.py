@@ -16,6 +16,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # run, never in the checkout's data/ where a stale job would resume in the next run.
 if "DATA_DIR" not in os.environ and "JOBS_DB" not in os.environ:
     os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="gsam-test-data-")
+# PRECISION=auto is bf16 on CPUs with native bf16 (backend/models.py), so results would depend on the
+# machine; the suite's checks against the fp32 reference chain are fp32 claims. The engines the tests
+# build, in process and in the backends they start, run fp32 unless PRECISION says otherwise
+# (tests/test_precision.py covers bf16 and the auto rule).
+os.environ.setdefault("PRECISION", "fp32")
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +40,11 @@ def tiny_cache(tmp_path_factory) -> Path:
 def engine_config(tiny_cache):
     from backend.config import EngineConfig
 
-    # RUNTIME=torch|openvino runs the engine tests on that SAM encoder runtime (default: the engine's auto).
+    # PRECISION (pinned to fp32 above unless set) and RUNTIME=torch|openvino (default: the engine's auto,
+    # OpenVINO on CPU) choose how the engine tests run.
     runtime = os.environ.get("RUNTIME")
-    return EngineConfig.from_file(tiny_cache / "engine.json", **({"runtime": runtime} if runtime else {}))
+    return EngineConfig.from_file(tiny_cache / "engine.json", precision=os.environ["PRECISION"],
+                                  **({"runtime": runtime} if runtime else {}))
 
 
 @pytest.fixture(scope="session")

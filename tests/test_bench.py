@@ -28,7 +28,8 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
                    "explain already-predicted task", "peak RSS, task with capture", "/predict:", "dino_backbone",
                    "sam_encoder", "Speed options", "SAM encoder on openvino", "lscpu:",
                    "mask IoU vs torch fp32 on the same boxes", "SAM encoder (openvino) with capture / without",
-                   "OpenVINO capture graph: conversion", "OpenVINO plain graph: conversion", "cache on disk"):
+                   "OpenVINO capture graph: conversion", "OpenVINO plain graph: conversion", "cache on disk",
+                   "mask IoU, SAM bf16 vs fp32, same boxes (mean)"):
         assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
     data = json.loads(out.read_text())
     # OpenVINO f32 against torch fp32 on the same boxes: the same masks.

@@ -164,10 +164,15 @@ def test_model_version_is_stable_and_tracks_settings(engine_config):
 
     assert model_version(engine_config) == model_version(engine_config)
     assert model_version(engine_config) != model_version(engine_config.replace(box_threshold=0.5))
-    # "auto" is named by what it resolves to: fp32 here on CPU, so the same outputs, the same version.
+    # "auto" is named by what it resolves to on this CPU (bf16 where it has native bf16, else fp32), so
+    # the same outputs give the same version.
+    from backend.models import resolve_precision
+
+    here = resolve_precision("auto", torch.device("cpu"))
     assert model_version(engine_config.replace(precision="auto", device="cpu")) == model_version(
-        engine_config.replace(precision="fp32", device="cpu"))
-    assert model_version(engine_config.replace(precision="bf16")) != model_version(engine_config)
+        engine_config.replace(precision=here, device="cpu"))
+    assert model_version(engine_config.replace(precision="bf16")) != model_version(
+        engine_config.replace(precision="fp32"))
     assert isinstance(model_version(engine_config), str)
 
 

@@ -6,6 +6,9 @@ fp32 features out), so this catches dtype mismatches without a device; speed is 
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +74,50 @@ def test_reduced_precision_explanation_is_finite_and_normalised(reduced_engine, 
         assert np.isfinite(mask.decoder_map).all() and mask.decoder_map.sum() == pytest.approx(1.0, abs=0.02)
         for look in mask.token_look.values():
             assert np.isfinite(look).all() and look.sum() == pytest.approx(1.0, abs=0.02)
+
+
+# -- PRECISION=auto on CPU -----------------------------------------------------------------------------
+
+# /proc/cpuinfo flags of the kinds of CPU the rule tells apart (abridged to what matters).
+XEON_AMX = "fpu sse4_2 avx avx2 avx512f avx512bw avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8"
+EPYC_ZEN4 = "fpu sse4_2 avx avx2 avx512f avx512bw avx512_vnni avx512_bf16 clzero"
+SKYLAKE_AVX512 = "fpu sse4_2 avx avx2 avx512f avx512bw avx512_vnni"
+AVX2_ONLY = "fpu sse4_2 avx avx2 fma f16c"
+
+
+@pytest.mark.parametrize("flags, kind", [(XEON_AMX, "amx_bf16"), (EPYC_ZEN4, "avx512_bf16"),
+                                         (SKYLAKE_AVX512, None), (AVX2_ONLY, None), ("", None)])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_native_bf16(flags, kind):
+    from backend.models import cpu_bf16_kind, resolve_dtype, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert cpu_bf16_kind(flags.split()) == kind
+    assert resolve_precision("auto", cpu, flags.split()) == ("bf16" if kind else "fp32")
+    # An explicit setting wins on every CPU: PRECISION=fp32 is the way back to fp32 on a bf16 CPU.
+    assert resolve_dtype("fp32", cpu, flags.split()) is torch.float32
+    assert resolve_dtype("bf16", cpu, flags.split()) is torch.bfloat16
+
+
+def test_auto_precision_reads_this_machines_flags(engine_config):
+    from backend.engine import model_version
+    from backend.models import cpu_bf16_kind, cpu_flags, effective_precision
+
+    flags = cpu_flags()
+    if sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64"):
+        assert {"sse2", "fpu"} <= flags, "flags must come from /proc/cpuinfo"
+    auto = engine_config.replace(precision="auto", device="cpu")
+    expected = "bf16" if cpu_bf16_kind(flags) else "fp32"
+    assert effective_precision(auto) == expected
+    assert model_version(auto) == model_version(auto.replace(precision=expected))
+
+
+def test_bf16_masks_match_fp32_on_the_same_boxes(engine, chelsea, astronaut):
+    """The IoU behind PRECISION=auto: SAM under bf16 autocast decodes the same boxes to masks with
+    IoU >= 0.98 against fp32 (real-size random vit_b: ``python -m bench.precision``). The tiny random
+    SAM's masks cover about half of each photo whatever the box, which helps the IoU; the bench's
+    figure is the one on real-size models."""
+    from bench.precision import same_box_iou
+
+    iou = same_box_iou(engine.segmenter.sam, torch.device("cpu"), [chelsea, astronaut])
+    assert iou.boxes == 16
+    assert iou.min >= 0.98, iou

@@ -458,3 +458,68 @@ def test_capture_never_materialises_all_heads():
         encoder(x)
     assert captured.largest <= N_TOK * N_TOK < all_heads  # one head's logits/softmax, the (B, N, N) mean
     assert capture.blocks[1].matrix.shape == (1, N_TOK, N_TOK)
+
+
+class _FreshLargeTensors(TorchDispatchMode):
+    """Counts aten ops that return a *new* tensor of at least ``size`` elements (out= and in-place
+    results, which alias an argument, are not new)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.size and t.untyped_storage().data_ptr() not in given:
+                self.count += 1
+        return out
+
+
+def _global_attention_inputs(heads: int, dtype: torch.dtype, batch: int = 1, side: int = 64):
+    g = torch.Generator().manual_seed(heads)
+    n, d = side * side, 8
+    q, k, v = (torch.randn(batch, heads, n, d, generator=g).to(dtype) for _ in range(3))
+    rel = tuple(torch.randn(batch, heads, side, side, side, generator=g).to(dtype) for _ in range(2))
+    return q, k, v, rel, d**-0.5, (side, side)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [2, 6])
+def test_global_attention_allocates_no_matrix_per_head(dtype, heads):
+    """The N x N buffers of a global block are allocated once, not once per head: fresh 16-64 MiB
+    blocks are page-faulted in each time, which made capture up to 1.7x dearer (bench/README.md)."""
+    from backend.sam_attention import _attend_and_capture, _sdpa
+
+    q, k, v, rel, scale, size = _global_attention_inputs(heads, dtype)
+    with torch.no_grad(), _FreshLargeTensors(N_TOK * N_TOK) as fresh:
+        _attend_and_capture(q, k, v, rel, scale, size, 1)
+    assert fresh.count <= 2  # one logits/softmax buffer and the float32 head-sum, whatever `heads`
+    with torch.no_grad(), _FreshLargeTensors(N_TOK * N_TOK) as fresh:
+        _sdpa(q, k, v, rel, scale)
+    assert fresh.count <= 1  # one rel-pos mask buffer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_chunk", [1, 2, 3])
+def test_capture_is_the_head_mean_of_the_softmax_that_makes_the_output(dtype, head_chunk):
+    """In fp32 and bf16, any head chunking, a batch of 2: the output is softmax(logits) @ v computed
+    in the input dtype, and the capture is the float32 mean over heads of that very softmax."""
+    from backend.sam_attention import _attend_and_capture
+
+    q, k, v, rel, scale, size = _global_attention_inputs(3, dtype, batch=2, side=16)
+    b, heads, n, _ = q.shape
+    with torch.no_grad():
+        mask = (rel[0][..., :, None] + rel[1][..., None, :]).reshape(b * heads, n, n)
+        logits = torch.baddbmm(mask, (q * scale).reshape(b * heads, n, -1), k.reshape(b * heads, n, -1).mT)
+        attn = logits.softmax(dim=-1)
+        expected_out = torch.bmm(attn, v.reshape(b * heads, n, -1)).view(b, heads, n, -1)
+        expected_mean = attn.view(b, heads, n, n).float().sum(dim=1) / heads
+        out, mean = _attend_and_capture(q, k, v, rel, scale, size, head_chunk)
+    assert out.dtype == dtype and mean.dtype == torch.float32
+    torch.testing.assert_close(out, expected_out, atol=0, rtol=0)
+    torch.testing.assert_close(mean, expected_mean, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(mean.sum(dim=-1), torch.ones(b, n), atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               rtol=0)
