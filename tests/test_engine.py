@@ -11,6 +11,7 @@ import torch
 
 from backend.cache import LruCache
 from backend.detector import Caption, PromptError, parse_prompt, select_detections
+from tests.sam_encodes import counting_sam_encodes
 
 
 def _iou(a, b) -> float:
@@ -91,16 +92,13 @@ def test_sam_encodes_each_image_once(engine_config, astronaut, chelsea):
     from backend.engine import Engine
 
     engine = Engine(engine_config)  # fresh caches
-    calls = []
-    # Counted where the segmenter hands the image to its encoder runtime (torch or OpenVINO).
-    encode = engine.segmenter.encoder.encode
-    engine.segmenter.encoder.encode = lambda *args, **kwargs: calls.append(1) or encode(*args, **kwargs)
-    first = engine.segment(astronaut, "astronaut . rocket . flag", box_threshold=0.2)
-    assert len(first) > 1 and len(calls) == 1  # all boxes decoded from one encoding
-    engine.segment(astronaut, "cat", box_threshold=0.2)  # re-prompt: embedding reused
-    assert len(calls) == 1
-    engine.segment(chelsea, "cat", box_threshold=0.2)
-    assert len(calls) == 2
+    with counting_sam_encodes(engine.segmenter) as calls:
+        first = engine.segment(astronaut, "astronaut . rocket . flag", box_threshold=0.2)
+        assert len(first) > 1 and len(calls) == 1  # all boxes decoded from one encoding
+        engine.segment(astronaut, "cat", box_threshold=0.2)  # re-prompt: embedding reused
+        assert len(calls) == 1
+        engine.segment(chelsea, "cat", box_threshold=0.2)
+        assert calls == [engine.segmenter.encoder.name] * 2
 
 
 def test_mobile_sam_variant_segments(tiny_cache, chelsea):

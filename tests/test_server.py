@@ -36,6 +36,7 @@ from backend.heatmaps import normalize_map
 from backend.label_config import parse_label_config
 from backend.ls_api import Credentials
 from backend.ls_model import ModelSettings
+from tests.sam_encodes import counting_sam_encodes
 from tests.test_fetch import LEGACY_TOKEN, FakeLabelStudio, data_url, free_port
 
 CONFIG = """
@@ -425,24 +426,26 @@ def test_api_segment_json(client):
     assert garbage.status_code == 422
 
 
-def test_api_explain_json_and_cache(client, quick_engine, monkeypatch):
+def test_api_explain_json_and_cache(client, quick_engine):
     encoder = quick_engine.segmenter.sam.image_encoder
-    calls = []
-    forward = encoder.forward
-    monkeypatch.setattr(encoder, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     image = photo(9)
     request = {"image": data_url(image), "prompt": "cat . car", "box_threshold": 0.05, "text_threshold": 0.1}
-    first = client.post("/api/explain", json=request)
+    with counting_sam_encodes(quick_engine.segmenter) as calls:
+        first = client.post("/api/explain", json=request)
+        # Same image + prompt + thresholds again: from the cache, no encoder run, the same answer.
+        again = client.post("/api/explain", json=request).get_json()
+        explanation = quick_engine.explain(rgb_of(image), ["cat", "car"], 0.05, 0.1)  # the cached one too
     assert first.status_code == 200, first.get_json()
     body = parse(first.get_json(), ExplanationJson)
-    assert body["cached"] is False and len(calls) == 1
+    assert body["cached"] is False and again["cached"] is True
+    assert len(calls) == 1, f"the image is encoded once for the three calls, got {calls}"
+    assert again["segments"] == body["segments"] and again["encoder"] == body["encoder"]
     height, width = rgb_of(image).shape[:2]
     assert (body["width"], body["height"], body["prompt"]) == (width, height, ["cat", "car"])
     assert (body["mask_width"], body["mask_height"]) == (width, height)  # small: masks at its own size
     assert body["model_version"] == quick_engine.model_version
     assert body["legend"]["colormap"] == "jet" and body["segments"]
     # The maps are SAM's token grids, once each; the token grid says how they lie over the photo.
-    explanation = quick_engine.explain(rgb_of(image), ["cat", "car"], 0.05, 0.1)
     grid = body["token_grid"]
     assert (grid["input_height"], grid["input_width"], grid["img_size"]) == (*explanation.input_size, 1024)
 
@@ -468,10 +471,6 @@ def test_api_explain_json_and_cache(client, quick_engine, monkeypatch):
         assert [t["token"] for t in segment["token_scores"]] == ["cat", "car"]
         assert set(segment["phrase_scores"]) == {"cat", "car"}
         assert "mask_rle" not in segment  # a view, not an annotation
-    # Same image + prompt + thresholds again: from the cache, no encoder run, the same answer.
-    again = client.post("/api/explain", json=request).get_json()
-    assert again["cached"] is True and len(calls) == 1
-    assert again["segments"] == body["segments"] and again["encoder"] == body["encoder"]
 
 
 def test_explain_answer_parses_and_a_renamed_or_missing_field_is_named(client):
@@ -523,7 +522,7 @@ def test_explain_of_a_megapixel_photo_answers_under_1_5_mb(engine):
     assert len(response.data) < 1.5 * MB, f"{len(response.data) / MB:.2f} MB"
 
 
-def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeypatch):
+def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls):
     image = photo(11)
     fake_ls.files["/data/upload/6/t.png"] = image
     fake_ls.tasks[60] = {"id": 60, "project": 6, "data": {"image": "/data/upload/6/t.png"}, "predictions": []}
@@ -532,12 +531,9 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
         credentials=Credentials(fake_ls.url, LEGACY_TOKEN), fetch=FetchSettings(max_bytes=1 << 20, timeout=5)))
     entry = predict(client, [fake_ls.tasks[60]], project="6.17").get_json()["results"][0]
     assert brush_regions(entry)
-    encoder = quick_engine.segmenter.sam.image_encoder
-    calls = []
-    forward = encoder.forward
-    monkeypatch.setattr(encoder, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    body = client.post("/api/tasks/60/explain").get_json()
-    assert body["cached"] is True and not calls
+    with counting_sam_encodes(quick_engine.segmenter) as calls:
+        body = client.post("/api/tasks/60/explain").get_json()
+    assert body["cached"] is True and calls == []
     assert (body["task"], body["project"], body["prompt_source"]) == (60, 6, "labels")
     parse(body, TaskExplanationJson)
     assert body["prompt"] == LABEL_PROMPT
@@ -552,10 +548,10 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls, monkeyp
     assert client.post("/api/tasks/61/explain").status_code == 502  # Label Studio has no such task
     # After an interactive prediction, the task's explanation uses the prompt the project remembers.
     predict(client, [fake_ls.tasks[60]], project="6.17", context={"result": [textarea("truck")]})
-    calls.clear()
-    body = client.post("/api/tasks/60/explain?project=6").get_json()
+    with counting_sam_encodes(quick_engine.segmenter) as calls:
+        body = client.post("/api/tasks/60/explain?project=6").get_json()
     assert (body["cached"], body["prompt_source"], body["prompt"]) == (True, "project", ["truck"])
-    assert not calls
+    assert calls == []
 
 
 def test_explain_without_encoder_attention_says_why(tiny_cache):

@@ -1,0 +1,47 @@
+"""Counting SAM image encodes where the segmenter hands the image to its encoder runtime.
+
+A forward hook on ``sam.image_encoder`` counts nothing when the runtime is OpenVINO (the torch module
+never runs), so "encoded once" / "nothing encoded" checks count at ``SamSegmenter.encoder.encode``:
+the one call every embedding goes through, whichever runtime (``RUNTIME``) serves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from backend.encoder_runtime import EncodedImage
+    from backend.segmenter import SamSegmenter
+
+
+@contextmanager
+def counting_sam_encodes(segmenter: SamSegmenter) -> Iterator[list[str]]:
+    """Record each image encode ``segmenter`` runs while the block is open.
+
+    Arguments:
+      segmenter: the engine's ``SamSegmenter`` (shared by engines built from the same models).
+    Returns:
+      (as the context value) a list that gains the runtime's name ("torch" or "openvino") per encode.
+    """
+    runtime = segmenter.encoder
+    encode = runtime.encode
+    # An instance attribute shadows the class's method; a wrapper already there (nested use) comes back.
+    shadowed = "encode" in vars(runtime)
+    calls: list[str] = []
+
+    def counted(image: torch.Tensor, input_size: tuple[int, int], capture: bool) -> EncodedImage:
+        calls.append(runtime.name)
+        return encode(image, input_size, capture)
+
+    runtime.encode = counted  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        if shadowed:
+            runtime.encode = encode  # type: ignore[method-assign]
+        else:
+            del runtime.encode
