@@ -391,7 +391,11 @@ def _sdpa(
 
 
 def _no_autograd(*tensors: torch.Tensor) -> bool:
-    """Whether out= and in-place ops may be used (they are not differentiable)."""
+    """Whether out= and in-place ops into reused buffers may be used: not under autograd (they are not
+    differentiable), and not while torch.export traces the encoder for OpenVINO (a graph has no
+    buffers to reuse, and export's functionalisation refuses the strided view of an out= result)."""
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
