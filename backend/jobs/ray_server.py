@@ -16,10 +16,9 @@ from __future__ import annotations
 import logging
 import re
 import socket
-import threading
 
 from .ray_runner import RaySettings, run_job_on_ray
-from .runner import DEFAULT_POLL_S, worker_gone, worker_name
+from .runner import DEFAULT_POLL_S, JobThread, worker_name
 from .store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -72,9 +71,9 @@ def connect_ray(address: str) -> None:
         raise RayAddressError(f"RAY_ADDRESS={address!r}: Ray could not connect: {exc}") from exc
 
 
-class RayJobRunner:
-    """The server's runner when RAY_ADDRESS is set; the same ``start``/``stop``/``wake``/``running`` as
-    ``JobRunner``, plus ``problem`` (why jobs are not running, for /health).
+class RayJobRunner(JobThread):
+    """The server's runner when RAY_ADDRESS is set: a ``JobThread`` like ``JobRunner`` whose loop runs
+    each job on the cluster, with ``problem`` saying why jobs are not running (for /health).
 
     Arguments:
         store: the shared job store.
@@ -83,52 +82,20 @@ class RayJobRunner:
         poll_s: idle wait between looks for work (``wake()`` cuts it short).
     """
 
+    thread_name = "ray-job-runner"
+    where = " on Ray"
+
     def __init__(self, store: JobStore, address: str, *, settings: RaySettings | None = None,
                  poll_s: float = DEFAULT_POLL_S) -> None:
-        self.store = store
+        super().__init__(store, poll_s)
         self.address = address
         self.settings = settings
-        self.poll_s = poll_s
         self.worker_id = worker_name()  # a plain one: a restart after a kill -9 takes its claims back at once
         self._problem: str | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
 
     @property
     def problem(self) -> str | None:
         return self._problem
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        """Resume unfinished jobs (tasks of dead workers go back to pending) and work in a thread."""
-        if self.running:
-            return
-        unfinished = self.store.resume(gone=worker_gone)
-        if unfinished:
-            logger.info("resuming %d unfinished prediction job(s) on Ray: %s", len(unfinished), ", ".join(unfinished))
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="ray-job-runner", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the result in hand; the tasks not finished go back to pending."""
-        self._stop.set()
-        self._wake.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout)
-
-    def wake(self) -> None:
-        """Look for work now (a job was just created)."""
-        self._wake.set()
-
-    def _wait(self, seconds: float) -> None:
-        self._wake.wait(seconds)
-        self._wake.clear()
 
     def _loop(self) -> None:
         settings = self._connect()

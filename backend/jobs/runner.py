@@ -80,6 +80,64 @@ class BackgroundRunner(Protocol):
     def wake(self) -> None: ...
 
 
+class JobThread:
+    """What both runners of the server's jobs share: ``start`` resumes the store's unfinished jobs
+    (tasks of dead workers go back to pending) and runs ``_loop`` in a daemon thread until ``stop``;
+    ``wake`` cuts an idle ``_wait`` short. ``JobRunner`` works in this process, ``RayJobRunner`` on a
+    Ray cluster; each writes its own ``_loop``."""
+
+    thread_name = "job-runner"
+    where = ""  # how the resume log line says where the jobs run
+
+    def __init__(self, store: JobStore, poll_s: float) -> None:
+        self.store = store
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def problem(self) -> str | None:
+        """Why jobs are not running now, for /health; None when fine."""
+        return None
+
+    def start(self) -> None:
+        """Resume unfinished jobs and work in a thread (again only once the last one has ended)."""
+        if self.running:
+            return
+        unfinished = self.store.resume(gone=worker_gone)
+        if unfinished:
+            logger.info("resuming %d unfinished prediction job(s)%s: %s", len(unfinished), self.where,
+                        ", ".join(unfinished))
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the work in hand and end the thread; the tasks not finished go back to pending."""
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+
+    def wake(self) -> None:
+        """Look for work now (a job was just created)."""
+        self._wake.set()
+
+    def _wait(self, seconds: float) -> None:
+        """Idle for ``seconds``, or until ``wake``/``stop``."""
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
 class PermanentTaskError(Exception):
     """The task itself is wrong (no image in its data, ...): fail it without retrying."""
 
@@ -135,7 +193,7 @@ def worker_gone(owner: str) -> bool:
     return bool(started and now) and now != started  # the pid was reused by another process
 
 
-class JobRunner:
+class JobRunner(JobThread):
     """Processes the store's jobs, a batch at a time, in the foreground (``run_until_idle``,
     ``run_job``) or in a background thread (``start``/``stop``).
 
@@ -157,13 +215,12 @@ class JobRunner:
                  flush_s: float = DEFAULT_FLUSH_S, worker_id: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.store = store
+        super().__init__(store, poll_s)
         self.predict = predict
         self.client_factory = client_factory
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.lease_s = lease_s
-        self.poll_s = poll_s
         self.flush_s = flush_s
         self._unwritten: _Unwritten | None = None
         # Writing a chunk costs Label Studio about as long as predicting it with the tiny models, so a
@@ -172,43 +229,13 @@ class JobRunner:
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
         self.worker_id = worker_id or worker_name()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- background --------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Resume unfinished jobs (tasks of dead workers go back to pending) and work in a thread."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        unfinished = self.store.resume(gone=worker_gone)
-        if unfinished:
-            logger.info("resuming %d unfinished prediction job(s): %s", len(unfinished), ", ".join(unfinished))
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
-        self._thread.start()
-
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the task in hand, write what was predicted, hand the other claimed tasks back, and
         end the thread."""
-        self._stop.set()
-        self._wake.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout)
+        super().stop(timeout)
         self._close_writer(timeout)
-
-    def wake(self) -> None:
-        """Look for work now (a job was just created)."""
-        self._wake.set()
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def problem(self) -> str | None:
-        return None  # in-process: nothing outside this process to wait for
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -218,8 +245,7 @@ class JobRunner:
                 logger.exception("job runner: unexpected error; retrying in %.0f s", self.poll_s)
                 worked = False
             if not worked:
-                self._wake.wait(self.poll_s)
-                self._wake.clear()
+                self._wait(self.poll_s)
         self._flush_quietly()
 
     def _flush_quietly(self) -> None:
