@@ -45,6 +45,7 @@ from .panels import (
     error_html,
     error_line,
     example_photos,
+    masks_html,
     output_and_explanation,
     redraw,
     same_masks,
@@ -372,8 +373,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             block = region_link.region_html(focus, shown, explanation)
             update: dict[Component, Any] = {region: gr.HTML(block, visible=bool(block))}
             if focus is not None and focus.index is not None:
-                update[task_panels.masks] = views.figure_grid_html("Masks", shown.mask_gallery(), "Mask cut-out",
-                                                                   views.THUMB_PX, selected=focus.index)
+                update[task_panels.masks] = masks_html(shown, selected=focus.index)
             yield update
 
         # -- events: jobs; the timer runs only while the Jobs tab is on show --

@@ -113,7 +113,7 @@ class Panels:
     def segmentation(self, result: views.Segmentation, show_labels: bool,
                      box_threshold: float | None) -> dict[Component, Any]:
         return {self.output_error: "", self.overlay: views.picture_html(result.overlay(show_labels), alt_text(result)),
-                self.masks: views.figure_grid_html("Masks", result.mask_gallery(), "Mask cut-out", views.THUMB_PX),
+                self.masks: masks_html(result),
                 self.summary: segmentation_summary(result, box_threshold), self.state: result}
 
     def explanation(self, view: views.ExplanationView) -> dict[Component, Any]:
@@ -134,6 +134,12 @@ class Panels:
 
 
 _WHY_LABEL = "<h4>Why this label</h4><p><small>Grounding DINO's score of each prompt word, per mask</small></p>"
+
+
+def masks_html(result: views.Segmentation, selected: int | None = None) -> str:
+    """The Output panel's grid of mask cut-outs (already previews: ``views.MASK_PREVIEW_SIDE``), with
+    mask ``selected`` marked (a deep link's region)."""
+    return views.figure_grid_html("Masks", result.mask_gallery(), "Mask cut-out", selected=selected)
 
 
 def segmentation_summary(result: views.Segmentation, box_threshold: float | None) -> str:

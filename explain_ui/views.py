@@ -318,7 +318,6 @@ def legend_html(legend: Mapping[str, Any]) -> str:
 
 
 # -- pictures as HTML: every image with its alt text and its whole caption --------------------------------
-THUMB_PX = 480  # mask cut-outs are shown at most this wide (twice a grid cell: sharp on dense screens)
 
 
 def data_url(image: np.ndarray | bytes | str, max_side: int | None = None) -> str:
