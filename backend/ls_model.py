@@ -3,36 +3,33 @@
 Like a label-studio-ml ``LabelStudioMLBase`` subclass, ``GroundedSamModel`` answers /setup,
 /predict and /webhook, but it is one long-lived object per process (the engine is big) and keeps
 its per-project state in a small locked store instead of on the instance. The pieces it uses live
-beside it: ``prompts`` (which prompt and thresholds), ``ls_results`` (segments -> Label Studio
-results), ``project_state`` (per-project memory) and ``engine_holder`` (the engine of this process).
+beside it: ``model_settings`` (its environment), ``prompts`` (which prompt and thresholds),
+``ls_results`` (segments -> Label Studio results), ``predict_parts`` (entries, counters, read-ahead),
+``project_state`` (per-project memory) and ``engine_holder`` (the engine of this process).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Generator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlencode
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import env_size
 from .detector import PromptError
 from .engine_holder import EngineHolder
 from .errors import BadRequest, EngineNotReady, TaskError
-from .fetch import FetchError, FetchSettings, fetch_image
+from .fetch import FetchError, fetch_image
 from .images import ImageError
 from .jobs.store import Job, JobStore
 from .label_config import ImageTarget, LabelConfig, TaskDataError, parse_label_config
 from .ls_api import ClientRegistry, Credentials, LabelStudioClient, LabelStudioError, normalise_url, register_secret
 from .ls_results import prediction, segments_to_results
-from .project_state import DEFAULT_PROJECT_MEMORY_BYTES, ProjectMemory, project_key
+from .model_settings import ModelSettings
+from .predict_parts import PredictionStats, PredictOutcome, failed_entry, queued_entry, read_ahead
+from .project_state import ProjectMemory, project_key
 from .prompts import (
     PromptInput,
     PromptPlan,
@@ -42,159 +39,12 @@ from .prompts import (
     read_context,
     read_extra_params,
     read_results,
-    split_typed_prompt,
 )
 
 if TYPE_CHECKING:
     from .jobs.runner import BackgroundRunner, JobRunner, TaskPredictor
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PREFETCH_TASKS = 2
-# Label Studio waits ML_TIMEOUT_PREDICT (100 s by default) for a /predict and stores nothing when it
-# gives up: answer before that, and hand the tasks not reached to a background job.
-DEFAULT_PREDICT_DEADLINE_S = 80.0
-DEFAULT_MAX_LABEL_CONFIG_BYTES = 1 << 20  # Label Studio's configs are a few KiB; 1000 labels ~60 KiB
-_Item = TypeVar("_Item")
-_Loaded = TypeVar("_Loaded")
-
-
-# -- the model ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSettings:
-    default_prompt: tuple[str, ...] | None = None  # PROMPT
-    credentials: Credentials | None = None  # LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY
-    fetch: FetchSettings = FetchSettings()
-    engine_wait_s: float = 60.0  # how long a request waits for models still loading
-    explain_ui_url: str | None = None  # EXPLAIN_UI_URL: link each predicted region to its explanation
-    # PREFETCH_TASKS: in a batch, images of this many next tasks are downloaded and decoded while the
-    # models work on the current one (0: one after the other).
-    prefetch_tasks: int = DEFAULT_PREFETCH_TASKS
-    max_label_config_bytes: int = DEFAULT_MAX_LABEL_CONFIG_BYTES  # MAX_LABEL_CONFIG_BYTES: bigger schemas get 400
-    project_memory_bytes: int = DEFAULT_PROJECT_MEMORY_BYTES  # PROJECT_MEMORY_BYTES: per-project state kept
-    # PREDICT_DEADLINE_S: a batch /predict answers by then; tasks it did not reach go to a background
-    # job (0: no deadline). Keep it below Label Studio's ML_TIMEOUT_PREDICT.
-    predict_deadline_s: float = DEFAULT_PREDICT_DEADLINE_S
-
-    def __post_init__(self) -> None:
-        if self.prefetch_tasks < 0:
-            raise ValueError(f"PREFETCH_TASKS must be >= 0, got {self.prefetch_tasks}")
-        if not self.predict_deadline_s >= 0:
-            raise ValueError(f"PREDICT_DEADLINE_S must be >= 0 seconds, got {self.predict_deadline_s}")
-
-    def check_label_config(self, schema: str | None) -> None:
-        """BadRequest naming MAX_LABEL_CONFIG_BYTES when ``schema`` is bigger than that."""
-        size = len(schema.encode("utf-8", "surrogatepass")) if schema else 0
-        if size > self.max_label_config_bytes:
-            raise BadRequest(f"the labeling config is {size:,} bytes, over the {self.max_label_config_bytes:,}-byte "
-                             "limit (MAX_LABEL_CONFIG_BYTES)")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ModelSettings:
-        env = os.environ if env is None else env
-        prompt = env.get("PROMPT", "").strip()
-        try:
-            credentials = Credentials.from_env(env)
-        except ValueError as exc:
-            raise ValueError(f"LABEL_STUDIO_URL: {exc}") from exc
-        try:
-            prefetch_tasks = int(env.get("PREFETCH_TASKS") or DEFAULT_PREFETCH_TASKS)
-        except ValueError as exc:
-            raise ValueError(f"PREFETCH_TASKS must be a whole number: {exc}") from exc
-        try:
-            deadline = float(env.get("PREDICT_DEADLINE_S") or DEFAULT_PREDICT_DEADLINE_S)
-        except ValueError as exc:
-            raise ValueError(f"PREDICT_DEADLINE_S must be a number of seconds: {exc}") from exc
-        return cls(
-            default_prompt=tuple(split_typed_prompt(prompt)) if prompt else None,
-            credentials=credentials,
-            fetch=FetchSettings.from_env(env),
-            engine_wait_s=float(env.get("ENGINE_WAIT_S") or 60.0),
-            explain_ui_url=(env.get("EXPLAIN_UI_URL") or "").strip().rstrip("/") or None,
-            prefetch_tasks=prefetch_tasks,
-            max_label_config_bytes=env_size(env, "MAX_LABEL_CONFIG_BYTES", DEFAULT_MAX_LABEL_CONFIG_BYTES),
-            project_memory_bytes=env_size(env, "PROJECT_MEMORY_BYTES", DEFAULT_PROJECT_MEMORY_BYTES),
-            predict_deadline_s=deadline,
-        )
-
-    def explain_link(self, task_id: Any, project: str | None, region: str | None = None) -> str | None:
-        """``{EXPLAIN_UI_URL}/?task=<id>&project=<project>&region=<result id>`` (the page opens that
-        region's explanation first), or None without a URL or task id.
-
-        Arguments:
-            task_id: the Label Studio task id (an int; anything else gives None).
-            project: the project id, left out when None.
-            region: the result id (``ls_results.region_id``), left out when None.
-        Returns:
-            The link, percent-encoded, or None.
-        """
-        if not self.explain_ui_url or task_id is None or isinstance(task_id, bool):
-            return None
-        query = {"task": task_id, **({"project": project} if project is not None else {}),
-                 **({"region": region} if region else {})}
-        return f"{self.explain_ui_url}/?{urlencode(query)}"
-
-
-@dataclass
-class PredictOutcome:
-    results: list[dict[str, Any]]
-    errors: list[dict[str, Any]]
-    plan: PromptPlan
-    # The background job that predicts the tasks this call did not reach before PREDICT_DEADLINE_S
-    # (or that an earlier job already holds), and how many of this call's tasks it holds.
-    job_id: str | None = None
-    queued: int = 0
-
-    @property
-    def dropped_phrases(self) -> list[str]:
-        """Phrases of the prompt that match no label and were not detected (see ``check_prompt_labels``)."""
-        return list(self.plan.dropped)
-
-
-def queued_entry(job_id: str, version: str) -> dict[str, Any]:
-    """The /predict entry of a task handed to a background job: no ``result``, so Label Studio stores
-    nothing now; the job writes the prediction (same version) through Label Studio's API."""
-    return {"model_version": version, "job": job_id}
-
-
-def failed_entry(message: str, version: str) -> dict[str, Any]:
-    """The /predict entry of a task that failed: no ``result``, so Label Studio stores nothing (it skips
-    entries without one, keeping the others' positions) and the next "Retrieve predictions" asks again;
-    ``error`` says why to whoever reads the response (Label Studio ignores keys it doesn't know)."""
-    return {"error": message, "model_version": version}
-
-
-class PredictionStats:
-    """Tasks predicted since the process started, for /metrics and /health; thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.started = time.time()
-        self._ok = 0
-        self._empty = 0
-        self._failed: dict[str, int] = {}
-
-    def record_ok(self, regions: int) -> None:
-        with self._lock:
-            self._ok += 1
-            self._empty += regions == 0
-
-    def record_failure(self, exc: BaseException) -> None:
-        with self._lock:
-            reason = type(exc).__name__
-            self._failed[reason] = self._failed.get(reason, 0) + 1
-
-    @property
-    def failed_tasks(self) -> int:
-        with self._lock:
-            return sum(self._failed.values())
-
-    def snapshot(self) -> dict[str, Any]:
-        """``{"since": <unix time>, "tasks_predicted": n, "tasks_empty": n, "tasks_failed": n,
-        "failed_by_reason": {"FetchError": n, ...}}``; empty predictions are counted as predicted."""
-        with self._lock:
-            return {"since": round(self.started, 3), "tasks_predicted": self._ok, "tasks_empty": self._empty,
-                    "tasks_failed": sum(self._failed.values()), "failed_by_reason": dict(sorted(self._failed.items()))}
 
 
 class GroundedSamModel:
@@ -524,31 +374,6 @@ class GroundedSamModel:
             reply["detail"] = "Grounded SAM is zero-shot: training is a no-op"
         return reply
 
-
-def read_ahead(items: Sequence[_Item], load: Callable[[_Item], _Loaded],
-               ahead: int) -> Generator[Future[_Loaded], None, None]:
-    """``load(item)`` of every item as a Future, in order, with up to ``ahead`` loads running on
-    threads ahead of the consumer: downloads overlap the model's work, and at most ``ahead + 1``
-    loaded items are held at once. A load's exception is raised by its Future's ``result()``."""
-    if ahead < 1 or len(items) < 2:
-        for item in items:
-            done: Future[_Loaded] = Future()
-            try:
-                done.set_result(load(item))
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer, as a pool would
-                done.set_exception(exc)
-            yield done
-        return
-    pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="prefetch")
-    try:
-        pending = deque(pool.submit(load, item) for item in items[: ahead + 1])
-        for item in items[ahead + 1:]:
-            yield pending.popleft()
-            pending.append(pool.submit(load, item))
-        while pending:
-            yield pending.popleft()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _task_id(task: Any) -> int | None:

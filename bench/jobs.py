@@ -94,7 +94,7 @@ def run_jobs_bench(tasks: int, engine_json: Path, log: Any) -> tuple[JobBench, d
     from backend.jobs.store import JobStore
     from backend.ls_api import Credentials
     from backend.preannotate import build_model
-    from bench.run import photos
+    from bench.measure import photos
     from tests.ls_server import LabelStudioServer, list_predictions
 
     env = {"ENGINE_CONFIG": str(engine_json), "BOX_THRESHOLD": "0.2", "TEXT_THRESHOLD": "0.2", "MAX_DETECTIONS": "2"}

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from backend.heap import reuse_freed_memory
     from backend.models import cpu_bf16_kind, cpu_flags
-    from bench.run import machine, matmul_gflops, photos
+    from bench.measure import machine, matmul_gflops, photos
 
     torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as the engine does on CPU (REUSE_FREED_MEMORY, default on)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from backend.images import ImageError, load_rgb
 
-from . import views
+from . import html_parts, views
 
 # -- look: contrast and layout --------------------------------------------------------------------------------
 # Gradio's default help text (#bbbbc2 on white, 1.9:1) and Run button (white on #f97316, 2.8:1) are below
@@ -112,21 +112,22 @@ class Panels:
 
     def segmentation(self, result: views.Segmentation, show_labels: bool,
                      box_threshold: float | None) -> dict[Component, Any]:
-        return {self.output_error: "", self.overlay: views.picture_html(result.overlay(show_labels), alt_text(result)),
+        overlay = html_parts.picture_html(result.overlay(show_labels), alt_text(result))
+        return {self.output_error: "", self.overlay: overlay,
                 self.masks: masks_html(result),
                 self.summary: segmentation_summary(result, box_threshold), self.state: result}
 
     def explanation(self, view: views.ExplanationView) -> dict[Component, Any]:
         return {
             self.explain_error: "", self.status: view.status, self.legend: view.legend_html,
-            self.encoder_heatmaps: views.figure_grid_html(
+            self.encoder_heatmaps: html_parts.figure_grid_html(
                 "Encoder: attention each place received", view.encoder_heatmaps,
                 "Encoder attention heatmap"),
-            self.encoder_overlays: views.figure_grid_html(
+            self.encoder_overlays: html_parts.figure_grid_html(
                 "Encoder: the same, over the image", view.encoder_overlays, "Encoder attention overlay"),
-            self.decoder_maps: views.figure_grid_html(
+            self.decoder_maps: html_parts.figure_grid_html(
                 "Decoder: where each mask's token looked", view.decoder_maps, "Mask decoder attention"),
-            self.mask_looks: views.figure_grid_html(
+            self.mask_looks: html_parts.figure_grid_html(
                 "Encoder, last global block: where each mask's own tokens look", view.mask_looks,
                 "Mask tokens' attention"),
             self.grounding: _WHY_LABEL + view.grounding_html if view.grounding_html else "",
@@ -139,7 +140,7 @@ _WHY_LABEL = "<h4>Why this label</h4><p><small>Grounding DINO's score of each pr
 def masks_html(result: views.Segmentation, selected: int | None = None) -> str:
     """The Output panel's grid of mask cut-outs (already previews: ``views.MASK_PREVIEW_SIDE``), with
     mask ``selected`` marked (a deep link's region)."""
-    return views.figure_grid_html("Masks", result.mask_gallery(), "Mask cut-out", selected=selected)
+    return html_parts.figure_grid_html("Masks", result.mask_gallery(), "Mask cut-out", selected=selected)
 
 
 def segmentation_summary(result: views.Segmentation, box_threshold: float | None) -> str:
@@ -249,4 +250,4 @@ def step_html(step: int, what: str) -> str:
 
 def redraw(show_labels: bool, result: views.Segmentation | None) -> Any:
     """The labels toggle: redraw what is on show (no backend call)."""
-    return views.picture_html(result.overlay(show_labels), alt_text(result)) if result is not None else gr.skip()
+    return html_parts.picture_html(result.overlay(show_labels), alt_text(result)) if result is not None else gr.skip()

@@ -22,7 +22,8 @@ from backend.ls_results import parse_region_id
 from backend.types import Box
 
 from .client import BackendError
-from .views import ExplanationView, GalleryItem, Segmentation, _bar, data_url, stored_segments
+from .html_parts import data_url, score_bar
+from .views import ExplanationView, GalleryItem, Segmentation, stored_segments
 
 MATCH_IOU = 0.5  # a stored region and an explained mask overlapping less than this are not the same mask
 _NUMBERED = re.compile(r"#(\d+)\s")  # the "#n " every per-mask caption of the page starts with
@@ -175,7 +176,7 @@ def region_html(focus: RegionFocus | None, shown: Segmentation, view: Explanatio
         figures += [_figure(image, text) for image, text in _numbered(view.decoder_maps, number)]
         figures += [_figure(image, text) for image, text in _numbered(view.mask_looks, number)]
     top = max((score for _, score in segment.token_scores), default=None)
-    bars = "".join(_bar(token, score, score == top) for token, score in segment.token_scores)
+    bars = "".join(score_bar(token, score, score == top) for token, score in segment.token_scores)
     phrases = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in segment.phrase_scores.items())
     iou = f" · IoU {segment.predicted_iou:.2f}" if np.isfinite(segment.predicted_iou) else ""
     how = {"stored mask": "found by its stored mask", "stored box": "found by its stored box",

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from backend.types import Segment
-from explain_ui import views
+from explain_ui import html_parts, views
 from explain_ui.panels import EXAMPLES, THEME, example_photos, segmentation_summary, uploaded_rgb
 from tests.browser_page import contrast
 
@@ -27,37 +27,37 @@ def _decoded(src: str) -> np.ndarray:
 
 def test_picture_grid_gives_every_image_its_alt_text_and_whole_caption(chelsea):
     caption = "block 3 (global, last layer) <b>"
-    html = views.figure_grid_html("Encoder maps", [(chelsea, caption), (chelsea[:50, :80], "#2 cat")], "Heatmap")
+    html = html_parts.figure_grid_html("Encoder maps", [(chelsea, caption), (chelsea[:50, :80], "#2 cat")], "Heatmap")
     assert html.count("<figure>") == 2 and "<h4>Encoder maps</h4>" in html
     assert 'alt="Heatmap: block 3 (global, last layer) &lt;b&gt;"' in html  # escaped, never cut
     assert "<figcaption>block 3 (global, last layer) &lt;b&gt;</figcaption>" in html
     sources = re.findall(r'src="([^"]+)"', html)
     assert [_decoded(s).shape for s in sources] == [chelsea.shape, (50, 80, 3)]  # sent at their own size
     assert np.abs(_decoded(sources[0]).astype(int) - chelsea).mean() < 4  # the same picture (JPEG)
-    assert views.figure_grid_html("Encoder maps", [], "Heatmap") == ""  # nothing: no empty grid
+    assert html_parts.figure_grid_html("Encoder maps", [], "Heatmap") == ""  # nothing: no empty grid
 
 
 def test_mask_cut_outs_are_sent_as_thumbnails_with_the_image_aspect(astronaut):
-    html = views.figure_grid_html("Masks", [(astronaut[:, :256], "#1 person")], "Mask", max_side=200)
+    html = html_parts.figure_grid_html("Masks", [(astronaut[:, :256], "#1 person")], "Mask", max_side=200)
     (src,) = re.findall(r'src="([^"]+)"', html)
     assert _decoded(src).shape == (200, 100, 3)
 
 
 def test_output_picture_has_alt_text(chelsea):
-    html = views.picture_html(chelsea, 'The image with 1 mask(s) drawn: #1 cat "big"')
+    html = html_parts.picture_html(chelsea, 'The image with 1 mask(s) drawn: #1 cat "big"')
     assert 'alt="The image with 1 mask(s) drawn: #1 cat &quot;big&quot;"' in html
-    assert views.picture_html(None, "nothing") == ""
+    assert html_parts.picture_html(None, "nothing") == ""
 
 
 def test_legend_puts_the_colour_ends_in_words_beside_the_bar():
     legend = {"colormap": "jet", "low": "blue: little attention", "high": "red: most attention",
               "notes": ["Decoder map: where the decoder looked"]}
-    html = views.legend_html(legend)
+    html = html_parts.legend_html(legend)
     assert "linear-gradient(to right, rgb(0,0,128)" in html  # jet starts dark blue ...
     assert html.count("rgb(") == 9 and "rgb(128,0,0)" in html  # ... and ends dark red
     assert "blue: little attention" in html and "red: most attention" in html
     assert "Decoder map: where the decoder looked" in html
-    assert views.legend_html({}) == ""
+    assert html_parts.legend_html({}) == ""
 
 
 def test_no_detections_say_to_lower_the_box_threshold(chelsea):

@@ -233,7 +233,7 @@ class PredictActor:
         return _rows(rows)
 
     def _predict_and_write(self, tasks: list[JsonObject], prefetch: int) -> dict[int, tuple[str, str]]:
-        from ..ls_model import read_ahead
+        from ..predict_parts import read_ahead
 
         job, model = self.job, self.model
         rows: dict[int, tuple[str, str]] = {}
