@@ -119,7 +119,7 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
         # SDPA for the windowed blocks: the torch path and the exported graph both run it.
         sam_attention.use_fast_attention(image_encoder)
     torch_runtime = TorchImageEncoder(image_encoder, dtype)
-    if config.runtime == "torch" or (config.runtime == "auto" and device.type != "cpu"):
+    if not wants_openvino(config.runtime, device):
         return torch_runtime
     try:
         from .openvino_encoder import OpenVinoImageEncoder, cache_folder
@@ -132,6 +132,19 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
         logger.warning("RUNTIME=%s: SAM's image encoder runs on torch, because OpenVINO could not serve it: %s",
                        config.runtime, describe_error(exc))
         return torch_runtime
+
+
+def wants_openvino(setting: str, device: torch.device) -> bool:
+    """Whether RUNTIME=``setting`` asks for OpenVINO with the models on ``device`` (auto: on CPU only)."""
+    return setting == "openvino" or (setting == "auto" and device.type == "cpu")
+
+
+def expected_runtime(setting: str, device: torch.device) -> str:
+    """The runtime ``build_encoder_runtime`` will pick, judged without loading anything: "openvino" when
+    it is asked for and installed, else "torch" (a conversion that fails at load still falls back)."""
+    import importlib.util
+
+    return "openvino" if wants_openvino(setting, device) and importlib.util.find_spec("openvino") else "torch"
 
 
 def describe_error(exc: BaseException) -> str:

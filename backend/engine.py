@@ -47,7 +47,7 @@ class Engine:
                                          build_encoder_runtime(config, sam.image_encoder, device, dtype))
         self.detector = detector
         self.segmenter = segmenter
-        self.model_version = model_version(config)
+        self.model_version = model_version(config, self.segmenter.encoder.name)  # the runtime that serves
         # Bounded in bytes as well as entries: a feature map's size follows the image's aspect ratio,
         # an explanation's the number of masks. EMBEDDING_CACHE_BYTES is shared by the two models.
         per_model = config.embedding_cache_bytes // 2
@@ -146,10 +146,19 @@ def _unit(value: float, name: str) -> float:
     return value
 
 
-def model_version(config: EngineConfig) -> str:
+def model_version(config: EngineConfig, runtime: str | None = None) -> str:
     """A stable string for a model + settings: same files and settings -> same version everywhere.
 
     The precision is the one in effect ("auto" is fp32 on CPU, bf16 on most GPUs): outputs differ.
+    So does the runtime of SAM's image encoder: off torch the version ends in ``-<runtime>`` (torch's
+    versions are those from before there was a choice, so predictions stored then still count).
+
+    Arguments:
+        config: the engine's settings.
+        runtime: the runtime that serves (``Engine.segmenter.encoder.name``, after any fallback);
+            None before the models load: the one RUNTIME resolves to here (``expected_runtime``).
+    Returns:
+        ``grounded-sam-<sam>-<dino>-<10 hex digits>``, plus ``-openvino`` on OpenVINO.
     """
     from .models import effective_precision
 
@@ -163,7 +172,20 @@ def model_version(config: EngineConfig) -> str:
         "sam_prompt": "unclipped-box",  # SAM is prompted with DINO's box before clipping
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"grounded-sam-{config.sam_variant}-{config.dino_variant}-{digest}"
+    runtime = runtime or _expected_runtime(config)
+    return f"grounded-sam-{config.sam_variant}-{config.dino_variant}-{digest}" + (
+        "" if runtime == "torch" else f"-{runtime}")
+
+
+def _expected_runtime(config: EngineConfig) -> str:
+    from .encoder_runtime import expected_runtime
+    from .models import ModelLoadError, resolve_device
+
+    try:
+        device = resolve_device(config.device)
+    except ModelLoadError:
+        return "torch"  # the engine can't load here (effective_precision names the setting likewise)
+    return expected_runtime(config.runtime, device)
 
 
 def _file_fingerprint(path) -> str:

@@ -79,6 +79,7 @@ class EngineHolder:
             if not problems:
                 started = time.time()
                 engine = Engine(config)
+                version = engine.model_version  # names the runtime that serves (OpenVINO may fall back)
                 logger.info("models loaded in %.1f s: %s", time.time() - started, engine.describe())
         except Exception as exc:  # missing weights, bad config, broken checkpoint: report, keep serving
             logger.exception("loading the models failed")
@@ -139,7 +140,8 @@ class EngineHolder:
 
     @property
     def model_version(self) -> str | None:
-        """Known as soon as the config is read (before the models load), so /setup never waits."""
+        """Known as soon as the config is read (before the models load), so /setup never waits: until
+        then it names the runtime RUNTIME resolves to here, afterwards the one that serves."""
         if self._model_version is None and self._config is None:
             self._read_config_only()
         return self._model_version
