@@ -64,7 +64,8 @@ class TokenScoreJson(TypedDict):
 
 
 class SegmentJson(TypedDict):
-    """One mask, in every answer that has masks. ``box`` and ``area`` are in the image's own pixels."""
+    """One mask, in every answer that has masks. ``box`` and ``area`` are in the image's own pixels;
+    ``mask_png`` is at the answer's ``mask_width`` x ``mask_height``."""
 
     label: str  # the requested phrase the box matched best
     score: float  # Grounding DINO's box score
@@ -73,23 +74,20 @@ class SegmentJson(TypedDict):
     area: int  # mask pixels at the image's size
     phrase_scores: dict[str, float]  # per requested phrase
     token_scores: list[TokenScoreJson]  # per prompt token: why this label
-    mask_png: str  # base64 1-bit PNG, white = mask; size: the image's, or an explanation's mask size
-
-
-class PredictedSegmentJson(SegmentJson):
-    """A segment of a segmentation answer, with its mask as Label Studio stores it too."""
-
-    mask_rle: list[int]  # Label Studio brush RLE at the image's size
+    mask_png: str  # base64 1-bit PNG, white = mask, at the answer's mask size
 
 
 class SegmentationJson(TypedDict):
-    """``POST /api/segment``: masks at the image's own size."""
+    """``POST /api/segment``: the masks, small whatever the photo's size (as an explanation's: a view to
+    draw, not an annotation; Label Studio's brush RLE is /predict's, and a task's ``prediction``)."""
 
     model_version: str
     width: int  # the image's size, in pixels
     height: int
+    mask_width: int  # the size of the masks sent: at most WORKING_SIDE px on the long side
+    mask_height: int
     prompt: list[str]  # the phrases segmented
-    segments: list[PredictedSegmentJson]
+    segments: list[SegmentJson]
 
 
 class TaskRunJson(TypedDict):
@@ -239,7 +237,7 @@ def _check(value: object, hint: Any, where: str) -> None:
         if not isinstance(value, list):
             raise SchemaError(f"{where} must be a list, got {_kind(value)}")
         (item,) = get_args(hint)
-        if item in _NAMES:  # a list of scalars (a mask's RLE: ~10^6 numbers): one pass in C speed
+        if item in _NAMES:  # a list of scalars (a box, or a long list): one pass in C speed
             scalars = (int, float) if item is float else (item,)
             if all(type(element) in scalars for element in value):
                 return  # (bool's type is not int's: true in a list of integers falls through to the message)
@@ -274,6 +272,6 @@ def _kind(value: object) -> str:
 
 
 __all__ = ["ACTIVE_JOB_STATES", "JOB_STATES", "BlockMapJson", "CancelJson", "EncoderJson", "ExplainedSegmentJson",
-           "ExplanationJson", "JobJson", "JobListJson", "LegendJson", "MaskMapsJson", "PredictedSegmentJson",
+           "ExplanationJson", "JobJson", "JobListJson", "LegendJson", "MaskMapsJson",
            "SchemaError", "SegmentJson", "SegmentationJson", "TaskErrorJson", "TaskExplanationJson", "TaskJson",
            "TaskRunJson", "TaskSegmentationJson", "TokenGridJson", "TokenScoreJson", "parse"]

@@ -30,7 +30,6 @@ from .api_schema import (
     ExplainedSegmentJson,
     ExplanationJson,
     MaskMapsJson,
-    PredictedSegmentJson,
     SegmentationJson,
     SegmentJson,
     TaskExplanationJson,
@@ -47,7 +46,7 @@ from .heatmaps import LEGEND, MASK_MAPS, WORKING_SIDE, token_map_png
 from .images import working_size
 from .label_config import LabelConfig, parse_label_config
 from .ls_api import LabelStudioClient, LabelStudioError
-from .ls_results import mask_to_rle, prediction, segments_to_results
+from .ls_results import prediction, segments_to_results
 from .project_state import project_key
 from .prompts import PromptInput, PromptPlan, parse_threshold, split_typed_prompt
 from .types import Explanation, MaskExplanation, Segment
@@ -119,16 +118,16 @@ def _segment_fields(segment: Segment, mask: np.ndarray) -> SegmentJson:
     )
 
 
-def segment_json(segment: Segment) -> PredictedSegmentJson:
-    """A segment with its mask at the image's size, as a PNG and as a Label Studio brush RLE."""
-    mask = segment.mask  # made full size once for both encodings
-    return PredictedSegmentJson(**_segment_fields(segment, mask), mask_rle=mask_to_rle(mask))
-
-
 def segmentation_json(segments: list[Segment], phrases: tuple[str, ...], width: int, height: int,
                       version: str) -> SegmentationJson:
-    return SegmentationJson(model_version=version, width=int(width), height=int(height), prompt=list(phrases),
-                            segments=[segment_json(s) for s in segments])
+    """The /api/*segment response: each mask a PNG at ``mask_width`` x ``mask_height`` (at most
+    WORKING_SIDE px on the long side, as an explanation's), never made at the photo's own size: a
+    12-megapixel photo's masks were ~3 MB of brush RLE each, which the page never read."""
+    mask_height, mask_width = working_size((height, width), WORKING_SIDE)
+    return SegmentationJson(model_version=version, width=int(width), height=int(height), mask_width=mask_width,
+                            mask_height=mask_height, prompt=list(phrases),
+                            segments=[SegmentJson(**_segment_fields(s, s.mask_source.resized(mask_height, mask_width)))
+                                      for s in segments])
 
 
 def required_image_request() -> tuple[bytes, dict[str, Any]]:

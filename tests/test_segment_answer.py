@@ -1,0 +1,68 @@
+"""/api/segment answers with what the explain page draws, compactly: each mask one 1-bit PNG at most
+WORKING_SIDE px on the long side (``mask_width`` x ``mask_height``), never a full-size Label Studio
+brush RLE (8 masks of a 1-megapixel photo were ~8 MB of JSON numbers the page never read)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend._wsgi import ServerSettings, create_app
+from backend.api_schema import SegmentationJson, parse
+from backend.heatmaps import WORKING_SIDE
+from backend.images import working_size
+from explain_ui.views import segments_from_json
+from tests.test_memory import generated_photo
+
+PROMPT = "person . rocket . flag"
+PNG_OVERHEAD = 1024  # signature, IHDR, IDAT/IEND chunk headers, zlib header: well under 1 KiB
+FIELDS = 1024  # a segment's label, scores, box, area, token scores as JSON
+
+
+def _answer(engine, rgb: np.ndarray) -> tuple[bytes, SegmentationJson]:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+    client = create_app(engine=engine, settings=ServerSettings(load_on_start=False)).test_client()
+    form = {"image": (io.BytesIO(buffer.getvalue()), "photo.png"), "prompt": PROMPT, "box_threshold": "0",
+            "text_threshold": "0"}
+    response = client.post("/api/segment", data=form, content_type="multipart/form-data")
+    assert response.status_code == 200, response.get_json()
+    return response.data, parse(response.get_json(), SegmentationJson)
+
+
+def _bitmap_bound(masks: int, height: int, width: int) -> int:
+    """Bytes of an answer whose masks are each no bigger than their raw bitmap at ``height`` x ``width``
+    (one bit a pixel plus PNG's filter byte a row), base64'd, with the segment's other fields."""
+    png = (width + 7) // 8 * height + height + PNG_OVERHEAD
+    return masks * (4 * -(-png // 3) + FIELDS) + FIELDS
+
+
+@pytest.mark.parametrize("width, height", [(1000, 1000), (2400, 1600)])
+def test_segment_answer_is_at_most_a_bitmap_per_mask_at_working_size(engine, width, height):
+    rgb = generated_photo(width, height, seed=5)
+    data, body = _answer(engine, rgb)
+    mask_size = working_size((height, width), WORKING_SIDE)
+    assert (body["width"], body["height"]) == (width, height)
+    assert (body["mask_height"], body["mask_width"]) == mask_size
+    assert len(body["segments"]) == engine.config.max_detections, "every mask the engine may find"
+    assert len(data) <= _bitmap_bound(len(body["segments"]), *mask_size)
+    assert all("mask_rle" not in segment for segment in body["segments"])
+    expected = engine.segment(rgb, PROMPT, 0.0, 0.0)  # from the engine's caches: the same masks
+    for sent, segment in zip(body["segments"], expected, strict=True):
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask_png"]))))
+        assert np.array_equal(mask, segment.mask_source.resized(*mask_size))
+        assert sent["area"] == segment.area  # counted at the image's own size
+
+
+def test_page_draws_the_compact_masks_at_the_image_size(engine):
+    rgb = generated_photo(1000, 1000, seed=6)
+    _, body = _answer(engine, rgb)
+    segments = segments_from_json(body["segments"], rgb)
+    expected = engine.segment(rgb, PROMPT, 0.0, 0.0)
+    assert [s.label for s in segments] == [s.label for s in expected]
+    for shown, segment in zip(segments, expected, strict=True):
+        assert np.array_equal(shown.mask, segment.mask)  # under WORKING_SIDE: the masks themselves
