@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from backend.api_schema import ExplanationJson, SegmentationJson, SegmentJson, TaskRunJson
-from backend.heatmaps import HeatmapImage, at_working_size, render_explanation, token_map_from_png
+from backend.heatmaps import WORKING_SIDE, HeatmapImage, at_working_size, render_explanation, token_map_from_png
 from backend.images import ImageError, load_rgb, working_size
 from backend.render import draw_segments
 from backend.types import DenseMask, Explanation, MaskExplanation, Segment, as_box
@@ -27,6 +27,9 @@ GalleryItem = tuple[np.ndarray, str]
 # Mask cut-outs are previews: Gradio encodes every gallery image on each answer (~0.2 s a megapixel),
 # and a cut-out is shown at a gallery's size, well under this.
 MASK_PREVIEW_SIDE = 384
+# The Output picture is drawn at most this big: the masks come at this size, and the panel shows it
+# narrower still (drawing and encoding a 12-megapixel overlay took ~3.5 s).
+OVERLAY_SIDE = WORKING_SIDE
 Progress = Callable[..., Any]  # gr.Progress: progress(fraction, desc=...)
 
 
@@ -100,8 +103,12 @@ class Segmentation:
     task: tuple[int, str] | None = None  # (task id, project as asked) when the image is a task's
 
     def overlay(self, show_labels: bool = True) -> np.ndarray:
-        """The image with coloured masks, boxes and (optionally) ``label score`` text."""
-        return draw_segments(self.rgb, self.segments, show_labels=show_labels)
+        """The image with coloured masks, boxes and (optionally) ``label score`` text, at most
+        ``OVERLAY_SIDE`` px on the long side."""
+        rgb = at_working_size(self.rgb, OVERLAY_SIDE)
+        height, width = rgb.shape[:2]
+        segments = self.segments if rgb is self.rgb else [s.resized(height, width) for s in self.segments]
+        return draw_segments(rgb, segments, show_labels=show_labels)
 
     def mask_gallery(self) -> list[GalleryItem]:
         """One cut-out per mask: the photo inside the mask, dimmed outside it; at most
@@ -116,17 +123,31 @@ class Segmentation:
         return items
 
 
+@dataclass(frozen=True, eq=False)
+class SentMask:
+    """A mask as the backend sent it (at most WORKING_SIDE px on the long side) standing for the image's
+    full-size mask: scaled (nearest neighbour) only to the size something draws it at."""
+
+    sent: DenseMask
+    size: tuple[int, int]  # H, W of the image
+    area: int  # the backend's count of set pixels at the image's size
+
+    def resized(self, height: int, width: int) -> np.ndarray:
+        return self.sent.resized(height, width)
+
+
 def segments_from_json(items: Sequence[SegmentJson], rgb: np.ndarray) -> list[Segment]:
-    """The backend's ``segments`` (parsed by the client) -> Segments with masks at the image's size (an
-    explanation sends them at its mask size, at most 1024 px on the long side: scaled up here)."""
+    """The backend's ``segments`` (parsed by the client) -> Segments on the image (masks as sent, at
+    most WORKING_SIDE px on the long side, ``SentMask``: made full size only if asked for)."""
     segments = []
     for item in items:
-        mask = decode_mask(item["mask_png"])
-        if mask.shape != rgb.shape[:2]:
-            if working_size(rgb.shape[:2], max(mask.shape)) != mask.shape:
-                raise BackendError(f"the backend sent a {mask.shape[1]}x{mask.shape[0]} mask for a "
+        sent = decode_mask(item["mask_png"])
+        mask: np.ndarray | SentMask = sent
+        if sent.shape != rgb.shape[:2]:
+            if working_size(rgb.shape[:2], max(sent.shape)) != sent.shape:
+                raise BackendError(f"the backend sent a {sent.shape[1]}x{sent.shape[0]} mask for a "
                                    f"{rgb.shape[1]}x{rgb.shape[0]} image")
-            mask = DenseMask(mask).resized(*rgb.shape[:2])
+            mask = SentMask(DenseMask(sent), (int(rgb.shape[0]), int(rgb.shape[1])), int(item["area"]))
         try:
             box = as_box(item["box"])
         except (TypeError, ValueError) as exc:

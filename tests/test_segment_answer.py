@@ -66,3 +66,27 @@ def test_page_draws_the_compact_masks_at_the_image_size(engine):
     assert [s.label for s in segments] == [s.label for s in expected]
     for shown, segment in zip(segments, expected, strict=True):
         assert np.array_equal(shown.mask, segment.mask)  # under WORKING_SIDE: the masks themselves
+
+
+def test_page_keeps_a_big_photo_s_masks_as_sent_and_draws_at_working_size(engine):
+    """A photo past WORKING_SIDE: the page holds each mask at the size it came (no full-size copies of
+    a 12-megapixel mask per segment) and draws the Output picture at that size, masks on it."""
+    from explain_ui.views import Segmentation
+
+    width, height = 2400, 1600
+    rgb = generated_photo(width, height, seed=7)
+    _, body = _answer(engine, rgb)
+    segments = segments_from_json(body["segments"], rgb)
+    mask_size = (body["mask_height"], body["mask_width"])
+    for shown, sent in zip(segments, body["segments"], strict=True):
+        assert shown.mask_source.size == (height, width) and shown.area == sent["area"]
+        assert shown.mask.shape == (height, width)  # still made full size when something asks
+        assert np.array_equal(shown.mask_source.resized(*mask_size),
+                              np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask_png"])))))
+    result = Segmentation(rgb, segments)
+    drawn = result.overlay(show_labels=False)
+    assert drawn.shape == (*mask_size, 3)
+    plain = Segmentation(rgb, []).overlay(show_labels=False)
+    painted = np.any(drawn != plain, axis=2)
+    union = np.logical_or.reduce([s.mask_source.resized(*mask_size) for s in segments])
+    assert painted[union].mean() > 0.9  # the masks are what is coloured
