@@ -17,7 +17,7 @@ import numpy as np
 from gradio.components import Component
 from PIL import Image
 
-from backend.images import ImageError, load_rgb
+from backend.images import ImageError, load_rgb, working_size
 
 from . import html_parts, views
 
@@ -234,10 +234,13 @@ def example_photos(folder: Path | None = None) -> list[list[str]]:
 
 
 def same_masks(shown: views.Segmentation | None, result: views.Segmentation) -> bool:
+    """Whether ``result`` would draw the Output picture ``shown`` drew: masks compared at the size it is
+    drawn at (``views.OVERLAY_SIDE``), not made full size for a big photo."""
     if shown is None or len(shown.segments) != len(result.segments) or shown.rgb.shape != result.rgb.shape:
         return False
-    return all(a.label == b.label and np.array_equal(a.mask, b.mask) for a, b in
-               zip(shown.segments, result.segments, strict=True))
+    size = working_size(shown.rgb.shape[:2], views.OVERLAY_SIDE)
+    return all(a.label == b.label and np.array_equal(a.mask_source.resized(*size), b.mask_source.resized(*size))
+               for a, b in zip(shown.segments, result.segments, strict=True))
 
 
 SEGMENT_STEPS = ("detecting and segmenting on the backend", "explaining the masks (attention maps)")

@@ -28,6 +28,8 @@ from werkzeug.serving import make_server
 
 from backend._wsgi import REASON_MAX_CHARS, ServerSettings, _reason, create_app
 from backend.fetch import FetchSettings
+from backend.heatmaps import WORKING_SIDE
+from backend.images import working_size
 from backend.json_input import MAX_JSON_DEPTH
 from backend.ls_model import ModelSettings
 from tests.test_fetch import data_url, free_port
@@ -175,10 +177,14 @@ def test_extreme_aspect_ratios_segment(client, width, height):
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
     assert (body["width"], body["height"]) == (width, height)
+    mask_height, mask_width = working_size((height, width), WORKING_SIDE)  # sent no bigger than that
+    assert (body["mask_width"], body["mask_height"]) == (mask_width, mask_height)
     assert body["segments"]  # at these thresholds the models find something in any image
     for segment in body["segments"]:
         mask = Image.open(io.BytesIO(base64.b64decode(segment["mask_png"])))
-        assert mask.size == (width, height) and np.asarray(mask).sum() == segment["area"]
+        assert mask.size == (mask_width, mask_height) and 0 <= segment["area"] <= width * height
+        if mask.size == (width, height):
+            assert np.asarray(mask).sum() == segment["area"]
         x0, y0, x1, y1 = segment["box"]
         assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
 

@@ -90,3 +90,24 @@ def test_page_keeps_a_big_photo_s_masks_as_sent_and_draws_at_working_size(engine
     painted = np.any(drawn != plain, axis=2)
     union = np.logical_or.reduce([s.mask_source.resized(*mask_size) for s in segments])
     assert painted[union].mean() > 0.9  # the masks are what is coloured
+
+
+def test_segment_and_explain_answers_of_a_big_photo_draw_the_same_output(engine):
+    """The page runs Segment, then Explain, and keeps the Output picture when the masks are the same:
+    both answers send them at the same working size, so they compare equal without full-size copies."""
+    from explain_ui.panels import same_masks
+    from explain_ui.views import Segmentation
+
+    rgb = generated_photo(2400, 1600, seed=8)
+    _, segmented = _answer(engine, rgb)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+    client = create_app(engine=engine, settings=ServerSettings(load_on_start=False)).test_client()
+    form = {"image": (io.BytesIO(buffer.getvalue()), "photo.png"), "prompt": PROMPT, "box_threshold": "0",
+            "text_threshold": "0"}
+    explained = client.post("/api/explain", data=form, content_type="multipart/form-data").get_json()
+    shown = Segmentation(rgb, segments_from_json(segmented["segments"], rgb))
+    result = Segmentation(rgb, segments_from_json(explained["segments"], rgb))
+    assert same_masks(shown, result)
+    fewer = Segmentation(rgb, result.segments[:-1] + [result.segments[0]])  # one mask swapped for another
+    assert not same_masks(shown, fewer)
