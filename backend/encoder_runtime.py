@@ -122,7 +122,8 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
     if config.runtime == "torch" or (config.runtime == "auto" and device.type != "cpu"):
         return torch_runtime
     try:
-        from .openvino_encoder import OpenVinoImageEncoder, cache_folder
+        from .openvino_cache import cache_folder
+        from .openvino_encoder import OpenVinoImageEncoder
         from .weights import file_sha256
 
         return OpenVinoImageEncoder(
