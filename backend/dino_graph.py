@@ -127,9 +127,16 @@ def _reference_points(sizes: list[tuple[int, int]], valid_ratios: torch.Tensor) 
 
 def _proposals(memory: torch.Tensor, padding: torch.Tensor,
                sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """groundingdino's gen_encoder_output_proposals (learnedwh None) from the levels' (symbolic) sizes."""
+    """groundingdino's gen_encoder_output_proposals (learnedwh None) from the levels' (symbolic) sizes.
+
+    A proposal is kept when its centre (i + 0.5) / n lies strictly inside (0.01, 0.99). That is decided
+    here in integers, 50 (2i + 1) against n and 99 n: centres land exactly on 0.99 (49.5 / 50), where
+    torch's float32 division says "not below" and OpenVINO's fused division (a reciprocal multiply)
+    says 0.98999995, which moved 74 proposals in and reordered the queries at 800 px. For n below
+    ~10^5 the float32 test and the exact one agree, so this is groundingdino's decision.
+    """
     n = memory.shape[0]
-    proposals = []
+    proposals, kept = [], []
     start = 0
     for level, (h, w) in enumerate(sizes):
         level_mask = padding[:, start:start + h * w].view(n, h, w, 1)
@@ -139,11 +146,18 @@ def _proposals(memory: torch.Tensor, padding: torch.Tensor,
         grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
         scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(n, 1, 1, 2)
         grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
-        wh = torch.ones_like(grid) * 0.05 * (2.0 ** level)
+        size = 0.05 * (2.0 ** level)
+        wh = torch.ones_like(grid) * size
         proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
+        centre_x = 50 * (2 * torch.arange(w, device=memory.device) + 1)  # 100 * (i + 0.5)
+        centre_y = 50 * (2 * torch.arange(h, device=memory.device) + 1)
+        inside_x = (centre_x > valid_w[:, None]) & (centre_x < 99 * valid_w[:, None])  # n x w
+        inside_y = (centre_y > valid_h[:, None]) & (centre_y < 99 * valid_h[:, None])  # n x h
+        inside = (inside_y[:, :, None] & inside_x[:, None, :]) & (0.01 < size < 0.99)
+        kept.append(inside.reshape(n, -1, 1))
         start += h * w
     output_proposals = torch.cat(proposals, 1)
-    valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
+    valid = torch.cat(kept, 1)
     output_proposals = torch.log(output_proposals / (1 - output_proposals))
     output_proposals = output_proposals.masked_fill(padding.unsqueeze(-1), float("inf"))
     output_proposals = output_proposals.masked_fill(~valid, float("inf"))

@@ -310,7 +310,7 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
     engine = Engine(config)
     log(f"engine loaded in {time.perf_counter() - t0:.1f} s ({engine.describe()})")
     res.notes["conversion"] = rt.conversion_figures(engine)
-    log(f"SAM image encoder: {json.dumps(res.notes['conversion'])}")
+    log(f"OpenVINO graphs: {json.dumps(res.notes['conversion'])}")
     # Off torch, the masks are also compared with torch fp32's on the very same boxes.
     torch_sam = rt.torch_fp32_segmenter(engine) if engine.segmenter.encoder.name != "torch" else None
     ref = ReferenceChain(image_size=config.dino_image_size, max_size=config.dino_max_size, device=mode.device,
@@ -558,13 +558,13 @@ def report(res: Results, info: dict[str, Any]) -> str:
     if overhead:
         row(f"SAM encoder ({runtime}) with capture / without", f"{overhead['with_s']:.2f} s", overhead["ratio"],
             "<= 1.1")
-    for kind in ("capture", "plain"):
+    for kind in ("capture", "plain", "dino_text"):
         figures = conversion.get(kind)
         if figures:
             how = "this run" if figures["converted_now"] else f"an earlier run; read in {figures['load_s']:.1f} s"
             convert_s = figures["convert_s"]
             row(f"OpenVINO {kind} graph: conversion ({how})", f"{convert_s:.1f} s" if convert_s else "?")
-            row(f"  compile ({conversion['precision']})", f"{figures['compile_s']:.1f} s")
+            row(f"  compile ({figures['precision']})", f"{figures['compile_s']:.1f} s")
             row("  cache on disk", f"{figures['bytes'] / (1 << 20):.0f} MiB")
     batch = res.notes.get("batch")
     if batch:

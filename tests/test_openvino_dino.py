@@ -63,6 +63,13 @@ def images(chelsea, astronaut) -> dict[str, np.ndarray]:
             "strip": np.ascontiguousarray(astronaut[200:280])}
 
 
+def features_at(detector: GroundingDinoDetector, image: np.ndarray, side: int):
+    """``detector``'s image features with the image resized to ``side`` px (long side <= side * 1333 / 800)."""
+    resized = GroundingDinoDetector(detector.model, CPU, detector.dtype, side, side * 1333 // 800,
+                                    detector.text_runtime)
+    return resized.image_features(image)
+
+
 def _assert_same_predictions(ours, theirs, atol: float = 1e-5) -> None:
     assert ours.token_probs.shape == theirs.token_probs.shape and ours.boxes_cxcywh.shape == theirs.boxes_cxcywh.shape
     torch.testing.assert_close(ours.token_probs, theirs.token_probs, atol=atol, rtol=1e-4)
@@ -87,17 +94,42 @@ def test_one_conversion_serves_every_aspect_ratio_and_prompt_length(first_load, 
     monkeypatch.setattr(torch.export, "export", refuse)
     monkeypatch.setattr("openvino.convert_model", refuse)
     level_shapes, token_counts = set(), set()
-    for image in images.values():
-        features = torch_detector.image_features(image)
+    # The tiny config's 320 px, and the production 800 px, where level 1 of the square photo is 50
+    # tokens high and a proposal's centre lands exactly on groundingdino's 0.99 bound.
+    for name, side in [(name, 320) for name in images] + [("square", 800), ("landscape", 800)]:
+        features = features_at(torch_detector, images[name], side)
         level_shapes.add(tuple(tuple(src.shape[2:]) for src in features.srcs))
         for phrases in (SHORT, LONG):
             caption = Caption.build(phrases, torch_detector.tokenizer)
             token_counts.add(len(caption.tokens))
             _assert_same_predictions(first_load.raw_predictions(features, caption),
                                      torch_detector.raw_predictions(features, caption))
-    assert len(level_shapes) == len(images) and len(token_counts) == 2
+    assert len(level_shapes) == len(images) + 2 and len(token_counts) == 2
     # One graph on disk for all of them.
     assert len(list(ov_cache.glob("dino-*.xml"))) == 1
+
+
+@pytest.mark.parametrize("sides", [[(100, 151), (50, 76), (25, 38), (13, 19)], [(50, 50), (25, 25), (13, 13), (7, 7)],
+                                   [(12, 200), (6, 100), (3, 50), (2, 25)]])
+def test_proposals_equal_groundingdino_at_the_bounds(sides):
+    """dino_graph's integer in-bounds test is groundingdino's float one, at sizes whose centres land on
+    0.01 and 0.99 exactly (n = 50, 100), with and without padding."""
+    from groundingdino.models.GroundingDINO.utils import gen_encoder_output_proposals
+
+    from backend.dino_graph import _proposals
+
+    tokens = sum(h * w for h, w in sides)
+    memory = torch.randn(2, tokens, 8)
+    masks = [torch.zeros(2, h, w, dtype=torch.bool) for h, w in sides]
+    for mask in masks:  # the second image padded on the right and bottom
+        mask[1, mask.shape[1] * 3 // 4:] = True
+        mask[1, :, mask.shape[2] * 2 // 3:] = True
+    padding = torch.cat([m.flatten(1) for m in masks], 1)
+    theirs = gen_encoder_output_proposals(memory, padding, torch.tensor(sides))
+    ours = _proposals(memory, padding, sides)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_warm_start_reads_the_cache_and_never_converts(first_load, config, images, monkeypatch):
