@@ -86,7 +86,7 @@ def main() -> None:
             print(f"{name}: load {load_s:.1f} s (converted now: {conversion.converted}; conversion "
                   f"{meta.get('convert_seconds')} s; compile {text_runtime.compile_seconds:.1f} s; "
                   f"{conversion.size_bytes / 2**20:.0f} MiB on disk)", flush=True)
-    probe = runtimes["torch bf16"]
+    probe = runtimes["torch fp32"]  # fp32 features: every runtime reads them (bf16 ones would not fit fp32 torch)
     caption = Caption.build(PROMPT, probe.tokenizer)
     tokens = [i for idx in caption.phrase_tokens for i in idx]
     features = {}
