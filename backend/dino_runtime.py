@@ -184,10 +184,11 @@ def build_dino_text_runtime(config: EngineConfig, model: GroundingDINO, device: 
                             dtype: torch.dtype) -> DinoTextRuntime:
     """The runtime ``config.runtime`` asks for on ``device``; torch when OpenVINO can't serve.
 
-    ``model`` must already be on ``device`` with ``dino_fast.use_fast_inference`` applied (as
-    ``GroundingDinoDetector`` leaves it). auto: OpenVINO on CPU, torch on CUDA. openvino: OpenVINO on
-    the CPU whatever ``device`` (the outputs are CPU tensors either way). A failed import, export,
-    conversion or compile logs one line with the cause and returns the torch runtime.
+    ``model`` must already be on ``device`` with ``dino_fast.use_fast_inference`` applied
+    (``detector.prepare``). auto: OpenVINO on CPU, torch on CUDA. openvino: OpenVINO where the model
+    is on the CPU; on CUDA the text half stays on torch (logged: its weights live on the GPU, and
+    the backbone's features come from there). A failed import, export, conversion or compile logs
+    one line with the cause and returns the torch runtime.
     """
     torch_runtime = TorchDinoText(model, dtype)
     if config.runtime == "torch" or (config.runtime == "auto" and device.type != "cpu"):
