@@ -38,7 +38,7 @@ DINO_CONFIGS = {
 TEXT_ENCODER_DIR = "bert-base-uncased"
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-# What runs SAM's image encoder: auto -> openvino on CPU where it converts, else torch.
+# What runs SAM's image encoder and Grounding DINO's text half: auto -> openvino on CPU where it converts, else torch.
 RUNTIMES = ("auto", "torch", "openvino")
 
 
@@ -65,8 +65,8 @@ class EngineConfig:
     dino_max_size: int = 1333
     device: str = "auto"  # auto -> cuda if available else cpu
     precision: str = "auto"  # auto -> bf16 on a CPU with AMX/AVX-512 BF16, else fp32; cuda: bf16 (fp16 if unsupported)
-    runtime: str = "auto"  # RUNTIME: SAM image encoder on torch or OpenVINO (RUNTIMES)
-    # OPENVINO_CACHE_DIR: where converted encoders are kept; default openvino/ beside the SAM checkpoint
+    runtime: str = "auto"  # RUNTIME: SAM image encoder and DINO text half on torch or OpenVINO (RUNTIMES)
+    # OPENVINO_CACHE_DIR: where converted models are kept; default openvino/ beside the SAM checkpoint
     # (the user's cache folder when that is read-only).
     openvino_cache_dir: Path | None = None
     box_threshold: float = 0.3

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,7 +20,11 @@ from PIL import Image
 from torchvision.ops import batched_nms, box_convert, clip_boxes_to_image
 
 from . import dino_fast
+from .dino_graph import DinoTextInputs
 from .types import Detection
+
+if TYPE_CHECKING:
+    from .dino_runtime import DinoTextRuntime
 
 MAX_TEXT_TOKENS = 256  # Grounding DINO's max_text_len
 
@@ -146,6 +150,15 @@ class Caption:
         return [cls.build(group, tokenizer, max_tokens) for group in groups]
 
 
+def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device`` for inference, as the detector and both text runtimes run it: eval mode,
+    checkpointing off, deformable attention as one embedding_bag gather (``dino_fast``: same outputs).
+    Idempotent."""
+    model = model.to(device).eval()
+    dino_fast.use_fast_inference(model)
+    return model
+
+
 def _at_least_one_pixel(image: Image.Image, max_size: int) -> Image.Image:
     """``image`` unchanged, unless its long side is so much longer than the short one that
     groundingdino's resize (long side -> max_size) would round the short side to 0 px: then it is
@@ -187,10 +200,16 @@ class GroundingDinoDetector:
         dtype: torch.dtype = torch.float32,
         image_size: int = 800,
         max_size: int = 1333,
+        text_runtime: DinoTextRuntime | None = None,
     ) -> None:
-        self.model = model.to(device).eval()
-        # Checkpointing off, deformable attention as one embedding_bag gather (backend/dino_fast.py): same outputs.
-        dino_fast.use_fast_inference(self.model)
+        """``text_runtime``: what runs the text half (``dino_runtime``), made for this ``model`` by
+        ``dino_runtime.build_dino_text_runtime`` after ``prepare``; None: torch."""
+        self.model = prepare(model, device)
+        if text_runtime is None:
+            from .dino_runtime import TorchDinoText
+
+            text_runtime = TorchDinoText(self.model, dtype)
+        self.text_runtime = text_runtime
         self.device = device
         self.dtype = dtype
         self.image_size = image_size
@@ -237,40 +256,30 @@ class GroundingDinoDetector:
                 masks.append(mask)
         return DinoImageFeatures(srcs=srcs, masks=masks, poss=list(poss), image_size=image.shape[:2])
 
-    @torch.inference_mode()
-    def raw_predictions(self, features: DinoImageFeatures, caption: Caption) -> RawPredictions:
-        """The text half of GroundingDINO.forward, run over cached image features."""
+    def text_inputs(self, features: DinoImageFeatures, caption: Caption) -> DinoTextInputs:
+        """What the text half reads for ``caption`` over ``features`` (``dino_graph.DinoTextInputs``)."""
         from groundingdino.models.GroundingDINO.bertwarper import generate_masks_with_special_tokens_and_transfer_map
-        from groundingdino.util.misc import inverse_sigmoid
 
-        model: Any = self.model  # groundingdino's GroundingDINO: its submodules are untyped
         # The caption's own encoding (one text: no padding), not a second tokenizer call.
         tokenized = {name: torch.tensor([values], dtype=torch.long, device=self.device)
                      for name, values in caption.model_inputs}
+        ids = tokenized["input_ids"]
         self_attention_masks, position_ids, _ = generate_masks_with_special_tokens_and_transfer_map(
-            tokenized, model.specical_tokens, None
-        )
-        with self._autocast():
-            if model.sub_sentence_present:
-                bert_inputs = {k: v for k, v in tokenized.items() if k != "attention_mask"}
-                bert_inputs["attention_mask"] = self_attention_masks
-                bert_inputs["position_ids"] = position_ids
-            else:
-                bert_inputs = dict(tokenized)
-            encoded_text = model.feat_map(model.bert(**bert_inputs)["last_hidden_state"])
-            text_dict = {
-                "encoded_text": encoded_text,
-                "text_token_mask": tokenized["attention_mask"].bool(),
-                "position_ids": position_ids,
-                "text_self_attention_masks": self_attention_masks,
-            }
-            hs, reference, _, _, _ = model.transformer(
-                features.srcs, features.masks, None, features.poss, None, None, text_dict
-            )
-            # Only the last decoder layer's outputs are used (as in the model's own output dict).
-            boxes = (model.bbox_embed[-1](hs[-1]) + inverse_sigmoid(reference[-2])).sigmoid()
-            logits = model.class_embed[-1](hs[-1], text_dict)
-        return RawPredictions(token_probs=logits[0].float().sigmoid().cpu(), boxes_cxcywh=boxes[0].float().cpu())
+            tokenized, self.model.specical_tokens, None)
+        mask = tokenized.get("attention_mask", torch.ones_like(ids))
+        return DinoTextInputs(
+            srcs=tuple(features.srcs), masks=tuple(features.masks), poss=tuple(features.poss), input_ids=ids,
+            token_type_ids=tokenized.get("token_type_ids", torch.zeros_like(ids)), text_token_mask=mask.bool(),
+            text_self_attention_masks=self_attention_masks, position_ids=position_ids)
+
+    def raw_predictions(self, features: DinoImageFeatures, caption: Caption) -> RawPredictions:
+        """The text half of GroundingDINO.forward, run over cached image features by ``text_runtime``."""
+        logits, boxes = self.text_runtime.run(self.text_inputs(features, caption))
+        # ContrastiveEmbed's padding to max_text_len columns: sigmoid(-inf) = 0 past the caption.
+        probs = logits[0].sigmoid()
+        token_probs = probs.new_zeros(probs.shape[0], max(MAX_TEXT_TOKENS, probs.shape[1]))
+        token_probs[:, : probs.shape[1]] = probs
+        return RawPredictions(token_probs=token_probs, boxes_cxcywh=boxes[0])
 
     def detect(
         self,

@@ -7,12 +7,16 @@
   grid-samples every level into one (heads, C, queries, levels * points) tensor (~330 MB per
   encoder layer at 800 px), then weights and sums it; here the bilinear corners and attention
   weights of each (query, head) are one weighted ``embedding_bag`` gather (2.7x faster per layer).
+  The grid_sample form stays for OpenVINO (``grid_sample_attention``, see there why).
 
 Both act on one model instance (each attention module's class is swapped for a subclass), so
 another Grounding DINO in the same process (bench/'s reference chain) is untouched.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +38,7 @@ def use_fast_inference(model: nn.Module) -> int:
     return patched
 
 
-def deformable_attention(value: torch.Tensor, spatial_shapes: list[tuple[int, int]],
+def deformable_attention(value: torch.Tensor, spatial_shapes: torch.Tensor | list[tuple[int, int]],
                          sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """groundingdino's multi_scale_deformable_attn_pytorch as one weighted gather.
 
@@ -43,15 +47,20 @@ def deformable_attention(value: torch.Tensor, spatial_shapes: list[tuple[int, in
     all levels and points of one (query, head) are one bag of ``F.embedding_bag(mode="sum")``, so
     nothing of size (heads, C, queries, points) is materialised per level.
 
-    value (bs, keys, heads, C); sampling_locations (bs, queries, heads, levels, points, 2) in [0, 1];
-    attention_weights (bs, queries, heads, levels, points). Returns (bs, queries, heads * C).
+    value (bs, keys, heads, C); spatial_shapes (levels, 2) int64 (h, w) of each level (or a list of
+    them); sampling_locations (bs, queries, heads, levels, points, 2) in [0, 1]; attention_weights
+    (bs, queries, heads, levels, points). Returns (bs, queries, heads * C).
+
+    The level sizes are only read as tensor values (never as Python ints), so ``torch.export`` traces
+    this with the feature map sizes symbolic (``backend/dino_graph.py``).
     """
     bs, keys, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     device, dtype = sampling_locations.device, sampling_locations.dtype
-    widths = torch.tensor([w for _, w in spatial_shapes], device=device).view(levels, 1)
-    heights = torch.tensor([h for h, _ in spatial_shapes], device=device).view(levels, 1)
-    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], device=device).cumsum(0).view(levels, 1)
+    shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=device)
+    heights, widths = shapes[:, 0:1], shapes[:, 1:2]  # levels, 1
+    sizes = heights * widths
+    starts = torch.cat([torch.zeros_like(sizes[:1]), sizes[:-1]]).cumsum(0)
     # grid_sample's unnormalisation, written as it computes it (same rounding of the sample points).
     grid = 2 * sampling_locations - 1
     x = ((grid[..., 0] + 1) * widths.to(dtype) - 1) / 2  # bs, queries, heads, levels, points
@@ -77,8 +86,46 @@ def deformable_attention(value: torch.Tensor, spatial_shapes: list[tuple[int, in
     return out.view(bs, queries, heads * channels)
 
 
+def grid_sample_attention(value: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                          sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """groundingdino's multi_scale_deformable_attn_pytorch (one ``grid_sample`` per level), for export.
+
+    OpenVINO's CPU plugin compiles ``embedding_bag`` only with a static number of bags, and the
+    encoder's bags follow the image's token count; its GridSample takes any size (measured about as
+    fast as ``deformable_attention`` on torch). ``sizes``: each level's (h, w), symbolic under export.
+    Shapes as ``deformable_attention``.
+    """
+    bs, _, heads, channels = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    values = value.split([h * w for h, w in sizes], dim=1)
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (h, w) in enumerate(sizes):
+        level_value = values[level].flatten(2).transpose(1, 2).reshape(bs * heads, channels, h, w)
+        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # bs * heads, queries, points, 2
+        sampled.append(F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.transpose(1, 2).reshape(bs * heads, 1, queries, levels * points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(bs, heads * channels, queries)
+    return out.transpose(1, 2).contiguous()
+
+
+@dataclass(frozen=True)
+class LevelShapes:
+    """The feature levels' sizes as both forms the deformable attention can use, and which core to run.
+
+    ``backend/dino_graph.py`` passes this where groundingdino passes its ``spatial_shapes`` tensor.
+    """
+
+    sizes: tuple[tuple[int, int], ...]  # (h, w) per level: ints, or symbolic ints under torch.export
+    tensor: torch.Tensor  # levels x 2 int64, the same sizes as values
+    grid_sample: bool  # True: ``grid_sample_attention`` (exportable to OpenVINO); False: ``deformable_attention``
+
+
 class FastDeformableAttention(MultiScaleDeformableAttention):
-    """MultiScaleDeformableAttention.forward with ``deformable_attention`` as its core."""
+    """MultiScaleDeformableAttention.forward with ``deformable_attention`` as its core.
+
+    ``spatial_shapes`` is groundingdino's (levels x 2) tensor or a ``LevelShapes``.
+    """
 
     def forward(self, query, key=None, value=None, query_pos=None, key_padding_mask=None,
                 reference_points=None, spatial_shapes=None, level_start_index=None, **kwargs):
@@ -99,6 +146,9 @@ class FastDeformableAttention(MultiScaleDeformableAttention):
         weights = self.attention_weights(query).view(
             bs, num_query, self.num_heads, self.num_levels * self.num_points).softmax(-1)
         weights = weights.view(bs, num_query, self.num_heads, self.num_levels, self.num_points)
+        levels = spatial_shapes if isinstance(spatial_shapes, LevelShapes) else None
+        if levels is not None:
+            spatial_shapes = levels.tensor
         if reference_points.shape[-1] == 2:
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
@@ -107,6 +157,9 @@ class FastDeformableAttention(MultiScaleDeformableAttention):
                          + offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}")
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-        output = self.output_proj(deformable_attention(value, shapes, locations, weights))
+        if levels is not None and levels.grid_sample:
+            sampled = grid_sample_attention(value, levels.sizes, locations, weights)
+        else:
+            sampled = deformable_attention(value, spatial_shapes, locations, weights)
+        output = self.output_proj(sampled)
         return output if self.batch_first else output.permute(1, 0, 2)

@@ -122,7 +122,8 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
     if not wants_openvino(config.runtime, device):
         return torch_runtime
     try:
-        from .openvino_encoder import OpenVinoImageEncoder, cache_folder
+        from .openvino_cache import cache_folder
+        from .openvino_encoder import OpenVinoImageEncoder
         from .weights import file_sha256
 
         return OpenVinoImageEncoder(

@@ -37,8 +37,13 @@ class Engine:
 
                 reuse_freed_memory()
             dtype = resolve_dtype(config.precision, device)
-            detector = detector or GroundingDinoDetector(
-                build_grounding_dino(config), device, dtype, config.dino_image_size, config.dino_max_size)
+            if detector is None:
+                from .detector import prepare
+                from .dino_runtime import build_dino_text_runtime
+
+                dino = prepare(build_grounding_dino(config), device)
+                detector = GroundingDinoDetector(dino, device, dtype, config.dino_image_size, config.dino_max_size,
+                                                 build_dino_text_runtime(config, dino, device, dtype))
             if segmenter is None:
                 from .encoder_runtime import build_encoder_runtime
 
@@ -136,6 +141,7 @@ class Engine:
             "device": str(self.segmenter.device),
             "dtype": str(self.segmenter.dtype).replace("torch.", ""),
             "sam_encoder_runtime": self.segmenter.encoder.name,
+            "dino_text_runtime": self.detector.text_runtime.name,
         }
 
 

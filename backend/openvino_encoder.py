@@ -1,11 +1,10 @@
 """SAM's image encoder on OpenVINO's CPU runtime: converted once per checkpoint, cached on disk.
 
-Conversion goes through ``torch.export`` (seconds and about a GB for vit_b; tracing took minutes and
-9-14 GB) and ``openvino.convert_model``; the result is saved as OpenVINO IR (f32 weights; f16 for bf16 inference) in
-``cache_folder(config)``, named by a digest of the checkpoint's sha256, the architecture, the
-OpenVINO version, the input side, the precision and the graph kind, so a warm start reads the file
-and never converts again. The inference precision is always set explicitly (OpenVINO would pick bf16
-by itself on CPUs with AMX or avx512_bf16): f32 gives the torch path's numbers to ~1e-5.
+Conversion and the on-disk cache are ``openvino_cache``'s (torch.export, then OpenVINO IR named by a
+digest of ``CacheKey``: the checkpoint's sha256, the architecture, the OpenVINO version, the input
+side, the precision and the graph kind), so a warm start reads the file and never converts again.
+The inference precision is always set explicitly (OpenVINO would pick bf16 by itself on CPUs with
+AMX or avx512_bf16): f32 gives the torch path's numbers to ~1e-5.
 
 Two graph kinds: "plain" (the encoder: features) and "capture" (``encoder_graph.CapturingEncoder``:
 features plus the explanation's reductions in the same pass). Only the kind the engine asks for is
@@ -17,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -33,41 +30,15 @@ from torch import nn
 
 from . import sam_attention
 from .encoder_graph import CapturingEncoder, global_block_indices
-from .encoder_runtime import EncodedImage, EncoderAttention, describe_error, valid_tokens
+from .encoder_runtime import EncodedImage, EncoderAttention, valid_tokens
+from .openvino_cache import PRECISION_HINTS, Conversion, load_or_convert
 
 if TYPE_CHECKING:
-    from .config import EngineConfig
     from .encoder_runtime import ImageEncoder
 
 logger = logging.getLogger(__name__)
 
 GRAPH_VERSION = 2  # bump when encoder_graph's inputs/outputs change: older cache files are then unused
-PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-
-
-class ConversionError(RuntimeError):
-    """The encoder could not be exported or converted to OpenVINO."""
-
-
-def cache_folder(config: EngineConfig) -> Path:
-    """Where converted encoders live: ``OPENVINO_CACHE_DIR`` if set, else ``openvino/`` beside the SAM
-    checkpoint; when that folder can't be written, the user's cache folder (logged)."""
-    if config.openvino_cache_dir is not None:
-        return Path(config.openvino_cache_dir)
-    beside = Path(config.sam_checkpoint_path).parent / "openvino"
-    if _writable(beside):
-        return beside
-    fallback = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grounded-sam" / "openvino"
-    logger.info("%s is read-only; converted SAM encoders are cached in %s (set OPENVINO_CACHE_DIR to choose)",
-                beside, fallback)
-    return fallback
-
-
-def _writable(folder: Path) -> bool:
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return os.access(existing, os.W_OK | os.X_OK)
 
 
 @dataclass(frozen=True)
@@ -80,6 +51,7 @@ class CacheKey:
     capture: bool  # graph kind: with the attention outputs or not
     openvino: str = ov.get_version()
     graph_version: int = GRAPH_VERSION
+    what = "SAM's image encoder"  # for openvino_cache's log lines
 
     def as_json(self) -> dict[str, object]:
         return {"identity": dict(self.identity), "input_side": self.input_side, "precision": self.precision,
@@ -90,89 +62,6 @@ class CacheKey:
         digest = hashlib.sha256(json.dumps(self.as_json(), sort_keys=True, default=str).encode()).hexdigest()[:16]
         kind = "capture" if self.capture else "plain"
         return f"sam-{self.identity.get('sam_variant', 'encoder')}-{self.input_side}px-{self.precision}-{kind}-{digest}"
-
-
-@dataclass(frozen=True)
-class Conversion:
-    """How one graph kind was obtained at load."""
-
-    path: Path | None  # the IR's .xml (None: converted but the folder could not be written)
-    converted: bool  # True: exported and converted in this load; False: read from the cache
-    seconds: float  # export + convert (or read) time
-    size_bytes: int  # IR on disk (.xml + .bin)
-
-
-def convert(module: nn.Module, example: tuple[torch.Tensor, ...]) -> ov.Model:
-    """torch.export of ``module`` at the example inputs' shapes, then openvino.convert_model."""
-    try:
-        with torch.no_grad():
-            exported = torch.export.export(module, example)
-        return ov.convert_model(exported)
-    except Exception as exc:
-        raise ConversionError(f"{type(module).__name__} did not convert ({describe_error(exc)})") from exc
-
-
-def _ir_size(xml: Path) -> int:
-    return sum(p.stat().st_size for p in (xml, xml.with_suffix(".bin")) if p.is_file())
-
-
-def _read_cached(xml: Path, key: CacheKey) -> ov.Model:
-    meta = json.loads(xml.with_suffix(".json").read_text())
-    if meta.get("key") != json.loads(json.dumps(key.as_json(), default=str)):
-        raise ValueError("its key file does not match")
-    if xml.with_suffix(".bin").stat().st_size != meta.get("bin_bytes"):
-        raise ValueError("its weights file has the wrong size")
-    return ov.Core().read_model(xml)
-
-
-def _save(model: ov.Model, xml: Path, key: CacheKey, seconds: float) -> Path | None:
-    """Write the IR beside a key file, each renamed into place (.xml last: a present .xml is complete)."""
-    try:
-        xml.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".converting-") as tmp:
-            part = Path(tmp) / xml.name
-            ov.save_model(model, part, compress_to_fp16=False)  # f16 weights would change f32 numbers
-            if key.precision != "f32":
-                # bf16 inference rounds the weights further anyway: store them at half the size. (A model
-                # fresh from convert_model keeps f32 whatever compress_to_fp16 says; one read back does not.)
-                half = Path(tmp) / "f16" / xml.name
-                ov.save_model(ov.Core().read_model(part), half, compress_to_fp16=True)
-                part = half
-            meta = {"key": key.as_json(), "bin_bytes": part.with_suffix(".bin").stat().st_size,
-                    "convert_seconds": round(seconds, 2)}
-            part.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
-            for suffix in (".bin", ".json", ".xml"):
-                os.replace(part.with_suffix(suffix), xml.with_suffix(suffix))
-        return xml
-    except OSError as exc:
-        logger.warning("could not cache the converted SAM encoder in %s (%s); it converts again next start",
-                       xml.parent, exc)
-        return None
-
-
-def load_or_convert(module: nn.Module, example: tuple[torch.Tensor, ...], key: CacheKey,
-                    folder: Path) -> tuple[ov.Model, Conversion]:
-    """The cached IR for ``key`` if present and sound, else a fresh conversion (then cached).
-
-    An unreadable cache file (truncated, edited, another key) is converted again and replaced.
-    Raises ConversionError when the module does not convert.
-    """
-    xml = folder / f"{key.stem}.xml"
-    if xml.is_file():
-        started = time.perf_counter()
-        try:
-            model = _read_cached(xml, key)
-            return model, Conversion(xml, False, time.perf_counter() - started, _ir_size(xml))
-        except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, a conversion replaces it
-            logger.warning("cached OpenVINO encoder %s is unusable (%s); converting again", xml, describe_error(exc))
-    started = time.perf_counter()
-    model = convert(module, example)
-    seconds = time.perf_counter() - started
-    saved = _save(model, xml, key, seconds)
-    logger.info("converted SAM's image encoder to OpenVINO in %.1f s (%s)", seconds, saved or "not cached")
-    if saved is not None:
-        model = ov.Core().read_model(saved)  # what every warm start will run (f16-stored weights at bf16)
-    return model, Conversion(saved, True, seconds, _ir_size(saved) if saved else 0)
 
 
 class OpenVinoImageEncoder:

@@ -1,5 +1,6 @@
-"""The figures ``python -m bench --runtime openvino`` adds: what the CPU offers, what the conversion cost,
-and how far the OpenVINO encoder's masks are from torch fp32's on the same boxes."""
+"""The figures ``python -m bench --runtime openvino`` adds: what the CPU offers, what the conversions
+cost (SAM's encoder, Grounding DINO's text half), and how far the OpenVINO encoder's masks are from
+torch fp32's on the same boxes. ``bench/dino_text.py`` times the text half's runtimes side by side."""
 
 from __future__ import annotations
 
@@ -27,22 +28,31 @@ def lscpu() -> dict[str, Any]:
 
 
 def conversion_figures(engine: Any) -> dict[str, Any]:
-    """The OpenVINO encoder's cache: per graph kind, whether this load converted or read it, the time
-    the conversion took (recorded in the cache's key file when it was made), and the bytes on disk."""
+    """The OpenVINO graphs' cache: per graph (SAM's plain/capture encoder, Grounding DINO's text half
+    as "dino_text"), whether this load converted or read it, the time the conversion took (recorded
+    in the cache's key file when it was made), and the bytes on disk."""
     encoder = engine.segmenter.encoder
+    dino = engine.detector.text_runtime
+    figures: dict[str, Any] = {"runtime": encoder.name, "dino_text_runtime": dino.name}
+    if dino.name == "openvino":
+        figures["dino_text"] = _conversion(dino.conversion, dino.compile_seconds, dino.precision)
     if encoder.name != "openvino":
-        return {"runtime": encoder.name}
-    figures: dict[str, Any] = {"runtime": "openvino", "precision": encoder.precision}
+        return figures
+    figures["precision"] = encoder.precision
     for capture, conversion in encoder.conversions.items():
-        meta: dict[str, Any] = {}
-        if conversion.path is not None and conversion.path.with_suffix(".json").is_file():
-            meta = json.loads(Path(conversion.path).with_suffix(".json").read_text())
-        figures["capture" if capture else "plain"] = {
-            "converted_now": conversion.converted, "load_s": conversion.seconds,
-            "convert_s": meta.get("convert_seconds", conversion.seconds if conversion.converted else None),
-            "compile_s": encoder.compile_seconds.get(capture), "bytes": conversion.size_bytes,
-            "path": str(conversion.path)}
+        figures["capture" if capture else "plain"] = _conversion(conversion, encoder.compile_seconds.get(capture),
+                                                                 encoder.precision)
     return figures
+
+
+def _conversion(conversion: Any, compile_s: float | None, precision: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if conversion.path is not None and conversion.path.with_suffix(".json").is_file():
+        meta = json.loads(Path(conversion.path).with_suffix(".json").read_text())
+    return {"converted_now": conversion.converted, "load_s": conversion.seconds,
+            "convert_s": meta.get("convert_seconds", conversion.seconds if conversion.converted else None),
+            "compile_s": compile_s, "precision": precision, "bytes": conversion.size_bytes,
+            "path": str(conversion.path)}
 
 
 def torch_fp32_segmenter(engine: Any) -> Any:

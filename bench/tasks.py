@@ -161,7 +161,7 @@ def run_tasks(mode: Mode, engine_json: Path, ref_files: dict, workdir: Path, res
     engine = Engine(config)
     log(f"engine loaded in {time.perf_counter() - t0:.1f} s ({engine.describe()})")
     res.notes["conversion"] = rt.conversion_figures(engine)
-    log(f"SAM image encoder: {json.dumps(res.notes['conversion'])}")
+    log(f"OpenVINO graphs: {json.dumps(res.notes['conversion'])}")
     # Off torch, the masks are also compared with torch fp32's on the very same boxes.
     torch_sam = rt.torch_fp32_segmenter(engine) if engine.segmenter.encoder.name != "torch" else None
     ref = ReferenceChain(image_size=config.dino_image_size, max_size=config.dino_max_size, device=mode.device,

@@ -252,7 +252,7 @@ def test_planted_attention_lands_on_the_right_token(config, tmp_path):
 
 
 def test_cache_folder_is_beside_the_weights_unless_set(tmp_path):
-    from backend.openvino_encoder import cache_folder
+    from backend.openvino_cache import cache_folder
 
     assert cache_folder(EngineConfig(cache_dir=tmp_path)) == tmp_path / "openvino"
     assert cache_folder(EngineConfig(cache_dir=tmp_path, sam_checkpoint=str(tmp_path / "w" / "sam.pth"))) == (

@@ -1,0 +1,210 @@
+"""What runs Grounding DINO's text half (``RUNTIME``): torch, or its OpenVINO graph.
+
+``GroundingDinoDetector.raw_predictions`` talks to a ``DinoTextRuntime`` only: one image's projected
+features and one caption's encoding in (``dino_graph.DinoTextInputs``), token logits and boxes out.
+Both runtimes run ``dino_graph.DinoTextGraph``: torch under autocast, OpenVINO as its ``torch.export``
+graph with every size dynamic (the four feature levels' h and w, the caption's token count), so ONE
+conversion serves every image aspect ratio and prompt. The graph is cached like SAM's encoder
+(``openvino_cache``). ``build_dino_text_runtime`` turns the setting into a runtime exactly as SAM's
+``build_encoder_runtime`` does: auto is OpenVINO on CPU, and a failure falls back to torch with one
+log line naming the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from .dino_graph import LEVELS, DinoTextGraph, DinoTextInputs
+from .encoder_runtime import describe_error
+
+if TYPE_CHECKING:
+    import openvino as ov
+    from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
+
+    from .config import EngineConfig
+    from .openvino_cache import Conversion
+
+logger = logging.getLogger(__name__)
+
+GRAPH_VERSION = 2  # bump when DinoTextGraph's inputs/outputs or arithmetic change: older cache files are unused
+# Bounds of the export's dynamic sizes. A feature level is at most max_size / 8 tokens on a side (1333 px
+# -> 167); the bound leaves room for larger DINO_MAX_SIZE settings. Captions hold at most 256 tokens.
+MAX_LEVEL_SIDE = 1024
+MAX_TOKENS = 256
+
+
+class DinoTextRuntime(Protocol):
+    """Runs Grounding DINO's text half on one image's features and one caption."""
+
+    name: str  # "torch" or "openvino": what ``Engine.describe`` reports
+
+    def run(self, inputs: DinoTextInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last decoder layer's predictions.
+
+        Arguments:
+          inputs: ``DinoTextInputs`` (features 1 x 256 x h_l x w_l per level, caption of T tokens).
+        Returns:
+          (logits 1 x Q x T float32, -inf on padding tokens; boxes 1 x Q x 4 float32, normalised cxcywh),
+          on the CPU.
+        """
+        ...
+
+
+class TorchDinoText:
+    """``DinoTextGraph`` on torch (embedding_bag deformable attention) under autocast."""
+
+    name = "torch"
+
+    def __init__(self, model: GroundingDINO, dtype: torch.dtype = torch.float32) -> None:
+        self.graph = DinoTextGraph(model).eval()
+        self.dtype = dtype
+
+    @torch.inference_mode()
+    def run(self, inputs: DinoTextInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        device_type = inputs.input_ids.device.type
+        with torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits, boxes = self.graph(*inputs.flat())
+        return logits.float().cpu(), boxes.float().cpu()
+
+
+@dataclass(frozen=True)
+class DinoTextKey:
+    """Everything the converted text half depends on; its digest names the cache file."""
+
+    identity: dict[str, object]  # checkpoint sha256, variant, architecture overrides, text encoder
+    precision: str  # OpenVINO inference precision hint: f32, bf16
+    graph_version: int = GRAPH_VERSION
+    max_level_side: int = MAX_LEVEL_SIDE
+    max_tokens: int = MAX_TOKENS
+    openvino: str = ""  # filled by __post_init__: the installed version
+    what = "Grounding DINO's text half"  # for openvino_cache's log lines
+
+    def __post_init__(self) -> None:
+        if not self.openvino:
+            import openvino as ov
+
+            object.__setattr__(self, "openvino", ov.get_version())
+
+    def as_json(self) -> dict[str, object]:
+        return {"identity": dict(self.identity), "precision": self.precision, "graph_version": self.graph_version,
+                "max_level_side": self.max_level_side, "max_tokens": self.max_tokens, "openvino": self.openvino}
+
+    @property
+    def stem(self) -> str:
+        from .openvino_cache import key_digest
+
+        return f"dino-{self.identity.get('dino_variant', 'model')}-text-{self.precision}-{key_digest(self.as_json())}"
+
+
+def example_inputs(model: GroundingDINO, sizes: tuple[tuple[int, int], ...] = ((24, 37), (12, 19), (6, 10), (3, 5)),
+                   tokens: int = 7) -> DinoTextInputs:
+    """Inputs of the right kinds for export: every size distinct and > 1, so none is specialised."""
+    generator = torch.Generator().manual_seed(0)
+    channels = int(model.transformer.d_model)
+    srcs = tuple(torch.randn(1, channels, h, w, generator=generator) for h, w in sizes)
+    ids = torch.randint(1000, 2000, (1, tokens), generator=generator)
+    return DinoTextInputs(
+        srcs=srcs, masks=tuple(torch.zeros(1, h, w, dtype=torch.bool) for h, w in sizes),
+        poss=tuple(torch.randn(1, channels, h, w, generator=generator) for h, w in sizes),
+        input_ids=ids, token_type_ids=torch.zeros_like(ids), text_token_mask=torch.ones_like(ids, dtype=torch.bool),
+        text_self_attention_masks=torch.ones(1, tokens, tokens, dtype=torch.bool),
+        position_ids=torch.arange(tokens)[None])
+
+
+def dynamic_shapes() -> tuple[tuple[dict[int, Any], ...]]:
+    """torch.export's dynamic sizes for ``DinoTextGraph.forward``'s inputs (one tuple: *flat)."""
+    from torch.export import Dim
+
+    tokens = Dim("tokens", min=2, max=MAX_TOKENS)
+    heights = [Dim(f"h{level}", min=1, max=MAX_LEVEL_SIDE) for level in range(LEVELS)]
+    widths = [Dim(f"w{level}", min=1, max=MAX_LEVEL_SIDE) for level in range(LEVELS)]
+    maps = tuple({2: h, 3: w} for h, w in zip(heights, widths, strict=True))
+    masks = tuple({1: h, 2: w} for h, w in zip(heights, widths, strict=True))
+    text = ({1: tokens}, {1: tokens}, {1: tokens}, {1: tokens, 2: tokens}, {1: tokens})
+    return ((*maps, *masks, *maps, *text),)
+
+
+class OpenVinoDinoText:
+    """``DinoTextRuntime`` on OpenVINO's CPU plugin; thread-safe (one inference at a time)."""
+
+    name = "openvino"
+
+    def __init__(self, model: GroundingDINO, dtype: torch.dtype, cache_dir: Path, identity: dict[str, object],
+                 fallback: DinoTextRuntime) -> None:
+        import openvino as ov
+
+        from .openvino_cache import PRECISION_HINTS, compile_for_cpu, load_or_convert
+
+        if dtype not in PRECISION_HINTS:
+            raise ValueError(f"no OpenVINO precision for {dtype}")
+        self.precision = PRECISION_HINTS[dtype]
+        self.num_queries = int(model.transformer.num_queries)
+        # groundingdino's query selection takes the top num_queries image tokens: an image with fewer
+        # tokens (a sliver a few pixels wide) fails torch.topk, but OpenVINO's TopK would return padding.
+        # Such inputs go to torch, which raises as it always did.
+        self.fallback = fallback
+        example = example_inputs(model)
+        self.conversion: Conversion
+        compiled_model, self.conversion = load_or_convert(
+            DinoTextGraph(model, for_export=True).eval(), example.flat(), DinoTextKey(identity, self.precision),
+            cache_dir, dynamic_shapes())
+        started = time.perf_counter()
+        compiled: ov.CompiledModel = compile_for_cpu(ov.Core(), compiled_model, self.precision)
+        self.compile_seconds = time.perf_counter() - started
+        self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def run(self, inputs: DinoTextInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if sum(src.shape[2] * src.shape[3] for src in inputs.srcs) < self.num_queries:
+            return self.fallback.run(inputs)
+        arrays = [_numpy(t) for t in inputs.flat()]
+        with self._lock:
+            self._request.infer(arrays)
+            # Copied: the request reuses its output buffers on the next call.
+            logits = np.array(self._request.get_output_tensor(0).data)
+            boxes = np.array(self._request.get_output_tensor(1).data)
+        return torch.from_numpy(logits), torch.from_numpy(boxes)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """The graph's inputs are f32 / int64 / bool, as exported (bf16 features are widened)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+
+
+def build_dino_text_runtime(config: EngineConfig, model: GroundingDINO, device: torch.device,
+                            dtype: torch.dtype) -> DinoTextRuntime:
+    """The runtime ``config.runtime`` asks for on ``device``; torch when OpenVINO can't serve.
+
+    ``model`` must already be on ``device`` with ``dino_fast.use_fast_inference`` applied
+    (``detector.prepare``). auto: OpenVINO on CPU, torch on CUDA. openvino: OpenVINO where the model
+    is on the CPU; on CUDA the text half stays on torch (logged: its weights live on the GPU, and
+    the backbone's features come from there). A failed import, export, conversion or compile logs
+    one line with the cause and returns the torch runtime.
+    """
+    torch_runtime = TorchDinoText(model, dtype)
+    if config.runtime == "torch" or (config.runtime == "auto" and device.type != "cpu"):
+        return torch_runtime
+    try:
+        from .openvino_cache import cache_folder
+        from .weights import file_sha256
+
+        if device.type != "cpu":
+            raise ValueError(f"the OpenVINO graph runs on the CPU; the model is on {device}")
+        identity: dict[str, object] = {
+            "dino_variant": config.dino_variant, "dino_arch": config.dino_arch,
+            "checkpoint_sha256": file_sha256(config.dino_checkpoint_path),
+            "checkpoint": config.dino_checkpoint_path.name, "text_encoder": Path(config.text_encoder).name}
+        return OpenVinoDinoText(model, dtype, cache_folder(config), identity, torch_runtime)
+    except Exception as exc:  # noqa: BLE001 - any failure to import, export, convert or compile
+        logger.warning("RUNTIME=%s: Grounding DINO's text half runs on torch, because OpenVINO could not serve "
+                       "it: %s", config.runtime, describe_error(exc))
+        return torch_runtime
