@@ -76,7 +76,7 @@ def report(res: Results, info: dict[str, Any]) -> str:
             how = "this run" if figures["converted_now"] else f"an earlier run; read in {figures['load_s']:.1f} s"
             convert_s = figures["convert_s"]
             row(f"OpenVINO {kind} graph: conversion ({how})", f"{convert_s:.1f} s" if convert_s else "?")
-            row(f"  compile ({figures["precision"]})", f"{figures['compile_s']:.1f} s")
+            row(f"  compile ({figures['precision']})", f"{figures['compile_s']:.1f} s")
             row("  cache on disk", f"{figures['bytes'] / (1 << 20):.0f} MiB")
     batch = res.notes.get("batch")
     if batch:
