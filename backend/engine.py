@@ -52,7 +52,9 @@ class Engine:
                                          build_encoder_runtime(config, sam.image_encoder, device, dtype))
         self.detector = detector
         self.segmenter = segmenter
-        self.model_version = model_version(config, self.segmenter.encoder.name)  # the runtime that serves
+        # The runtimes that serve (after any fallback to torch), not the setting.
+        self.model_version = model_version(config, runtime_label(self.segmenter.encoder.name,
+                                                                 self.detector.text_runtime.name))
         # Bounded in bytes as well as entries: a feature map's size follows the image's aspect ratio,
         # an explanation's the number of masks. EMBEDDING_CACHE_BYTES is shared by the two models.
         per_model = config.embedding_cache_bytes // 2
@@ -156,15 +158,17 @@ def model_version(config: EngineConfig, runtime: str | None = None) -> str:
     """A stable string for a model + settings: same files and settings -> same version everywhere.
 
     The precision is the one in effect ("auto" is fp32 on CPU, bf16 on most GPUs): outputs differ.
-    So does the runtime of SAM's image encoder: off torch the version ends in ``-<runtime>`` (torch's
-    versions are those from before there was a choice, so predictions stored then still count).
+    So do the runtimes of SAM's image encoder and Grounding DINO's text half: off torch the version ends
+    in ``-<runtime_label>`` (torch's versions are those from before there was a choice, so predictions
+    stored then still count).
 
     Arguments:
         config: the engine's settings.
-        runtime: the runtime that serves (``Engine.segmenter.encoder.name``, after any fallback);
-            None before the models load: the one RUNTIME resolves to here (``expected_runtime``).
+        runtime: ``runtime_label`` of the runtimes that serve (after any fallback); None before the
+            models load: what RUNTIME resolves to here (``expected_runtime``).
     Returns:
-        ``grounded-sam-<sam>-<dino>-<10 hex digits>``, plus ``-openvino`` on OpenVINO.
+        ``grounded-sam-<sam>-<dino>-<10 hex digits>``, plus ``-openvino`` when both run on OpenVINO
+        (``-sam-openvino-dino-torch`` and the like when only one does).
     """
     from .models import effective_precision
 
@@ -183,6 +187,11 @@ def model_version(config: EngineConfig, runtime: str | None = None) -> str:
         "" if runtime == "torch" else f"-{runtime}")
 
 
+def runtime_label(sam_encoder: str, dino_text: str) -> str:
+    """One name for the two runtimes: the runtime itself when both agree, else who runs on what."""
+    return sam_encoder if sam_encoder == dino_text else f"sam-{sam_encoder}-dino-{dino_text}"
+
+
 def _expected_runtime(config: EngineConfig) -> str:
     from .encoder_runtime import expected_runtime
     from .models import ModelLoadError, resolve_device
@@ -191,7 +200,10 @@ def _expected_runtime(config: EngineConfig) -> str:
         device = resolve_device(config.device)
     except ModelLoadError:
         return "torch"  # the engine can't load here (effective_precision names the setting likewise)
-    return expected_runtime(config.runtime, device)
+    sam_encoder = expected_runtime(config.runtime, device)
+    # Grounding DINO's text half runs where its weights are: OpenVINO only with the model on the CPU.
+    dino_text = sam_encoder if device.type == "cpu" else "torch"
+    return runtime_label(sam_encoder, dino_text)
 
 
 def _file_fingerprint(path) -> str:

@@ -90,3 +90,14 @@ def test_runtime_that_fell_back_to_torch_gets_torch_version(config, served, tmp_
     assert engine.segmenter.encoder.name == "torch"
     assert engine.model_version == served["torch"].model_version
     assert not engine.model_version.endswith("-openvino")
+
+
+def test_version_names_which_model_runs_where(config, served):
+    """SAM's encoder on OpenVINO with Grounding DINO's text half on torch is neither all-torch nor
+    all-OpenVINO: its boxes are torch's, its masks OpenVINO's."""
+    mixed = Engine(config, detector=served["torch"].get().detector, segmenter=served["openvino"].get().segmenter)
+    assert mixed.segmenter.encoder.name == "openvino" and mixed.detector.text_runtime.name == "torch"
+    versions = {mixed.model_version, served["torch"].model_version, served["openvino"].model_version}
+    assert len(versions) == 3
+    assert mixed.model_version.endswith("-sam-openvino-dino-torch")
+    assert served["openvino"].get().detector.text_runtime.name == "openvino"
