@@ -162,8 +162,15 @@ class OpenVinoDinoText:
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
 
+    def fits(self, inputs: DinoTextInputs) -> bool:
+        """Whether the graph serves these sizes: at least as many image tokens as queries, and every
+        dynamic size within the export's bounds (a GROUNDING_DINO_MAX_SIZE past ~8000 px, say)."""
+        sides = [side for src in inputs.srcs for side in src.shape[2:]]
+        return (sum(src.shape[2] * src.shape[3] for src in inputs.srcs) >= self.num_queries
+                and max(sides) <= MAX_LEVEL_SIDE and inputs.input_ids.shape[1] <= MAX_TOKENS)
+
     def run(self, inputs: DinoTextInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        if sum(src.shape[2] * src.shape[3] for src in inputs.srcs) < self.num_queries:
+        if not self.fits(inputs):
             return self.fallback.run(inputs)
         arrays = [_numpy(t) for t in inputs.flat()]
         with self._lock:

@@ -249,3 +249,20 @@ def test_engine_detections_equal_between_runtimes(config, first_load, images):
             assert a.box == pytest.approx(b.box, abs=1e-3) and a.score == pytest.approx(b.score, abs=1e-5)
         found += len(ours)
     assert found > 0
+
+
+def test_feature_level_past_the_export_bound_is_served_as_on_torch(first_load, torch_detector):
+    """A level wider than the export's bound (an image past ~8000 px with GROUNDING_DINO_MAX_SIZE raised)
+    still gets torch's predictions: such inputs go to torch instead of a graph that never saw them."""
+    from backend.detector import DinoImageFeatures
+    from backend.dino_runtime import MAX_LEVEL_SIDE
+
+    widths = [MAX_LEVEL_SIDE + 1, MAX_LEVEL_SIDE // 2 + 1, MAX_LEVEL_SIDE // 4 + 1, MAX_LEVEL_SIDE // 8 + 1]
+    generator = torch.Generator().manual_seed(1)
+    features = DinoImageFeatures(srcs=[torch.randn(1, 256, 1, w, generator=generator) for w in widths],
+                                 masks=[torch.zeros(1, 1, w, dtype=torch.bool) for w in widths],
+                                 poss=[torch.randn(1, 256, 1, w, generator=generator) for w in widths],
+                                 image_size=(8, 8 * widths[0]))
+    caption = Caption.build(SHORT, torch_detector.tokenizer)
+    _assert_same_predictions(first_load.raw_predictions(features, caption),
+                             torch_detector.raw_predictions(features, caption))
