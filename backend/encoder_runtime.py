@@ -113,7 +113,8 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
 
     auto: OpenVINO on CPU (where openvino imports and the encoder converts), torch on CUDA.
     openvino: OpenVINO on the CPU whatever ``device`` (the features are moved to ``device``).
-    A failed import or conversion logs one line with the cause and returns the torch runtime.
+    A failed import or conversion logs one line with the cause and returns the torch runtime. Once
+    OpenVINO serves, ``image_encoder``'s torch weights are freed (the compiled graph has its own).
     """
     if sam_attention.supports_encoder_attention(image_encoder):
         # SDPA for the windowed blocks: the torch path and the exported graph both run it.
@@ -126,7 +127,7 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
         from .weights import file_sha256
 
         return OpenVinoImageEncoder(
-            image_encoder, dtype, device, capture=config.explanations,
+            image_encoder, dtype, device, capture=config.explanations, release_torch=True,
             cache_dir=cache_folder(config), identity=_identity(config, file_sha256(config.sam_checkpoint_path)))
     except Exception as exc:  # noqa: BLE001 - any failure to import, export, convert or compile
         logger.warning("RUNTIME=%s: SAM's image encoder runs on torch, because OpenVINO could not serve it: %s",

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GRAPH_VERSION = 2  # bump when encoder_graph's inputs/outputs change: older cache files are then unused
+GRAPH_VERSION = 3  # bump when encoder_graph's graph changes (3: matrix only at the last block): old files unused
 PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
@@ -181,10 +181,23 @@ class OpenVinoImageEncoder:
     name = "openvino"
 
     def __init__(self, image_encoder: ImageEncoder, dtype: torch.dtype, device: torch.device, capture: bool,
-                 cache_dir: Path, identity: Mapping[str, object]) -> None:
+                 cache_dir: Path, identity: Mapping[str, object], release_torch: bool = False) -> None:
+        """Convert (or read from ``cache_dir``) and compile the graph kind ``capture`` asks for.
+
+        Arguments:
+          image_encoder: SAM's ViT (or MobileSAM's TinyViT) encoder, weights loaded.
+          dtype: float32, bfloat16 or float16: OpenVINO's inference precision.
+          device: where the features are returned (inference runs on the CPU).
+          capture: the graph kind compiled now (the other is made on first use).
+          cache_dir: the converted graphs' folder; identity: what names this checkpoint in its keys.
+          release_torch: free ``image_encoder``'s weights once compiled (the engine's case): the other
+            graph kind then only loads from the cache (``ConversionError`` if it is not there).
+        Raises ConversionError when the encoder does not convert.
+        """
         if dtype not in PRECISION_HINTS:
             raise ValueError(f"no OpenVINO precision for {dtype}")
         self.encoder = image_encoder
+        self.dtype = dtype
         self.device = device
         self.img_size = int(image_encoder.img_size)
         self.precision = PRECISION_HINTS[dtype]
@@ -197,8 +210,32 @@ class OpenVinoImageEncoder:
         self._compiled: dict[bool, ov.InferRequest] = {}
         self._lock = threading.Lock()
         self._core = ov.Core()
+        self.torch_released = False
         with self._lock:
             self._request(capture and bool(self.global_blocks))  # convert/compile now, not in the first task
+            if release_torch:
+                self._release_torch()
+
+    def prepare(self, capture: bool) -> None:
+        """Convert (or read) and compile the graph kind now rather than in the first encode asking for it."""
+        with self._lock:
+            self._request(capture and bool(self.global_blocks))
+
+    def _release_torch(self) -> None:
+        """Free the torch encoder's weights: the compiled graph holds its own copy (vit_b 360 MB, vit_h
+        2.5 GB in f32), and an engine asks for one graph kind only (``config.explanations``), compiled by
+        now. The module keeps its structure (attributes, patched classes) with empty tensors, so it
+        is shared with ``Sam`` as before; the other kind can still be read from the cache, not converted."""
+        from .heap import return_freed_memory
+
+        with torch.no_grad():
+            for param in self.encoder.parameters():
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            for module in self.encoder.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    module.register_buffer(name, torch.empty(0, dtype=buffer.dtype, device=buffer.device))
+        self.torch_released = True
+        return_freed_memory()  # the engine keeps freed memory for reuse: these pages are gone for good
 
     def _request(self, capture: bool) -> ov.InferRequest:
         request = self._compiled.get(capture)
@@ -212,6 +249,11 @@ class OpenVinoImageEncoder:
             grid = side // self._patch()
             module, example = CapturingEncoder(self.encoder), (image, torch.full((1, grid * grid), 1.0 / grid ** 2))
         key = CacheKey(self.identity, side, self.precision, capture)
+        if self.torch_released and not (self.cache_dir / f"{key.stem}.xml").is_file():
+            kind = "capture" if capture else "plain"
+            raise ConversionError(
+                f"the {kind} graph is not in {self.cache_dir} and the torch encoder's weights were released "
+                f"after the {'plain' if capture else 'capture'} graph compiled: nothing to convert it from")
         model, conversion = load_or_convert(module, example, key, self.cache_dir)
         started = time.perf_counter()
         compiled = self._core.compile_model(model, "CPU", {

@@ -15,7 +15,8 @@ from backend.config import EngineConfig
 from backend.encoder_runtime import TorchImageEncoder, build_encoder_runtime
 from backend.engine import Engine
 from backend.models import build_sam
-from backend.openvino_encoder import CacheKey, OpenVinoImageEncoder
+from backend.openvino_encoder import CacheKey, ConversionError, OpenVinoImageEncoder
+from backend.sam_attention import use_fast_attention
 from backend.segmenter import SamSegmenter
 from backend.weights import file_sha256
 
@@ -120,11 +121,40 @@ def test_capture_graph_equals_torch_capture(first_load, pixels, torch_encoded):
     np.testing.assert_allclose(ol.received, tl.received, rtol=1e-4, atol=1e-9)
 
 
-def test_plain_graph_equals_torch_and_is_made_on_first_use(first_load, pixels, torch_encoded):
+def test_plain_graph_equals_torch_and_is_made_on_first_use(config, pixels, torch_encoded, tmp_path):
+    sam = build_sam(config)
+    use_fast_attention(sam.image_encoder)
+    runtime = OpenVinoImageEncoder(sam.image_encoder, torch.float32, CPU, capture=True, cache_dir=tmp_path,
+                                   identity={"sam_variant": "tiny"})  # keeps its torch weights
     x, input_size = pixels
-    ours = first_load.encode(x, input_size, capture=False)
-    assert ours.attention is None and first_load.conversions[False].converted
+    ours = runtime.encode(x, input_size, capture=False)
+    assert ours.attention is None and runtime.conversions[False].converted
     np.testing.assert_allclose(ours.features.numpy(), torch_encoded[1].features.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _weights(module: torch.nn.Module) -> int:
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+
+
+def test_engine_runtime_frees_the_torch_encoder_weights(config, pixels, torch_encoded, tmp_path):
+    """Once OpenVINO serves, the torch encoder's weights go (the compiled graph has its own copy); the
+    graph kind the engine asked for still encodes, and the other is read from the cache, never converted."""
+    sam, runtime = encoder_runtime(config.replace(openvino_cache_dir=tmp_path))
+    assert isinstance(runtime, OpenVinoImageEncoder) and runtime.torch_released
+    assert _weights(sam.image_encoder) == 0 and _weights(sam.mask_decoder) > 0  # only the encoder's
+    x, input_size = pixels
+    ours, (theirs, plain) = runtime.encode(x, input_size, capture=True), torch_encoded
+    np.testing.assert_allclose(ours.features.numpy(), theirs.features.numpy(), rtol=1e-4, atol=1e-4)
+    for block, expected in theirs.attention.received.items():
+        np.testing.assert_allclose(ours.attention.received[block], expected, rtol=1e-4, atol=1e-8)
+    # The plain graph is not cached yet and there is nothing left to convert it from: a clear error.
+    with pytest.raises(ConversionError, match="plain graph is not in .* weights were released"):
+        runtime.encode(x, input_size, capture=False)
+    # Cached by another load (weights kept), the released runtime reads and serves it.
+    encoder_runtime(config.replace(openvino_cache_dir=tmp_path), capture=False)
+    ours = runtime.encode(x, input_size, capture=False)
+    assert ours.attention is None and runtime.conversions[False].converted is False
+    np.testing.assert_allclose(ours.features.numpy(), plain.features.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_capture_is_close_to_fp32_torch(config, first_load, pixels, torch_encoded):
@@ -188,7 +218,8 @@ def test_failed_conversion_falls_back_to_torch_with_one_log_line(config, pixels,
 def test_mobile_sam_converts_and_matches_torch(tiny_cache, ov_cache, chelsea):
     config = EngineConfig.from_file(tiny_cache / "engine-mobilesam.json", runtime="openvino",
                                     openvino_cache_dir=ov_cache)
-    sam, runtime = encoder_runtime(config)
+    _, runtime = encoder_runtime(config)  # frees that SAM's torch encoder weights: the reference loads its own
+    sam = build_sam(config)
     assert isinstance(runtime, OpenVinoImageEncoder) and runtime.global_blocks == ()
     # TinyViT has no global attention: only the plain graph exists, capture requests get features only.
     assert list(runtime.conversions) == [False]
