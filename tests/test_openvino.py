@@ -290,3 +290,28 @@ def test_cache_folder_is_beside_the_weights_unless_set(tmp_path):
         tmp_path / "w" / "openvino")
     chosen = EngineConfig.from_env({"OPENVINO_CACHE_DIR": str(tmp_path / "ov"), "MODEL_CACHE_DIR": str(tmp_path)})
     assert cache_folder(chosen) == tmp_path / "ov"
+
+
+def test_capture_graph_sums_heads_without_a_matrix_per_head(config, tmp_path):
+    """What made the capture graph cost as much as the plain one (bench/README.md): no global block adds
+    each head's N x N softmax into a running sum, and in bf16 every softmax runs in bf16 (a head sum
+    read as an output kept the last block's softmax in f32, with conversions both ways)."""
+    import openvino as ov
+
+    from backend.encoder_graph import CapturingEncoder
+    from backend.models import NATIVE_BF16_FLAGS, cpu_flags
+    from backend.openvino_encoder import convert
+
+    sam = build_sam(config)
+    use_fast_attention(sam.image_encoder)
+    n = 64 * 64
+    model = convert(CapturingEncoder(sam.image_encoder), (torch.zeros(1, 3, 1024, 1024), torch.full((1, n), 1.0 / n)))
+    square_adds = [op for op in model.get_ordered_ops() if op.get_type_name() == "Add"
+                   and op.get_output_partial_shape(0).is_static and list(op.get_output_shape(0))[-2:] == [n, n]]
+    assert square_adds == []
+    if not set(NATIVE_BF16_FLAGS) & cpu_flags():
+        pytest.skip("no native bf16 on this CPU: OpenVINO runs f32 whatever the hint")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    softmax = [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+               if op.get_rt_info()["layerType"].astype(str) == "Softmax"]
+    assert softmax and {p.lower() for p in softmax} == {"bf16"}, softmax
