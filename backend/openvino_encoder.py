@@ -224,16 +224,18 @@ class OpenVinoImageEncoder:
     def _release_torch(self) -> None:
         """Free the torch encoder's weights: the compiled graph holds its own copy (vit_b 360 MB, vit_h
         2.5 GB in f32), and an engine asks for one graph kind only (``config.explanations``), compiled by
-        now. The module keeps its structure (attributes, patched classes) with empty tensors, so it
-        is shared with ``Sam`` as before; the other kind can still be read from the cache, not converted."""
+        now. The module stays shared with ``Sam`` with its structure and shapes: each tensor becomes one
+        zero broadcast to its shape (one element stored), so ``.eval()``/``.to()`` and code reading
+        shapes still work (TinyViT rebuilds a buffer from its biases in ``eval``). The other graph kind
+        can still be read from the cache, not converted."""
         from .heap import return_freed_memory
 
+        def hollow(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
+
         with torch.no_grad():
-            for param in self.encoder.parameters():
-                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-            for module in self.encoder.modules():
-                for name, buffer in module.named_buffers(recurse=False):
-                    module.register_buffer(name, torch.empty(0, dtype=buffer.dtype, device=buffer.device))
+            for tensor in (*self.encoder.parameters(), *self.encoder.buffers()):
+                tensor.data = hollow(tensor)
         self.torch_released = True
         return_freed_memory()  # the engine keeps freed memory for reuse: these pages are gone for good
 
