@@ -21,7 +21,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -181,7 +181,8 @@ class OpenVinoImageEncoder:
     name = "openvino"
 
     def __init__(self, image_encoder: ImageEncoder, dtype: torch.dtype, device: torch.device, capture: bool,
-                 cache_dir: Path, identity: Mapping[str, object], release_torch: bool = False) -> None:
+                 cache_dir: Path, identity: Mapping[str, object],
+                 reload_torch: Callable[[], ImageEncoder] | None = None) -> None:
         """Convert (or read from ``cache_dir``) and compile the graph kind ``capture`` asks for.
 
         Arguments:
@@ -190,8 +191,9 @@ class OpenVinoImageEncoder:
           device: where the features are returned (inference runs on the CPU).
           capture: the graph kind compiled now (the other is made on first use).
           cache_dir: the converted graphs' folder; identity: what names this checkpoint in its keys.
-          release_torch: free ``image_encoder``'s weights once compiled (the engine's case): the other
-            graph kind then only loads from the cache (``ConversionError`` if it is not there).
+          reload_torch: when given, ``image_encoder``'s weights are freed once the graph is compiled
+            (the engine's case), and this loads the encoder again (from the checkpoint) should the other
+            graph kind be asked for later: it is converted or read from the cache with those weights.
         Raises ConversionError when the encoder does not convert.
         """
         if dtype not in PRECISION_HINTS:
@@ -211,9 +213,10 @@ class OpenVinoImageEncoder:
         self._lock = threading.Lock()
         self._core = ov.Core()
         self.torch_released = False
+        self._reload_torch = reload_torch
         with self._lock:
             self._request(capture and bool(self.global_blocks))  # convert/compile now, not in the first task
-            if release_torch:
+            if reload_torch is not None:
                 self._release_torch()
 
     def prepare(self, capture: bool) -> None:
@@ -226,8 +229,7 @@ class OpenVinoImageEncoder:
         2.5 GB in f32), and an engine asks for one graph kind only (``config.explanations``), compiled by
         now. The module stays shared with ``Sam`` with its structure and shapes: each tensor becomes one
         zero broadcast to its shape (one element stored), so ``.eval()``/``.to()`` and code reading
-        shapes still work (TinyViT rebuilds a buffer from its biases in ``eval``). The other graph kind
-        can still be read from the cache, not converted."""
+        shapes still work (TinyViT rebuilds a buffer from its biases in ``eval``)."""
         from .heap import return_freed_memory
 
         def hollow(tensor: torch.Tensor) -> torch.Tensor:
@@ -245,18 +247,22 @@ class OpenVinoImageEncoder:
             return request
         side = self.img_size
         image = torch.zeros(1, 3, side, side)
-        module: nn.Module = self.encoder
+        encoder = self.encoder
+        if self.torch_released and self._reload_torch is not None:
+            # Loaded again for this one conversion (or cache read) and dropped after: the freed module
+            # would convert to a graph of zeros if the cache file turned out unusable.
+            try:
+                encoder = self._reload_torch()
+            except Exception as exc:  # noqa: BLE001 - whatever stops the reload, name it
+                raise ConversionError(f"the torch encoder could not be loaded again ({describe_error(exc)})") from exc
+        module: nn.Module = encoder
         example: tuple[torch.Tensor, ...] = (image,)
         if capture:
             grid = side // self._patch()
-            module, example = CapturingEncoder(self.encoder), (image, torch.full((1, grid * grid), 1.0 / grid ** 2))
+            module, example = CapturingEncoder(encoder), (image, torch.full((1, grid * grid), 1.0 / grid ** 2))
         key = CacheKey(self.identity, side, self.precision, capture)
-        if self.torch_released and not (self.cache_dir / f"{key.stem}.xml").is_file():
-            kind = "capture" if capture else "plain"
-            raise ConversionError(
-                f"the {kind} graph is not in {self.cache_dir} and the torch encoder's weights were released "
-                f"after the {'plain' if capture else 'capture'} graph compiled: nothing to convert it from")
         model, conversion = load_or_convert(module, example, key, self.cache_dir)
+        del encoder, module
         started = time.perf_counter()
         compiled = self._core.compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": self.precision,  # explicit: OpenVINO would choose bf16 on AMX CPUs

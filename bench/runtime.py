@@ -69,20 +69,6 @@ def same_box_iou(engine: Any, reference: Any, rgb: np.ndarray, boxes: np.ndarray
     return float(np.mean(ious))
 
 
-def _cache_plain_graph(engine: Any) -> None:
-    """Put the plain graph in the engine's OpenVINO cache: its encoder freed the torch weights after
-    compiling the capture graph, so this converts from the checkpoint loaded again."""
-    from backend.models import build_sam
-    from backend.openvino_encoder import OpenVinoImageEncoder
-    from backend.sam_attention import supports_encoder_attention, use_fast_attention
-
-    encoder, image_encoder = engine.segmenter.encoder, build_sam(engine.config).image_encoder
-    if supports_encoder_attention(image_encoder):
-        use_fast_attention(image_encoder)  # as build_encoder_runtime does: the graph the engine would convert
-    OpenVinoImageEncoder(image_encoder, encoder.dtype, torch.device("cpu"), capture=False,
-                         cache_dir=encoder.cache_dir, identity=encoder.identity, release_torch=True)
-
-
 def capture_overhead(engine: Any, rgb: np.ndarray, rounds: int) -> dict[str, float]:
     """SAM's encoder on ``rgb`` with and without the explanation capture, interleaved, medians in s.
 
@@ -92,8 +78,6 @@ def capture_overhead(engine: Any, rgb: np.ndarray, rounds: int) -> dict[str, flo
     import time
 
     encoder = engine.segmenter.encoder
-    if getattr(encoder, "torch_released", False) and False not in encoder.conversions:
-        _cache_plain_graph(engine)
     x, input_size = engine.segmenter.preprocess(rgb)
     times: dict[bool, list[float]] = {True: [], False: []}
     for r in range(rounds + 1):
@@ -147,7 +131,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_runtime(sam: torch.nn.Module, runtime: str, precision: str, cache: Path,
-                  kinds: tuple[bool, ...] = (True, False), release_torch: bool = False) -> Any:
+                  kinds: tuple[bool, ...] = (True, False), reload_torch: Any = None) -> Any:
     """One encoder runtime on ``sam``'s encoder, the graph ``kinds`` (capture True/False) compiled now
     (OpenVINO) so no timing includes a conversion."""
     from backend import sam_attention
@@ -160,7 +144,7 @@ def build_runtime(sam: torch.nn.Module, runtime: str, precision: str, cache: Pat
 
     encoder = OpenVinoImageEncoder(sam.image_encoder, DTYPES[precision], torch.device("cpu"), capture=kinds[0],
                                    cache_dir=cache, identity={"sam_variant": "bench-random", "seed": 0},
-                                   release_torch=release_torch and len(kinds) == 1)
+                                   reload_torch=reload_torch)
     for capture in kinds[1:]:
         encoder.prepare(capture)
     return encoder
@@ -184,7 +168,14 @@ def _memory_child(args: argparse.Namespace) -> None:
     runtime, precision, capture = args.child.split(":")
     x, size = _pixels(sam)
     # As the engine builds it: OpenVINO frees the torch encoder's weights once its graph is compiled.
-    encoder = build_runtime(sam, runtime, precision, args.cache, (capture == "capture",), release_torch=True)
+    def reload() -> torch.nn.Module:
+        from backend.sam_attention import use_fast_attention
+
+        encoder = _vit_b(args.tiny).image_encoder
+        use_fast_attention(encoder)
+        return encoder
+
+    encoder = build_runtime(sam, runtime, precision, args.cache, (capture == "capture",), reload_torch=reload)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     page = os.sysconf("SC_PAGE_SIZE")
 
