@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
@@ -113,7 +114,9 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
 
     auto: OpenVINO on CPU (where openvino imports and the encoder converts), torch on CUDA.
     openvino: OpenVINO on the CPU whatever ``device`` (the features are moved to ``device``).
-    A failed import or conversion logs one line with the cause and returns the torch runtime.
+    A failed import or conversion logs one line with the cause and returns the torch runtime. Once
+    OpenVINO serves, ``image_encoder``'s torch weights are freed (the compiled graph has its own); the
+    other graph kind, if ever asked for, is made from the checkpoint loaded again.
     """
     if sam_attention.supports_encoder_attention(image_encoder):
         # SDPA for the windowed blocks: the torch path and the exported graph both run it.
@@ -127,7 +130,7 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
         from .weights import file_sha256
 
         return OpenVinoImageEncoder(
-            image_encoder, dtype, device, capture=config.explanations,
+            image_encoder, dtype, device, capture=config.explanations, reload_torch=partial(load_image_encoder, config),
             cache_dir=cache_folder(config), identity=_identity(config, file_sha256(config.sam_checkpoint_path)))
     except Exception as exc:  # noqa: BLE001 - any failure to import, export, convert or compile
         logger.warning("RUNTIME=%s: SAM's image encoder runs on torch, because OpenVINO could not serve it: %s",
@@ -146,6 +149,17 @@ def expected_runtime(setting: str, device: torch.device) -> str:
     import importlib.util
 
     return "openvino" if wants_openvino(setting, device) and importlib.util.find_spec("openvino") else "torch"
+
+
+def load_image_encoder(config: EngineConfig) -> ImageEncoder:
+    """SAM's image encoder from ``config``'s checkpoint, attention patched as ``build_encoder_runtime``
+    patches it (the graph OpenVINO converts)."""
+    from .models import build_sam
+
+    encoder = build_sam(config).image_encoder
+    if sam_attention.supports_encoder_attention(encoder):
+        sam_attention.use_fast_attention(encoder)
+    return encoder
 
 
 def describe_error(exc: BaseException) -> str:

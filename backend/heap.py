@@ -47,3 +47,16 @@ def _apply() -> bool:
     if ok:
         logger.info("malloc: freed memory is kept for reuse (no per-block mmap, no trimming)")
     return ok
+
+
+def return_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system now (glibc ``malloc_trim(0)``), whatever
+    ``reuse_freed_memory`` set: for memory freed for good (weights dropped after a conversion), not
+    for the per-task buffers that are reused. Returns False where the C library is not glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

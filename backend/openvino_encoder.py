@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GRAPH_VERSION = 2  # bump when encoder_graph's inputs/outputs change: older cache files are then unused
+GRAPH_VERSION = 3  # bump when encoder_graph's graph changes (3: matrix only at the last block): old files unused
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,25 @@ class OpenVinoImageEncoder:
     name = "openvino"
 
     def __init__(self, image_encoder: ImageEncoder, dtype: torch.dtype, device: torch.device, capture: bool,
-                 cache_dir: Path, identity: Mapping[str, object]) -> None:
+                 cache_dir: Path, identity: Mapping[str, object],
+                 reload_torch: Callable[[], ImageEncoder] | None = None) -> None:
+        """Convert (or read from ``cache_dir``) and compile the graph kind ``capture`` asks for.
+
+        Arguments:
+          image_encoder: SAM's ViT (or MobileSAM's TinyViT) encoder, weights loaded.
+          dtype: float32, bfloat16 or float16: OpenVINO's inference precision.
+          device: where the features are returned (inference runs on the CPU).
+          capture: the graph kind compiled now (the other is made on first use).
+          cache_dir: the converted graphs' folder; identity: what names this checkpoint in its keys.
+          reload_torch: when given, ``image_encoder``'s weights are freed once the graph is compiled
+            (the engine's case), and this loads the encoder again (from the checkpoint) should the other
+            graph kind be asked for later: it is converted or read from the cache with those weights.
+        Raises ConversionError when the encoder does not convert.
+        """
         if dtype not in PRECISION_HINTS:
             raise ValueError(f"no OpenVINO precision for {dtype}")
         self.encoder = image_encoder
+        self.dtype = dtype
         self.device = device
         self.img_size = int(image_encoder.img_size)
         self.precision = PRECISION_HINTS[dtype]
@@ -86,8 +101,34 @@ class OpenVinoImageEncoder:
         self._compiled: dict[bool, ov.InferRequest] = {}
         self._lock = threading.Lock()
         self._core = ov.Core()
+        self.torch_released = False
+        self._reload_torch = reload_torch
         with self._lock:
             self._request(capture and bool(self.global_blocks))  # convert/compile now, not in the first task
+            if reload_torch is not None:
+                self._release_torch()
+
+    def prepare(self, capture: bool) -> None:
+        """Convert (or read) and compile the graph kind now rather than in the first encode asking for it."""
+        with self._lock:
+            self._request(capture and bool(self.global_blocks))
+
+    def _release_torch(self) -> None:
+        """Free the torch encoder's weights: the compiled graph holds its own copy (vit_b 360 MB, vit_h
+        2.5 GB in f32), and an engine asks for one graph kind only (``config.explanations``), compiled by
+        now. The module stays shared with ``Sam`` with its structure and shapes: each tensor becomes one
+        zero broadcast to its shape (one element stored), so ``.eval()``/``.to()`` and code reading
+        shapes still work (TinyViT rebuilds a buffer from its biases in ``eval``)."""
+        from .heap import return_freed_memory
+
+        def hollow(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
+
+        with torch.no_grad():
+            for tensor in (*self.encoder.parameters(), *self.encoder.buffers()):
+                tensor.data = hollow(tensor)
+        self.torch_released = True
+        return_freed_memory()  # the engine keeps freed memory for reuse: these pages are gone for good
 
     def _request(self, capture: bool) -> ov.InferRequest:
         request = self._compiled.get(capture)
@@ -95,13 +136,22 @@ class OpenVinoImageEncoder:
             return request
         side = self.img_size
         image = torch.zeros(1, 3, side, side)
-        module: nn.Module = self.encoder
+        encoder = self.encoder
+        if self.torch_released and self._reload_torch is not None:
+            # Loaded again for this one conversion (or cache read) and dropped after: the freed module
+            # would convert to a graph of zeros if the cache file turned out unusable.
+            try:
+                encoder = self._reload_torch()
+            except Exception as exc:  # noqa: BLE001 - whatever stops the reload, name it
+                raise ConversionError(f"the torch encoder could not be loaded again ({describe_error(exc)})") from exc
+        module: nn.Module = encoder
         example: tuple[torch.Tensor, ...] = (image,)
         if capture:
             grid = side // self._patch()
-            module, example = CapturingEncoder(self.encoder), (image, torch.full((1, grid * grid), 1.0 / grid ** 2))
+            module, example = CapturingEncoder(encoder), (image, torch.full((1, grid * grid), 1.0 / grid ** 2))
         key = CacheKey(self.identity, side, self.precision, capture)
         model, conversion = load_or_convert(module, example, key, self.cache_dir)
+        del encoder, module
         started = time.perf_counter()
         compiled = self._core.compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": self.precision,  # explicit: OpenVINO would choose bf16 on AMX CPUs

@@ -9,12 +9,13 @@ MobileSAM's), without editing site-packages:
   recorded by the very forward pass that produces the features (no second encoder run), one head at
   a time so the full (heads, N, N) tensor never exists.
 * ``capture_decoder_attention``: the mask decoder's final token-to-image softmax, i.e. where each
-  output token (and so each returned mask) looked in the image embedding.
+  output token (and so each returned mask) looked in the image embedding (``decoder_attention``,
+  re-exported here).
 
 Plus ``mask_to_token_grid`` (a mask on the token grid); showing token maps on the original image
 (``token_map_to_image``, ``colorize``, ``overlay``) is ``backend.heatmaps``'s, re-exported here.
 
-Patching swaps the attention module's class for a subclass whose forward differs; parameters,
+Patching (``module_patch``) swaps the attention module's class for a subclass whose forward differs; parameters,
 ``state_dict`` and ``isinstance`` checks are unchanged. A capture is a plain object owned by the
 caller and is found by the forward through a ``ContextVar``: two threads (or asyncio tasks) running
 the same or different models never see each other's captures, and with no capture active the patched
@@ -25,23 +26,23 @@ forward costs one dictionary lookup. The forward must run in the thread/context 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TypeVar, cast
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Block, get_rel_pos
-from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
 
-# The drawing half (no torch) lives in heatmaps, shared with the explain UI; re-exported here.
+# The decoder's capture and the drawing half (no torch, shared with the explain UI) live in their own
+# modules; re-exported here so callers keep one import.
+from .decoder_attention import DecoderAttentionCapture, capture_decoder_attention, mask_token_maps
 from .heatmaps import colorize, normalize_map, overlay, token_map_to_image
+from .module_patch import ForwardPatch, sinks_active, swap_in, swap_out
 
 __all__ = [
     "EncoderBlockAttention",
@@ -71,10 +72,6 @@ _MASK_BUDGET = 1 << 22
 _ENCODER_SINKS: ContextVar[Mapping[object, _EncoderSink]] = ContextVar(
     "sam_attention_encoder_sinks", default=MappingProxyType({})
 )
-_DECODER_SINKS: ContextVar[Mapping[object, DecoderAttentionCapture]] = ContextVar(
-    "sam_attention_decoder_sinks", default=MappingProxyType({})
-)
-_Sink = TypeVar("_Sink")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,88 +115,6 @@ class EncoderAttentionCapture:
         return self.blocks[max(self.blocks)]
 
 
-@dataclass
-class DecoderAttentionCapture:
-    """Filled by ``capture_decoder_attention``: one entry per mask decoder call, in call order."""
-
-    decoder_type: str
-    num_mask_tokens: int
-    # Each (B, num_tokens, H_emb * W_emb) float32: final token-to-image softmax, heads averaged.
-    # B is the number of prompts; tokens are [iou_token, mask tokens..., prompt tokens...].
-    calls: list[np.ndarray] = field(default_factory=list)
-
-    @property
-    def attention(self) -> np.ndarray:
-        """All calls concatenated along the prompt axis: (B_total, num_tokens, H_emb * W_emb)."""
-        if not self.calls:
-            raise RuntimeError("no decoder attention was captured: did the decoder run inside the `with`?")
-        if len(self.calls) == 1:
-            return self.calls[0]
-        if len({c.shape[1:] for c in self.calls}) != 1:
-            raise ValueError(
-                f"decoder calls have different token counts {[c.shape for c in self.calls]}; use .calls"
-            )
-        return np.concatenate(self.calls, axis=0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Class swapping
-# ----------------------------------------------------------------------------------------------
-
-
-# One subclass per (stock class, patch), so a patched module stays an instance of its stock class and
-# repeated patching yields the same type (setdefault keeps the first one made if two threads race).
-_PATCHED_CLASSES: dict[tuple[type[nn.Module], type[_Patch]], type[nn.Module]] = {}
-
-
-def _patched_class(stock: type[nn.Module], patch: type[_Patch]) -> type[nn.Module]:
-    cls = _PATCHED_CLASSES.get((stock, patch))
-    if cls is None:
-        made = type(
-            f"{patch.__name__.lstrip('_')}[{stock.__name__}]",
-            (patch, stock),
-            {"_stock_class": stock, "_patch_class": patch, "__module__": __name__},
-        )
-        # type() is typed as returning a plain `type`; this one subclasses ``stock``.
-        cls = _PATCHED_CLASSES.setdefault((stock, patch), cast("type[nn.Module]", made))
-    return cls
-
-
-def _new_patched(stock: type[nn.Module], patch: type[_Patch]) -> nn.Module:
-    cls = _patched_class(stock, patch)
-    return cls.__new__(cls)
-
-
-class _Patch:
-    """Base of the forward patches: pickles/deep-copies as stock class + patch (no dynamic names)."""
-
-    _stock_class: type[nn.Module]
-    _patch_class: type[_Patch]
-
-    def __reduce__(self):
-        return (_new_patched, (self._stock_class, self._patch_class), self.__getstate__())
-
-
-def _swap_in(module: nn.Module, patch: type[_Patch]) -> None:
-    stock: type[nn.Module] = getattr(type(module), "_stock_class", type(module))
-    module.__class__ = _patched_class(stock, patch)
-
-
-def _swap_out(module: nn.Module) -> None:
-    stock = getattr(type(module), "_stock_class", None)
-    if stock is not None:
-        module.__class__ = stock
-
-
-@contextlib.contextmanager
-def _sinks_active(active: ContextVar[Mapping[object, _Sink]], sinks: Mapping[object, _Sink]) -> Iterator[None]:
-    token = active.set(MappingProxyType({**active.get(), **sinks}))
-    try:
-        yield
-    finally:
-        active.reset(token)
-
-
 # ----------------------------------------------------------------------------------------------
 # Encoder
 # ----------------------------------------------------------------------------------------------
@@ -241,14 +156,14 @@ def use_fast_attention(image_encoder: nn.Module) -> int:
     """Make every ViT attention of the encoder use SDPA; idempotent. Returns the number patched."""
     blocks = _vit_blocks(image_encoder)
     for block in blocks:
-        _swap_in(block.attn, _FastEncoderAttention)
+        swap_in(block.attn, _FastEncoderAttention)
     return len(blocks)
 
 
 def use_stock_attention(image_encoder: nn.Module) -> None:
     """Undo ``use_fast_attention`` (and the patching done by captures)."""
     for block in _vit_blocks(image_encoder):
-        _swap_out(block.attn)
+        swap_out(block.attn)
 
 
 def _resolve_blocks(blocks: Sequence[Block], which: None | str | Sequence[int]) -> tuple[int, ...]:
@@ -306,9 +221,9 @@ def capture_encoder_attention(
     )
     sinks: dict[object, _EncoderSink] = {}
     for i in indices:
-        _swap_in(vit_blocks[i].attn, _FastEncoderAttention)
+        swap_in(vit_blocks[i].attn, _FastEncoderAttention)
         sinks[vit_blocks[i].attn] = _EncoderSink(capture, i)
-    with _sinks_active(_ENCODER_SINKS, sinks):
+    with sinks_active(_ENCODER_SINKS, sinks):
         yield capture
 
 
@@ -475,7 +390,7 @@ def _accumulate(acc: torch.Tensor, attn: torch.Tensor, first: bool) -> None:
             dst.add_(part)
 
 
-class _FastEncoderAttention(_Patch):
+class _FastEncoderAttention(ForwardPatch):
     """Forward for segment_anything.modeling.image_encoder.Attention: SDPA, or capture if active."""
 
     # The stock module's attributes this forward reads (declared for the type checker only).
@@ -537,102 +452,6 @@ def mask_attention_map(
             chunk = matrix.index_select(0, index[start : start + 512]).float()
             total += w[start : start + 512] @ chunk
     return total.numpy().reshape(block.grid)
-
-
-# ----------------------------------------------------------------------------------------------
-# Mask decoder
-# ----------------------------------------------------------------------------------------------
-
-
-def _final_token_to_image(mask_decoder: MaskDecoder) -> nn.Module:
-    attn = getattr(getattr(mask_decoder, "transformer", None), "final_attn_token_to_image", None)
-    needed = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "_separate_heads", "_recombine_heads")
-    if attn is None or not all(hasattr(attn, a) for a in needed) or not hasattr(mask_decoder, "num_mask_tokens"):
-        kind = f"{type(mask_decoder).__module__}.{type(mask_decoder).__qualname__}"
-        raise ValueError(
-            f"expected a SAM MaskDecoder (transformer.final_attn_token_to_image with q/k/v/out "
-            f"projections, num_mask_tokens); got {kind}"
-        )
-    return attn
-
-
-class _CapturingTokenAttention(_Patch):
-    """Forward for segment_anything.modeling.transformer.Attention: stock, recording when active."""
-
-    # The stock module's attributes and methods this forward uses (declared for the type checker only).
-    num_heads: int
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
-    out_proj: nn.Linear
-    _separate_heads: Callable[[torch.Tensor, int], torch.Tensor]
-    _recombine_heads: Callable[[torch.Tensor], torch.Tensor]
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        sink = _DECODER_SINKS.get().get(self)
-        if sink is None:
-            return super().forward(q, k, v)  # type: ignore[misc]
-        # Stock computation, op for op, with the softmax recorded on the way.
-        q = self._separate_heads(self.q_proj(q), self.num_heads)
-        k = self._separate_heads(self.k_proj(k), self.num_heads)
-        v = self._separate_heads(self.v_proj(v), self.num_heads)
-        _, _, _, c_per_head = q.shape
-        attn = q @ k.permute(0, 1, 3, 2)  # B x N_heads x N_tokens x N_image
-        attn = attn / math.sqrt(c_per_head)
-        attn = torch.softmax(attn, dim=-1)
-        sink.calls.append(attn.detach().float().mean(dim=1).cpu().numpy())
-        out = self._recombine_heads(attn @ v)
-        return self.out_proj(out)
-
-
-@contextlib.contextmanager
-def capture_decoder_attention(mask_decoder: MaskDecoder) -> Iterator[DecoderAttentionCapture]:
-    """Record the final token-to-image attention of every mask decoder call run inside the block.
-
-    Works for any decoder built like SAM's (segment_anything, MobileSAM), matched by structure.
-    """
-    attn = _final_token_to_image(mask_decoder)
-    capture = DecoderAttentionCapture(
-        decoder_type=f"{type(mask_decoder).__module__}.{type(mask_decoder).__qualname__}",
-        num_mask_tokens=int(mask_decoder.num_mask_tokens),
-    )
-    _swap_in(attn, _CapturingTokenAttention)
-    with _sinks_active(_DECODER_SINKS, {attn: capture}):
-        yield capture
-
-
-def mask_token_maps(
-    capture: DecoderAttentionCapture,
-    multimask_output: bool = False,
-    selected: Sequence[int] | None = None,
-    grid: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Per prompt, the image-embedding attention of the mask token behind the returned mask.
-
-    Token order is SAM's: iou token, then mask tokens. With ``multimask_output=False`` SAM returns
-    mask token 0 (sequence index 1): result (B, h, w). With ``multimask_output=True`` it returns mask
-    tokens 1..3 (sequence 2..4): result (B, 3, h, w), or (B, h, w) when ``selected`` gives, per
-    prompt, the index (0..2) of the mask that was kept. Maps are softmax weights (each sums to 1).
-    ``grid`` defaults to the square embedding (64 x 64 for SAM).
-    """
-    attn = capture.attention
-    b, _, hw = attn.shape
-    if grid is None:
-        side = math.isqrt(hw)
-        if side * side != hw:
-            raise ValueError(f"{hw} image positions are not a square grid; pass grid=(h, w)")
-        grid = (side, side)
-    if grid[0] * grid[1] != hw:
-        raise ValueError(f"grid {grid} does not hold {hw} positions")
-    if not multimask_output:
-        return attn[:, 1].reshape(b, *grid)
-    maps = attn[:, 2 : 1 + capture.num_mask_tokens].reshape(b, -1, *grid)
-    if selected is None:
-        return maps
-    chosen = np.asarray(selected, dtype=np.int64)
-    if chosen.shape != (b,):
-        raise ValueError(f"selected must hold one mask index per prompt ({b}), got shape {chosen.shape}")
-    return maps[np.arange(b), chosen]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -340,8 +340,10 @@ def run_memory(engine_json: Path, mode: Mode, res: Results, log) -> None:
 
 def same_box_precision_iou(engine, res: Results, log) -> None:
     """SAM under bf16 against fp32 on the same boxes of 3 photos (the figure behind PRECISION=auto)."""
+    from backend.models import build_sam
     from bench.precision import same_box_iou
 
-    iou = same_box_iou(engine.segmenter.sam, engine.segmenter.device, photos(3))
+    # Loaded again: an engine on OpenVINO frees its own SAM's torch encoder weights.
+    iou = same_box_iou(build_sam(engine.config), engine.segmenter.device, photos(3))
     res.notes["same_box_iou"] = dataclasses.asdict(iou)
     log(f"SAM bf16 vs fp32 on the same boxes: mask IoU mean {iou.mean:.4f}, min {iou.min:.4f}")

@@ -16,6 +16,7 @@ from backend.encoder_runtime import TorchImageEncoder, build_encoder_runtime
 from backend.engine import Engine
 from backend.models import build_sam
 from backend.openvino_encoder import CacheKey, OpenVinoImageEncoder
+from backend.sam_attention import use_fast_attention
 from backend.segmenter import SamSegmenter
 from backend.weights import file_sha256
 
@@ -120,11 +121,40 @@ def test_capture_graph_equals_torch_capture(first_load, pixels, torch_encoded):
     np.testing.assert_allclose(ol.received, tl.received, rtol=1e-4, atol=1e-9)
 
 
-def test_plain_graph_equals_torch_and_is_made_on_first_use(first_load, pixels, torch_encoded):
+def test_plain_graph_equals_torch_and_is_made_on_first_use(config, pixels, torch_encoded, tmp_path):
+    sam = build_sam(config)
+    use_fast_attention(sam.image_encoder)
+    runtime = OpenVinoImageEncoder(sam.image_encoder, torch.float32, CPU, capture=True, cache_dir=tmp_path,
+                                   identity={"sam_variant": "tiny"})  # keeps its torch weights
     x, input_size = pixels
-    ours = first_load.encode(x, input_size, capture=False)
-    assert ours.attention is None and first_load.conversions[False].converted
+    ours = runtime.encode(x, input_size, capture=False)
+    assert ours.attention is None and runtime.conversions[False].converted
     np.testing.assert_allclose(ours.features.numpy(), torch_encoded[1].features.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _stored_bytes(module: torch.nn.Module) -> int:
+    return sum(t.untyped_storage().nbytes() for t in (*module.parameters(), *module.buffers()))
+
+
+def test_engine_runtime_frees_the_torch_encoder_weights(config, pixels, torch_encoded, tmp_path):
+    """Once OpenVINO serves, the torch encoder's weights go (the compiled graph has its own copy); the
+    graph kind the engine asked for still encodes, and the other is made from the checkpoint loaded
+    again, leaving the engine's module freed."""
+    sam, runtime = encoder_runtime(config.replace(openvino_cache_dir=tmp_path))
+    assert isinstance(runtime, OpenVinoImageEncoder) and runtime.torch_released
+    loaded = build_sam(config)
+    assert _stored_bytes(sam.image_encoder) < 0.01 * _stored_bytes(loaded.image_encoder)
+    assert _stored_bytes(sam.mask_decoder) == _stored_bytes(loaded.mask_decoder)  # only the encoder's go
+    sam.eval()  # the module still works as a module (shapes kept), as SamSegmenter's .to().eval() needs
+    x, input_size = pixels
+    ours, (theirs, plain) = runtime.encode(x, input_size, capture=True), torch_encoded
+    np.testing.assert_allclose(ours.features.numpy(), theirs.features.numpy(), rtol=1e-4, atol=1e-4)
+    for block, expected in theirs.attention.received.items():
+        np.testing.assert_allclose(ours.attention.received[block], expected, rtol=1e-4, atol=1e-8)
+    ours = runtime.encode(x, input_size, capture=False)
+    assert ours.attention is None and runtime.conversions[False].converted
+    np.testing.assert_allclose(ours.features.numpy(), plain.features.numpy(), rtol=1e-4, atol=1e-4)
+    assert _stored_bytes(sam.image_encoder) < 0.01 * _stored_bytes(loaded.image_encoder)
 
 
 def test_bf16_capture_is_close_to_fp32_torch(config, first_load, pixels, torch_encoded):
@@ -188,7 +218,8 @@ def test_failed_conversion_falls_back_to_torch_with_one_log_line(config, pixels,
 def test_mobile_sam_converts_and_matches_torch(tiny_cache, ov_cache, chelsea):
     config = EngineConfig.from_file(tiny_cache / "engine-mobilesam.json", runtime="openvino",
                                     openvino_cache_dir=ov_cache)
-    sam, runtime = encoder_runtime(config)
+    _, runtime = encoder_runtime(config)  # frees that SAM's torch encoder weights: the reference loads its own
+    sam = build_sam(config)
     assert isinstance(runtime, OpenVinoImageEncoder) and runtime.global_blocks == ()
     # TinyViT has no global attention: only the plain graph exists, capture requests get features only.
     assert list(runtime.conversions) == [False]
@@ -259,3 +290,28 @@ def test_cache_folder_is_beside_the_weights_unless_set(tmp_path):
         tmp_path / "w" / "openvino")
     chosen = EngineConfig.from_env({"OPENVINO_CACHE_DIR": str(tmp_path / "ov"), "MODEL_CACHE_DIR": str(tmp_path)})
     assert cache_folder(chosen) == tmp_path / "ov"
+
+
+def test_capture_graph_sums_heads_without_a_matrix_per_head(config, tmp_path):
+    """What made the capture graph cost as much as the plain one (bench/README.md): no global block adds
+    each head's N x N softmax into a running sum, and in bf16 every softmax runs in bf16 (a head sum
+    read as an output kept the last block's softmax in f32, with conversions both ways)."""
+    import openvino as ov
+
+    from backend.encoder_graph import CapturingEncoder
+    from backend.models import NATIVE_BF16_FLAGS, cpu_flags
+    from backend.openvino_encoder import convert
+
+    sam = build_sam(config)
+    use_fast_attention(sam.image_encoder)
+    n = 64 * 64
+    model = convert(CapturingEncoder(sam.image_encoder), (torch.zeros(1, 3, 1024, 1024), torch.full((1, n), 1.0 / n)))
+    square_adds = [op for op in model.get_ordered_ops() if op.get_type_name() == "Add"
+                   and op.get_output_partial_shape(0).is_static and list(op.get_output_shape(0))[-2:] == [n, n]]
+    assert square_adds == []
+    if not set(NATIVE_BF16_FLAGS) & cpu_flags():
+        pytest.skip("no native bf16 on this CPU: OpenVINO runs f32 whatever the hint")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    softmax = [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+               if op.get_rt_info()["layerType"].astype(str) == "Softmax"]
+    assert softmax and {p.lower() for p in softmax} == {"bf16"}, softmax
