@@ -30,8 +30,8 @@ from torch import nn
 
 from . import sam_attention
 from .encoder_graph import CapturingEncoder, global_block_indices
-from .encoder_runtime import EncodedImage, EncoderAttention, valid_tokens
-from .openvino_cache import PRECISION_HINTS, Conversion, load_or_convert
+from .encoder_runtime import EncodedImage, EncoderAttention, describe_error, valid_tokens
+from .openvino_cache import PRECISION_HINTS, Conversion, ConversionError, load_or_convert
 
 if TYPE_CHECKING:
     from .encoder_runtime import ImageEncoder

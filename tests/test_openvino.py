@@ -300,7 +300,7 @@ def test_capture_graph_sums_heads_without_a_matrix_per_head(config, tmp_path):
 
     from backend.encoder_graph import CapturingEncoder
     from backend.models import NATIVE_BF16_FLAGS, cpu_flags
-    from backend.openvino_encoder import convert
+    from backend.openvino_cache import convert
 
     sam = build_sam(config)
     use_fast_attention(sam.image_encoder)
