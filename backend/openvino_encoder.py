@@ -13,8 +13,6 @@ converted and compiled; the other is made on first use.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -31,7 +29,7 @@ from torch import nn
 from . import sam_attention
 from .encoder_graph import CapturingEncoder, global_block_indices
 from .encoder_runtime import EncodedImage, EncoderAttention, describe_error, valid_tokens
-from .openvino_cache import PRECISION_HINTS, Conversion, ConversionError, load_or_convert
+from .openvino_cache import PRECISION_HINTS, Conversion, ConversionError, compile_for_cpu, key_digest, load_or_convert
 
 if TYPE_CHECKING:
     from .encoder_runtime import ImageEncoder
@@ -59,7 +57,7 @@ class CacheKey:
 
     @property
     def stem(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.as_json(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        digest = key_digest(self.as_json())
         kind = "capture" if self.capture else "plain"
         return f"sam-{self.identity.get('sam_variant', 'encoder')}-{self.input_side}px-{self.precision}-{kind}-{digest}"
 
@@ -88,7 +86,6 @@ class OpenVinoImageEncoder:
         if dtype not in PRECISION_HINTS:
             raise ValueError(f"no OpenVINO precision for {dtype}")
         self.encoder = image_encoder
-        self.dtype = dtype
         self.device = device
         self.img_size = int(image_encoder.img_size)
         self.precision = PRECISION_HINTS[dtype]
@@ -153,11 +150,7 @@ class OpenVinoImageEncoder:
         model, conversion = load_or_convert(module, example, key, self.cache_dir)
         del encoder, module
         started = time.perf_counter()
-        compiled = self._core.compile_model(model, "CPU", {
-            "INFERENCE_PRECISION_HINT": self.precision,  # explicit: OpenVINO would choose bf16 on AMX CPUs
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(),  # the same cores torch is given
-            "PERFORMANCE_HINT": "LATENCY",
-        })
+        compiled = compile_for_cpu(self._core, model, self.precision)
         self.compile_seconds[capture] = time.perf_counter() - started
         self.conversions[capture] = conversion
         request = compiled.create_infer_request()
