@@ -9,8 +9,10 @@ import contextlib
 import os
 import platform
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,37 @@ def machine(device: str) -> dict[str, Any]:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "load_avg_start": os.getloadavg()[0],
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+
+
+@dataclass
+class RssPeak:
+    """Resident memory of this process, bytes: when sampling began, and the most seen until it ended."""
+
+    before: int
+    peak: int
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def sampling_peak_rss(interval_s: float = 0.002) -> Iterator[RssPeak]:
+    """Sample this process's RSS every ``interval_s`` on a thread while the block runs (a peak inside
+    one native call is seen, unlike a reading after it); ``peak`` is final once the block has left."""
+    figures = RssPeak(before=_rss_bytes(), peak=0)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            figures.peak = max(figures.peak, _rss_bytes())
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield figures
+    finally:
+        done.set()
+        sampler.join()
+        figures.peak = max(figures.peak, _rss_bytes())

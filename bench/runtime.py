@@ -169,10 +169,8 @@ def _pixels(sam: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, int]]:
 
 def _memory_child(args: argparse.Namespace) -> None:
     """In this fresh process: load one encoder, then sample RSS through two encodes."""
-    import ctypes
-    import os
-    import threading
-    import time
+    from backend.heap import return_freed_memory
+    from bench.measure import sampling_peak_rss
 
     sam = _vit_b(args.tiny)
     runtime, precision, capture = args.child.split(":")
@@ -186,27 +184,12 @@ def _memory_child(args: argparse.Namespace) -> None:
         return encoder
 
     encoder = build_runtime(sam, runtime, precision, args.cache, (capture == "capture",), reload_torch=reload)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * page
-
-    before, peak, done = rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for _ in range(2):  # the first inference allocates OpenVINO's buffers, the second reuses them
-        encoder.encode(x, size, capture == "capture")
-    done.set()
-    sampler.join()
+    return_freed_memory()
+    with sampling_peak_rss() as rss:
+        for _ in range(2):  # the first inference allocates OpenVINO's buffers, the second reuses them
+            encoder.encode(x, size, capture == "capture")
     mib = 1 << 20
-    print(json.dumps({"before_mib": before / mib, "peak_mib": max(peak[0], rss()) / mib}))
+    print(json.dumps({"before_mib": rss.before / mib, "peak_mib": rss.peak / mib}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ bench/run.py parses the command line and calls these in order; bench/report.py p
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import io
 import json
@@ -15,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from PIL import Image
 
 import bench.runtime as rt
 from bench.cache import DINO_CONFIG_FILE, write_cache
-from bench.measure import StageTimer, matched_iou, photos
+from bench.measure import StageTimer, matched_iou, photos, sampling_peak_rss
 from bench.reference import ReferenceChain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -279,10 +277,9 @@ def run_batch(engine, mode: Mode, res: Results, log) -> None:
 def memory_probe(engine_json: Path, explanations: bool, dino_size: int | None, device: str,
                  precision: str, runtime: str = "auto") -> dict[str, float]:
     """In this (fresh) process: load, run one cold task, report peak RSS (and GPU memory) of the task, MiB."""
-    import ctypes
-
     from backend.config import EngineConfig
     from backend.engine import Engine
+    from backend.heap import return_freed_memory
 
     overrides: dict[str, Any] = {"explanations": explanations, "max_detections": BOXES_PER_TASK,
                                  "device": device, "precision": precision, "runtime": runtime}
@@ -290,31 +287,14 @@ def memory_probe(engine_json: Path, explanations: bool, dino_size: int | None, d
         overrides.update(dino_image_size=dino_size, dino_max_size=int(dino_size * 1333 / 800))
     engine = Engine(EngineConfig.from_file(engine_json, **overrides))
     image = photos(1)[0]
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand loading's freed buffers back: a clean baseline
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * page
-
-    before, peak, done = rss(), [0], threading.Event()
+    return_freed_memory()  # hand loading's freed buffers back: a clean baseline
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         gpu_before = torch.cuda.memory_allocated()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    engine.segment(image, "cat . dog", 0.0, 0.0)
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], rss())
+    with sampling_peak_rss() as rss:
+        engine.segment(image, "cat . dog", 0.0, 0.0)
     mib = 1 << 20
-    figures = {"baseline_mib": before / mib, "peak_mib": peak[0] / mib, "task_mib": (peak[0] - before) / mib}
+    figures = {"baseline_mib": rss.before / mib, "peak_mib": rss.peak / mib, "task_mib": (rss.peak - rss.before) / mib}
     if device == "cuda":
         gpu_peak = torch.cuda.max_memory_allocated()
         figures.update(gpu_baseline_mib=gpu_before / mib, gpu_peak_mib=gpu_peak / mib,

@@ -1,4 +1,5 @@
-"""Counting SAM image encodes where the segmenter hands the image to its encoder runtime.
+"""SAM image encoder helpers for tests: counting encodes at the runtime seam, and an encoder part that
+torch.export cannot capture (to exercise the fallback to torch).
 
 A forward hook on ``sam.image_encoder`` counts nothing when the runtime is OpenVINO (the torch module
 never runs), so "encoded once" / "nothing encoded" checks count at ``SamSegmenter.encoder.encode``:
@@ -11,9 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
+if TYPE_CHECKING:
     from backend.encoder_runtime import EncodedImage
     from backend.segmenter import SamSegmenter
 
@@ -45,3 +46,15 @@ def counting_sam_encodes(segmenter: SamSegmenter) -> Iterator[list[str]]:
             runtime.encode = encode  # type: ignore[method-assign]
         else:
             del runtime.encode
+
+
+class DataDependentNeck(torch.nn.Module):
+    """A neck whose output depends on a branch taken on the data: torch.export cannot capture it."""
+
+    def __init__(self, neck: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = neck
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out if float(out.sum()) > -1e30 else -out

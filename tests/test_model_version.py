@@ -16,6 +16,7 @@ from backend.engine import Engine, model_version
 from backend.engine_holder import EngineHolder
 from backend.models import build_sam
 from backend.segmenter import SamSegmenter
+from tests.sam_encodes import DataDependentNeck
 
 CPU = torch.device("cpu")
 TORCH_VERSION = re.compile(r"^grounded-sam-[\w.]+-[\w.]+-[0-9a-f]{10}$")  # no runtime suffix
@@ -66,23 +67,11 @@ def test_precision_still_changes_the_version_on_each_runtime(config):
         assert model_version(config.replace(precision="bf16"), runtime) != model_version(config, runtime)
 
 
-class _DataDependentNeck(torch.nn.Module):
-    """A neck whose output depends on a branch taken on the data: torch.export cannot capture it."""
-
-    def __init__(self, neck: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = neck
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(x)
-        return out if float(out.sum()) > -1e30 else -out
-
-
 def test_runtime_that_fell_back_to_torch_gets_torch_version(config, served, tmp_path):
     """RUNTIME=openvino whose encoder does not convert serves on torch: its predictions are torch's, and
     so is the version (the setting string would name OpenVINO)."""
     sam = build_sam(config)
-    sam.image_encoder.neck = _DataDependentNeck(sam.image_encoder.neck)
+    sam.image_encoder.neck = DataDependentNeck(sam.image_encoder.neck)
     runtime = build_encoder_runtime(config.replace(openvino_cache_dir=tmp_path), sam.image_encoder, CPU,
                                     torch.float32)
     engine = Engine(config, detector=served["torch"].get().detector,

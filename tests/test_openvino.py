@@ -19,6 +19,7 @@ from backend.openvino_encoder import CacheKey, OpenVinoImageEncoder
 from backend.sam_attention import use_fast_attention
 from backend.segmenter import SamSegmenter
 from backend.weights import file_sha256
+from tests.sam_encodes import DataDependentNeck
 
 CPU = torch.device("cpu")
 PROMPT = "cat . dog"
@@ -186,22 +187,10 @@ def test_corrupt_cache_file_is_converted_again(first_load, config, pixels, tmp_p
     assert "<net>not" not in xml.read_text()[:100]  # replaced by the new conversion
 
 
-class _DataDependentNeck(torch.nn.Module):
-    """A neck whose output depends on a branch taken on the data: torch.export cannot capture it."""
-
-    def __init__(self, neck: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = neck
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(x)
-        return out if float(out.sum()) > -1e30 else -out
-
-
 @pytest.mark.parametrize("capture", [True, False])
 def test_failed_conversion_falls_back_to_torch_with_one_log_line(config, pixels, tmp_path, caplog, capture):
     sam = build_sam(config)
-    sam.image_encoder.neck = _DataDependentNeck(sam.image_encoder.neck)
+    sam.image_encoder.neck = DataDependentNeck(sam.image_encoder.neck)
     with caplog.at_level(logging.INFO):
         runtime = build_encoder_runtime(config.replace(openvino_cache_dir=tmp_path, explanations=capture),
                                         sam.image_encoder, CPU, torch.float32)
