@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import batched_nms, box_convert, clip_boxes_to_image
 
@@ -24,6 +23,7 @@ from .dino_graph import DinoTextInputs
 from .types import Detection
 
 if TYPE_CHECKING:
+    from .dino_image_runtime import DinoImageRuntime
     from .dino_runtime import DinoTextRuntime
 
 MAX_TEXT_TOKENS = 256  # Grounding DINO's max_text_len
@@ -201,15 +201,22 @@ class GroundingDinoDetector:
         image_size: int = 800,
         max_size: int = 1333,
         text_runtime: DinoTextRuntime | None = None,
+        image_runtime: DinoImageRuntime | None = None,
     ) -> None:
         """``text_runtime``: what runs the text half (``dino_runtime``), made for this ``model`` by
-        ``dino_runtime.build_dino_text_runtime`` after ``prepare``; None: torch."""
+        ``dino_runtime.build_dino_text_runtime`` after ``prepare``; None: torch. ``image_runtime``:
+        what runs the image half (``dino_image_runtime.build_dino_image_runtime``); None: torch."""
         self.model = prepare(model, device)
         if text_runtime is None:
             from .dino_runtime import TorchDinoText
 
             text_runtime = TorchDinoText(self.model, dtype)
+        if image_runtime is None:
+            from .dino_image_runtime import TorchDinoImage
+
+            image_runtime = TorchDinoImage(self.model, dtype)
         self.text_runtime = text_runtime
+        self.image_runtime = image_runtime
         self.device = device
         self.dtype = dtype
         self.image_size = image_size
@@ -232,29 +239,17 @@ class GroundingDinoDetector:
         tensor, _ = transform(_at_least_one_pixel(Image.fromarray(image), self.max_size), None)
         return tensor
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-    @torch.inference_mode()
     def image_features(self, image: np.ndarray) -> DinoImageFeatures:
-        from groundingdino.util.misc import NestedTensor, nested_tensor_from_tensor_list
+        """The text-independent half of GroundingDINO.forward for one image, run by ``image_runtime``.
 
-        model: Any = self.model  # groundingdino's GroundingDINO: its submodules are untyped
-        samples = nested_tensor_from_tensor_list([self.preprocess(image).to(self.device)])
-        with self._autocast():
-            features, poss = model.backbone(samples)
-            srcs, masks = [], []
-            for level, feature in enumerate(features):
-                src, mask = feature.decompose()
-                srcs.append(model.input_proj[level](src))
-                masks.append(mask)
-            for level in range(len(srcs), model.num_feature_levels):
-                src = model.input_proj[level](features[-1].tensors if level == len(features) else srcs[-1])
-                mask = F.interpolate(samples.mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
-                poss.append(model.backbone[1](NestedTensor(src, mask)).to(src.dtype))
-                srcs.append(src)
-                masks.append(mask)
-        return DinoImageFeatures(srcs=srcs, masks=masks, poss=list(poss), image_size=image.shape[:2])
+        Arguments:
+          image: H x W x 3 uint8 RGB.
+        Returns:
+          ``DinoImageFeatures``: four levels of 1 x 256 x h_l x w_l features and positions (the resized
+          image's stride 8, 16, 32, 64), their padding masks (all False), and the image's (H, W).
+        """
+        levels = self.image_runtime.run(self.preprocess(image).to(self.device))
+        return DinoImageFeatures(srcs=levels.srcs, masks=levels.masks, poss=levels.poss, image_size=image.shape[:2])
 
     def text_inputs(self, features: DinoImageFeatures, caption: Caption) -> DinoTextInputs:
         """What the text half reads for ``caption`` over ``features`` (``dino_graph.DinoTextInputs``)."""

@@ -39,11 +39,13 @@ class Engine:
             dtype = resolve_dtype(config.precision, device)
             if detector is None:
                 from .detector import prepare
+                from .dino_image_runtime import build_dino_image_runtime
                 from .dino_runtime import build_dino_text_runtime
 
                 dino = prepare(build_grounding_dino(config), device)
                 detector = GroundingDinoDetector(dino, device, dtype, config.dino_image_size, config.dino_max_size,
-                                                 build_dino_text_runtime(config, dino, device, dtype))
+                                                 build_dino_text_runtime(config, dino, device, dtype),
+                                                 build_dino_image_runtime(config, dino, device, dtype))
             if segmenter is None:
                 from .encoder_runtime import build_encoder_runtime
 
@@ -54,7 +56,8 @@ class Engine:
         self.segmenter = segmenter
         # The runtimes that serve (after any fallback to torch), not the setting.
         self.model_version = model_version(config, runtime_label(self.segmenter.encoder.name,
-                                                                 self.detector.text_runtime.name))
+                                                                 self.detector.text_runtime.name,
+                                                                 self.detector.image_runtime.name))
         # Bounded in bytes as well as entries: a feature map's size follows the image's aspect ratio,
         # an explanation's the number of masks. EMBEDDING_CACHE_BYTES is shared by the two models.
         per_model = config.embedding_cache_bytes // 2
@@ -144,6 +147,7 @@ class Engine:
             "dtype": str(self.segmenter.dtype).replace("torch.", ""),
             "sam_encoder_runtime": self.segmenter.encoder.name,
             "dino_text_runtime": self.detector.text_runtime.name,
+            "dino_image_runtime": self.detector.image_runtime.name,
         }
 
 
@@ -158,7 +162,7 @@ def model_version(config: EngineConfig, runtime: str | None = None) -> str:
     """A stable string for a model + settings: same files and settings -> same version everywhere.
 
     The precision is the one in effect ("auto" is fp32 on CPU, bf16 on most GPUs): outputs differ.
-    So do the runtimes of SAM's image encoder and Grounding DINO's text half: off torch the version ends
+    So do the runtimes of SAM's image encoder and Grounding DINO's two halves: off torch the version ends
     in ``-<runtime_label>`` (torch's versions are those from before there was a choice, so predictions
     stored then still count).
 
@@ -167,8 +171,8 @@ def model_version(config: EngineConfig, runtime: str | None = None) -> str:
         runtime: ``runtime_label`` of the runtimes that serve (after any fallback); None before the
             models load: what RUNTIME resolves to here (``expected_runtime``).
     Returns:
-        ``grounded-sam-<sam>-<dino>-<10 hex digits>``, plus ``-openvino`` when both run on OpenVINO
-        (``-sam-openvino-dino-torch`` and the like when only one does).
+        ``grounded-sam-<sam>-<dino>-<10 hex digits>``, plus ``-openvino`` when all three parts run on
+        OpenVINO (``-sam-openvino-dino-torch`` and the like when they differ).
     """
     from .models import effective_precision
 
@@ -187,9 +191,14 @@ def model_version(config: EngineConfig, runtime: str | None = None) -> str:
         "" if runtime == "torch" else f"-{runtime}")
 
 
-def runtime_label(sam_encoder: str, dino_text: str) -> str:
-    """One name for the two runtimes: the runtime itself when both agree, else who runs on what."""
-    return sam_encoder if sam_encoder == dino_text else f"sam-{sam_encoder}-dino-{dino_text}"
+def runtime_label(sam_encoder: str, dino_text: str, dino_image: str) -> str:
+    """One name for the runtimes of SAM's encoder and Grounding DINO's text and image halves: the
+    runtime itself when all agree, else who runs on what ("sam-openvino-dino-torch"; DINO's halves are
+    named apart only when they differ: "sam-openvino-dino-image-torch-text-openvino")."""
+    if sam_encoder == dino_text == dino_image:
+        return sam_encoder
+    dino = dino_text if dino_image == dino_text else f"image-{dino_image}-text-{dino_text}"
+    return f"sam-{sam_encoder}-dino-{dino}"
 
 
 def _expected_runtime(config: EngineConfig) -> str:
@@ -201,9 +210,9 @@ def _expected_runtime(config: EngineConfig) -> str:
     except ModelLoadError:
         return "torch"  # the engine can't load here (effective_precision names the setting likewise)
     sam_encoder = expected_runtime(config.runtime, device)
-    # Grounding DINO's text half runs where its weights are: OpenVINO only with the model on the CPU.
-    dino_text = sam_encoder if device.type == "cpu" else "torch"
-    return runtime_label(sam_encoder, dino_text)
+    # Grounding DINO's halves run where its weights are: OpenVINO only with the model on the CPU.
+    dino = sam_encoder if device.type == "cpu" else "torch"
+    return runtime_label(sam_encoder, dino, dino)
 
 
 def _file_fingerprint(path) -> str:

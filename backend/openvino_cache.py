@@ -6,7 +6,8 @@ bf16 inference) in ``cache_folder(config)``, named by a digest of the key (the c
 the architecture, the OpenVINO version, the precision, the graph's kind and version), so a warm start
 reads the file and never converts again. Writes are atomic (renamed into place, .xml last); a cache
 file that can't be read is converted again and replaced. Users: SAM's image encoder
-(``openvino_encoder``) and Grounding DINO's text half (``dino_runtime``).
+(``openvino_encoder``) and Grounding DINO's text half (``dino_runtime``) and image half
+(``dino_image_runtime``).
 """
 
 from __future__ import annotations
@@ -93,12 +94,14 @@ class Conversion:
     size_bytes: int  # IR on disk (.xml + .bin)
 
 
-def convert(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic_shapes: Any = None) -> ov.Model:
+def convert(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic_shapes: Any = None,
+            export_options: Mapping[str, Any] | None = None) -> ov.Model:
     """torch.export of ``module`` at the example inputs (``dynamic_shapes``: torch.export's, for sizes
-    that vary between calls; None: the examples' shapes), then openvino.convert_model."""
+    that vary between calls; None: the examples' shapes; ``export_options``: further keyword arguments
+    of torch.export.export), then openvino.convert_model."""
     try:
         with torch.no_grad():
-            exported = torch.export.export(module, example, dynamic_shapes=dynamic_shapes)
+            exported = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, **(export_options or {}))
         return ov.convert_model(exported)
     except Exception as exc:
         raise ConversionError(f"{type(module).__name__} did not convert ({describe_error(exc)})") from exc
@@ -143,11 +146,12 @@ def _save(model: ov.Model, xml: Path, key: ConvertedModelKey, seconds: float) ->
 
 
 def load_or_convert(module: nn.Module, example: tuple[torch.Tensor, ...], key: ConvertedModelKey,
-                    folder: Path, dynamic_shapes: Any = None) -> tuple[ov.Model, Conversion]:
+                    folder: Path, dynamic_shapes: Any = None,
+                    export_options: Mapping[str, Any] | None = None) -> tuple[ov.Model, Conversion]:
     """The cached IR for ``key`` if present and sound, else a fresh conversion (then cached).
 
     An unreadable cache file (truncated, edited, another key) is converted again and replaced.
-    ``dynamic_shapes`` as ``convert``. Raises ConversionError when the module does not convert.
+    ``dynamic_shapes`` and ``export_options`` as ``convert``. Raises ConversionError when the module does not convert.
     """
     xml = folder / f"{key.stem}.xml"
     if xml.is_file():
@@ -158,7 +162,7 @@ def load_or_convert(module: nn.Module, example: tuple[torch.Tensor, ...], key: C
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, a conversion replaces it
             logger.warning("cached OpenVINO model %s is unusable (%s); converting again", xml, describe_error(exc))
     started = time.perf_counter()
-    model = convert(module, example, dynamic_shapes)
+    model = convert(module, example, dynamic_shapes, export_options)
     seconds = time.perf_counter() - started
     saved = _save(model, xml, key, seconds)
     logger.info("converted %s to OpenVINO in %.1f s (%s)", key.what, seconds, saved or "not cached")
