@@ -90,3 +90,19 @@ def test_version_names_which_model_runs_where(config, served):
     assert len(versions) == 3
     assert mixed.model_version.endswith("-sam-openvino-dino-torch")
     assert served["openvino"].get().detector.text_runtime.name == "openvino"
+
+
+def test_version_names_grounding_dinos_halves_apart_when_they_differ(config, served):
+    """Grounding DINO's image half on torch (say its conversion fell back) with its text half and SAM on
+    OpenVINO: its features are torch's, so the version is neither the all-OpenVINO one nor torch's."""
+    from backend.detector import GroundingDinoDetector
+    from backend.dino_image_runtime import TorchDinoImage
+
+    on_openvino = served["openvino"].get()
+    assert on_openvino.detector.image_runtime.name == "openvino"
+    detector = on_openvino.detector
+    halves = GroundingDinoDetector(detector.model, CPU, detector.dtype, detector.image_size, detector.max_size,
+                                   detector.text_runtime, TorchDinoImage(detector.model))
+    mixed = Engine(config, detector=halves, segmenter=on_openvino.segmenter)
+    assert mixed.model_version.endswith("-sam-openvino-dino-image-torch-text-openvino")
+    assert mixed.model_version not in {served["torch"].model_version, served["openvino"].model_version}
