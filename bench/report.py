@@ -70,7 +70,7 @@ def report(res: Results, info: dict[str, Any]) -> str:
     if overhead:
         row(f"SAM encoder ({runtime}) with capture / without", f"{overhead['with_s']:.2f} s", overhead["ratio"],
             "<= 1.1")
-    for kind in ("capture", "plain", "dino_text"):
+    for kind in ("capture", "plain", "dino_text", "dino_image"):
         figures = conversion.get(kind)
         if figures:
             how = "this run" if figures["converted_now"] else f"an earlier run; read in {figures['load_s']:.1f} s"

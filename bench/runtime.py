@@ -1,6 +1,7 @@
 """The figures ``python -m bench --runtime openvino`` adds: what the CPU offers, what the conversions
-cost (SAM's encoder, Grounding DINO's text half), and how far the OpenVINO encoder's masks are from
-torch fp32's on the same boxes. ``bench/dino_text.py`` times the text half's runtimes side by side."""
+cost (SAM's encoder, Grounding DINO's text and image halves), and how far the OpenVINO encoder's masks
+are from torch fp32's on the same boxes. ``bench/dino_text.py`` and ``bench/dino_image.py`` time
+Grounding DINO's halves on each runtime side by side."""
 
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ def lscpu() -> dict[str, Any]:
 
 def conversion_figures(engine: Any) -> dict[str, Any]:
     """The OpenVINO graphs' cache: per graph (SAM's plain/capture encoder, Grounding DINO's text half
-    as "dino_text"), whether this load converted or read it, the time the conversion took (recorded
-    in the cache's key file when it was made), and the bytes on disk."""
+    as "dino_text" and image half as "dino_image"), whether this load converted or read it, the time
+    the conversion took (recorded in the cache's key file when it was made), and the bytes on disk."""
     encoder = engine.segmenter.encoder
-    dino = engine.detector.text_runtime
-    figures: dict[str, Any] = {"runtime": encoder.name, "dino_text_runtime": dino.name}
-    if dino.name == "openvino":
-        figures["dino_text"] = _conversion(dino.conversion, dino.compile_seconds, dino.precision)
+    figures: dict[str, Any] = {"runtime": encoder.name}
+    for kind, dino in (("dino_text", engine.detector.text_runtime), ("dino_image", engine.detector.image_runtime)):
+        figures[f"{kind}_runtime"] = dino.name
+        if dino.name == "openvino":
+            figures[kind] = _conversion(dino.conversion, dino.compile_seconds, dino.precision)
     if encoder.name != "openvino":
         return figures
     figures["precision"] = encoder.precision
