@@ -30,8 +30,9 @@ RUNTIMES = (("torch bf16", "torch", torch.bfloat16), ("openvino f32", "openvino"
 
 def compare(ours: Any, reference: Any) -> dict[str, float]:
     """Max abs difference and cosine of every level's features and positions, against ``reference``."""
-    a = torch.cat([t.float().flatten() for t in (*ours.srcs, *ours.poss)])
-    b = torch.cat([t.float().flatten() for t in (*reference.srcs, *reference.poss)])
+    # float64: a float32 cosine over ~9 M values rounds past 1.
+    a = torch.cat([t.double().flatten() for t in (*ours.srcs, *ours.poss)])
+    b = torch.cat([t.double().flatten() for t in (*reference.srcs, *reference.poss)])
     return {"max_diff": float((a - b).abs().max()),
             "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0))}
 
