@@ -29,6 +29,7 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
                    "sam_encoder", "Speed options", "SAM encoder on openvino", "lscpu:",
                    "mask IoU vs torch fp32 on the same boxes", "SAM encoder (openvino) with capture / without",
                    "OpenVINO capture graph: conversion", "OpenVINO plain graph: conversion", "cache on disk",
+                   "OpenVINO dino_text graph: conversion", "OpenVINO dino_image graph: conversion",
                    "mask IoU, SAM bf16 vs fp32, same boxes (mean)"):
         assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
     data = json.loads(out.read_text())
