@@ -31,7 +31,7 @@ LEVELS = 4  # feature levels of both released Grounding DINOs (num_feature_level
 class ImageLevels:
     """One image's projected features, per level (what ``DinoImageFeatures`` holds besides the size)."""
 
-    srcs: list[torch.Tensor]  # 1 x 256 x h_l x w_l (float32, or the autocast dtype on torch)
+    srcs: list[torch.Tensor]  # 1 x 256 x h_l x w_l in the engine's dtype (float32, or bfloat16 under bf16)
     masks: list[torch.Tensor]  # 1 x h_l x w_l bool, True on padding (one image: all False)
     poss: list[torch.Tensor]  # 1 x 256 x h_l x w_l sine positional embedding
 
