@@ -12,13 +12,9 @@ bench/cache.py's real-size random weights; one Grounding DINO serves every runti
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,46 +34,32 @@ def compare(ours: Any, reference: Any) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "grounded-sam-bench-cache")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
     from PIL import Image
 
     from backend.config import EngineConfig
     from backend.detector import GroundingDinoDetector, prepare
     from backend.dino_image_runtime import build_dino_image_runtime
     from backend.models import build_grounding_dino
+    from bench.component import arguments, interleave, machine_info, print_conversion, print_header
     from bench.dino_text import SHAPES
-    from bench.measure import flop_counter, matmul_gflops, photos
-    from bench.runtime import lscpu
+    from bench.measure import flop_counter, photos
 
-    torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
+    args = arguments(__doc__ or "")
+    info = machine_info()
     cpu = torch.device("cpu")
-    info: dict[str, Any] = {"cpu": lscpu(), "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0],
-                            "matmul_gflops": {"fp32": matmul_gflops(torch.float32),
-                                              "bf16": matmul_gflops(torch.bfloat16)}}
-    print(json.dumps(info), flush=True)
     base = EngineConfig.from_file(args.cache / "engine-vit_b.json", openvino_cache_dir=args.cache / "openvino")
     model = prepare(build_grounding_dino(base), cpu)
 
-    def detector(runtime: str, dtype: torch.dtype) -> GroundingDinoDetector:
+    def detector(name: str, runtime: str, dtype: torch.dtype) -> GroundingDinoDetector:
         config = base.replace(runtime=runtime)
         started = time.perf_counter()
         image_runtime = build_dino_image_runtime(config, model, cpu, dtype)
-        load_s = time.perf_counter() - started
-        conversion = getattr(image_runtime, "conversion", None)
-        if conversion is not None:
-            meta = json.loads(conversion.path.with_suffix(".json").read_text()) if conversion.path else {}
-            print(f"{runtime} {dtype}: load {load_s:.1f} s (converted now: {conversion.converted}; conversion "
-                  f"{meta.get('convert_seconds')} s; compile {image_runtime.compile_seconds:.1f} s; "
-                  f"{conversion.size_bytes / 2**20:.0f} MiB on disk)", flush=True)
+        print_conversion(name, image_runtime, time.perf_counter() - started)
         return GroundingDinoDetector(model, cpu, dtype, config.dino_image_size, config.dino_max_size,
                                      image_runtime=image_runtime)
 
-    reference_detector = detector("torch", torch.float32)
-    runtimes = {name: detector(runtime, dtype) for name, runtime, dtype in RUNTIMES}
+    reference_detector = detector("torch fp32", "torch", torch.float32)
+    runtimes = {name: detector(name, runtime, dtype) for name, runtime, dtype in RUNTIMES}
     photo = photos(1)[0]
     images = {label: np.asarray(Image.fromarray(photo).resize(size[::-1])) for label, size in SHAPES.items()}
     gflop, reference = {}, {}
@@ -89,37 +71,19 @@ def main() -> None:
         print(f"{label}: input {tuple(reference_detector.preprocess(image).shape[1:])}, levels {shapes}, "
               f"{gflop[label]:.1f} GFLOP counted", flush=True)
 
-    times: dict[tuple[str, str], list[float]] = {}
-    accuracy: dict[tuple[str, str], dict[str, float]] = {}
-    first: dict[tuple[str, str], float] = {}
-    for r in range(args.rounds + 1):  # round 0 warms up (oneDNN primitives, OpenVINO's first shapes)
-        for label, image in images.items():
-            for name, runtime_detector in runtimes.items():
-                started = time.perf_counter()
-                features = runtime_detector.image_features(image)
-                elapsed = time.perf_counter() - started
-                if r:
-                    times.setdefault((name, label), []).append(elapsed)
-                else:
-                    first[(name, label)] = elapsed
-                    accuracy[(name, label)] = compare(features, reference[label])
-        print(f"round {r} done, load avg {os.getloadavg()[0]:.2f}", flush=True)
-    info["load_avg_end"] = os.getloadavg()[0]
-    print(f"\n# Grounding DINO image half, real size (Swin-T, random weights), {info['threads']} threads, "
-          f"{args.rounds} interleaved rounds (medians), load avg {info['load_avg_start']:.2f} -> "
-          f"{info['load_avg_end']:.2f}")
-    print(f"# {info['cpu']['model']} | flags {' '.join(info['cpu']['flags'])} | matmul fp32 "
-          f"{info['matmul_gflops']['fp32']:.0f}, bf16 {info['matmul_gflops']['bf16']:.0f} GFLOP/s")
+    timed = interleave(args.rounds, images, {name: d.image_features for name, d in runtimes.items()},
+                       lambda features, label: compare(features, reference[label]))
+    print_header(info, "Grounding DINO image half (Swin-T, input projections, positions)", args.rounds)
     print("runtime         image      median s  first s  vs torch bf16  GFLOP/s  max|diff|   cosine")
     rows = []
     for label in images:
-        base_s = statistics.median(times[("torch bf16", label)])
+        base_s = statistics.median(timed.times[("torch bf16", label)])
         for name in runtimes:
-            s = statistics.median(times[(name, label)])
-            a = accuracy[(name, label)]
-            rows.append({"runtime": name, "image": label, "median_s": s, "first_s": first[(name, label)],
-                         "rounds_s": times[(name, label)], **a})
-            print(f"{name:15} {label:9} {s:9.2f} {first[(name, label)]:8.2f} {s / base_s:13.2f}x "
+            s = statistics.median(timed.times[(name, label)])
+            a, first = timed.accuracy[(name, label)], timed.first[(name, label)]
+            rows.append({"runtime": name, "image": label, "median_s": s, "first_s": first,
+                         "rounds_s": timed.times[(name, label)], **a})
+            print(f"{name:15} {label:9} {s:9.2f} {first:8.2f} {s / base_s:13.2f}x "
                   f"{gflop[label] / s:8.0f} {a['max_diff']:10.1e} {a['cosine']:9.6f}")
     print("(accuracy against torch fp32 on the same image; GFLOP/s = counted GFLOP / time)")
     if args.json:

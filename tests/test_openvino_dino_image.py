@@ -19,6 +19,7 @@ from backend.engine import Engine
 from backend.models import build_grounding_dino, build_grounding_dino_architecture, build_sam
 from backend.segmenter import SamSegmenter
 from backend.weights import file_sha256
+from tests.sam_encodes import DataDependentNeck
 
 CPU = torch.device("cpu")
 PROMPT = "cat . dog . astronaut"
@@ -180,21 +181,9 @@ def test_image_outside_the_graphs_bounds_runs_on_torch(first_load, torch_detecto
     assert len(lines) == 1 and f"{height} x {width}" in lines[0] and "runs on torch" in lines[0]
 
 
-class _DataDependentProjection(torch.nn.Module):
-    """An input projection whose output depends on a branch taken on the data: torch.export cannot capture it."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(x)
-        return out if float(out.sum()) > -1e30 else -out
-
-
 def test_failed_export_falls_back_to_torch_with_one_log_line(config, images, tmp_path, caplog):
     model = prepare(build_grounding_dino(config), CPU)
-    model.input_proj[0] = _DataDependentProjection(model.input_proj[0])
+    model.input_proj[0] = DataDependentNeck(model.input_proj[0])  # a projection export cannot capture
     with caplog.at_level(logging.INFO):
         runtime = build_dino_image_runtime(config.replace(openvino_cache_dir=tmp_path), model, CPU, torch.float32)
     assert isinstance(runtime, TorchDinoImage)
