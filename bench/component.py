@@ -1,7 +1,8 @@
-"""What the component benches (``bench.dino_text``, ``bench.dino_image``) share: their arguments, the
+"""What a component bench (one model part, each runtime side by side) needs: its arguments, the
 machine's figures printed beside the times (lscpu flags, threads, load, matmul rates), the line that
 says what a runtime's conversion cost, and the interleaved timing loop (per round, per input, each
-runtime in turn, so background load hits all; round 0 warms up and its time is the "first s")."""
+runtime in turn, so background load hits all; round 0 warms up and its time is the "first s").
+``bench.dino_image`` runs on it; ``bench.dino_text`` still has its own copy of the same steps."""
 
 from __future__ import annotations
 

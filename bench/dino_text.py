@@ -10,10 +10,13 @@ fp32 on the top queries (box IoU, top label). Models: bench/cache.py's real-size
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
-from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,18 +48,26 @@ def compare(ours: Any, reference: Any, tokens: list[int]) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "grounded-sam-bench-cache")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
     from PIL import Image
 
     from backend.config import EngineConfig
     from backend.detector import Caption, GroundingDinoDetector, prepare
     from backend.dino_runtime import build_dino_text_runtime
     from backend.models import build_grounding_dino
-    from bench.component import arguments, interleave, machine_info, print_conversion, print_header
-    from bench.measure import flop_counter, photos
+    from bench.measure import flop_counter, matmul_gflops, photos
+    from bench.runtime import lscpu
 
-    args = arguments(__doc__ or "")
-    info = machine_info()
+    torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
     cpu = torch.device("cpu")
+    info: dict[str, Any] = {"cpu": lscpu(), "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0],
+                            "matmul_gflops": {"fp32": matmul_gflops(torch.float32),
+                                              "bf16": matmul_gflops(torch.bfloat16)}}
+    print(json.dumps(info), flush=True)
     base = EngineConfig.from_file(args.cache / "engine-vit_b.json", openvino_cache_dir=args.cache / "openvino")
     runtimes: dict[str, GroundingDinoDetector] = {}
     for name, runtime, dtype in (("torch fp32", "torch", torch.float32), ("torch bf16", "torch", torch.bfloat16),
@@ -66,9 +77,15 @@ def main() -> None:
         model = prepare(build_grounding_dino(config), cpu)
         started = time.perf_counter()
         text_runtime = build_dino_text_runtime(config, model, cpu, dtype)
-        print_conversion(name, text_runtime, time.perf_counter() - started)
+        load_s = time.perf_counter() - started
         runtimes[name] = GroundingDinoDetector(model, cpu, dtype, config.dino_image_size, config.dino_max_size,
                                                text_runtime)
+        conversion = getattr(text_runtime, "conversion", None)
+        if conversion is not None:
+            meta = json.loads(conversion.path.with_suffix(".json").read_text()) if conversion.path else {}
+            print(f"{name}: load {load_s:.1f} s (converted now: {conversion.converted}; conversion "
+                  f"{meta.get('convert_seconds')} s; compile {text_runtime.compile_seconds:.1f} s; "
+                  f"{conversion.size_bytes / 2**20:.0f} MiB on disk)", flush=True)
     probe = runtimes["torch fp32"]  # fp32 features: every runtime reads them (bf16 ones would not fit fp32 torch)
     caption = Caption.build(PROMPT, probe.tokenizer)
     tokens = [i for idx in caption.phrase_tokens for i in idx]
@@ -87,21 +104,37 @@ def main() -> None:
         print(f"text half at {label}: {gflop[label]:.1f} GFLOP counted (the deformable sampling is not)", flush=True)
 
     reference = {label: runtimes["torch fp32"].raw_predictions(f, caption) for label, f in features.items()}
-    timed_names = [name for name in runtimes if name != "torch fp32"]
-    timed = interleave(args.rounds, features,
-                       {name: partial(runtimes[name].raw_predictions, caption=caption) for name in timed_names},
-                       lambda raw, label: compare(raw, reference[label], tokens))
-    print_header(info, "Grounding DINO text half (SwinT-OGC)", args.rounds)
+    timed = [name for name in runtimes if name != "torch fp32"]
+    times: dict[tuple[str, str], list[float]] = {}
+    accuracy: dict[tuple[str, str], dict[str, float]] = {}
+    first: dict[tuple[str, str], float] = {}  # the first call at a new shape (OpenVINO compiles its kernels)
+    for r in range(args.rounds + 1):  # round 0 warms up (oneDNN primitives, OpenVINO's first shapes)
+        for label, f in features.items():
+            for name in timed:
+                started = time.perf_counter()
+                raw = runtimes[name].raw_predictions(f, caption)
+                if r:
+                    times.setdefault((name, label), []).append(time.perf_counter() - started)
+                else:
+                    first[(name, label)] = time.perf_counter() - started
+                    accuracy[(name, label)] = compare(raw, reference[label], tokens)
+        print(f"round {r} done, load avg {os.getloadavg()[0]:.2f}", flush=True)
+    info["load_avg_end"] = os.getloadavg()[0]
+    print(f"\n# Grounding DINO text half, real size (SwinT-OGC, random weights), {info['threads']} threads, "
+          f"{args.rounds} interleaved rounds (medians), load avg {info['load_avg_start']:.2f} -> "
+          f"{info['load_avg_end']:.2f}")
+    print(f"# {info['cpu']['model']} | flags {' '.join(info['cpu']['flags'])} | matmul fp32 "
+          f"{info['matmul_gflops']['fp32']:.0f}, bf16 {info['matmul_gflops']['bf16']:.0f} GFLOP/s")
     print("runtime         image      median s  first s  vs torch bf16  GFLOP/s  max|dprob|  max|dbox|  top-8 IoU"
           "  top-8 label")
     rows = []
     for label in features:
-        base_s = statistics.median(timed.times[("torch bf16", label)])
-        for name in timed_names:
-            s = statistics.median(timed.times[(name, label)])
-            a, first = timed.accuracy[(name, label)], timed.first[(name, label)]
-            rows.append({"runtime": name, "image": label, "median_s": s, "first_s": first, **a})
-            print(f"{name:15} {label:9} {s:9.2f} {first:8.2f} {s / base_s:13.2f}x "
+        base_s = statistics.median(times[("torch bf16", label)])
+        for name in timed:
+            s = statistics.median(times[(name, label)])
+            a = accuracy[(name, label)]
+            rows.append({"runtime": name, "image": label, "median_s": s, "first_s": first[(name, label)], **a})
+            print(f"{name:15} {label:9} {s:9.2f} {first[(name, label)]:8.2f} {s / base_s:13.2f}x "
                   f"{gflop[label] / s:8.0f} {a['prob_diff']:11.1e} {a['box_diff']:10.1e} {a['top_iou']:10.4f} "
                   f"{a['top_label_agree']:12.2f}")
     print("(accuracy against torch fp32 on the same features; GFLOP/s = counted GFLOP / time)")
