@@ -87,6 +87,9 @@ class EngineConfig:
     # On CPU, keep freed memory in the process heap for reuse (backend/heap.py): faster, but the
     # resident size stays near its peak.
     reuse_freed_memory: bool = True
+    # With freed memory kept: the most the heap may hold free after a task before it is handed back
+    # (fragmentation otherwise grows it task after task). None: auto, from the first task's working set.
+    freed_memory_kept: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,6 +101,14 @@ class EngineConfig:
                 raise ConfigError(f"{name} is invalid: {exc}") from exc
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value!r}")
+        kept = self.freed_memory_kept
+        try:
+            kept = parse_size_or_auto(kept, "FREED_MEMORY_KEPT") if isinstance(kept, str) else kept
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int) or kept < 0):
+            raise ConfigError(f"FREED_MEMORY_KEPT must be 'auto' or a size >= 0, got {self.freed_memory_kept!r}")
+        object.__setattr__(self, "freed_memory_kept", kept)
         if self.sam_variant not in SAM_CHECKPOINTS:
             raise ConfigError(f"SAM_VARIANT must be one of {sorted(SAM_CHECKPOINTS)}, got {self.sam_variant!r}")
         if self.dino_variant not in DINO_CHECKPOINTS:
@@ -227,6 +238,11 @@ def parse_size(text: str, name: str | None = None) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def parse_size_or_auto(text: str, name: str | None = None) -> int | None:
+    """None for ``"auto"`` (any case), else ``parse_size``."""
+    return None if str(text).strip().lower() == "auto" else parse_size(text, name)
+
+
 def env_size(env: Mapping[str, str], name: str, default: int) -> int:
     """The size setting ``name`` from ``env`` (``parse_size``), ``default`` when unset or empty."""
     text = env.get(name, "").strip()
@@ -260,4 +276,5 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "EXPLANATION_CACHE_SIZE": ("explanation_cache_size", int),
     "EXPLANATION_CACHE_BYTES": ("explanation_cache_bytes", parse_size),
     "REUSE_FREED_MEMORY": ("reuse_freed_memory", parse_switch),
+    "FREED_MEMORY_KEPT": ("freed_memory_kept", lambda text: parse_size_or_auto(text, "FREED_MEMORY_KEPT")),
 }

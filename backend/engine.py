@@ -14,6 +14,7 @@ from .cache import LruCache
 from .config import EngineConfig
 from .detector import DinoImageFeatures, GroundingDinoDetector, parse_prompt
 from .explainer import build_explanation
+from .heap import FreedMemoryBound, freed_memory_is_reused, reuse_freed_memory
 from .images import ImageInput, image_digest, load_rgb
 from .segmenter import ImageEmbedding, SamSegmenter
 from .types import Detection, Explanation, Segment
@@ -33,8 +34,6 @@ class Engine:
             ensure_ready(config)
             device = resolve_device(config.device)
             if device.type == "cpu" and config.reuse_freed_memory:
-                from .heap import reuse_freed_memory
-
                 reuse_freed_memory()
             dtype = resolve_dtype(config.precision, device)
             if detector is None:
@@ -69,6 +68,8 @@ class Engine:
         # explanation capture swaps module forwards for the duration of a run.
         self.dino_lock = threading.Lock()
         self.sam_lock = threading.Lock()
+        # Where freed memory is kept for reuse (backend/heap.py), what is kept stays bounded.
+        self.freed_memory = FreedMemoryBound(config.freed_memory_kept) if freed_memory_is_reused() else None
 
     @classmethod
     def from_env(cls) -> Engine:
@@ -111,7 +112,14 @@ class Engine:
         """The segments with the attention that made them; cached per image, prompt and thresholds."""
         rgb = self.load_image(image)
         key = self._explanation_key(rgb, prompt, box_threshold, text_threshold)
-        return self._explanations.get_or_compute(key, lambda: self._explain(rgb, *key))
+        return self._explanations.get_or_compute(key, lambda: self._explain_and_settle(rgb, key))
+
+    def _explain_and_settle(self, rgb: np.ndarray, key: tuple) -> Explanation:
+        try:
+            return self._explain(rgb, *key)
+        finally:  # the task's activations are freed by now, whether it ran to the end or not
+            if self.freed_memory is not None:
+                self.freed_memory.after_task()
 
     def cached_explanation(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
                            text_threshold: float | None = None) -> Explanation | None:

@@ -1,4 +1,5 @@
-"""Model weights: the manifest of official files, checks before loading, verified downloads, offline mode.
+"""Model weights: the manifest of official files, checks before loading, offline mode, the command line
+(the downloads themselves: ``backend.weights_download``).
 
     python -m backend.weights download [--sam vit_b] [--dino swint_ogc] [--all] [--cache-dir DIR]
     python -m backend.weights check    [--sam vit_b] [--dino swint_ogc] [--all] [--cache-dir DIR]
@@ -18,26 +19,19 @@ import logging
 import os
 import re
 import sys
-import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import DEFAULT_CACHE_DIR, DINO_CHECKPOINTS, REPO_ROOT, SAM_CHECKPOINTS, TEXT_ENCODER_DIR, EngineConfig
-
-if TYPE_CHECKING:  # requests is imported where it is used: only downloads need it
-    import requests
 
 log = logging.getLogger(__name__)
 
 MANIFEST_PATH = REPO_ROOT / "model_cache" / "manifest.json"
 BASE_URL_ENV = "WEIGHTS_BASE_URL"
 SIDECAR_NAME = ".verified.json"  # per folder: sha256 of files already hashed, keyed by name
-PART_SUFFIX = ".part"
 CHUNK_BYTES = 1 << 20
-NET_CHUNK_BYTES = 1 << 16  # a dropped connection loses at most the chunk being read
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # Set before transformers / huggingface_hub load anything, so a missing local file fails instead of
@@ -212,7 +206,7 @@ def _read_sidecar(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _remember(path: Path, digest: str) -> None:
+def remember_verified(path: Path, digest: str) -> None:
     """Record ``path``'s sha256 for its current size/mtime/inode; best effort (the cache may be read-only)."""
     data = _read_sidecar(path.parent)
     data[path.name] = dict(_stat_key(path.stat()), sha256=digest)
@@ -236,7 +230,7 @@ def file_sha256(path: Path, use_cache: bool = True) -> str:
         log.info("verifying %s (%.1f GB, once)", path, key["size"] / 1e9)
     digest = sha256_file(path)
     if use_cache:
-        _remember(path, digest)
+        remember_verified(path, digest)
     return digest
 
 
@@ -301,115 +295,6 @@ def download_command(fetch_args: Iterable[str], cache_dir: Path) -> str:
     if not _same_path(cache_dir, DEFAULT_CACHE_DIR):
         command += f" --cache-dir {cache_dir}"
     return command
-
-
-# -- download --------------------------------------------------------------------------------
-class _Retry(Exception):
-    """A transient failure: try again (resuming from the .part file)."""
-
-
-def download(entries: Iterable[ManifestEntry], cache_dir: Path, *, base_url: str | None = None,
-             retries: int = 3, backoff_s: float = 2.0, timeout_s: float = 60.0, progress: bool = True,
-             session: requests.Session | None = None) -> list[Path]:
-    """Fetch every entry not already verified into ``cache_dir``; returns the paths downloaded.
-
-    Each file streams into ``<name>.part`` (resumed with an HTTP Range after a dropped connection), is
-    checked against the manifest's size and sha256, and only then renamed into place.
-    """
-    import requests
-
-    base_url = base_url if base_url is not None else os.environ.get(BASE_URL_ENV) or None
-    session = session or requests.Session()
-    done = []
-    for entry in entries:
-        dest = Path(cache_dir) / entry.name
-        if verify(dest, entry.sha256, entry.size) is None:
-            log.info("ok %s (already verified)", entry.name)
-            continue
-        url = f"{base_url.rstrip('/')}/{entry.name}" if base_url else entry.url
-        _download_one(entry, dest, url, session, retries, backoff_s, timeout_s, progress)
-        done.append(dest)
-    return done
-
-
-def _download_one(entry: ManifestEntry, dest: Path, url: str, session: requests.Session, retries: int,
-                  backoff_s: float, timeout_s: float, progress: bool) -> None:
-    import requests
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + PART_SUFFIX)
-    for attempt in range(1, retries + 1):
-        try:
-            digest = _fetch(entry, part, url, session, timeout_s, progress)
-            break
-        except (_Retry, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-            if attempt == retries:
-                resume = f"; run the command again to resume from {part}" if part.exists() else ""
-                raise DownloadError(f"could not download {entry.name} from {url} after {retries} tries: {exc}"
-                                    f"{resume}") from exc
-            log.warning("download of %s interrupted (%s); retrying (%d/%d)", entry.name, exc, attempt, retries - 1)
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-    size = part.stat().st_size
-    if entry.size is not None and size != entry.size:
-        part.unlink(missing_ok=True)
-        raise ChecksumError(f"{entry.name}: downloaded {size} bytes from {url}, the manifest expects {entry.size}; "
-                            "the file was removed")
-    if entry.sha256 is not None and digest != entry.sha256:
-        part.unlink(missing_ok=True)
-        raise ChecksumError(
-            f"{entry.name}: checksum mismatch, downloaded file has sha256 {digest} but the manifest expects "
-            f"{entry.sha256}; the file was removed. {url} served a different or damaged file "
-            f"(check {BASE_URL_ENV} / your proxy) - run the command again.")
-    os.replace(part, dest)
-    _remember(dest, digest)
-    if entry.sha256 is None:
-        message = (f"{entry.name} has no published sha256 in the manifest, so it could not be verified; "
-                   f"downloaded sha256 is {digest} ({size} bytes). Compare it with a trusted source and add it "
-                   "to model_cache/manifest.json.")
-        log.warning(message)
-        warnings.warn(message, stacklevel=3)
-
-
-def _fetch(entry: ManifestEntry, part: Path, url: str, session: requests.Session, timeout_s: float,
-           progress: bool) -> str:
-    """Append the rest of ``url`` to ``part``; returns the sha256 of the whole part file."""
-    from tqdm import tqdm
-
-    have = part.stat().st_size if part.exists() else 0
-    if entry.size is not None and have > entry.size:
-        part.unlink()
-        have = 0
-    if entry.size is not None and have == entry.size:
-        return sha256_file(part)  # complete from an earlier run; only the checks were left
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with session.get(url, headers=headers, stream=True, timeout=timeout_s) as response:
-        if response.status_code == 416:  # our range is past the server's file: start over
-            part.unlink(missing_ok=True)
-            raise _Retry("server refused to resume (HTTP 416)")
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Retry(f"HTTP {response.status_code}")
-        if response.status_code >= 400:
-            raise DownloadError(f"cannot download {entry.name}: HTTP {response.status_code} from {url}")
-        if have and response.status_code != 206:
-            have = 0  # the server ignored the Range header and sends the whole file
-        digest = hashlib.sha256()
-        if have:
-            with open(part, "rb") as handle:
-                while chunk := handle.read(CHUNK_BYTES):
-                    digest.update(chunk)
-        length = response.headers.get("Content-Length")
-        total = entry.size if entry.size is not None else (have + int(length) if length else None)
-        with open(part, "ab" if have else "wb") as out, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.name,
-            disable=not progress, file=sys.stderr,
-        ) as bar:
-            for chunk in response.iter_content(NET_CHUNK_BYTES):
-                out.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-    if entry.size is not None and part.stat().st_size < entry.size:
-        raise _Retry(f"connection closed after {part.stat().st_size} of {entry.size} bytes")
-    return digest.hexdigest()
 
 
 # -- offline mode ----------------------------------------------------------------------------
@@ -491,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache_dir = _cache_dir(args)
             entries = selected if selected is not None else [
                 r.entry for r in required_files(_config(args), manifest) if r.entry]
+            from .weights_download import download
+
             got = download(list(dict.fromkeys(entries)), cache_dir, base_url=args.base_url, retries=args.retries,
                            progress=not args.no_progress)
             print(f"{len(got)} file(s) downloaded, {len(entries) - len(got)} already present, into {cache_dir}")

@@ -6,6 +6,7 @@ bench/run.py parses the command line and calls these in order; bench/report.py p
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import io
@@ -89,6 +90,7 @@ def _tiny_dino_config(root: Path, data: dict) -> Path:
     lines += [f"{k} = {v!r}" for k, v in data["dino_arch"].items() if k != "swin"]
     path = Path(tempfile.gettempdir()) / f"GroundingDINO_bench_tiny_{os.getpid()}.py"
     path.write_text("\n".join(lines) + "\n")
+    atexit.register(path.unlink, missing_ok=True)  # read by every model build of this run, then litter
     return path
 
 

@@ -27,3 +27,17 @@ def test_grounding_dino_input_size_from_environment():
     assert (config.dino_image_size, config.dino_max_size) == (640, 1066)
     with pytest.raises(ConfigError, match="GROUNDING_DINO_IMAGE_SIZE"):
         EngineConfig.from_env({"GROUNDING_DINO_IMAGE_SIZE": "2000"})
+
+
+def test_freed_memory_bound_from_environment_and_file():
+    from backend.config import ConfigError, EngineConfig
+
+    assert EngineConfig.from_env({}).freed_memory_kept is None  # auto
+    assert EngineConfig.from_env({"FREED_MEMORY_KEPT": "AUTO"}).freed_memory_kept is None
+    assert EngineConfig.from_env({"FREED_MEMORY_KEPT": "512MiB"}).freed_memory_kept == 512 << 20
+    assert EngineConfig(freed_memory_kept="1GiB").freed_memory_kept == 1 << 30  # type: ignore[arg-type]
+    for bad in ("lots", "-5MiB"):
+        with pytest.raises(ConfigError, match="FREED_MEMORY_KEPT"):
+            EngineConfig.from_env({"FREED_MEMORY_KEPT": bad})
+    with pytest.raises(ConfigError, match="FREED_MEMORY_KEPT"):
+        EngineConfig(freed_memory_kept=-1)

@@ -39,3 +39,43 @@ def test_freed_large_blocks_stay_mapped_for_reuse():
     # Kept for reuse: the memory stays resident and the next block of that size is served from it.
     on = _probe("on")
     assert on["kept_mb"] > 150 and on["grown_mb"] < 20
+
+
+BOUND_PROBE = r"""
+import json, sys
+import numpy as np
+from backend.heap import FreedMemoryBound, resident_free_heap_bytes, reuse_freed_memory
+MiB = 1 << 20
+assert reuse_freed_memory()
+bound = FreedMemoryBound(None if sys.argv[1] == "auto" else int(sys.argv[1]) * MiB)
+block = np.ones(50_000_000, dtype=np.float32)  # 200 MB, written, then freed: kept for reuse
+del block
+before = resident_free_heap_bytes()
+handed_back = bound.after_task()
+print(json.dumps({"before_mb": before / MiB, "after_mb": resident_free_heap_bytes() / MiB,
+                  "handed_back": handed_back, "limit_mb": bound.limit / MiB, "trims": bound.trims}))
+"""
+
+
+def _bound_probe(limit: str) -> dict:
+    run = subprocess.run([sys.executable, "-c", BOUND_PROBE, limit], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_freed_memory_over_the_bound_is_handed_back_after_a_task():
+    # Over the limit: the kept 200 MB leave RAM (the pages, not the arena's addresses).
+    small = _bound_probe("64")
+    assert small["before_mb"] > 150
+    assert small["handed_back"] and small["trims"] == 1 and small["after_mb"] < 64
+    # Under it: kept for the next task.
+    large = _bound_probe("1024")
+    assert not large["handed_back"] and large["after_mb"] > 150
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_auto_bound_is_set_by_the_first_task_from_what_it_left_free():
+    auto = _bound_probe("auto")
+    assert not auto["handed_back"] and auto["after_mb"] > 150  # the first task's memory is what reuse is for
+    assert auto["limit_mb"] == pytest.approx(2 * auto["before_mb"] + 64, abs=1)

@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from backend import weights
+from backend import weights, weights_download
 from backend.config import _ENV_FIELDS, DINO_CHECKPOINTS, REPO_ROOT, SAM_CHECKPOINTS, TEXT_ENCODER_DIR, EngineConfig
 from backend.weights import ChecksumError, DownloadError, MissingWeightsError
 
@@ -214,7 +214,8 @@ def test_ready_then_corrupt_file_detected(tmp_path, server):
     manifest = weights.load_manifest(official_lookalike(server, tmp_path))
     cache = tmp_path / "cache"
     config = EngineConfig(cache_dir=cache, sam_variant="vit_t")
-    weights.download(manifest.files_for(sam=["vit_t"], dino=["swint_ogc"]), cache, base_url=server.url, progress=False)
+    weights_download.download(manifest.files_for(sam=["vit_t"], dino=["swint_ogc"]), cache, base_url=server.url,
+                              progress=False)
     weights.ensure_ready(config, manifest)
 
     vocab = cache / "bert-base-uncased" / "vocab.txt"
@@ -239,7 +240,7 @@ def test_download_verifies_shows_progress_and_skips_verified(tmp_path, server, c
     serve(server, "enc/b.txt", b)
     entries = [entry(server, "a.bin", a), entry(server, "enc/b.txt", b)]
     cache = tmp_path / "cache"
-    got = weights.download(entries, cache, retries=1)
+    got = weights_download.download(entries, cache, retries=1)
     assert got == [cache / "a.bin", cache / "enc" / "b.txt"]
     assert (cache / "a.bin").read_bytes() == a and (cache / "enc" / "b.txt").read_bytes() == b
     assert not list(cache.rglob("*.part"))
@@ -248,7 +249,7 @@ def test_download_verifies_shows_progress_and_skips_verified(tmp_path, server, c
     assert weights.verify(cache / "a.bin", sha(a), len(a)) is None
 
     server.requests.clear()
-    assert weights.download(entries, cache) == []
+    assert weights_download.download(entries, cache) == []
     assert server.requests == []  # already verified: nothing fetched
 
 
@@ -258,7 +259,7 @@ def test_checksum_mismatch_is_clear_and_leaves_no_file(tmp_path, server):
     wrong = "0" * 64
     cache = tmp_path / "cache"
     with pytest.raises(ChecksumError) as err:
-        weights.download([entry(server, "w.pth", data, sha256=wrong)], cache, progress=False)
+        weights_download.download([entry(server, "w.pth", data, sha256=wrong)], cache, progress=False)
     message = str(err.value)
     assert "w.pth" in message and wrong in message and sha(data) in message and "removed" in message
     assert list(cache.iterdir()) == []  # neither w.pth nor w.pth.part
@@ -269,7 +270,7 @@ def test_resumes_after_dropped_connection(tmp_path, server):
     serve(server, "big.pth", data)
     server.drop_first_after = 70_000
     cache = tmp_path / "cache"
-    weights.download([entry(server, "big.pth", data)], cache, retries=3, backoff_s=0, progress=False)
+    weights_download.download([entry(server, "big.pth", data)], cache, retries=3, backoff_s=0, progress=False)
     assert (cache / "big.pth").read_bytes() == data
     (first, first_range), (second, second_range) = server.requests
     assert first == second == "big.pth" and first_range is None
@@ -283,14 +284,14 @@ def test_resumes_existing_part_and_restarts_when_server_ignores_range(tmp_path, 
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "m.pth.part").write_bytes(data[:20_000])
-    weights.download([entry(server, "m.pth", data)], cache, progress=False)
+    weights_download.download([entry(server, "m.pth", data)], cache, progress=False)
     assert (cache / "m.pth").read_bytes() == data
     assert server.requests[-1] == ("m.pth", "bytes=20000-")
 
     (cache / "m.pth").unlink()
     (cache / "m.pth.part").write_bytes(b"x" * 20_000)  # junk prefix; the server will send everything
     server.ignore_range = True
-    weights.download([entry(server, "m.pth", data)], cache, progress=False)
+    weights_download.download([entry(server, "m.pth", data)], cache, progress=False)
     assert (cache / "m.pth").read_bytes() == data
 
 
@@ -298,13 +299,13 @@ def test_http_errors(tmp_path, server):
     data = b"abc"
     cache = tmp_path / "cache"
     with pytest.raises(DownloadError, match=r"HTTP 404 from http://127\.0\.0\.1:\d+/absent\.pth"):
-        weights.download([entry(server, "absent.pth", data)], cache, retries=3, backoff_s=0, progress=False)
+        weights_download.download([entry(server, "absent.pth", data)], cache, retries=3, backoff_s=0, progress=False)
     assert len(server.requests) == 1  # a 404 is not retried
 
     serve(server, "flaky.pth", data)
     server.status["flaky.pth"] = 503
     with pytest.raises(DownloadError, match="after 2 tries"):
-        weights.download([entry(server, "flaky.pth", data)], cache, retries=2, backoff_s=0, progress=False)
+        weights_download.download([entry(server, "flaky.pth", data)], cache, retries=2, backoff_s=0, progress=False)
     assert len(server.requests) == 3
 
 
@@ -313,7 +314,7 @@ def test_unknown_hash_is_computed_reported_and_remembered(tmp_path, server):
     serve(server, "n.pth", data)
     cache = tmp_path / "cache"
     with pytest.warns(UserWarning, match=sha(data)):
-        weights.download([entry(server, "n.pth", data, sha256=None)], cache, progress=False)
+        weights_download.download([entry(server, "n.pth", data, sha256=None)], cache, progress=False)
     sidecar = json.loads((cache / weights.SIDECAR_NAME).read_text())
     assert sidecar["n.pth"]["sha256"] == sha(data)
 
@@ -323,7 +324,7 @@ def test_mirror_base_url_from_environment(tmp_path, server, monkeypatch):
     serve(server, "sub/x.pth", data)
     item = weights.ManifestEntry("sub/x.pth", "https://unreachable.invalid/x.pth", sha(data), len(data))
     monkeypatch.setenv(weights.BASE_URL_ENV, server.url + "/")
-    weights.download([item], tmp_path / "cache", progress=False)
+    weights_download.download([item], tmp_path / "cache", progress=False)
     assert server.requests == [("sub/x.pth", None)]
 
 
