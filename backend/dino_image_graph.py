@@ -44,7 +44,8 @@ def unpadded_masks(srcs: list[torch.Tensor]) -> list[torch.Tensor]:
 class DinoImageGraph(nn.Module):
     """``forward(image 1 x 3 x H x W float32)`` -> (*srcs, *poss): LEVELS of each, 1 x 256 x h_l x w_l.
 
-    The image is normalised and unpadded (``GroundingDinoDetector.preprocess``), any H and W. Shares
+    The image is normalised and unpadded (``GroundingDinoDetector.preprocess``); on torch any H and W,
+    exported for the sides ``dino_image_runtime`` bounds (levels of one token across specialise). Shares
     the model's parameters (no copy). Raises ValueError for a model this does not cover (not a Swin
     backbone with sine positions, absolute position embedding, dilation, or not LEVELS levels).
     """
