@@ -119,6 +119,22 @@ def example_inputs(model: GroundingDINO, sizes: tuple[tuple[int, int], ...] = ((
         position_ids=torch.arange(tokens)[None])
 
 
+def bucket_sizes(sizes: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """The level sizes an image's features are padded to before OpenVINO runs them: the coarsest level
+    as it is, every finer level 2x the next coarser one (at least its own size).
+
+    OpenVINO compiles kernels for each new set of input sizes (seconds, ``bench/README.md``), and
+    nearly every image aspect ratio is a new set. The backbone halves each level, rounding up, so
+    this is the image padded to a multiple of the coarsest stride (64 px on SwinT-OGC): at the
+    default 800 px short side, 9 buckets per orientation whatever the long side, for a few percent
+    more image tokens. ``DinoTextInputs.padded`` says why the predictions do not change.
+    """
+    coarsest_h, coarsest_w = sizes[-1]
+    last = len(sizes) - 1
+    return tuple((max(h, coarsest_h << (last - level)), max(w, coarsest_w << (last - level)))
+                 for level, (h, w) in enumerate(sizes))
+
+
 def dynamic_shapes() -> tuple[tuple[dict[int, Any], ...]]:
     """torch.export's dynamic sizes for ``DinoTextGraph.forward``'s inputs (one tuple: *flat)."""
     from torch.export import Dim
@@ -161,6 +177,7 @@ class OpenVinoDinoText:
         self.compile_seconds = time.perf_counter() - started
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
+        self.bucketed = True  # pad the image features to ``bucket_sizes`` (bench/ turns it off to compare)
 
     def fits(self, inputs: DinoTextInputs) -> bool:
         """Whether the graph serves these sizes: at least as many image tokens as queries, and every
@@ -172,6 +189,9 @@ class OpenVinoDinoText:
     def run(self, inputs: DinoTextInputs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fits(inputs):
             return self.fallback.run(inputs)
+        padded = bucket_sizes(inputs.sizes)
+        if self.bucketed and max(side for size in padded for side in size) <= MAX_LEVEL_SIDE:
+            inputs = inputs.padded(padded)
         arrays = [_numpy(t) for t in inputs.flat()]
         with self._lock:
             self._request.infer(arrays)
