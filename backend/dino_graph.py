@@ -8,6 +8,10 @@ step 1 is exactly ``arange(h) + 0.5``), and the decoder's NaN print is gone. gro
 forward iterates a ``spatial_shapes`` tensor into ``linspace``, which export refuses (data-dependent),
 and a traced graph fixes the image size. Both runtimes run this module (``dino_runtime``): torch
 under autocast, OpenVINO as its exported graph, so they compute the same thing by construction.
+One departure, equal on an unpadded image: the decoder's query position embedding reads the
+reference box unscaled (groundingdino scales it by level 0's valid ratio, which is 1.0 there), so
+features padded with masked tokens (``DinoTextInputs.padded``, OpenVINO's size buckets) predict
+what the image does.
 """
 
 from __future__ import annotations
