@@ -306,7 +306,9 @@ def test_padded_features_predict_as_the_image(torch_detector, images, extra):
         sizes = tuple((h + extra[0], w + extra[1]) for h, w in inputs.sizes)
     assert sizes != inputs.sizes
     padded = inputs.padded(sizes)
-    assert padded.sizes == sizes and all(bool(mask[0, -1, -1]) for mask in padded.masks)
+    assert padded.sizes == sizes
+    for (h, w), mask, original in zip(inputs.sizes, padded.masks, inputs.masks, strict=True):
+        assert torch.equal(mask[:, :h, :w], original) and bool(mask[:, h:].all()) and bool(mask[:, :, w:].all())
     runtime = torch_detector.text_runtime
     (logits, boxes), (theirs_logits, theirs_boxes) = runtime.run(padded), runtime.run(inputs)
     torch.testing.assert_close(logits.sigmoid(), theirs_logits.sigmoid(), atol=1e-5, rtol=1e-4)
