@@ -87,7 +87,7 @@ def main() -> None:
     from backend.detector import Caption, GroundingDinoDetector, prepare
     from backend.dino_runtime import build_dino_text_runtime
     from backend.models import build_grounding_dino
-    from bench.run import flop_counter, matmul_gflops, photos
+    from bench.measure import flop_counter, matmul_gflops, photos
     from bench.runtime import lscpu
 
     torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
