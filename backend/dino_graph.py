@@ -8,6 +8,10 @@ step 1 is exactly ``arange(h) + 0.5``), and the decoder's NaN print is gone. gro
 forward iterates a ``spatial_shapes`` tensor into ``linspace``, which export refuses (data-dependent),
 and a traced graph fixes the image size. Both runtimes run this module (``dino_runtime``): torch
 under autocast, OpenVINO as its exported graph, so they compute the same thing by construction.
+One departure, equal on an unpadded image: the decoder's query position embedding reads the
+reference box unscaled (groundingdino scales it by level 0's valid ratio, which is 1.0 there), so
+features padded with masked tokens (``DinoTextInputs.padded``, OpenVINO's size buckets) predict
+what the image does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .dino_fast import LevelShapes
@@ -43,6 +48,32 @@ class DinoTextInputs:
         """The graph's positional inputs, in ``DinoTextGraph.forward``'s order."""
         return (*self.srcs, *self.masks, *self.poss, self.input_ids, self.token_type_ids, self.text_token_mask,
                 self.text_self_attention_masks, self.position_ids)
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """Each level's (h, w)."""
+        return tuple((int(src.shape[2]), int(src.shape[3])) for src in self.srcs)
+
+    def padded(self, sizes: tuple[tuple[int, int], ...]) -> DinoTextInputs:
+        """These inputs with each level's maps padded on the bottom and right to ``sizes`` ((h, w) per
+        level, each at least the level's own): features and positions 0, masks True there.
+
+        groundingdino pads the smaller images of a batch this way, and its text half reads the masks
+        wherever sizes matter (the valid ratios that place reference points and proposals, padded
+        tokens' values zeroed before sampling and kept out of the text's attention and of the
+        proposals), so the predictions equal the unpadded ones to float rounding.
+        """
+        if sizes == self.sizes:
+            return self
+        pads = [(0, w - src.shape[3], 0, h - src.shape[2]) for (h, w), src in zip(sizes, self.srcs, strict=True)]
+        if min(min(pad) for pad in pads) < 0:
+            raise ValueError(f"cannot pad levels of sizes {self.sizes} down to {sizes}")
+        return DinoTextInputs(
+            srcs=tuple(F.pad(src, pad) for src, pad in zip(self.srcs, pads, strict=True)),
+            masks=tuple(F.pad(mask, pad, value=True) for mask, pad in zip(self.masks, pads, strict=True)),
+            poss=tuple(F.pad(pos, pad) for pos, pad in zip(self.poss, pads, strict=True)),
+            input_ids=self.input_ids, token_type_ids=self.token_type_ids, text_token_mask=self.text_token_mask,
+            text_self_attention_masks=self.text_self_attention_masks, position_ids=self.position_ids)
 
 
 class DinoTextGraph(nn.Module):
@@ -238,7 +269,10 @@ def _decoder(decoder: Any, tgt: torch.Tensor, memory: torch.Tensor, memory_key_p
     last = len(decoder.layers) - 1
     for layer_id, layer in enumerate(decoder.layers):
         reference_points_input = reference_points[:, :, None] * ratios  # nq, bs, nlevel, 4
-        query_sine_embed = gen_sineembed_for_position(reference_points_input[:, :, 0, :])
+        # groundingdino embeds the reference scaled by level 0's valid ratio: 1 for the unpadded image
+        # it is given (x * 1.0 == x), not 1 where DinoTextInputs.padded pads; the unscaled reference
+        # keeps the padded features' predictions those of the image.
+        query_sine_embed = gen_sineembed_for_position(reference_points)
         raw_query_pos = decoder.ref_point_head(query_sine_embed)
         pos_scale = decoder.query_scale(output) if decoder.query_scale is not None else 1
         output = layer(

@@ -1,11 +1,14 @@
 """Grounding DINO's text half (a re-prompt's cost) on torch and OpenVINO, real size, one process.
 
-    python -m bench.dino_text [--cache DIR] [--rounds 3]
+    python -m bench.dino_text [--cache DIR] [--rounds 3] [--profile]
 
 Same image features (torch bf16 backbone) for every runtime; per round, per image, each runtime in
 turn (interleaved, so background load hits all); medians. Accuracy: OpenVINO f32 against torch fp32
 (max abs difference of token probabilities and boxes), and bf16 (torch and OpenVINO) against torch
-fp32 on the top queries (box IoU, top label). Models: bench/cache.py's real-size random weights.
+fp32 on the top queries (box IoU, top label). Then each runtime's first call at an image shape it has
+not seen whose OpenVINO size bucket it has (``dino_runtime.bucket_sizes``). ``--profile``: one
+OpenVINO call per precision with per-op counters, its time by op type. Models: bench/cache.py's
+real-size random weights.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torchvision.ops import box_convert, box_iou
 PROMPT = ["person", "bicycle", "traffic light", "dog"]
 # (height, width) of the photo: groundingdino resizes the short side to 800 (long side at most 1333).
 SHAPES = {"800x1066": (600, 800), "750x1333": (450, 800)}
+UNSEEN = (800, 1075)  # (height, width) of a photo not resized further: 800x1066's size bucket, not its sizes
 TOP = 8  # queries compared between precisions (the bench keeps 8 boxes per task)
 
 
@@ -47,11 +51,35 @@ def compare(ours: Any, reference: Any, tokens: list[int]) -> dict[str, float]:
             "top_label_agree": float((labels_a[best.indices] == labels_b).float().mean())}
 
 
+def op_profile(runtime: Any, inputs: Any) -> tuple[float, dict[str, float]]:
+    """One call of ``runtime``'s (an OpenVinoDinoText) graph, compiled again with per-op counters, on
+    ``inputs`` (DinoTextInputs) at their size bucket after a warm-up call: (wall s, op type -> s)."""
+    import openvino as ov
+
+    from backend.dino_runtime import _numpy, bucket_sizes
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(runtime.conversion.path), "CPU", {
+        "INFERENCE_PRECISION_HINT": runtime.precision, "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    arrays = [_numpy(t) for t in inputs.padded(bucket_sizes(inputs.sizes)).flat()]
+    request.infer(arrays)
+    started = time.perf_counter()
+    request.infer(arrays)
+    wall = time.perf_counter() - started
+    by_type: dict[str, float] = {}
+    for info in request.get_profiling_info():
+        by_type[info.node_type] = by_type.get(info.node_type, 0.0) + info.real_time.total_seconds()
+    return wall, by_type
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "grounded-sam-bench-cache")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", action="store_true", help="per-op times of one OpenVINO call per precision")
     args = parser.parse_args()
     from PIL import Image
 
@@ -119,6 +147,11 @@ def main() -> None:
                     first[(name, label)] = time.perf_counter() - started
                     accuracy[(name, label)] = compare(raw, reference[label], tokens)
         print(f"round {r} done, load avg {os.getloadavg()[0]:.2f}", flush=True)
+    unseen = probe.image_features(np.asarray(Image.fromarray(photos(1)[0]).resize(UNSEEN[::-1])))
+    for name in timed:
+        started = time.perf_counter()
+        runtimes[name].raw_predictions(unseen, caption)
+        first[(name, "unseen")] = time.perf_counter() - started
     info["load_avg_end"] = os.getloadavg()[0]
     print(f"\n# Grounding DINO text half, real size (SwinT-OGC, random weights), {info['threads']} threads, "
           f"{args.rounds} interleaved rounds (medians), load avg {info['load_avg_start']:.2f} -> "
@@ -138,6 +171,17 @@ def main() -> None:
                   f"{gflop[label] / s:8.0f} {a['prob_diff']:11.1e} {a['box_diff']:10.1e} {a['top_iou']:10.4f} "
                   f"{a['top_label_agree']:12.2f}")
     print("(accuracy against torch fp32 on the same features; GFLOP/s = counted GFLOP / time)")
+    print(f"first call at {UNSEEN[0]}x{UNSEEN[1]} (unseen sizes, 800x1066's bucket): " + ", ".join(
+        f"{name} {first[(name, 'unseen')]:.2f} s" for name in timed))
+    if args.profile:
+        for name in timed:
+            if name.startswith("openvino"):
+                wall, by_type = op_profile(runtimes[name].text_runtime, runtimes[name].text_inputs(
+                    features["800x1066"], caption))
+                total = sum(by_type.values())
+                top = sorted(by_type.items(), key=lambda kv: -kv[1])[:8]
+                print(f"{name} at 800x1066 with per-op counters: {wall:.2f} s, op time {total:.2f} s: "
+                      + ", ".join(f"{op} {100 * t / total:.0f}%" for op, t in top), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"info": info, "gflop": gflop, "rows": rows}, indent=1))
 

@@ -266,3 +266,63 @@ def test_feature_level_past_the_export_bound_is_served_as_on_torch(first_load, t
     caption = Caption.build(SHORT, torch_detector.tokenizer)
     _assert_same_predictions(first_load.raw_predictions(features, caption),
                              torch_detector.raw_predictions(features, caption))
+
+
+def _level_sizes(side_h: int, side_w: int) -> tuple[tuple[int, int], ...]:
+    """The four levels' sizes of an image (SwinT-OGC: strides 8, 16, 32, then a stride-2 conv), each
+    the previous one halved and rounded up."""
+    sizes = [(-(-side_h // 8), -(-side_w // 8))]
+    for _ in range(3):
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+    return tuple(sizes)
+
+
+def test_size_buckets_cover_each_image_and_are_few():
+    from backend.dino_runtime import bucket_sizes
+
+    buckets = set()
+    for long_side in range(800, 1334):  # groundingdino's resize: short side 800, long side at most 1333
+        sizes = _level_sizes(800, long_side)
+        bucket = bucket_sizes(sizes)
+        assert all(bh >= h and bw >= w for (h, w), (bh, bw) in zip(sizes, bucket, strict=True))
+        assert bucket_sizes(bucket) == bucket and bucket[0][0] == sizes[0][0]  # 800 px: 100 rows, no padding
+        # The image padded to a multiple of 32 px: every level at most one stride-32 step larger.
+        assert bucket == _level_sizes(800, -(-long_side // 32) * 32)
+        buckets.add(bucket)
+    assert len(buckets) == 18
+
+
+@pytest.mark.parametrize("extra", [None, (3, 5)])
+def test_padded_features_predict_as_the_image(torch_detector, images, extra):
+    """Padding the features (the size buckets, or more) with masked tokens keeps torch's predictions:
+    what lets OpenVINO run every image of a bucket at one set of sizes."""
+    from backend.dino_runtime import bucket_sizes
+
+    features = features_at(torch_detector, images["landscape"], 800)
+    inputs = torch_detector.text_inputs(features, Caption.build(LONG, torch_detector.tokenizer))
+    if extra is None:
+        sizes = bucket_sizes(inputs.sizes)
+    else:
+        sizes = tuple((h + extra[0], w + extra[1]) for h, w in inputs.sizes)
+    assert sizes != inputs.sizes
+    padded = inputs.padded(sizes)
+    assert padded.sizes == sizes
+    for (h, w), mask, original in zip(inputs.sizes, padded.masks, inputs.masks, strict=True):
+        assert torch.equal(mask[:, :h, :w], original) and bool(mask[:, h:].all()) and bool(mask[:, :, w:].all())
+    runtime = torch_detector.text_runtime
+    (logits, boxes), (theirs_logits, theirs_boxes) = runtime.run(padded), runtime.run(inputs)
+    torch.testing.assert_close(logits.sigmoid(), theirs_logits.sigmoid(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(boxes, theirs_boxes, atol=1e-5, rtol=1e-4)
+
+
+def test_openvino_runs_an_image_at_its_size_bucket(first_load, torch_detector, images):
+    from backend.dino_runtime import bucket_sizes
+
+    features = features_at(torch_detector, images["landscape"], 800)
+    caption = Caption.build(SHORT, torch_detector.tokenizer)
+    sizes = tuple(tuple(src.shape[2:]) for src in features.srcs)
+    assert bucket_sizes(sizes) != sizes  # this image is padded
+    ours = first_load.raw_predictions(features, caption)
+    request = first_load.text_runtime._request
+    assert tuple(tuple(request.get_input_tensor(level).shape[2:]) for level in range(4)) == bucket_sizes(sizes)
+    _assert_same_predictions(ours, torch_detector.raw_predictions(features, caption))
