@@ -224,7 +224,10 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             progress line: each step's failure goes to its panel's error line and ends the run; the
             buttons are off meanwhile."""
             started = time.monotonic()
-            yield {**panels.no_explanation(), panels.progress: step_html(1, steps[0])}
+            # Every step turns the buttons off again: an input's change event sent just before Run
+            # (typing, then Run at once) may be answered after the run began, and it turns them on.
+            busy = panels.busy(True)
+            yield {**busy, **panels.no_explanation(), panels.progress: step_html(1, steps[0])}
             done = panels.busy(False)
             try:
                 result = segment()
@@ -236,7 +239,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 yield {**done, **panels.nothing_shown(), panels.input_error: "",
                        panels.output_error: error_html(_failure(exc, "segment"))}
                 return
-            yield {panels.input_error: "", **shown, panels.progress: step_html(2, steps[1])}
+            yield {**busy, panels.input_error: "", **shown, panels.progress: step_html(2, steps[1])}
             try:
                 explained, view = explain()
                 shown = {} if same_masks(result, explained) else panels.segmentation(explained, show, box_t)

@@ -56,8 +56,11 @@ return {
 # Every text the progress line shows from now on, with the Run button's state at that moment.
 RECORD_STEPS_JS = """
 window.steps = [];
-const line = document.querySelector('#image-progress'), run = document.querySelector('#image-run');
-if (line) new MutationObserver(() => window.steps.push([line.textContent.trim(), run.disabled]))
+const line = document.querySelector('#image-progress');
+// The button as it is at each change (looked up again: a re-rendered button is a new element).
+const off = () => { const run = document.querySelector('#image-run');
+                    return !!run && (run.disabled || run.getAttribute('aria-disabled') === 'true'); };
+if (line) new MutationObserver(() => window.steps.push([line.textContent.trim(), off()]))
   .observe(line, {subtree: true, childList: true, characterData: true});
 """
 

@@ -88,7 +88,7 @@ def test_resident_memory_settles_under_concurrent_distinct_requests(engine):
           f"handed back {soak_engine.freed_memory.trims} times")
     # Settled: what the heap keeps free stays under its bound after every round (tasks end by handing
     # back what is over it; the slack is the requests' answers, encoded after their task ended) ...
-    assert max(free_after) < kept + SLACK, [round(f / MiB) for f in free_after]
+    assert max(free_after[1:]) < kept + SLACK, [round(f / MiB) for f in free_after]  # [0]: the warm round
     # ... so resident memory is bounded by the caches' budgets and that bound.
     assert max(samples) - baseline < EMBEDDING_BUDGET + EXPLANATION_BUDGET + kept + SLACK, grown
     assert soak_engine._sam_embeddings.nbytes <= EMBEDDING_BUDGET // 2
