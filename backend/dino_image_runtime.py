@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .dino_image_graph import LEVELS, DinoImageGraph, ImageLevels, unpadded_masks
+from .dino_runtime import DinoGraphKey
 from .encoder_runtime import describe_error
 
 if TYPE_CHECKING:
@@ -93,35 +93,6 @@ class TorchDinoImage:
         return ImageLevels(srcs=srcs, masks=masks, poss=list(poss))
 
 
-@dataclass(frozen=True)
-class DinoImageKey:
-    """Everything the converted image half depends on; its digest names the cache file."""
-
-    identity: dict[str, object]  # checkpoint sha256, variant, architecture overrides
-    precision: str  # OpenVINO inference precision hint: f32, bf16
-    graph_version: int = GRAPH_VERSION
-    min_side: int = MIN_SIDE
-    max_side: int = MAX_SIDE
-    openvino: str = ""  # filled by __post_init__: the installed version
-    what = "Grounding DINO's image half"  # for openvino_cache's log lines
-
-    def __post_init__(self) -> None:
-        if not self.openvino:
-            import openvino as ov
-
-            object.__setattr__(self, "openvino", ov.get_version())
-
-    def as_json(self) -> dict[str, object]:
-        return {"identity": dict(self.identity), "precision": self.precision, "graph_version": self.graph_version,
-                "min_side": self.min_side, "max_side": self.max_side, "openvino": self.openvino}
-
-    @property
-    def stem(self) -> str:
-        from .openvino_cache import key_digest
-
-        return f"dino-{self.identity.get('dino_variant', 'model')}-image-{self.precision}-{key_digest(self.as_json())}"
-
-
 def example_image() -> torch.Tensor:
     """An input for export: sides neither multiples of 32 nor of the window (7), nor equal, so none is
     specialised and every padding step is exercised."""
@@ -168,9 +139,10 @@ class OpenVinoDinoImage:
         self.dtype = dtype
         self.fallback = fallback
         self.conversion: Conversion
-        graph, self.conversion = load_or_convert(
-            DinoImageGraph(model).eval(), (example_image(),), DinoImageKey(identity, self.precision), cache_dir,
-            dynamic_shapes(), EXPORT_OPTIONS)
+        key = DinoGraphKey("image", identity, self.precision, GRAPH_VERSION,
+                           {"min_side": MIN_SIDE, "max_side": MAX_SIDE})
+        graph, self.conversion = load_or_convert(DinoImageGraph(model).eval(), (example_image(),), key, cache_dir,
+                                                 dynamic_shapes(), EXPORT_OPTIONS)
         started = time.perf_counter()
         compiled: ov.CompiledModel = compile_for_cpu(ov.Core(), graph, self.precision)
         self.compile_seconds = time.perf_counter() - started

@@ -77,16 +77,18 @@ class TorchDinoText:
 
 
 @dataclass(frozen=True)
-class DinoTextKey:
-    """Everything the converted text half depends on; its digest names the cache file."""
+class DinoGraphKey:
+    """Everything one converted half of Grounding DINO depends on; its digest names the cache file.
 
-    identity: dict[str, object]  # checkpoint sha256, variant, architecture overrides, text encoder
+    The text half here and the image half (``dino_image_runtime``) differ only in ``half`` and in
+    the bounds of their exported sizes."""
+
+    half: str  # "text" or "image"
+    identity: dict[str, object]  # checkpoint sha256, variant, architecture overrides (text encoder)
     precision: str  # OpenVINO inference precision hint: f32, bf16
-    graph_version: int = GRAPH_VERSION
-    max_level_side: int = MAX_LEVEL_SIDE
-    max_tokens: int = MAX_TOKENS
+    graph_version: int
+    bounds: dict[str, int]  # the export's dynamic size bounds, by name
     openvino: str = ""  # filled by __post_init__: the installed version
-    what = "Grounding DINO's text half"  # for openvino_cache's log lines
 
     def __post_init__(self) -> None:
         if not self.openvino:
@@ -94,15 +96,26 @@ class DinoTextKey:
 
             object.__setattr__(self, "openvino", ov.get_version())
 
+    @property
+    def what(self) -> str:  # for openvino_cache's log lines
+        return f"Grounding DINO's {self.half} half"
+
     def as_json(self) -> dict[str, object]:
         return {"identity": dict(self.identity), "precision": self.precision, "graph_version": self.graph_version,
-                "max_level_side": self.max_level_side, "max_tokens": self.max_tokens, "openvino": self.openvino}
+                **self.bounds, "openvino": self.openvino}
 
     @property
     def stem(self) -> str:
         from .openvino_cache import key_digest
 
-        return f"dino-{self.identity.get('dino_variant', 'model')}-text-{self.precision}-{key_digest(self.as_json())}"
+        variant = self.identity.get("dino_variant", "model")
+        return f"dino-{variant}-{self.half}-{self.precision}-{key_digest(self.as_json())}"
+
+
+def text_key(identity: dict[str, object], precision: str) -> DinoGraphKey:
+    """The text half's key: this graph version and its bounds."""
+    return DinoGraphKey("text", identity, precision, GRAPH_VERSION,
+                        {"max_level_side": MAX_LEVEL_SIDE, "max_tokens": MAX_TOKENS})
 
 
 def example_inputs(model: GroundingDINO, sizes: tuple[tuple[int, int], ...] = ((24, 37), (12, 19), (6, 10), (3, 5)),
@@ -172,7 +185,7 @@ class OpenVinoDinoText:
         example = example_inputs(model)
         self.conversion: Conversion
         compiled_model, self.conversion = load_or_convert(
-            DinoTextGraph(model, for_export=True).eval(), example.flat(), DinoTextKey(identity, self.precision),
+            DinoTextGraph(model, for_export=True).eval(), example.flat(), text_key(identity, self.precision),
             cache_dir, dynamic_shapes())
         started = time.perf_counter()
         compiled: ov.CompiledModel = compile_for_cpu(ov.Core(), compiled_model, self.precision)

@@ -41,7 +41,7 @@ class ConversionError(RuntimeError):
 
 
 class ConvertedModelKey(Protocol):
-    """Everything a converted model depends on (``openvino_encoder.CacheKey``, ``dino_runtime.DinoTextKey``)."""
+    """Everything a converted model depends on (``openvino_encoder.CacheKey``, ``dino_runtime.DinoGraphKey``)."""
 
     @property
     def what(self) -> str:
