@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .dino_image_graph import LEVELS, DinoImageGraph, ImageLevels, unpadded_masks
-from .dino_runtime import DinoGraphKey
-from .encoder_runtime import describe_error
+from .dino_runtime import DinoGraphKey, with_openvino
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -178,21 +177,6 @@ def build_dino_image_runtime(config: EngineConfig, model: GroundingDINO, device:
     (logged), as the text half does. A failed import, export, conversion or compile logs one line
     with the cause and returns the torch runtime.
     """
-    torch_runtime = TorchDinoImage(model, dtype)
-    if config.runtime == "torch" or (config.runtime == "auto" and device.type != "cpu"):
-        return torch_runtime
-    try:
-        from .openvino_cache import cache_folder
-        from .weights import file_sha256
-
-        if device.type != "cpu":
-            raise ValueError(f"the OpenVINO graph runs on the CPU; the model is on {device}")
-        identity: dict[str, object] = {
-            "dino_variant": config.dino_variant, "dino_arch": config.dino_arch,
-            "checkpoint_sha256": file_sha256(config.dino_checkpoint_path),
-            "checkpoint": config.dino_checkpoint_path.name}
-        return OpenVinoDinoImage(model, dtype, cache_folder(config), identity, torch_runtime)
-    except Exception as exc:  # noqa: BLE001 - any failure to import, export, convert or compile
-        logger.warning("RUNTIME=%s: Grounding DINO's image half runs on torch, because OpenVINO could not serve "
-                       "it: %s", config.runtime, describe_error(exc))
-        return torch_runtime
+    torch_runtime: DinoImageRuntime = TorchDinoImage(model, dtype)
+    return with_openvino(config, device, "image", torch_runtime, lambda cache_dir, identity: OpenVinoDinoImage(
+        model, dtype, cache_dir, identity, torch_runtime), logger)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -232,7 +233,23 @@ def build_dino_text_runtime(config: EngineConfig, model: GroundingDINO, device: 
     the backbone's features come from there). A failed import, export, conversion or compile logs
     one line with the cause and returns the torch runtime.
     """
-    torch_runtime = TorchDinoText(model, dtype)
+    torch_runtime: DinoTextRuntime = TorchDinoText(model, dtype)
+    return with_openvino(config, device, "text", torch_runtime, lambda cache_dir, identity: OpenVinoDinoText(
+        model, dtype, cache_dir, {**identity, "text_encoder": Path(config.text_encoder).name}, torch_runtime))
+
+
+R = TypeVar("R")
+
+
+def with_openvino(config: EngineConfig, device: torch.device, half: str, torch_runtime: R,
+                  openvino: Callable[[Path, dict[str, object]], R], log: logging.Logger = logger) -> R:
+    """``openvino(cache folder, checkpoint identity)`` where ``config.runtime`` asks for OpenVINO and it
+    serves, else ``torch_runtime``: the one decision for both of Grounding DINO's halves.
+
+    auto: OpenVINO on CPU, torch elsewhere; openvino on CUDA stays on torch (logged). Any failure to
+    import, export, convert or compile logs one line naming ``half`` and the cause (on ``log``: the
+    calling half's module logger).
+    """
     if config.runtime == "torch" or (config.runtime == "auto" and device.type != "cpu"):
         return torch_runtime
     try:
@@ -244,9 +261,9 @@ def build_dino_text_runtime(config: EngineConfig, model: GroundingDINO, device: 
         identity: dict[str, object] = {
             "dino_variant": config.dino_variant, "dino_arch": config.dino_arch,
             "checkpoint_sha256": file_sha256(config.dino_checkpoint_path),
-            "checkpoint": config.dino_checkpoint_path.name, "text_encoder": Path(config.text_encoder).name}
-        return OpenVinoDinoText(model, dtype, cache_folder(config), identity, torch_runtime)
+            "checkpoint": config.dino_checkpoint_path.name}
+        return openvino(cache_folder(config), identity)
     except Exception as exc:  # noqa: BLE001 - any failure to import, export, convert or compile
-        logger.warning("RUNTIME=%s: Grounding DINO's text half runs on torch, because OpenVINO could not serve "
-                       "it: %s", config.runtime, describe_error(exc))
+        log.warning("RUNTIME=%s: Grounding DINO's %s half runs on torch, because OpenVINO could not serve "
+                       "it: %s", config.runtime, half, describe_error(exc))
         return torch_runtime

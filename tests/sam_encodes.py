@@ -1,5 +1,5 @@
-"""SAM image encoder helpers for tests: counting encodes at the runtime seam, and an encoder part that
-torch.export cannot capture (to exercise the fallback to torch).
+"""SAM image encoder helpers for tests: counting encodes at the runtime seam, an encoder part that
+torch.export cannot capture (to exercise the fallback to torch), and a guard that no conversion runs.
 
 A forward hook on ``sam.image_encoder`` counts nothing when the runtime is OpenVINO (the torch module
 never runs), so "encoded once" / "nothing encoded" checks count at ``SamSegmenter.encoder.encode``:
@@ -58,3 +58,13 @@ class DataDependentNeck(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.inner(x)
         return out if float(out.sum()) > -1e30 else -out
+
+
+def forbid_conversion(monkeypatch, why: str) -> None:
+    """Make any torch.export or OpenVINO conversion in this test fail with ``why`` (a warm start or a
+    new input size must be served by the graph already converted)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(why)
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    monkeypatch.setattr("openvino.convert_model", refuse)

@@ -26,8 +26,9 @@ print(json.dumps({"kept_mb": after_free - before, "grown_mb": resident_mb() - af
 """
 
 
-def _probe(mode: str) -> dict:
-    run = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120)
+def _probe(mode: str, script: str = PROBE) -> dict:
+    """``script`` run in a fresh interpreter (malloc settings are process-wide) with ``mode``; its JSON line."""
+    run = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
@@ -58,9 +59,7 @@ print(json.dumps({"before_mb": before / MiB, "after_mb": resident_free_heap_byte
 
 
 def _bound_probe(limit: str) -> dict:
-    run = subprocess.run([sys.executable, "-c", BOUND_PROBE, limit], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout)
+    return _probe(limit, BOUND_PROBE)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")

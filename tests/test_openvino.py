@@ -19,7 +19,7 @@ from backend.openvino_encoder import CacheKey, OpenVinoImageEncoder
 from backend.sam_attention import use_fast_attention
 from backend.segmenter import SamSegmenter
 from backend.weights import file_sha256
-from tests.sam_encodes import DataDependentNeck
+from tests.sam_encodes import DataDependentNeck, forbid_conversion
 
 CPU = torch.device("cpu")
 PROMPT = "cat . dog"
@@ -77,11 +77,7 @@ def test_first_load_converts_and_caches_by_checkpoint(first_load, config, ov_cac
 
 
 def test_warm_start_reads_the_cache_and_never_converts(first_load, config, pixels, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a warm start must not export or convert")
-
-    monkeypatch.setattr(torch.export, "export", refuse)
-    monkeypatch.setattr("openvino.convert_model", refuse)
+    forbid_conversion(monkeypatch, "a warm start must not export or convert")
     path = first_load.conversions[True].path
     written = path.stat().st_mtime_ns
     _, warm = encoder_runtime(config)

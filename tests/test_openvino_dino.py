@@ -18,6 +18,7 @@ from backend.dino_runtime import OpenVinoDinoText, TorchDinoText, build_dino_tex
 from backend.engine import Engine
 from backend.models import build_grounding_dino
 from backend.weights import file_sha256
+from tests.sam_encodes import forbid_conversion
 
 CPU = torch.device("cpu")
 SHORT = ["cat", "dog"]
@@ -88,11 +89,7 @@ def test_first_load_converts_and_caches_by_checkpoint(first_load, config, ov_cac
 
 def test_one_conversion_serves_every_aspect_ratio_and_prompt_length(first_load, torch_detector, images, ov_cache,
                                                                     monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a new image or prompt size must not export or convert again")
-
-    monkeypatch.setattr(torch.export, "export", refuse)
-    monkeypatch.setattr("openvino.convert_model", refuse)
+    forbid_conversion(monkeypatch, "a new image or prompt size must not export or convert again")
     level_shapes, token_counts = set(), set()
     # The tiny config's 320 px, and the production 800 px, where level 1 of the square photo is 50
     # tokens high and a proposal's centre lands exactly on groundingdino's 0.99 bound.
@@ -133,11 +130,7 @@ def test_proposals_equal_groundingdino_at_the_bounds(sides):
 
 
 def test_warm_start_reads_the_cache_and_never_converts(first_load, config, images, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a warm start must not export or convert")
-
-    monkeypatch.setattr(torch.export, "export", refuse)
-    monkeypatch.setattr("openvino.convert_model", refuse)
+    forbid_conversion(monkeypatch, "a warm start must not export or convert")
     path = first_load.text_runtime.conversion.path
     written = path.stat().st_mtime_ns
     warm = detector_for(config)

@@ -19,7 +19,7 @@ from backend.engine import Engine
 from backend.models import build_grounding_dino, build_grounding_dino_architecture, build_sam
 from backend.segmenter import SamSegmenter
 from backend.weights import file_sha256
-from tests.sam_encodes import DataDependentNeck
+from tests.sam_encodes import DataDependentNeck, forbid_conversion
 
 CPU = torch.device("cpu")
 PROMPT = "cat . dog . astronaut"
@@ -114,11 +114,7 @@ def test_first_load_converts_and_caches_by_checkpoint(first_load, config, ov_cac
 
 def test_one_conversion_serves_every_size_and_aspect_ratio(first_load, torch_detector, images, ov_cache,
                                                            monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a new image size must not export or convert again")
-
-    monkeypatch.setattr(torch.export, "export", refuse)
-    monkeypatch.setattr("openvino.convert_model", refuse)
+    forbid_conversion(monkeypatch, "a new image size must not export or convert again")
     inputs = set()
     # Every aspect ratio at the tiny config's size; two at the production size (800 x 1203, 208 x 1333).
     for (side, max_size), names in zip(SIZES, [list(images), ["landscape", "strip"]], strict=True):
@@ -132,11 +128,7 @@ def test_one_conversion_serves_every_size_and_aspect_ratio(first_load, torch_det
 
 
 def test_warm_start_reads_the_cache_and_never_converts(first_load, config, images, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a warm start must not export or convert")
-
-    monkeypatch.setattr(torch.export, "export", refuse)
-    monkeypatch.setattr("openvino.convert_model", refuse)
+    forbid_conversion(monkeypatch, "a warm start must not export or convert")
     path = first_load.image_runtime.conversion.path
     written = path.stat().st_mtime_ns
     warm = detector_for(config)
