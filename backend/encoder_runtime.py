@@ -118,9 +118,8 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
     OpenVINO serves, ``image_encoder``'s torch weights are freed (the compiled graph has its own); the
     other graph kind, if ever asked for, is made from the checkpoint loaded again.
     """
-    if sam_attention.supports_encoder_attention(image_encoder):
-        # SDPA for the windowed blocks: the torch path and the exported graph both run it.
-        sam_attention.use_fast_attention(image_encoder)
+    # SDPA for the windowed blocks: the torch path and the exported graph both run it.
+    with_fast_attention(image_encoder)
     torch_runtime = TorchImageEncoder(image_encoder, dtype)
     if not wants_openvino(config.runtime, device):
         return torch_runtime
@@ -156,7 +155,12 @@ def load_image_encoder(config: EngineConfig) -> ImageEncoder:
     patches it (the graph OpenVINO converts)."""
     from .models import build_sam
 
-    encoder = build_sam(config).image_encoder
+    return with_fast_attention(build_sam(config).image_encoder)
+
+
+def with_fast_attention(encoder: ImageEncoder) -> ImageEncoder:
+    """``encoder`` with SAM's attention patched where it has SAM's attention blocks (MobileSAM's
+    TinyViT does not): the form the engine runs and OpenVINO converts."""
     if sam_attention.supports_encoder_attention(encoder):
         sam_attention.use_fast_attention(encoder)
     return encoder

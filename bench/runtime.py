@@ -178,14 +178,10 @@ def _memory_child(args: argparse.Namespace) -> None:
     runtime, precision, capture = args.child.split(":")
     x, size = _pixels(sam)
     # As the engine builds it: OpenVINO frees the torch encoder's weights once its graph is compiled.
-    def reload() -> torch.nn.Module:
-        from backend.sam_attention import use_fast_attention
+    from backend.encoder_runtime import with_fast_attention
 
-        encoder = _vit_b(args.tiny).image_encoder
-        use_fast_attention(encoder)
-        return encoder
-
-    encoder = build_runtime(sam, runtime, precision, args.cache, (capture == "capture",), reload_torch=reload)
+    encoder = build_runtime(sam, runtime, precision, args.cache, (capture == "capture",),
+                            reload_torch=lambda: with_fast_attention(_vit_b(args.tiny).image_encoder))
     return_freed_memory()
     with sampling_peak_rss() as rss:
         for _ in range(2):  # the first inference allocates OpenVINO's buffers, the second reuses them
