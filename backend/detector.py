@@ -25,6 +25,7 @@ from .types import Detection
 if TYPE_CHECKING:
     from .dino_image_runtime import DinoImageRuntime
     from .dino_runtime import DinoTextRuntime
+    from .dino_weights import ReloadedDino
 
 MAX_TEXT_TOKENS = 256  # Grounding DINO's max_text_len
 
@@ -222,6 +223,16 @@ class GroundingDinoDetector:
         self.image_size = image_size
         self.max_size = max_size
         self.max_text_tokens = MAX_TEXT_TOKENS  # tokens per detector pass (Grounding DINO's max_text_len)
+        # Set by dino_weights.release_torch_weights once both halves run on OpenVINO and ``model``'s
+        # weights are freed: where the torch model comes from then.
+        self.reloaded: ReloadedDino | None = None
+
+    def torch_model(self) -> torch.nn.Module:
+        """The torch model with its weights: ``model``, or (once the engine freed its weights for
+        OpenVINO) the model loaded again from the checkpoint."""
+        if self.reloaded is None:
+            return self.model
+        return self.reloaded.get("the torch model was asked for")
 
     @property
     def tokenizer(self):

@@ -40,11 +40,14 @@ class Engine:
                 from .detector import prepare
                 from .dino_image_runtime import build_dino_image_runtime
                 from .dino_runtime import build_dino_text_runtime
+                from .dino_weights import release_torch_weights
 
                 dino = prepare(build_grounding_dino(config), device)
                 detector = GroundingDinoDetector(dino, device, dtype, config.dino_image_size, config.dino_max_size,
                                                  build_dino_text_runtime(config, dino, device, dtype),
                                                  build_dino_image_runtime(config, dino, device, dtype))
+                # Both halves on OpenVINO: its graphs hold their own weights, so torch's are freed.
+                release_torch_weights(detector, lambda: prepare(build_grounding_dino(config), device))
             if segmenter is None:
                 from .encoder_runtime import build_encoder_runtime
 

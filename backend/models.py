@@ -236,3 +236,12 @@ def build_grounding_dino(config: EngineConfig) -> GroundingDINO:
             f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
         )
     return model.eval()
+
+
+def hollow_weights(module: torch.nn.Module) -> None:
+    """Free ``module``'s parameters and buffers in place, keeping its structure and shapes: each tensor
+    becomes one zero broadcast to its shape (one element stored), so ``.eval()``/``.to()`` and code
+    reading shapes or plain attributes (a tokenizer, ``num_queries``) still work."""
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            tensor.data = torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)

@@ -113,17 +113,12 @@ class OpenVinoImageEncoder:
     def _release_torch(self) -> None:
         """Free the torch encoder's weights: the compiled graph holds its own copy (vit_b 360 MB, vit_h
         2.5 GB in f32), and an engine asks for one graph kind only (``config.explanations``), compiled by
-        now. The module stays shared with ``Sam`` with its structure and shapes: each tensor becomes one
-        zero broadcast to its shape (one element stored), so ``.eval()``/``.to()`` and code reading
-        shapes still work (TinyViT rebuilds a buffer from its biases in ``eval``)."""
+        now. The module stays shared with ``Sam`` with its structure and shapes (``hollow_weights``;
+        TinyViT rebuilds a buffer from its biases in ``eval``)."""
         from .heap import return_freed_memory
+        from .models import hollow_weights
 
-        def hollow(tensor: torch.Tensor) -> torch.Tensor:
-            return torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
-
-        with torch.no_grad():
-            for tensor in (*self.encoder.parameters(), *self.encoder.buffers()):
-                tensor.data = hollow(tensor)
+        hollow_weights(self.encoder)
         self.torch_released = True
         return_freed_memory()  # the engine keeps freed memory for reuse: these pages are gone for good
 

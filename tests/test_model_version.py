@@ -102,7 +102,7 @@ def test_version_names_grounding_dinos_halves_apart_when_they_differ(config, ser
     assert on_openvino.detector.image_runtime.name == "openvino"
     detector = on_openvino.detector
     halves = GroundingDinoDetector(detector.model, CPU, detector.dtype, detector.image_size, detector.max_size,
-                                   detector.text_runtime, TorchDinoImage(detector.model))
+                                   detector.text_runtime, TorchDinoImage(detector.torch_model()))
     mixed = Engine(config, detector=halves, segmenter=on_openvino.segmenter)
     assert mixed.model_version.endswith("-sam-openvino-dino-image-torch-text-openvino")
     assert mixed.model_version not in {served["torch"].model_version, served["openvino"].model_version}

@@ -176,7 +176,7 @@ def test_thousand_label_config_predicts_in_several_passes(quick_engine):
     # Every pass re-runs Grounding DINO's text half (~1 s on a busy CPU): short labels (two words the
     # tiny vocabulary knows, 3 tokens with the '.') and a small DINO input keep it to a dozen passes.
     detector = quick_engine.detector
-    small = GroundingDinoDetector(detector.model, detector.device, detector.dtype, image_size=64, max_size=96)
+    small = GroundingDinoDetector(detector.torch_model(), detector.device, detector.dtype, image_size=64, max_size=96)
     engine = Engine(quick_engine.config, detector=small, segmenter=quick_engine.segmenter)
     client = create_app(engine=engine, settings=ServerSettings(load_on_start=False)).test_client()
     words = sorted(w for w in detector.tokenizer.get_vocab() if w.isascii() and w.isalpha() and len(w) > 2)
