@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.browser_page import DESKTOP, PHONE, chromium, contrast, serve_page, shot
+from tests.browser_page import DESKTOP, PHONE, chromium, contrast, late_change_then_run, serve_page, shot, type_into
 
 UI_WAIT_S = 20  # page-only reactions (no model): an error line, a cleared panel
 RUN_WAIT_S = 120  # a run on the tiny CPU models
@@ -271,53 +271,12 @@ def test_page_keeps_state_layout_errors_and_progress_right(page, photos, size):
             shot(browser, f"page_state_{name}_last.png")
 
 
-# Holds the requests of event ``arguments[0]`` (an unqueued event: a POST to /gradio_api/run/) in the page
-# until the progress line ``arguments[1]`` names a step, as a slow server would answer them after the run
-# began; counts them as they are held and as their answers come. Later requests go at once.
-HOLD_EVENT_JS = """
-const [fn, line] = arguments;
-const send = window.fetch.bind(window);
-window.held = {waiting: 0, answered: [], step: null};
-const stepShown = () => new Promise(resolve => { const poll = () => {
-  const text = (document.querySelector(line) || {}).textContent || '';
-  if (text.trim().startsWith('Step')) { window.held.step = text.trim(); resolve(); } else setTimeout(poll, 10); };
-  poll(); });
-window.fetch = async (url, init) => {
-  let body = null;
-  try { body = JSON.parse(init && init.body); } catch (e) { body = null; }
-  if (!String(url).includes('/run/') || !body || body.fn_index !== fn) return send(url, init);
-  window.held.waiting += 1;
-  await stepShown();
-  window.fetch = send;
-  const answer = await send(url, init);
-  await answer.clone().text();  // the whole answer is here (Gradio reads it next)
-  window.held.answered.push([answer.status, ((document.querySelector(line) || {}).textContent || '').trim()]);
-  return answer;
-};
-"""
-
-# The id of the server event (Gradio splits a listener's ``cancels`` into a page-only one) that
-# ``arguments[1]`` (an event name) on the element ``#arguments[0]`` triggers.
-EVENT_ID_JS = """
-const config = window.gradio_config;
-const component = config.components.find(c => c.props && c.props.elem_id === arguments[0]);
-const found = config.dependencies.filter(d => d.backend_fn && d.targets.some(([id, name]) => id === component.id
-                                                                                && name === arguments[1]));
-return found.length === 1 ? found[0].id : null;
-"""
-
-
 def test_a_change_answered_after_run_began_leaves_the_run_alone(page, photos):
     """Typing and pressing Run at once, with the typing's change answered only after the run showed its
     first step (CI under load recorded it answered late): the run's progress line, buttons, masks and
     maps are left alone; the run ends as usual; a change after it still clears the panels."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-
-    def type_prompt(value: str) -> None:  # one input event, so one change
-        box = browser.find_element(By.CSS_SELECTOR, "#image-prompt textarea")
-        browser.execute_script("arguments[0].value = arguments[1];"
-                               "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, value)
 
     def progress() -> str:
         return browser.find_element(By.CSS_SELECTOR, "#image-progress").text.strip()
@@ -330,37 +289,15 @@ def test_a_change_answered_after_run_began_leaves_the_run_alone(page, photos):
             browser.find_element(By.CSS_SELECTOR, "#image-input input[type=file]").send_keys(str(photos["a"]))
             wait.until(lambda _: browser.execute_script(
                 "const i = document.querySelector('#image-input img'); return i && i.naturalWidth") == 451)
-            type_prompt("cat")
+            type_into(browser, "#image-prompt textarea", "cat")
             wait.until(lambda _: progress().startswith("Press Run"))  # the change was answered
 
-            change = browser.execute_script(EVENT_ID_JS, "image-prompt", "change")
-            assert change is not None, "no single server change event on the prompt"
-            browser.execute_script(HOLD_EVENT_JS, change, "#image-progress")
-            browser.execute_script(RECORD_STEPS_JS)
-            type_prompt("cat . rocket")
-            wait.until(lambda _: browser.execute_script("return window.held.waiting") == 1)  # sent, held
-            browser.find_element(By.CSS_SELECTOR, "#image-run").click()  # then Run at once
-
-            def since_first_step() -> list[list]:
-                steps = browser.execute_script("return window.steps")
-                first = next((i for i, (line, _) in enumerate(steps) if line.startswith("Step")), len(steps))
-                return steps[first:]
-
-            # Until the held change was answered and the run ended or something other than its steps
-            # showed on its progress line; then a moment for the page to apply that answer.
-            WebDriverWait(browser, RUN_WAIT_S).until(lambda _: any(
-                not line.startswith("Step") for line, _ in since_first_step())
-                and browser.execute_script("return window.held.answered.length"))
-            time.sleep(1)
-            during = since_first_step()
-            assert all(line.startswith(("Step", "Done")) for line, _ in during), \
-                f"the late change's answer changed the progress line mid-run: {during}"
-            assert all(off for line, off in during if line.startswith("Step")), \
-                f"the Run button came on mid-run: {during}"
-            held = browser.execute_script("return window.held")
-            # The change was sent on once the run showed step 1, and answered while a step still showed.
-            assert held["step"].startswith("Step 1") and len(held["answered"]) == 1, held
-            assert held["answered"][0][0] == 200 and held["answered"][0][1].startswith("Step"), held
+            race = late_change_then_run(browser, "image", "image-prompt", "change",
+                                        lambda: type_into(browser, "#image-prompt textarea", "cat . rocket"),
+                                        RUN_WAIT_S)
+            assert race.step_only(), f"the late change's answer changed the progress line mid-run: {race.lines}"
+            assert race.busy_throughout(), f"the Run button came on mid-run: {race.lines}"
+            assert race.answered_mid_run(), race.held
             watch_run(browser, lambda _: True)  # nothing busy any more
             # The run's masks and maps are on show (decoded a moment after "Done").
             wait.until(lambda _: (lambda s: decoded(s["masks"]) and decoded(s["maps"]))(
@@ -370,7 +307,7 @@ def test_a_change_answered_after_run_began_leaves_the_run_alone(page, photos):
             assert aspects(last["masks"]) == {1.5} and aspects(last["maps"]) == {1.5}, last
 
             # -- a change after the run still clears the panels --
-            type_prompt("cat")
+            type_into(browser, "#image-prompt textarea", "cat")
             wait.until(lambda _: progress().startswith("Press Run"))
             look = browser.execute_script(SNAPSHOT_JS, list(MAPS))
             assert not look["masks"] and not look["maps"] and not look["run_disabled"], look
