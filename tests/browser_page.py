@@ -144,14 +144,20 @@ const found = config.dependencies.filter(d => d.backend_fn && d.targets.some(([i
 return found.length === 1 ? found[0].id : null;
 """
 
+# The text a progress line shows, without Gradio's status tracker on it (its timer, queue place, badges).
+LINE_TEXT_JS = """
+const lineText = el => { if (!el) return ''; const copy = el.cloneNode(true);
+  copy.querySelectorAll('[data-testid=status-tracker]').forEach(t => t.remove()); return copy.textContent.trim(); };
+"""
+
 # Holds the requests of event ``arguments[0]`` (an unqueued event: a POST to /gradio_api/run/) in the page
 # until the progress line ``arguments[1]`` names a step, as a slow server would answer them after the run
 # began; counts them as they are held and notes the progress line as their answers come. Later requests
 # go at once.
-HOLD_EVENT_JS = """
+HOLD_EVENT_JS = LINE_TEXT_JS + """
 const [fn, line] = arguments;
 const send = window.fetch.bind(window);
-const shown = () => ((document.querySelector(line) || {}).textContent || '').trim();
+const shown = () => lineText(document.querySelector(line));
 window.held = {waiting: 0, answered: [], step: null};
 const stepShown = () => new Promise(resolve => { const poll = () => {
   if (shown().startsWith('Step')) { window.held.step = shown(); resolve(); } else setTimeout(poll, 10); };
@@ -170,16 +176,21 @@ window.fetch = async (url, init) => {
 };
 """
 
-# Every text the progress line ``arguments[0]`` shows from now on, with whether the button
-# ``arguments[1]`` was off at that moment (looked up each time: a re-rendered button is a new element).
-RECORD_LINE_JS = """
+# Every text the progress line ``arguments[0]`` shows from now on (each change once), with whether the
+# button ``arguments[1]`` was off at that moment (looked up each time: a re-rendered button is a new
+# element) and the page's clock (ms).
+RECORD_LINE_JS = LINE_TEXT_JS + """
 const [lineSel, buttonSel] = arguments;
 window.lines = [];
 const line = document.querySelector(lineSel);
 const off = () => { const b = document.querySelector(buttonSel);
                     return !!b && (b.disabled || b.getAttribute('aria-disabled') === 'true'); };
-new MutationObserver(() => window.lines.push([line.textContent.trim(), off()]))
-  .observe(line, {subtree: true, childList: true, characterData: true});
+if (window.linesObserver) window.linesObserver.disconnect();  // one record at a time
+window.linesObserver = new MutationObserver(() => {
+  const text = lineText(line), last = window.lines[window.lines.length - 1];
+  if (!last || last[0] !== text || last[1] !== off()) window.lines.push([text, off(), Math.round(performance.now())]);
+});
+window.linesObserver.observe(line, {subtree: true, childList: true, characterData: true});
 """
 
 
@@ -187,15 +198,15 @@ new MutationObserver(() => window.lines.push([line.textContent.trim(), off()]))
 class LateChange:
     """What a tab's progress line showed from the run's first step on, and the held change's fate."""
 
-    lines: list[list[Any]]  # [text, Run button off] at each change of the line
+    lines: list[list[Any]]  # [text, Run button off, ms] at each change of the line
     held: dict[str, Any]  # step: the line when the change was sent on; answered: [[HTTP status, line]]
 
     def step_only(self) -> bool:
         """Only the run's steps and its end showed: no blank line, no "inputs changed" note."""
-        return all(text.startswith(("Step", "Done")) for text, _ in self.lines)
+        return all(text.startswith(("Step", "Done")) for text, *_ in self.lines)
 
     def busy_throughout(self) -> bool:
-        return all(off for text, off in self.lines if text.startswith("Step"))
+        return all(off for text, off, _ in self.lines if text.startswith("Step"))
 
     def answered_mid_run(self) -> bool:
         """The change went on once the run showed step 1 and was answered while a step still showed."""
@@ -223,10 +234,10 @@ def late_change_then_run(browser, tab: str, field: str, trigger: str, edit: Call
 
     def since_first_step() -> list[list[Any]]:
         lines = browser.execute_script("return window.lines")
-        first = next((i for i, (text, _) in enumerate(lines) if text.startswith("Step")), len(lines))
+        first = next((i for i, (text, *_) in enumerate(lines) if text.startswith("Step")), len(lines))
         return lines[first:]
 
-    WebDriverWait(browser, wait_s).until(lambda _: any(not text.startswith("Step") for text, _ in since_first_step())
+    WebDriverWait(browser, wait_s).until(lambda _: any(not text.startswith("Step") for text, *_ in since_first_step())
                                          and browser.execute_script("return window.held.answered.length"))
     time.sleep(1)  # a moment for the page to apply the change's answer
     return LateChange(since_first_step(), browser.execute_script("return window.held"))

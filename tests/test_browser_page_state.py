@@ -26,7 +26,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.browser_page import DESKTOP, PHONE, chromium, contrast, late_change_then_run, serve_page, shot, type_into
+from tests.browser_page import (
+    DESKTOP,
+    LINE_TEXT_JS,
+    PHONE,
+    RECORD_LINE_JS,
+    chromium,
+    contrast,
+    late_change_then_run,
+    serve_page,
+    shot,
+    type_into,
+)
 
 UI_WAIT_S = 20  # page-only reactions (no model): an error line, a cleared panel
 RUN_WAIT_S = 120  # a run on the tiny CPU models
@@ -274,12 +285,13 @@ def test_page_keeps_state_layout_errors_and_progress_right(page, photos, size):
 def test_a_change_answered_after_run_began_leaves_the_run_alone(page, photos):
     """Typing and pressing Run at once, with the typing's change answered only after the run showed its
     first step (CI under load recorded it answered late): the run's progress line, buttons, masks and
-    maps are left alone; the run ends as usual; a change after it still clears the panels."""
+    maps are left alone; the run ends as usual; a change after it still clears the panels, and one
+    during a run still stops it."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    def progress() -> str:
-        return browser.find_element(By.CSS_SELECTOR, "#image-progress").text.strip()
+    def progress() -> str:  # without Gradio's timer on the line
+        return browser.execute_script(LINE_TEXT_JS + "return lineText(document.querySelector('#image-progress'));")
 
     with chromium(*DESKTOP) as browser:
         wait = WebDriverWait(browser, UI_WAIT_S)
@@ -311,5 +323,20 @@ def test_a_change_answered_after_run_began_leaves_the_run_alone(page, photos):
             wait.until(lambda _: progress().startswith("Press Run"))
             look = browser.execute_script(SNAPSHOT_JS, list(MAPS))
             assert not look["masks"] and not look["maps"] and not look["run_disabled"], look
+
+            # -- and one during a run stops it: the panels stay cleared, the buttons on --
+            browser.execute_script(RECORD_LINE_JS, "#image-progress", "#image-run")
+            browser.find_element(By.CSS_SELECTOR, "#image-run").click()
+            WebDriverWait(browser, UI_WAIT_S, poll_frequency=0.02).until(lambda _: any(  # edit while it runs
+                text.startswith("Step") for text, *_ in browser.execute_script("return window.lines")))
+            type_into(browser, "#image-prompt textarea", "rocket")
+            wait.until(lambda _: progress().startswith("Press Run"))
+            time.sleep(3)  # a run that went on would show its next step or its masks by now
+            lines = browser.execute_script("return window.lines")
+            assert not any(text.startswith("Done") for text, *_ in lines), f"the run ended before the edit: {lines}"
+            assert lines[-1][0].startswith("Press Run"), f"the run went on after the edit: {lines}"
+            look = browser.execute_script(SNAPSHOT_JS, list(MAPS))
+            assert look["progress"].startswith("Press Run") and not look["masks"] and not look["maps"], look
+            assert not look["run_disabled"] and not look["busy"] and not look["badges"], look
         finally:
             shot(browser, "page_state_late_change_last.png")
