@@ -8,9 +8,10 @@ the backend's "Why this mask" links, shows that region's explanation first); and
 backend's background prediction jobs as progress bars that refresh themselves while it is on show.
 
 What is on show always belongs together: Run segments and then explains at once (a cache hit on the
-backend), and any change of the inputs clears the Output and Explanation panels. Each panel has one
-lasting error line, cleared by the next success, instead of pop-ups; one progress line per tab names
-the stage. Pictures are HTML grids (alt text, whole captions, as many columns as fit).
+backend), and any change of the inputs clears the Output and Explanation panels (never those of a run
+started after the change was sent: ``explain_ui.run_order``). Each panel has one lasting error line,
+cleared by the next success, instead of pop-ups; one progress line per tab names the stage. Pictures
+are HTML grids (alt text, whole captions, as many columns as fit).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .panels import (
     step_html,
     uploaded_rgb,
 )
+from .run_order import RunOrder, changed_js, started_js
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +173,9 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         warnings.filterwarnings("ignore", message="The parameters have been moved", category=UserWarning)
         demo = gr.Blocks(title=TITLE, analytics_enabled=False, theme=THEME, css=CSS)
     with demo:
+        order = RunOrder()  # the newest run each page started on each tab
+        # The count of runs a tab's page had started, sent by the run and change events (their js fills it).
+        run_count = gr.Number(visible=False, precision=0)
         gr.Markdown(f"## {TITLE}\nGrounding DINO finds what the prompt names, SAM cuts it out, and the "
                     "Explanation panel shows where SAM's attention went and why each label was chosen.")
         with gr.Tabs(selected="image") as tabs:
@@ -224,8 +229,9 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             progress line: each step's failure goes to its panel's error line and ends the run; the
             buttons are off meanwhile."""
             started = time.monotonic()
-            # Every step turns the buttons off again: an input's change event sent just before Run
-            # (typing, then Run at once) may be answered after the run began, and it turns them on.
+            # Every step turns the buttons off again: a change sent just before Run that the server
+            # answered before it heard of the run (so run_order could not leave it out) but that
+            # reached the page late would have turned them on.
             busy = panels.busy(True)
             yield {**busy, **panels.no_explanation(), panels.progress: step_html(1, steps[0])}
             done = panels.busy(False)
@@ -249,12 +255,33 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 return
             yield {**done, **shown, panels.progress: f"<p>Done in {time.monotonic() - started:.1f} s.</p>"}
 
-        def started(trigger: Callable[..., Any], panels: Panels) -> Any:
-            """The buttons off before the run is queued (a click during the run does nothing), and on a
-            phone the Output panel scrolled into view."""
+        def started(trigger: Callable[..., Any], panels: Panels, tab: str) -> Any:
+            """The buttons off before the run is queued (a click during the run does nothing), on a
+            phone the Output panel scrolled into view, and the run's number noted (``run_order``)."""
             scroll = SCROLL_JS.replace("{id}", panels.progress.elem_id or "")
-            return trigger(lambda: panels.busy(True), None, list(panels.buttons), queue=False,
-                           show_progress="hidden", js=scroll)
+
+            def start(run: float | None, request: gr.Request) -> dict[Component, Any]:
+                order.started(request.session_hash, tab, run)
+                return panels.busy(True)
+
+            return trigger(start, [run_count], list(panels.buttons), queue=False, show_progress="hidden",
+                           js=started_js(tab, scroll))
+
+        def on_change(trigger: Callable[..., Any], panels: Panels, tab: str, note: str, runs: list[Any]) -> None:
+            """An input's change: what is on show no longer matches the inputs, so it goes, the buttons come
+            on and the tab's ``runs`` in progress stop; unless a run started after the change was sent,
+            whose progress, masks and busy buttons this older answer must leave alone (``run_order``)."""
+
+            def clear(runs_before: float | None, request: gr.Request) -> Any:
+                if order.overtaken(request.session_hash, tab, runs_before):
+                    return gr.skip()
+                return {**panels.nothing_shown(note), **panels.busy(False)}
+
+            # The cancel is a listener of its own, before the clear: the page sends one trigger's listeners
+            # in turn, each after the one before was answered, so a cancel after the clear (``cancels=`` on
+            # it) would wait for the clear's answer and, were that late, stop a run started after the change.
+            trigger(None, None, None, cancels=runs, queue=False, show_progress="hidden")
+            trigger(clear, [run_count], panels.outputs(), show_progress="hidden", queue=False, js=changed_js(tab))
 
         # -- events: uploaded image --
         def on_run(upload, text_prompt, box_t, text_t, show) -> Updates:
@@ -279,14 +306,12 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             return {image_error: "", **({} if suffix in BROWSER_FORMATS else {image: rgb})}
 
         image_inputs = [image, prompt, box, text, labels]
-        run_events = [started(trigger, panels).then(on_run, image_inputs, panels.outputs(), preprocess=False,
-                                                    show_progress="minimal", show_progress_on=[panels.progress])
-                      for trigger in (run.click, prompt.submit)]
+        run_events = [started(trigger, panels, "image").then(
+            on_run, image_inputs, panels.outputs(), preprocess=False, show_progress="minimal",
+            show_progress_on=[panels.progress]) for trigger in (run.click, prompt.submit)]
         image.upload(on_upload, [image], [image, image_error], preprocess=False, show_progress="hidden")
         for changed in (image.change, prompt.change, box.change, text.change):
-            changed(lambda: {**panels.nothing_shown("Press Run to segment and explain."),
-                             **panels.busy(False)},
-                    None, panels.outputs(), show_progress="hidden", cancels=run_events, queue=False)
+            on_change(changed, panels, "image", "Press Run to segment and explain.", run_events)
         labels.change(redraw, [labels, panels.state], [panels.overlay], show_progress="hidden")
 
         # -- events: Label Studio task --
@@ -316,20 +341,17 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         task_form = [task_id, project, task_prompt, use_project, task_box, task_text, task_labels]
         # The steps are written on the progress line; Gradio adds only its timer there ("minimal").
         task_progress: dict[str, Any] = {"show_progress": "minimal", "show_progress_on": [task_panels.progress]}
-        task_events = [started(trigger, task_panels).then(on_load_task, task_form, task_panels.outputs(),
-                                                          **task_progress)
+        task_events = [started(trigger, task_panels, "task").then(on_load_task, task_form, task_panels.outputs(),
+                                                                  **task_progress)
                        for trigger in (load.click, task_id.submit)]
-        task_events.append(started(task_run.click, task_panels).then(
+        task_events.append(started(task_run.click, task_panels, "task").then(
             on_run_task, [*task_form, task_panels.state], task_panels.outputs(), **task_progress))
         # .input, not .change: the deep link fills the task fields itself and must not clear what it loads.
-        for edited in (task_id, project, task_prompt):
-            edited.input(lambda: {**task_panels.nothing_shown("Inputs changed: press Load or Run."),
-                                  **task_panels.busy(False)},
-                         None, task_panels.outputs(), show_progress="hidden", cancels=task_events, queue=False)
-        for moved in (use_project, task_box, task_text):
-            moved.input(lambda: {**task_panels.nothing_shown("Settings changed: press Run to segment and explain."),
-                                 **task_panels.busy(False)},
-                        None, task_panels.outputs(), show_progress="hidden", cancels=task_events, queue=False)
+        task_notes = (((task_id, project, task_prompt), "Inputs changed: press Load or Run."),
+                      ((use_project, task_box, task_text), "Settings changed: press Run to segment and explain."))
+        for edits, note in task_notes:
+            for edited in edits:
+                on_change(edited.input, task_panels, "task", note, task_events)
         task_labels.change(redraw, [task_labels, task_panels.state], [task_panels.overlay], show_progress="hidden")
         for new_masks in (load.click, task_id.submit, task_run.click):
             # The link's region block was about the masks the link opened.

@@ -1,6 +1,7 @@
 """Shared pieces of the real-browser tests: Debian's headless Chromium driven by selenium at a given
-window size, the backend app (tiny random-weight engine) plus the Gradio page on free ports, and small
-DOM probes. Screenshots go to test-artifacts/ (kept by CI as artifacts).
+window size, the backend app (tiny random-weight engine) plus the Gradio page on free ports, small
+DOM probes, and an input's change held in the page until a run it preceded began (``late_change_then_run``).
+Screenshots go to test-artifacts/ (kept by CI as artifacts).
 
 Browser tests are skipped when chromium/chromedriver/selenium are missing, unless REQUIRE_BROWSER=1
 (then they fail).
@@ -11,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +122,122 @@ def contrast(fg: Sequence[float], bg: Sequence[float]) -> float:
 def shot(browser, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / name))
+
+
+def type_into(browser, selector: str, value: str) -> None:
+    """Sets the text field ``selector`` to ``value`` with one DOM input event: one Gradio change (a
+    Gradio ``.input`` comes from key presses only)."""
+    from selenium.webdriver.common.by import By
+
+    box = browser.find_element(By.CSS_SELECTOR, selector)
+    browser.execute_script("arguments[0].value = arguments[1];"
+                           "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, value)
+
+
+# The id of the server event (Gradio splits a listener's ``cancels`` into a page-only one) that
+# ``arguments[1]`` (an event name) on the element ``#arguments[0]`` triggers.
+EVENT_ID_JS = """
+const config = window.gradio_config;
+const component = config.components.find(c => c.props && c.props.elem_id === arguments[0]);
+const found = config.dependencies.filter(d => d.backend_fn && d.targets.some(([id, name]) => id === component.id
+                                                                                && name === arguments[1]));
+return found.length === 1 ? found[0].id : null;
+"""
+
+# The text a progress line shows, without Gradio's status tracker on it (its timer, queue place, badges).
+LINE_TEXT_JS = """
+const lineText = el => { if (!el) return ''; const copy = el.cloneNode(true);
+  copy.querySelectorAll('[data-testid=status-tracker]').forEach(t => t.remove()); return copy.textContent.trim(); };
+"""
+
+# Holds the requests of event ``arguments[0]`` (an unqueued event: a POST to /gradio_api/run/) in the page
+# until the progress line ``arguments[1]`` names a step, as a slow server would answer them after the run
+# began; counts them as they are held and notes the progress line as their answers come. Later requests
+# go at once.
+HOLD_EVENT_JS = LINE_TEXT_JS + """
+const [fn, line] = arguments;
+const send = window.fetch.bind(window);
+const shown = () => lineText(document.querySelector(line));
+window.held = {waiting: 0, answered: [], step: null};
+const stepShown = () => new Promise(resolve => { const poll = () => {
+  if (shown().startsWith('Step')) { window.held.step = shown(); resolve(); } else setTimeout(poll, 10); };
+  poll(); });
+window.fetch = async (url, init) => {
+  let body = null;
+  try { body = JSON.parse(init && init.body); } catch (e) { body = null; }
+  if (!String(url).includes('/run/') || !body || body.fn_index !== fn) return send(url, init);
+  window.held.waiting += 1;
+  await stepShown();
+  window.fetch = send;
+  const answer = await send(url, init);
+  await answer.clone().text();  // the whole answer is here (Gradio reads it next)
+  window.held.answered.push([answer.status, shown()]);
+  return answer;
+};
+"""
+
+# Every text the progress line ``arguments[0]`` shows from now on (each change once), with whether the
+# button ``arguments[1]`` was off at that moment (looked up each time: a re-rendered button is a new
+# element) and the page's clock (ms).
+RECORD_LINE_JS = LINE_TEXT_JS + """
+const [lineSel, buttonSel] = arguments;
+window.lines = [];
+const line = document.querySelector(lineSel);
+const off = () => { const b = document.querySelector(buttonSel);
+                    return !!b && (b.disabled || b.getAttribute('aria-disabled') === 'true'); };
+if (window.linesObserver) window.linesObserver.disconnect();  // one record at a time
+window.linesObserver = new MutationObserver(() => {
+  const text = lineText(line), last = window.lines[window.lines.length - 1];
+  if (!last || last[0] !== text || last[1] !== off()) window.lines.push([text, off(), Math.round(performance.now())]);
+});
+window.linesObserver.observe(line, {subtree: true, childList: true, characterData: true});
+"""
+
+
+@dataclass
+class LateChange:
+    """What a tab's progress line showed from the run's first step on, and the held change's fate."""
+
+    lines: list[list[Any]]  # [text, Run button off, ms] at each change of the line
+    held: dict[str, Any]  # step: the line when the change was sent on; answered: [[HTTP status, line]]
+
+    def step_only(self) -> bool:
+        """Only the run's steps and its end showed: no blank line, no "inputs changed" note."""
+        return all(text.startswith(("Step", "Done")) for text, *_ in self.lines)
+
+    def busy_throughout(self) -> bool:
+        return all(off for text, off, _ in self.lines if text.startswith("Step"))
+
+    def answered_mid_run(self) -> bool:
+        """The change went on once the run showed step 1 and was answered while a step still showed."""
+        answered = self.held.get("answered") or []
+        return (str(self.held.get("step") or "").startswith("Step 1") and len(answered) == 1
+                and answered[0][0] == 200 and str(answered[0][1]).startswith("Step"))
+
+
+def late_change_then_run(browser, tab: str, field: str, trigger: str, edit: Callable[[], None],
+                         wait_s: float) -> LateChange:
+    """Edits ``#field`` (``edit()``: one ``trigger`` event, which clears tab ``tab``), holds that event's
+    request in the page, presses the tab's Run at once and sends the change on once the run shows its
+    first step: an input changed just before Run, answered after the run began (CI under load saw it).
+    Returns once the change was answered and the run ended or its progress line showed anything else."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    event = browser.execute_script(EVENT_ID_JS, field, trigger)
+    assert event is not None, f"no single server {trigger} event on #{field}"
+    line = f"#{tab}-progress"
+    browser.execute_script(HOLD_EVENT_JS, event, line)
+    browser.execute_script(RECORD_LINE_JS, line, f"#{tab}-run")
+    edit()
+    WebDriverWait(browser, 20).until(lambda _: browser.execute_script("return window.held.waiting") == 1)
+    browser.find_element("css selector", f"#{tab}-run").click()  # Run at once, the change still unanswered
+
+    def since_first_step() -> list[list[Any]]:
+        lines = browser.execute_script("return window.lines")
+        first = next((i for i, (text, *_) in enumerate(lines) if text.startswith("Step")), len(lines))
+        return lines[first:]
+
+    WebDriverWait(browser, wait_s).until(lambda _: any(not text.startswith("Step") for text, *_ in since_first_step())
+                                         and browser.execute_script("return window.held.answered.length"))
+    time.sleep(1)  # a moment for the page to apply the change's answer
+    return LateChange(since_first_step(), browser.execute_script("return window.held"))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from backend.heatmaps import MAP_SIDE
 from backend.images import working_size
-from tests.browser_page import ARTIFACTS, WAIT_S, busy, chromium, images, serve_page, shot
+from tests.browser_page import ARTIFACTS, WAIT_S, busy, chromium, images, late_change_then_run, serve_page, shot
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,9 @@ BRUSH_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="ma
 
 def test_deep_link_opens_and_explains_a_label_studio_task(browser, label_studio, engine, chelsea, tmp_path):
     """``/?task=ID&project=P`` (the link the backend puts on each predicted region) opens the task tab,
-    shows the task's image from a real Label Studio and explains it on load."""
+    shows the task's image from a real Label Studio and explains it on load. Then the task tab's edits:
+    one made just before Run but answered after the run began leaves the run alone; one after it
+    clears the panels."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -102,6 +104,21 @@ def test_deep_link_opens_and_explains_a_label_studio_task(browser, label_studio,
                                              images(browser, "#task-encoder-heatmaps")[0])
             height, width = working_size(chelsea[::2, ::2].shape[:2], MAP_SIDE)
             assert natural == [width, height]
+
+            prompt = browser.find_element(By.CSS_SELECTOR, "#task-prompt textarea")
+            # One key press: one .input event (the prompt was empty: the project's labels).
+            race = late_change_then_run(browser, "task", "task-prompt", "input", lambda: prompt.send_keys("c"), WAIT_S)
+            assert race.step_only(), f"the late edit's answer changed the progress line mid-run: {race.lines}"
+            assert race.busy_throughout(), f"the Run button came on mid-run: {race.lines}"
+            assert race.answered_mid_run(), race.held
+            wait.until(lambda _: browser.find_element(By.CSS_SELECTOR, "#task-progress").text.startswith("Done")
+                       and not busy(browser))
+            assert images(browser, "#task-output") and browser.find_element(By.CSS_SELECTOR, "#task-run").is_enabled()
+
+            prompt.send_keys("a")  # an edit after the run clears
+            wait.until(lambda _: browser.find_element(By.CSS_SELECTOR, "#task-progress").text.startswith(
+                "Inputs changed"))
+            assert not images(browser, "#task-output") and not images(browser, "#task-encoder-heatmaps")
         finally:
             shot(browser, "explain_ui_task.png")
 

@@ -10,7 +10,10 @@ load each, several checks per load; screenshots in test-artifacts/):
 - every mask and map, with its whole caption and alt text, is inside the page width (no sideways
   scrolling, nothing hidden in a scrolling box, no caption cut); the colour bar sits beside the heatmaps;
 - help text and the Run button reach WCAG's 4.5:1 contrast;
-- without ?task= the task tab has no spinner; the scikit-image examples fill the inputs.
+- without ?task= the task tab has no spinner; the scikit-image examples fill the inputs;
+- an input's change sent just before Run but answered after the run began (held in the page until
+  the run shows its first step) leaves the run alone: no blank progress line, no buttons turned on,
+  its masks and maps stay; a change after the run still clears the panels.
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.browser_page import DESKTOP, PHONE, chromium, contrast, serve_page, shot
+from tests.browser_page import (
+    DESKTOP,
+    LINE_TEXT_JS,
+    PHONE,
+    RECORD_LINE_JS,
+    chromium,
+    contrast,
+    late_change_then_run,
+    serve_page,
+    shot,
+    type_into,
+)
 
 UI_WAIT_S = 20  # page-only reactions (no model): an error line, a cleared panel
 RUN_WAIT_S = 120  # a run on the tiny CPU models
@@ -266,3 +280,63 @@ def test_page_keeps_state_layout_errors_and_progress_right(page, photos, size):
             assert not spinning, f"spinners on the task tab without ?task=: {spinning}"
         finally:
             shot(browser, f"page_state_{name}_last.png")
+
+
+def test_a_change_answered_after_run_began_leaves_the_run_alone(page, photos):
+    """Typing and pressing Run at once, with the typing's change answered only after the run showed its
+    first step (CI under load recorded it answered late): the run's progress line, buttons, masks and
+    maps are left alone; the run ends as usual; a change after it still clears the panels, and one
+    during a run still stops it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def progress() -> str:  # without Gradio's timer on the line
+        return browser.execute_script(LINE_TEXT_JS + "return lineText(document.querySelector('#image-progress'));")
+
+    with chromium(*DESKTOP) as browser:
+        wait = WebDriverWait(browser, UI_WAIT_S)
+        browser.get(page)
+        try:
+            wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#image-input input[type=file]"))
+            browser.find_element(By.CSS_SELECTOR, "#image-input input[type=file]").send_keys(str(photos["a"]))
+            wait.until(lambda _: browser.execute_script(
+                "const i = document.querySelector('#image-input img'); return i && i.naturalWidth") == 451)
+            type_into(browser, "#image-prompt textarea", "cat")
+            wait.until(lambda _: progress().startswith("Press Run"))  # the change was answered
+
+            race = late_change_then_run(browser, "image", "image-prompt", "change",
+                                        lambda: type_into(browser, "#image-prompt textarea", "cat . rocket"),
+                                        RUN_WAIT_S)
+            assert race.step_only(), f"the late change's answer changed the progress line mid-run: {race.lines}"
+            assert race.busy_throughout(), f"the Run button came on mid-run: {race.lines}"
+            assert race.answered_mid_run(), race.held
+            watch_run(browser, lambda _: True)  # nothing busy any more
+            # The run's masks and maps are on show (decoded a moment after "Done").
+            wait.until(lambda _: (lambda s: decoded(s["masks"]) and decoded(s["maps"]))(
+                browser.execute_script(SNAPSHOT_JS, list(MAPS))), "the run's masks and maps are not on show")
+            last = browser.execute_script(SNAPSHOT_JS, list(MAPS))
+            assert last["progress"].startswith("Done") and not last["run_disabled"], last
+            assert aspects(last["masks"]) == {1.5} and aspects(last["maps"]) == {1.5}, last
+
+            # -- a change after the run still clears the panels --
+            type_into(browser, "#image-prompt textarea", "cat")
+            wait.until(lambda _: progress().startswith("Press Run"))
+            look = browser.execute_script(SNAPSHOT_JS, list(MAPS))
+            assert not look["masks"] and not look["maps"] and not look["run_disabled"], look
+
+            # -- and one during a run stops it: the panels stay cleared, the buttons on --
+            browser.execute_script(RECORD_LINE_JS, "#image-progress", "#image-run")
+            browser.find_element(By.CSS_SELECTOR, "#image-run").click()
+            WebDriverWait(browser, UI_WAIT_S, poll_frequency=0.02).until(lambda _: any(  # edit while it runs
+                text.startswith("Step") for text, *_ in browser.execute_script("return window.lines")))
+            type_into(browser, "#image-prompt textarea", "rocket")
+            wait.until(lambda _: progress().startswith("Press Run"))
+            time.sleep(3)  # a run that went on would show its next step or its masks by now
+            lines = browser.execute_script("return window.lines")
+            assert not any(text.startswith("Done") for text, *_ in lines), f"the run ended before the edit: {lines}"
+            assert lines[-1][0].startswith("Press Run"), f"the run went on after the edit: {lines}"
+            look = browser.execute_script(SNAPSHOT_JS, list(MAPS))
+            assert look["progress"].startswith("Press Run") and not look["masks"] and not look["maps"], look
+            assert not look["run_disabled"] and not look["busy"] and not look["badges"], look
+        finally:
+            shot(browser, "page_state_late_change_last.png")
