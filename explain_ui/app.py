@@ -338,25 +338,6 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
 
             yield from runs(task_panels, SEGMENT_STEPS, segment, explain, show, None if use else box_t)
 
-        task_form = [task_id, project, task_prompt, use_project, task_box, task_text, task_labels]
-        # The steps are written on the progress line; Gradio adds only its timer there ("minimal").
-        task_progress: dict[str, Any] = {"show_progress": "minimal", "show_progress_on": [task_panels.progress]}
-        task_events = [started(trigger, task_panels, "task").then(on_load_task, task_form, task_panels.outputs(),
-                                                                  **task_progress)
-                       for trigger in (load.click, task_id.submit)]
-        task_events.append(started(task_run.click, task_panels, "task").then(
-            on_run_task, [*task_form, task_panels.state], task_panels.outputs(), **task_progress))
-        # .input, not .change: the deep link fills the task fields itself and must not clear what it loads.
-        task_notes = (((task_id, project, task_prompt), "Inputs changed: press Load or Run."),
-                      ((use_project, task_box, task_text), "Settings changed: press Run to segment and explain."))
-        for edits, note in task_notes:
-            for edited in edits:
-                on_change(edited.input, task_panels, "task", note, task_events)
-        task_labels.change(redraw, [task_labels, task_panels.state], [task_panels.overlay], show_progress="hidden")
-        for new_masks in (load.click, task_id.submit, task_run.click):
-            # The link's region block was about the masks the link opened.
-            new_masks(lambda: gr.HTML(visible=False), None, [region], queue=False, show_progress="hidden")
-
         # -- deep link: /?task=ID&project=P opens the task tab, loads the task and explains it --
         # Two steps: switching tabs re-renders the tab's components, which would lose the end of a
         # slow event that also fills them (they'd spin forever).
@@ -401,6 +382,32 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 update[task_panels.masks] = masks_html(shown, selected=focus.index)
             yield update
 
+        task_form = [task_id, project, task_prompt, use_project, task_box, task_text, task_labels]
+        # The steps are written on the progress line; Gradio adds only its timer there ("minimal").
+        task_progress: dict[str, Any] = {"show_progress": "minimal", "show_progress_on": [task_panels.progress]}
+        task_events = [started(trigger, task_panels, "task").then(on_load_task, task_form, task_panels.outputs(),
+                                                                  **task_progress)
+                       for trigger in (load.click, task_id.submit)]
+        task_events.append(started(task_run.click, task_panels, "task").then(
+            on_run_task, [*task_form, task_panels.state], task_panels.outputs(), **task_progress))
+        # The deep link's run is one of them: an edit while it runs stops it, as it stops Load's and Run's
+        # (registered before the edits' cancels, which take the runs there are when they are made).
+        link_run = demo.load(open_link, None, [tabs, task_id, project, link_region], show_progress="hidden").success(
+            explain_link, [task_id, project, link_region, *task_form[2:]], [*task_panels.outputs(), region],
+            **task_progress)
+        link_run.success(None, None, None, js=region_link.SCROLL_JS)
+        task_events.append(link_run)
+        # .input, not .change: the deep link fills the task fields itself and must not clear what it loads.
+        task_notes = (((task_id, project, task_prompt), "Inputs changed: press Load or Run."),
+                      ((use_project, task_box, task_text), "Settings changed: press Run to segment and explain."))
+        for edits, note in task_notes:
+            for edited in edits:
+                on_change(edited.input, task_panels, "task", note, task_events)
+        task_labels.change(redraw, [task_labels, task_panels.state], [task_panels.overlay], show_progress="hidden")
+        for new_masks in (load.click, task_id.submit, task_run.click):
+            # The link's region block was about the masks the link opened.
+            new_masks(lambda: gr.HTML(visible=False), None, [region], queue=False, show_progress="hidden")
+
         # -- events: jobs; the timer runs only while the Jobs tab is on show --
         def on_jobs(proj):
             view = jobs_view.jobs_view(client, proj)
@@ -423,9 +430,6 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
         for other in (image_tab, task_tab):
             other.select(lambda: gr.Timer(active=False), None, [jobs.timer])
 
-        demo.load(open_link, None, [tabs, task_id, project, link_region], show_progress="hidden").success(
-            explain_link, [task_id, project, link_region, *task_form[2:]], [*task_panels.outputs(), region],
-            **task_progress).success(None, None, None, js=region_link.SCROLL_JS)
     return demo
 
 

@@ -70,15 +70,21 @@ def chromium(width: int = 1600, height: int = 2200) -> Iterator[object]:
 
 
 @contextlib.contextmanager
-def serve_page(engine, **backend_settings) -> Iterator[str]:
+def serve_page(engine, slow_explain_s: float = 0.0, **backend_settings) -> Iterator[str]:
     """The backend (tiny models, at most 2 masks; no models when ``engine`` is None) and the explain
-    page; yields the page's URL."""
+    page; yields the page's URL. ``slow_explain_s``: every explanation waits this long first (the
+    models' work itself unchanged), so a test can act while a run is in its second step."""
     from backend.engine import Engine
     from explain_ui.app import UISettings, build_demo
     from explain_ui.client import BackendClient
 
-    quick = None if engine is None else Engine(engine.config.replace(max_detections=2), detector=engine.detector,
-                                                segmenter=engine.segmenter)
+    class SlowEngine(Engine):
+        def explain(self, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(slow_explain_s)
+            return super().explain(*args, **kwargs)
+
+    quick = None if engine is None else (SlowEngine if slow_explain_s else Engine)(
+        engine.config.replace(max_detections=2), detector=engine.detector, segmenter=engine.segmenter)
     with ThreadedBackend(quick, **backend_settings) as backend:
         if backend.app.extensions["grounded_sam"].runner is not None:
             backend.app.extensions["grounded_sam"].runner.stop()  # jobs move only when a test moves them

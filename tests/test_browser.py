@@ -8,6 +8,7 @@ Skipped when chromium/chromedriver/selenium are missing, unless REQUIRE_BROWSER=
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -121,6 +122,43 @@ def test_deep_link_opens_and_explains_a_label_studio_task(browser, label_studio,
             assert not images(browser, "#task-output") and not images(browser, "#task-encoder-heatmaps")
         finally:
             shot(browser, "explain_ui_task.png")
+
+
+def test_edit_during_the_deep_links_run_stops_it(browser, label_studio, engine, chelsea, tmp_path):
+    """An edit of a task field while the deep link's own run (load, then explain) is going stops that
+    run, as it stops Load's and Run's: the panels stay cleared for the new input, and the run's later
+    steps never fill them with what the old input gave."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from backend.ls_api import Credentials
+    from backend.ls_model import ModelSettings
+    from tests.ls_server import create_project, import_files
+
+    photo = tmp_path / "cat.png"
+    Image.fromarray(chelsea[::2, ::2]).save(photo)
+    project = create_project(label_studio, BRUSH_CONFIG, title="deep link edited")
+    (task_id,) = import_files(label_studio, project, [photo])
+    settings = ModelSettings(credentials=Credentials(label_studio.url, label_studio.token))
+    wait = WebDriverWait(browser, WAIT_S)
+    slow_s = 6.0
+    with serve_page(engine, slow_explain_s=slow_s, model=settings) as page:
+        browser.get(f"{page}?task={task_id}&project={project}")
+
+        def progress() -> str:  # looked up each time: switching tabs re-renders the line
+            found = browser.find_elements(By.CSS_SELECTOR, "#task-progress")
+            return found[0].text if found else ""
+
+        try:
+            wait.until(lambda _: progress().startswith("Step 2"))  # explaining: slow_s to go
+            browser.find_element(By.CSS_SELECTOR, "#task-prompt textarea").send_keys("c")
+            wait.until(lambda _: progress().startswith("Inputs changed") and not busy(browser))
+            time.sleep(slow_s + 3)  # past the moment the old run's explanation would have come back
+            assert progress().startswith("Inputs changed"), progress()
+            assert not images(browser, "#task-output") and not images(browser, "#task-encoder-heatmaps")
+            assert browser.find_element(By.CSS_SELECTOR, "#task-run").is_enabled()
+        finally:
+            shot(browser, "explain_ui_task_link_edited.png")
 
 
 def test_jobs_tab_refreshes_its_progress_bars_and_cancels_in_chromium(browser, tmp_path):
