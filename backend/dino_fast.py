@@ -7,7 +7,8 @@
   grid-samples every level into one (heads, C, queries, levels * points) tensor (~330 MB per
   encoder layer at 800 px), then weights and sums it; here the bilinear corners and attention
   weights of each (query, head) are one weighted ``embedding_bag`` gather (2.7x faster per layer).
-  The grid_sample form stays for OpenVINO (``grid_sample_attention``, see there why).
+  The grid_sample form stays for OpenVINO (``grid_sample_attention``, see there why), with the
+  value maps and sampling grids laid out for it (``level_maps``, ``sampling_grids``).
 
 Both act on one model instance (each attention module's class is swapped for a subclass), so
 another Grounding DINO in the same process (bench/'s reference chain) is untouched.
@@ -86,33 +87,80 @@ def deformable_attention(value: torch.Tensor, spatial_shapes: torch.Tensor | lis
     return out.view(bs, queries, heads * channels)
 
 
-def grid_sample_attention(value: torch.Tensor, sizes: Sequence[tuple[int, int]],
-                          sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+def level_maps(value: torch.Tensor, sizes: Sequence[tuple[int, int]], heads: int) -> list[torch.Tensor]:
+    """The projected value tokens as each level's maps in grid_sample's layout.
+
+    value (bs, keys, heads * C), keys in row-major order level by level; returns per level
+    (bs * heads, C, h, w). Each level is split off in token order and permuted on its own (h, w,
+    heads, C -> heads, C, h, w), right where OpenVINO widens it to f32 for GridSample: on OpenVINO
+    bf16 this is cheaper than transposing the whole value first (bench/README.md).
+    """
+    bs, _, dim = value.shape
+    maps = []
+    for level_value, (h, w) in zip(value.split([h * w for h, w in sizes], dim=1), sizes, strict=True):
+        level = level_value.view(bs, h, w, heads, dim // heads).permute(0, 3, 4, 1, 2)
+        maps.append(level.reshape(bs * heads, dim // heads, h, w))
+    return maps
+
+
+def sampling_grids(offsets: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: torch.Tensor,
+                   points: int) -> torch.Tensor:
+    """groundingdino's sampling locations, already as grid_sample's grid (2 * location - 1).
+
+    offsets (bs, Q, heads, levels * points * 2): the sampling_offsets projection, channels
+    (levels, points, xy) per head; reference_points (bs, Q, levels, 2) points or (bs, Q, levels, 4)
+    boxes (cx, cy, w, h), normalised; spatial_shapes (levels, 2) int64 (h, w). Returns
+    (bs * heads, levels, points, Q, 2).
+
+    groundingdino computes location = ref + offset / (w, h) (or ref_xy + offset / points * ref_wh * 0.5
+    for boxes); here 2 * location - 1 is written as offset * scale + base with scale = 2 / (w, h)
+    (or ref_wh / points) and base = 2 * ref - 1, both broadcast along the projection's own layout
+    (the offsets are touched once, before the one transpose that puts the queries innermost). Same
+    arithmetic up to float rounding.
+    """
+    bs, queries, heads, _ = offsets.shape
+    levels = spatial_shapes.shape[0]
+    dtype = offsets.dtype
+
+    def per_point(t: torch.Tensor) -> torch.Tensor:  # (bs, Q, levels, 2) -> (bs, Q, 1, levels * points * 2)
+        return t[:, :, None, :, None, :].expand(-1, -1, -1, -1, points, -1).flatten(3)
+
+    if reference_points.shape[-1] == 2:
+        normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(dtype)  # levels, 2
+        scale = (2 / normalizer)[:, None, :].expand(-1, points, -1).flatten()
+        base = per_point(2 * reference_points - 1)
+    elif reference_points.shape[-1] == 4:
+        scale = per_point(reference_points[..., 2:] / points)
+        base = per_point(2 * reference_points[..., :2] - 1)
+    else:
+        raise ValueError(f"last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}")
+    grids = (offsets * scale + base).view(bs, queries, heads, levels, points, 2)
+    return grids.permute(0, 2, 3, 4, 1, 5).flatten(0, 1)
+
+
+def grid_sample_attention(maps: Sequence[torch.Tensor], grids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """groundingdino's multi_scale_deformable_attn_pytorch (one ``grid_sample`` per level), for export.
 
     OpenVINO's CPU plugin compiles ``embedding_bag`` only with a static number of bags, and the
     encoder's bags follow the image's token count; its GridSample takes any size. The points lie on
-    the grid's row axis and the queries along its columns, so each level samples into (heads, C,
+    the grid's row axis and the queries along its columns, so each level samples into (bs * heads, C,
     points, queries) and its weighted sum over points adds rows of contiguous queries; levels are
     summed as they come. groundingdino's layout (queries, points innermost) reduces 16 scattered
-    values per output and concatenates the levels first: on OpenVINO bf16 at 800x1066 this form
-    takes 0.7x its time (bench/README.md). Same products, summed in another order (f32 rounding).
-    ``sizes``: each level's (h, w), symbolic under export. Shapes as ``deformable_attention``.
+    values per output and concatenates the levels first (slower on OpenVINO, bench/README.md). Same
+    products, summed in another order (float rounding).
+
+    maps: per level (bs * heads, C, h, w) (``level_maps``); grids (bs * heads, levels, points, Q, 2)
+    (``sampling_grids``); weights (bs * heads, 1, levels, points, Q), the softmaxed attention weights.
+    Returns (bs * heads, C, Q).
     """
-    bs, _, heads, channels = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
-    values = value.split([h * w for h, w in sizes], dim=1)
-    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5)  # bs, heads, levels, points, queries, 2
-    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(bs * heads, 1, levels, points, queries)
     out = None
-    for level, (h, w) in enumerate(sizes):
-        level_value = values[level].flatten(2).transpose(1, 2).reshape(bs * heads, channels, h, w)
-        sampled = F.grid_sample(level_value, grids[:, :, level].flatten(0, 1), mode="bilinear",
-                                padding_mode="zeros", align_corners=False)  # bs * heads, C, points, queries
+    for level, level_map in enumerate(maps):
+        sampled = F.grid_sample(level_map, grids[:, level], mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # bs * heads, C, points, Q
         summed = (sampled * weights[:, :, level]).sum(2)
         out = summed if out is None else out + summed
     assert out is not None  # levels >= 1
-    return out.view(bs, heads * channels, queries).transpose(1, 2).contiguous()
+    return out
 
 
 @dataclass(frozen=True)
@@ -146,15 +194,23 @@ class FastDeformableAttention(MultiScaleDeformableAttention):
         value = self.value_proj(value)
         if key_padding_mask is not None:
             value = value.masked_fill(key_padding_mask[..., None], float(0))
-        value = value.view(bs, num_value, self.num_heads, -1)
-        offsets = self.sampling_offsets(query).view(
-            bs, num_query, self.num_heads, self.num_levels, self.num_points, 2)
+        offsets = self.sampling_offsets(query)
         weights = self.attention_weights(query).view(
             bs, num_query, self.num_heads, self.num_levels * self.num_points).softmax(-1)
-        weights = weights.view(bs, num_query, self.num_heads, self.num_levels, self.num_points)
         levels = spatial_shapes if isinstance(spatial_shapes, LevelShapes) else None
+        if levels is not None and levels.grid_sample:
+            sampled = grid_sample_attention(
+                level_maps(value, levels.sizes, self.num_heads),
+                sampling_grids(offsets.view(bs, num_query, self.num_heads, -1), reference_points, levels.tensor,
+                               self.num_points),
+                weights.permute(0, 2, 3, 1).reshape(bs * self.num_heads, 1, self.num_levels, self.num_points,
+                                                    num_query))
+            output = self.output_proj(sampled.view(bs, -1, num_query).transpose(1, 2))
+            return output if self.batch_first else output.permute(1, 0, 2)
         if levels is not None:
             spatial_shapes = levels.tensor
+        offsets = offsets.view(bs, num_query, self.num_heads, self.num_levels, self.num_points, 2)
+        weights = weights.view(bs, num_query, self.num_heads, self.num_levels, self.num_points)
         if reference_points.shape[-1] == 2:
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
@@ -163,9 +219,7 @@ class FastDeformableAttention(MultiScaleDeformableAttention):
                          + offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}")
-        if levels is not None and levels.grid_sample:
-            sampled = grid_sample_attention(value, levels.sizes, locations, weights)
-        else:
-            sampled = deformable_attention(value, spatial_shapes, locations, weights)
+        sampled = deformable_attention(value.view(bs, num_value, self.num_heads, -1), spatial_shapes, locations,
+                                       weights)
         output = self.output_proj(sampled)
         return output if self.batch_first else output.permute(1, 0, 2)

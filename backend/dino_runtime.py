@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GRAPH_VERSION = 3  # bump when DinoTextGraph's inputs/outputs or arithmetic change (3: points on grid rows)
+# Bump when DinoTextGraph's inputs/outputs or arithmetic change (3: points on grid rows; 4: the deformable
+# attention's value maps and sampling grids laid out for grid_sample, dino_fast.level_maps / sampling_grids).
+GRAPH_VERSION = 4
 # Bounds of the export's dynamic sizes. A feature level is at most max_size / 8 tokens on a side (1333 px
 # -> 167); the bound leaves room for larger DINO_MAX_SIZE settings. Captions hold at most 256 tokens.
 MAX_LEVEL_SIDE = 1024
