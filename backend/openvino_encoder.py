@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GRAPH_VERSION = 3  # bump when encoder_graph's graph changes (3: matrix only at the last block): old files unused
+# Bump when the converted graph changes (3: matrix only at the last block; 4: windowed attention's head
+# chunks concatenated, sam_attention._sdpa): old files are then unused.
+GRAPH_VERSION = 4
 
 
 @dataclass(frozen=True)
