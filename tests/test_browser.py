@@ -73,6 +73,21 @@ BRUSH_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="ma
                 '<Label value="cat"/><Label value="rocket"/></BrushLabels></View>')
 
 
+def cat_task_link(label_studio, rgb, tmp_path, title: str) -> tuple[int, str, object]:
+    """A new brush project on the real Label Studio with ``rgb`` as its one task: the task's id, the
+    page's deep-link query for it (``?task=ID&project=P``) and the backend's settings to read it."""
+    from backend.ls_api import Credentials
+    from backend.ls_model import ModelSettings
+    from tests.ls_server import create_project, import_files
+
+    photo = tmp_path / "cat.png"
+    Image.fromarray(rgb).save(photo)
+    project = create_project(label_studio, BRUSH_CONFIG, title=title)
+    (task_id,) = import_files(label_studio, project, [photo])
+    settings = ModelSettings(credentials=Credentials(label_studio.url, label_studio.token))
+    return task_id, f"?task={task_id}&project={project}", settings
+
+
 def test_deep_link_opens_and_explains_a_label_studio_task(browser, label_studio, engine, chelsea, tmp_path):
     """``/?task=ID&project=P`` (the link the backend puts on each predicted region) opens the task tab,
     shows the task's image from a real Label Studio and explains it on load. Then the task tab's edits:
@@ -81,18 +96,10 @@ def test_deep_link_opens_and_explains_a_label_studio_task(browser, label_studio,
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from backend.ls_api import Credentials
-    from backend.ls_model import ModelSettings
-    from tests.ls_server import create_project, import_files
-
-    photo = tmp_path / "cat.png"
-    Image.fromarray(chelsea[::2, ::2]).save(photo)
-    project = create_project(label_studio, BRUSH_CONFIG, title="deep link")
-    (task_id,) = import_files(label_studio, project, [photo])
-    settings = ModelSettings(credentials=Credentials(label_studio.url, label_studio.token))
+    task_id, link, settings = cat_task_link(label_studio, chelsea[::2, ::2], tmp_path, "deep link")
     wait = WebDriverWait(browser, WAIT_S)
     with serve_page(engine, model=settings) as page:
-        browser.get(f"{page}?task={task_id}&project={project}")
+        browser.get(page + link)
         try:
             # Filled, and no output left spinning (switching tabs must not orphan the loading event).
             wait.until(lambda _: images(browser, "#task-encoder-heatmaps") and images(browser, "#task-output")
@@ -131,19 +138,11 @@ def test_edit_during_the_deep_links_run_stops_it(browser, label_studio, engine, 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from backend.ls_api import Credentials
-    from backend.ls_model import ModelSettings
-    from tests.ls_server import create_project, import_files
-
-    photo = tmp_path / "cat.png"
-    Image.fromarray(chelsea[::2, ::2]).save(photo)
-    project = create_project(label_studio, BRUSH_CONFIG, title="deep link edited")
-    (task_id,) = import_files(label_studio, project, [photo])
-    settings = ModelSettings(credentials=Credentials(label_studio.url, label_studio.token))
+    _, link, settings = cat_task_link(label_studio, chelsea[::2, ::2], tmp_path, "deep link edited")
     wait = WebDriverWait(browser, WAIT_S)
     slow_s = 6.0
     with serve_page(engine, slow_explain_s=slow_s, model=settings) as page:
-        browser.get(f"{page}?task={task_id}&project={project}")
+        browser.get(page + link)
 
         def progress() -> str:  # looked up each time: switching tabs re-renders the line
             found = browser.find_elements(By.CSS_SELECTOR, "#task-progress")
