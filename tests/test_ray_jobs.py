@@ -79,8 +79,16 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def model(engine: Any, tiny_cache: Path, label_studio: LabelStudioServer) -> Any:
-    return tiny_model(Credentials(label_studio.url, label_studio.token), tiny_cache, engine)
+def model(tiny_cache: Path, label_studio: LabelStudioServer) -> Any:
+    """The single-process model at the actors' thread count (Ray starts workers with OMP_NUM_THREADS=1):
+    its own engine, since OpenVINO fixes a compiled graph's thread count when it compiles it, and a
+    sum split over other threads may move a tiny model's near-tied box or mask edge."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return tiny_model(Credentials(label_studio.url, label_studio.token), tiny_cache)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def stored_predictions(ls: LabelStudioServer, pid: int) -> dict[int, list[dict[str, Any]]]:
