@@ -138,6 +138,24 @@ def sampling_grids(offsets: torch.Tensor, reference_points: torch.Tensor, spatia
     return grids.permute(0, 2, 3, 4, 1, 5).flatten(0, 1)
 
 
+def sampling_locations(offsets: torch.Tensor, reference_points: torch.Tensor,
+                       spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """groundingdino's sampling locations, as MultiScaleDeformableAttention.forward computes them.
+
+    offsets (bs, Q, heads, levels, points, 2); reference_points (bs, Q, levels, 2) points or
+    (bs, Q, levels, 4) boxes (cx, cy, w, h), normalised; spatial_shapes (levels, 2) (h, w). Returns
+    (bs, Q, heads, levels, points, 2) in [0, 1] where inside the map.
+    """
+    if reference_points.shape[-1] == 2:
+        normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+        return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    if reference_points.shape[-1] == 4:
+        points = offsets.shape[4]
+        return (reference_points[:, :, None, :, None, :2]
+                + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
+    raise ValueError(f"last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}")
+
+
 def grid_sample_attention(maps: Sequence[torch.Tensor], grids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """groundingdino's multi_scale_deformable_attn_pytorch (one ``grid_sample`` per level), for export.
 
@@ -211,14 +229,7 @@ class FastDeformableAttention(MultiScaleDeformableAttention):
             spatial_shapes = levels.tensor
         offsets = offsets.view(bs, num_query, self.num_heads, self.num_levels, self.num_points, 2)
         weights = weights.view(bs, num_query, self.num_heads, self.num_levels, self.num_points)
-        if reference_points.shape[-1] == 2:
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        elif reference_points.shape[-1] == 4:
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5)
-        else:
-            raise ValueError(f"last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}")
+        locations = sampling_locations(offsets, reference_points, spatial_shapes)
         sampled = deformable_attention(value.view(bs, num_value, self.num_heads, -1), spatial_shapes, locations,
                                        weights)
         output = self.output_proj(sampled)

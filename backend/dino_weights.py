@@ -59,7 +59,7 @@ class ReloadingDinoText:
     def run(self, inputs: DinoTextInputs) -> tuple[torch.Tensor, torch.Tensor]:
         from .dino_runtime import TorchDinoText
 
-        sizes = "x".join(f"{h}x{w}" for h, w in inputs.sizes)
+        sizes = ", ".join(f"{h}x{w}" for h, w in inputs.sizes)
         model = self.weights.get(f"the text half's graph does not serve feature maps {sizes} with "
                                  f"{inputs.input_ids.shape[1]} tokens")
         return TorchDinoText(model, self.dtype).run(inputs)
@@ -102,4 +102,3 @@ def release_torch_weights(detector: GroundingDinoDetector, reload: Callable[[], 
     hollow_weights(detector.model)
     return_freed_memory()  # the engine keeps freed memory for reuse: these pages are gone for good
     return True
-

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from .heap import FreedMemoryBound, freed_memory_is_reused, reuse_freed_memory
 from .images import ImageInput, image_digest, load_rgb
 from .segmenter import ImageEmbedding, SamSegmenter
 from .types import Detection, Explanation, Segment
+
+if TYPE_CHECKING:
+    from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +46,16 @@ class Engine:
                 from .dino_runtime import build_dino_text_runtime
                 from .dino_weights import release_torch_weights
 
-                dino = prepare(build_grounding_dino(config), device)
+                def load_dino() -> GroundingDINO:
+                    return prepare(build_grounding_dino(config), device)
+
+                dino = load_dino()
                 detector = GroundingDinoDetector(dino, device, dtype, config.dino_image_size, config.dino_max_size,
                                                  build_dino_text_runtime(config, dino, device, dtype),
                                                  build_dino_image_runtime(config, dino, device, dtype))
-                # Both halves on OpenVINO: its graphs hold their own weights, so torch's are freed.
-                release_torch_weights(detector, lambda: prepare(build_grounding_dino(config), device))
+                # Both halves on OpenVINO: its graphs hold their own weights, so torch's are freed (and
+                # loaded again the same way should an input need them).
+                release_torch_weights(detector, load_dino)
             if segmenter is None:
                 from .encoder_runtime import build_encoder_runtime
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.dino_fast import FastDeformableAttention, LevelShapes
+from backend.dino_fast import FastDeformableAttention, LevelShapes, sampling_locations
 
 
 def version3_core(value: torch.Tensor, sizes: Sequence[tuple[int, int]], sampling_locations: torch.Tensor,
@@ -76,12 +76,7 @@ def version3_forward(self: Any, query: torch.Tensor, key: Any = None, value: Any
     weights = weights.view(bs, num_query, self.num_heads, self.num_levels, self.num_points)
     levels = spatial_shapes
     assert isinstance(levels, LevelShapes) and levels.grid_sample
-    if reference_points.shape[-1] == 2:
-        normalizer = torch.stack([levels.tensor[..., 1], levels.tensor[..., 0]], -1)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-    else:
-        locations = (reference_points[:, :, None, :, None, :2]
-                     + offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+    locations = sampling_locations(offsets, reference_points, levels.tensor)  # unchanged since version 3
     output = self.output_proj(version3_core(value, levels.sizes, locations, weights))
     return output if self.batch_first else output.permute(1, 0, 2)
 
