@@ -7,8 +7,10 @@
   grid-samples every level into one (heads, C, queries, levels * points) tensor (~330 MB per
   encoder layer at 800 px), then weights and sums it; here the bilinear corners and attention
   weights of each (query, head) are one weighted ``embedding_bag`` gather (2.7x faster per layer).
-  The grid_sample form stays for OpenVINO (``grid_sample_attention``, see there why), with the
-  value maps and sampling grids laid out for it (``level_maps``, ``sampling_grids``).
+  For OpenVINO the attention is exported either as one custom operation
+  (``fused_deformable_attention``: a C++ kernel, ``backend/openvino_ops.py``) or, where that library
+  can't be built, in grid_sample form (``grid_sample_attention``, see there why), with the value maps
+  and sampling grids laid out for it (``level_maps``, ``sampling_grids``).
 
 Both act on one model instance (each attention module's class is swapped for a subclass), so
 another Grounding DINO in the same process (bench/'s reference chain) is untouched.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +184,46 @@ def grid_sample_attention(maps: Sequence[torch.Tensor], grids: torch.Tensor, wei
     return out
 
 
+@torch.library.custom_op("gsam::deformable_attention", mutates_args=())
+def fused_deformable_attention(value: torch.Tensor, spatial_shapes: torch.Tensor, reference_points: torch.Tensor,
+                               offsets: torch.Tensor, weights: torch.Tensor, heads: int, points: int) -> torch.Tensor:
+    """MultiScaleDeformableAttention's core from its projections, as one operation (``gsam::deformable_attention``).
+
+    Exported as one node, which ``openvino_ops`` converts to its C++ kernel for OpenVINO
+    (``backend/csrc/deformable_attention.cpp``: the bilinear samples accumulated per output, nothing of
+    the sampled size materialised). On torch it runs groundingdino's arithmetic (``sampling_locations``,
+    then ``deformable_attention``'s gather), the reference the kernel is tested against.
+
+    Arguments:
+      value: (bs, keys, heads * C), the value projection, levels one after another, row-major.
+      spatial_shapes: (levels, 2) int64, each level's (h, w); their h * w sum to keys.
+      reference_points: (bs, Q, levels, 2) points or (bs, Q, levels, 4) boxes (cx, cy, w, h), normalised.
+      offsets: (bs, Q, heads * levels * points * 2), the sampling_offsets projection.
+      weights: (bs, Q, heads * levels * points), the softmaxed attention weights.
+      heads, points: the module's num_heads and num_points.
+    Returns:
+      (bs, Q, heads * C).
+    """
+    bs, keys, dim = value.shape
+    queries, levels = offsets.shape[1], spatial_shapes.shape[0]
+    locations = sampling_locations(offsets.view(bs, queries, heads, levels, points, 2), reference_points,
+                                   spatial_shapes)
+    return deformable_attention(value.view(bs, keys, heads, dim // heads), spatial_shapes, locations,
+                                weights.view(bs, queries, heads, levels, points))
+
+
+@fused_deformable_attention.register_fake
+def _fused_deformable_attention_shape(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                                      reference_points: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
+                                      heads: int, points: int) -> torch.Tensor:
+    return value.new_empty(value.shape[0], offsets.shape[1], value.shape[2])
+
+
+# How FastDeformableAttention samples: "gather" (torch: deformable_attention's embedding_bag), "grid_sample"
+# (exportable, OpenVINO's GridSample), "fused" (exportable as the one gsam::deformable_attention node).
+DeformableCore = Literal["gather", "grid_sample", "fused"]
+
+
 @dataclass(frozen=True)
 class LevelShapes:
     """The feature levels' sizes as both forms the deformable attention can use, and which core to run.
@@ -190,7 +233,7 @@ class LevelShapes:
 
     sizes: tuple[tuple[int, int], ...]  # (h, w) per level: ints, or symbolic ints under torch.export
     tensor: torch.Tensor  # levels x 2 int64, the same sizes as values
-    grid_sample: bool  # True: ``grid_sample_attention`` (exportable to OpenVINO); False: ``deformable_attention``
+    core: DeformableCore  # how the attention samples (``DeformableCore``)
 
 
 class FastDeformableAttention(MultiScaleDeformableAttention):
@@ -216,7 +259,12 @@ class FastDeformableAttention(MultiScaleDeformableAttention):
         weights = self.attention_weights(query).view(
             bs, num_query, self.num_heads, self.num_levels * self.num_points).softmax(-1)
         levels = spatial_shapes if isinstance(spatial_shapes, LevelShapes) else None
-        if levels is not None and levels.grid_sample:
+        if levels is not None and levels.core == "fused":
+            sampled = fused_deformable_attention(value, levels.tensor, reference_points, offsets,
+                                                 weights.view(bs, num_query, -1), self.num_heads, self.num_points)
+            output = self.output_proj(sampled)
+            return output if self.batch_first else output.permute(1, 0, 2)
+        if levels is not None and levels.core == "grid_sample":
             sampled = grid_sample_attention(
                 level_maps(value, levels.sizes, self.num_heads),
                 sampling_grids(offsets.view(bs, num_query, self.num_heads, -1), reference_points, levels.tensor,

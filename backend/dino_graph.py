@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dino_fast import LevelShapes
+from .dino_fast import DeformableCore, LevelShapes
 
 if TYPE_CHECKING:
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
@@ -83,21 +83,21 @@ class DinoTextGraph(nn.Module):
     padding to 256 columns is left to the caller: it would make T == 256 a special case for export);
     boxes: normalised cxcywh. Shares the model's parameters (no copy); the model must have had
     ``dino_fast.use_fast_inference`` (its deformable attention reads ``LevelShapes``).
-    ``for_export``: sample the deformable attention with grid_sample (OpenVINO compiles it at any
-    size) rather than torch's faster embedding_bag gather. Raises ValueError for a model this does not
-    cover (single-stage, not 4 levels).
+    ``core``: how the deformable attention samples (``dino_fast.DeformableCore``): "gather" is torch's
+    fastest; "fused" (one custom node, ``openvino_ops``) and "grid_sample" export to OpenVINO at any
+    size. Raises ValueError for a model this does not cover (single-stage, not 4 levels).
     """
 
     model: GroundingDINO
 
-    def __init__(self, model: GroundingDINO, for_export: bool = False) -> None:
+    def __init__(self, model: GroundingDINO, core: DeformableCore = "gather") -> None:
         super().__init__()
         transformer = model.transformer
         if transformer.two_stage_type != "standard" or int(model.num_feature_levels) != LEVELS:
             raise ValueError(f"only two-stage Grounding DINO with {LEVELS} levels is covered, got "
                              f"{transformer.two_stage_type} with {model.num_feature_levels}")
         self.model = model
-        self.for_export = for_export
+        self.core = core
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         srcs, masks, poss = flat[:LEVELS], flat[LEVELS:2 * LEVELS], flat[2 * LEVELS:3 * LEVELS]
@@ -113,7 +113,7 @@ class DinoTextGraph(nn.Module):
         text_dict = {"encoded_text": encoded_text, "text_token_mask": text_token_mask,
                      "position_ids": position_ids, "text_self_attention_masks": self_attention_masks}
         hidden, reference, memory_text = _transformer(model.transformer, srcs, masks, poss, text_dict,
-                                                      self.for_export)
+                                                      self.core)
         # Only the last decoder layer's outputs are used (as in the model's own output dict).
         boxes = (model.bbox_embed[-1](hidden) + _inverse_sigmoid(reference)).sigmoid()
         return _token_logits(hidden, memory_text, text_token_mask), boxes
@@ -199,7 +199,7 @@ def _proposals(memory: torch.Tensor, padding: torch.Tensor,
 def _transformer(transformer: Any, srcs: tuple[torch.Tensor, ...], masks: tuple[torch.Tensor, ...],
                  poss: tuple[torch.Tensor, ...],
                  text_dict: dict[str, torch.Tensor],
-                 grid_sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 core: DeformableCore) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Transformer.forward at inference (two-stage, no denoising queries): the last decoder layer's
     normed hidden state (bs x Q x d), the reference boxes it refined (bs x Q x 4, sigmoid) and the
     text as the encoder left it (bs x T x d: what the heads compare the queries with)."""
@@ -210,7 +210,7 @@ def _transformer(transformer: Any, srcs: tuple[torch.Tensor, ...], masks: tuple[
                              for level, pos in enumerate(poss)], 1)
     one = torch.ones((), dtype=torch.long, device=src_flatten.device)
     spatial_shapes = LevelShapes(tuple(sizes), torch.stack([torch.stack([one * h, one * w]) for h, w in sizes]),
-                                 grid_sample)
+                                 core)
     valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)
     memory, memory_text = _encoder(transformer.encoder, src_flatten, pos_flatten, sizes, spatial_shapes,
                                    valid_ratios, mask_flatten, text_dict)

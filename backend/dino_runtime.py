@@ -5,8 +5,10 @@ features and one caption's encoding in (``dino_graph.DinoTextInputs``), token lo
 Both runtimes run ``dino_graph.DinoTextGraph``: torch under autocast, OpenVINO as its ``torch.export``
 graph with every size dynamic (the four feature levels' h and w, the caption's token count), so ONE
 conversion serves every image aspect ratio and prompt; OpenVINO runs the image features padded to
-a few size buckets (``bucket_sizes``), as it compiles kernels for each new set of sizes. The graph is
-cached like SAM's encoder (``openvino_cache``). ``build_dino_text_runtime`` turns the setting into a
+a few size buckets (``bucket_sizes``), as it compiles kernels for each new set of sizes. Its
+deformable attention is one node of the project's own operations library (``openvino_ops``, built on
+first use), or grid_sample where that library can't be built (logged). The graph is cached like SAM's
+encoder (``openvino_cache``). ``build_dino_text_runtime`` turns the setting into a
 runtime exactly as SAM's ``build_encoder_runtime`` does: auto is OpenVINO on CPU, and a failure falls
 back to torch with one log line naming the cause.
 """
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from .dino_fast import DeformableCore
 from .dino_graph import LEVELS, DinoTextGraph, DinoTextInputs
 from .encoder_runtime import describe_error
 
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 
     from .config import EngineConfig
     from .openvino_cache import Conversion
+    from .openvino_ops import OpsLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ class DinoGraphKey:
     precision: str  # OpenVINO inference precision hint: f32, bf16
     graph_version: int
     bounds: dict[str, int]  # the export's dynamic size bounds, by name
+    form: str = ""  # which of a half's graph forms ("" where it has one; the text half: its DeformableCore)
     openvino: str = ""  # filled by __post_init__: the installed version
 
     def __post_init__(self) -> None:
@@ -105,7 +110,7 @@ class DinoGraphKey:
 
     def as_json(self) -> dict[str, object]:
         return {"identity": dict(self.identity), "precision": self.precision, "graph_version": self.graph_version,
-                **self.bounds, "openvino": self.openvino}
+                **self.bounds, **({"form": self.form} if self.form else {}), "openvino": self.openvino}
 
     @property
     def stem(self) -> str:
@@ -115,10 +120,10 @@ class DinoGraphKey:
         return f"dino-{variant}-{self.half}-{self.precision}-{key_digest(self.as_json())}"
 
 
-def text_key(identity: dict[str, object], precision: str) -> DinoGraphKey:
-    """The text half's key: this graph version and its bounds."""
+def text_key(identity: dict[str, object], precision: str, core: DeformableCore) -> DinoGraphKey:
+    """The text half's key: this graph version, its bounds and its deformable attention's form."""
     return DinoGraphKey("text", identity, precision, GRAPH_VERSION,
-                        {"max_level_side": MAX_LEVEL_SIDE, "max_tokens": MAX_TOKENS})
+                        {"max_level_side": MAX_LEVEL_SIDE, "max_tokens": MAX_TOKENS}, form=core)
 
 
 def example_inputs(model: GroundingDINO, sizes: tuple[tuple[int, int], ...] = ((24, 37), (12, 19), (6, 10), (3, 5)),
@@ -185,11 +190,13 @@ class OpenVinoDinoText:
         # tokens (a sliver a few pixels wide) fails torch.topk, but OpenVINO's TopK would return padding.
         # Such inputs go to torch, which raises as it always did.
         self.fallback = fallback
+        self.ops: OpsLibrary | None = _ops_library(cache_dir)
+        self.core: DeformableCore = "fused" if self.ops else "grid_sample"
         example = example_inputs(model)
         self.conversion: Conversion
         compiled_model, self.conversion = load_or_convert(
-            DinoTextGraph(model, for_export=True).eval(), example.flat(), text_key(identity, self.precision),
-            cache_dir, dynamic_shapes())
+            DinoTextGraph(model, core=self.core).eval(), example.flat(), text_key(identity, self.precision, self.core),
+            cache_dir, dynamic_shapes(), ops=self.ops)
         started = time.perf_counter()
         compiled: ov.CompiledModel = compile_for_cpu(ov.Core(), compiled_model, self.precision)
         self.compile_seconds = time.perf_counter() - started
@@ -217,6 +224,18 @@ class OpenVinoDinoText:
             logits = np.array(self._request.get_output_tensor(0).data)
             boxes = np.array(self._request.get_output_tensor(1).data)
         return torch.from_numpy(logits), torch.from_numpy(boxes)
+
+
+def _ops_library(cache_dir: Path) -> OpsLibrary | None:
+    """The operations library from ``cache_dir``/ops, or None (logged with the cause) where it can't be built."""
+    from .openvino_ops import OpsLibraryError, load
+
+    try:
+        return load(cache_dir / "ops")
+    except OpsLibraryError as exc:
+        logger.warning("Grounding DINO's deformable attention runs as OpenVINO GridSample (slower, same results), "
+                       "because the operations library is not available: %s", exc)
+        return None
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -30,6 +30,7 @@ from .encoder_runtime import describe_error
 
 if TYPE_CHECKING:
     from .config import EngineConfig
+    from .openvino_ops import OpsLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +96,15 @@ class Conversion:
 
 
 def convert(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic_shapes: Any = None,
-            export_options: Mapping[str, Any] | None = None) -> ov.Model:
+            export_options: Mapping[str, Any] | None = None, ops: OpsLibrary | None = None) -> ov.Model:
     """torch.export of ``module`` at the example inputs (``dynamic_shapes``: torch.export's, for sizes
     that vary between calls; None: the examples' shapes; ``export_options``: further keyword arguments
-    of torch.export.export), then openvino.convert_model."""
+    of torch.export.export), then openvino.convert_model (``ops``: the library whose operations the
+    module's custom torch ops become)."""
     try:
         with torch.no_grad():
             exported = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, **(export_options or {}))
-        return ov.convert_model(exported)
+        return ov.convert_model(exported, extension=ops.conversion_extensions() if ops else None)
     except Exception as exc:
         raise ConversionError(f"{type(module).__name__} did not convert ({describe_error(exc)})") from exc
 
@@ -111,16 +113,21 @@ def _ir_size(xml: Path) -> int:
     return sum(p.stat().st_size for p in (xml, xml.with_suffix(".bin")) if p.is_file())
 
 
-def _read_cached(xml: Path, key: ConvertedModelKey) -> ov.Model:
+def _core(ops: OpsLibrary | None) -> ov.Core:
+    """A Core that reads IR holding ``ops``' operations (a plain one for None)."""
+    return ops.add_to(ov.Core()) if ops else ov.Core()
+
+
+def _read_cached(xml: Path, key: ConvertedModelKey, ops: OpsLibrary | None) -> ov.Model:
     meta = json.loads(xml.with_suffix(".json").read_text())
     if meta.get("key") != json.loads(json.dumps(key.as_json(), default=str)):
         raise ValueError("its key file does not match")
     if xml.with_suffix(".bin").stat().st_size != meta.get("bin_bytes"):
         raise ValueError("its weights file has the wrong size")
-    return ov.Core().read_model(xml)
+    return _core(ops).read_model(xml)
 
 
-def _save(model: ov.Model, xml: Path, key: ConvertedModelKey, seconds: float) -> Path | None:
+def _save(model: ov.Model, xml: Path, key: ConvertedModelKey, seconds: float, ops: OpsLibrary | None) -> Path | None:
     """Write the IR beside a key file, each renamed into place (.xml last: a present .xml is complete)."""
     try:
         xml.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +138,7 @@ def _save(model: ov.Model, xml: Path, key: ConvertedModelKey, seconds: float) ->
                 # bf16 inference rounds the weights further anyway: store them at half the size. (A model
                 # fresh from convert_model keeps f32 whatever compress_to_fp16 says; one read back does not.)
                 half = Path(tmp) / "f16" / xml.name
-                ov.save_model(ov.Core().read_model(part), half, compress_to_fp16=True)
+                ov.save_model(_core(ops).read_model(part), half, compress_to_fp16=True)
                 part = half
             meta = {"key": key.as_json(), "bin_bytes": part.with_suffix(".bin").stat().st_size,
                     "convert_seconds": round(seconds, 2)}
@@ -147,27 +154,29 @@ def _save(model: ov.Model, xml: Path, key: ConvertedModelKey, seconds: float) ->
 
 def load_or_convert(module: nn.Module, example: tuple[torch.Tensor, ...], key: ConvertedModelKey,
                     folder: Path, dynamic_shapes: Any = None,
-                    export_options: Mapping[str, Any] | None = None) -> tuple[ov.Model, Conversion]:
+                    export_options: Mapping[str, Any] | None = None,
+                    ops: OpsLibrary | None = None) -> tuple[ov.Model, Conversion]:
     """The cached IR for ``key`` if present and sound, else a fresh conversion (then cached).
 
     An unreadable cache file (truncated, edited, another key) is converted again and replaced.
-    ``dynamic_shapes`` and ``export_options`` as ``convert``. Raises ConversionError when the module does not convert.
+    ``dynamic_shapes``, ``export_options`` and ``ops`` as ``convert`` (``key`` must tell graphs with and
+    without ``ops`` apart). Raises ConversionError when the module does not convert.
     """
     xml = folder / f"{key.stem}.xml"
     if xml.is_file():
         started = time.perf_counter()
         try:
-            model = _read_cached(xml, key)
+            model = _read_cached(xml, key, ops)
             return model, Conversion(xml, False, time.perf_counter() - started, _ir_size(xml))
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, a conversion replaces it
             logger.warning("cached OpenVINO model %s is unusable (%s); converting again", xml, describe_error(exc))
     started = time.perf_counter()
-    model = convert(module, example, dynamic_shapes, export_options)
+    model = convert(module, example, dynamic_shapes, export_options, ops)
     seconds = time.perf_counter() - started
-    saved = _save(model, xml, key, seconds)
+    saved = _save(model, xml, key, seconds, ops)
     logger.info("converted %s to OpenVINO in %.1f s (%s)", key.what, seconds, saved or "not cached")
     if saved is not None:
-        model = ov.Core().read_model(saved)  # what every warm start will run (f16-stored weights at bf16)
+        model = _core(ops).read_model(saved)  # what every warm start will run (f16-stored weights at bf16)
     return model, Conversion(saved, True, seconds, _ir_size(saved) if saved else 0)
 
 

@@ -1,12 +1,14 @@
-"""Grounding DINO text half's export forms on OpenVINO bf16: graph version 3 against the current, interleaved.
+"""Grounding DINO text half's export forms on OpenVINO bf16, interleaved: graph version 3, version 4
+(grid_sample, what runs without the operations library) and the fused operation (the default).
 
     python -m bench.deform_forms [--cache DIR] [--rounds 9] [--skip core|text]
 
 core: one deformable attention module (projections included; groundingdino's init plus noise), both
 forms converted with dynamic query, key and level sizes, run at 800x1066's bucket sizes (18,071 tokens,
 every token a query at its own pixel, as in the encoder). text: the whole text half
-(``DinoTextGraph(for_export=True)``) exported twice from bench/cache.py's real-size random weights
-(``FORMS``: with version 3's deformable attention patched in, and as it is), on real image features
+(``DinoTextGraph``) exported once per form from bench/cache.py's real-size random weights
+(``FORMS``: grid_sample with version 3's deformable attention patched in, and as it is; the fused
+``gsam::deformable_attention`` node of ``backend/openvino_ops.py``), on real image features
 at two aspect ratios (padded to their size buckets, as the runtime runs them). Each conversion is
 compiled bf16 (timed) and f32 (to show the forms change only rounding: bench.dino_text's accuracy
 columns against torch fp32). Per round each form in turn, alternating the order; medians and minima;
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.dino_fast import FastDeformableAttention, LevelShapes, sampling_locations
+from backend.dino_fast import DeformableCore, FastDeformableAttention, LevelShapes, sampling_locations
 
 
 def version3_core(value: torch.Tensor, sizes: Sequence[tuple[int, int]], sampling_locations: torch.Tensor,
@@ -75,16 +77,25 @@ def version3_forward(self: Any, query: torch.Tensor, key: Any = None, value: Any
         bs, num_query, self.num_heads, self.num_levels * self.num_points).softmax(-1)
     weights = weights.view(bs, num_query, self.num_heads, self.num_levels, self.num_points)
     levels = spatial_shapes
-    assert isinstance(levels, LevelShapes) and levels.grid_sample
+    assert isinstance(levels, LevelShapes) and levels.core == "grid_sample"
     locations = sampling_locations(offsets, reference_points, levels.tensor)  # unchanged since version 3
     output = self.output_proj(version3_core(value, levels.sizes, locations, weights))
     return output if self.batch_first else output.permute(1, 0, 2)
 
 
-FORMS: dict[str, Callable[[], Any]] = {
-    "version 3": lambda: mock.patch.object(FastDeformableAttention, "forward", version3_forward),
-    "current": nullcontext,
+# name -> (the graph's deformable core, a context that patches the module while it is exported)
+FORMS: dict[str, tuple[DeformableCore, Callable[[], Any]]] = {
+    "version 3": ("grid_sample", lambda: mock.patch.object(FastDeformableAttention, "forward", version3_forward)),
+    "version 4": ("grid_sample", nullcontext),
+    "fused": ("fused", nullcontext),
 }
+BASE = "version 4"  # the ratios' denominator: the form the runtime ran before the fused operation
+
+
+def _ops() -> Any:
+    from backend.openvino_ops import load
+
+    return load(Path(tempfile.gettempdir()) / "grounded-sam-bench-ops")
 
 
 def _interleave(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
@@ -115,12 +126,12 @@ def _by_type(compiled_model: Any, arrays: list[np.ndarray]) -> dict[str, float]:
 
 
 def _report(title: str, times: dict[str, list[float]], profiles: dict[str, dict[str, float]]) -> None:
-    base = statistics.median(times["version 3"])
+    base = statistics.median(times[BASE])
     for name, t in times.items():
-        # Each round's pair ran back to back: its ratio sees the same background load.
-        paired = statistics.median(a / b for a, b in zip(t, times["version 3"], strict=True))
+        # Each round's forms ran back to back: its ratio sees the same background load.
+        paired = statistics.median(a / b for a, b in zip(t, times[BASE], strict=True))
         print(f"{title:10} {name:10} median {1000 * statistics.median(t):7.0f} ms  min {1000 * min(t):7.0f} ms  "
-              f"{statistics.median(t) / base:5.2f}x of version 3 (median of per-round ratios {paired:.2f}x)",
+              f"{statistics.median(t) / base:5.2f}x of {BASE} (median of per-round ratios {paired:.2f}x)",
               flush=True)
     for name, by_type in profiles.items():
         top = sorted(by_type.items(), key=lambda kv: -kv[1])[:8]
@@ -135,11 +146,13 @@ def bench_core(rounds: int) -> None:
     from torch.export import Dim
 
     from backend.dino_graph import _reference_points
+    from backend.openvino_cache import convert
 
     class Module(torch.nn.Module):
-        def __init__(self, attention: torch.nn.Module) -> None:
+        def __init__(self, attention: torch.nn.Module, core: DeformableCore) -> None:
             super().__init__()
             self.attention = attention
+            self.core = core
 
         def forward(self, query: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
                     level0: torch.Tensor, level1: torch.Tensor, level2: torch.Tensor,
@@ -148,7 +161,7 @@ def bench_core(rounds: int) -> None:
             one = torch.ones((), dtype=torch.long)
             tensor = torch.stack([torch.stack([one * h, one * w]) for h, w in sizes])
             return self.attention(query, value=value, key_padding_mask=mask, reference_points=reference,
-                                  spatial_shapes=LevelShapes(sizes, tensor, grid_sample=True))
+                                  spatial_shapes=LevelShapes(sizes, tensor, self.core))
 
     def inputs(sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(1)
@@ -169,15 +182,15 @@ def bench_core(rounds: int) -> None:
     sizes = [(100, 136), (50, 68), (25, 34), (13, 17)]  # 800x1066's bucket
     arrays = [t.numpy() for t in inputs(sizes)]
     models, requests = {}, {}
-    for name, form in FORMS.items():
-        with form(), torch.no_grad():
-            models[name] = ov.convert_model(torch.export.export(Module(attention).eval(), tuple(inputs(traced)),
-                                                                dynamic_shapes=dynamic))
+    for name, (core, form) in FORMS.items():
+        with form():
+            models[name] = convert(Module(attention, core).eval(), tuple(inputs(traced)), dynamic,
+                                   ops=_ops() if core == "fused" else None)
         requests[name] = ov.Core().compile_model(models[name], "CPU", {
             "INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
             "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
     with torch.no_grad():
-        reference = Module(attention)(*(torch.from_numpy(a) for a in arrays)).numpy()
+        reference = Module(attention, "gather")(*(torch.from_numpy(a) for a in arrays)).numpy()
     for name, request in requests.items():
         request.infer(arrays)
         print(f"core: {name} bf16 max |difference| from torch fp32: "
@@ -214,11 +227,11 @@ def bench_text(cache: Path, rounds: int) -> None:
         inputs[label] = detector.text_inputs(detector.image_features(photo), caption)
     compiled: dict[tuple[str, str], Any] = {}
     models = {}
-    for name, form in FORMS.items():
+    for name, (core, form) in FORMS.items():
         started = time.perf_counter()
         with form():
-            models[name] = convert(DinoTextGraph(model, for_export=True).eval(), example_inputs(model).flat(),
-                                   dynamic_shapes())
+            models[name] = convert(DinoTextGraph(model, core=core).eval(), example_inputs(model).flat(),
+                                   dynamic_shapes(), ops=_ops() if core == "fused" else None)
         for precision in ("bf16", "f32"):
             compiled[(name, precision)] = compile_for_cpu(ov.Core(), models[name], precision)
         print(f"text: {name} converted and compiled in {time.perf_counter() - started:.0f} s", flush=True)

@@ -71,3 +71,12 @@ def chelsea() -> np.ndarray:
 # Real Label Studio fixture (`label_studio`), see tests/conftest_ls.py; unit/integration/e2e markers
 # from each test's fixtures, see tests/markers.py.
 pytest_plugins = ["tests.conftest_ls", "tests.conftest_pg", "tests.markers"]
+
+
+@pytest.fixture(scope="session")
+def ops_library(tmp_path_factory):
+    """The OpenVINO operations library (backend/openvino_ops.py), built for this run. Not skipped where it
+    can't build: every machine this suite runs on has a C++ compiler, and the product uses it there."""
+    from backend.openvino_ops import load
+
+    return load(tmp_path_factory.mktemp("openvino_ops"))

@@ -1,9 +1,10 @@
-"""The deformable attention that OpenVINO runs (``FastDeformableAttention`` given ``LevelShapes`` with
-``grid_sample``: ``dino_fast.level_maps``, ``sampling_grids`` and ``grid_sample_attention``, exported
-inside ``DinoTextGraph(for_export=True)``) computes groundingdino's MultiScaleDeformableAttention
-(its multi_scale_deformable_attn_pytorch core): in torch float64 up to float rounding, and as a
-converted OpenVINO f32 graph at dynamic sizes. Both reference-point forms (encoder points, decoder
-boxes), padded maps, and samples exactly on pixel borders, on the map's edges and outside it."""
+"""The deformable attention that OpenVINO runs (``FastDeformableAttention`` given ``LevelShapes``, as
+``DinoTextGraph`` exports it: core "fused", one ``gsam::deformable_attention`` node that becomes the
+operations library's C++ kernel, or core "grid_sample", ``dino_fast.level_maps``, ``sampling_grids``
+and ``grid_sample_attention``) computes groundingdino's MultiScaleDeformableAttention (its
+multi_scale_deformable_attn_pytorch core): in torch float64 up to float rounding, and as a converted
+OpenVINO f32 graph at dynamic sizes. Both reference-point forms (encoder points, decoder boxes),
+padded maps, and samples exactly on pixel borders, on the map's edges and outside it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 from groundingdino.models.GroundingDINO.ms_deform_attn import MultiScaleDeformableAttention
 
 from backend.dino_fast import FastDeformableAttention, LevelShapes
+
+EXPORTED_CORES = ["fused", "grid_sample"]
 
 HEADS, CHANNELS, POINTS = 4, 8, 4
 # Several level sets: odd sizes, a one-pixel-wide level, a level of 1 x 1, non-square both ways.
@@ -79,15 +82,16 @@ def attention_inputs(shapes: list[tuple[int, int]], queries: int, boxes: bool, s
             "key_padding_mask": torch.cat(masks)[None], "reference_points": reference}
 
 
+@pytest.mark.parametrize("core", EXPORTED_CORES)
 @pytest.mark.parametrize("boxes", [False, True], ids=["points", "boxes"])
 @pytest.mark.parametrize("shapes", LEVEL_SETS)
-def test_export_form_is_groundingdino_in_float64(shapes, boxes):
+def test_export_form_is_groundingdino_in_float64(shapes, boxes, core):
     stock, fast = attention_pair(seed=len(shapes[0]) + shapes[0][1])
     inputs = attention_inputs(shapes, queries=120, boxes=boxes, seed=shapes[0][0])
     tensor = torch.tensor(shapes)
     with torch.no_grad():
         expected = stock(**inputs, spatial_shapes=tensor, level_start_index=None)
-        ours = fast(**inputs, spatial_shapes=LevelShapes(tuple(shapes), tensor, grid_sample=True))
+        ours = fast(**inputs, spatial_shapes=LevelShapes(tuple(shapes), tensor, core))
     assert ours.shape == expected.shape == (1, 120, HEADS * CHANNELS)
     assert expected.abs().max() > 1  # something was sampled
     torch.testing.assert_close(ours, expected, atol=1e-10, rtol=1e-10)
@@ -97,9 +101,10 @@ class _Attention(torch.nn.Module):
     """The export form with the level sizes read from four (h, w) tensors, as the graph reads them from
     the feature maps' shapes: symbolic under export."""
 
-    def __init__(self, attention: FastDeformableAttention) -> None:
+    def __init__(self, attention: FastDeformableAttention, core: str) -> None:
         super().__init__()
         self.attention = attention
+        self.core = core
 
     def forward(self, query: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor,
                 reference_points: torch.Tensor, level0: torch.Tensor, level1: torch.Tensor, level2: torch.Tensor,
@@ -109,14 +114,17 @@ class _Attention(torch.nn.Module):
         tensor = torch.stack([torch.stack([one * h, one * w]) for h, w in sizes])
         return self.attention(query, value=value, key_padding_mask=key_padding_mask,
                               reference_points=reference_points,
-                              spatial_shapes=LevelShapes(sizes, tensor, grid_sample=True))
+                              spatial_shapes=LevelShapes(sizes, tensor, self.core))
 
 
+@pytest.mark.parametrize("core", EXPORTED_CORES)
 @pytest.mark.parametrize("boxes", [False, True], ids=["points", "boxes"])
-def test_export_form_on_openvino_is_groundingdino_at_every_size(boxes):
+def test_export_form_on_openvino_is_groundingdino_at_every_size(boxes, core, ops_library):
     """One conversion with dynamic level sizes and query and key counts; run at sizes it was not traced at."""
     ov = pytest.importorskip("openvino")
     from torch.export import Dim
+
+    from backend.openvino_cache import convert
 
     stock, fast = attention_pair(seed=3)
     traced = [(24, 37), (12, 19), (6, 10), (3, 5)]
@@ -124,11 +132,12 @@ def test_export_form_on_openvino_is_groundingdino_at_every_size(boxes):
     queries, keys = Dim("queries", min=2, max=100_000), Dim("keys", min=4, max=100_000)
     sides = [(Dim(f"h{i}", min=1, max=1024), Dim(f"w{i}", min=1, max=1024)) for i in range(len(traced))]
     dynamic = ({1: queries}, {1: keys}, {1: keys}, {1: queries}, *({0: h, 1: w} for h, w in sides))
-    with torch.no_grad():
-        exported = torch.export.export(_Attention(copy.deepcopy(fast).float()),
-                                       (*example.values(), *(torch.zeros(h, w) for h, w in traced)),
-                                       dynamic_shapes=dynamic)
-    compiled = ov.Core().compile_model(ov.convert_model(exported), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    ops = ops_library if core == "fused" else None
+    model = convert(_Attention(copy.deepcopy(fast).float(), core),
+                    (*example.values(), *(torch.zeros(h, w) for h, w in traced)), dynamic, ops=ops)
+    kinds = {node.get_type_name() for node in model.get_ops()}
+    assert ("DeformableAttention" in kinds) == (core == "fused") and ("GridSample" in kinds) == (core != "fused")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     for seed, shapes in enumerate(LEVEL_SETS):
         inputs = attention_inputs(shapes, queries=150 + seed, boxes=boxes, seed=10 + seed)
         with torch.no_grad():

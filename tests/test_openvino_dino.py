@@ -14,6 +14,7 @@ from torchvision.ops import box_convert, box_iou
 
 from backend.config import EngineConfig
 from backend.detector import Caption, GroundingDinoDetector, prepare
+from backend.dino_fast import FastDeformableAttention
 from backend.dino_runtime import OpenVinoDinoText, TorchDinoText, build_dino_text_runtime
 from backend.engine import Engine
 from backend.models import build_grounding_dino
@@ -77,9 +78,18 @@ def _assert_same_predictions(ours, theirs, atol: float = 1e-5) -> None:
     torch.testing.assert_close(ours.boxes_cxcywh, theirs.boxes_cxcywh, atol=atol, rtol=1e-4)
 
 
-def test_first_load_converts_and_caches_by_checkpoint(first_load, config, ov_cache):
+def test_first_load_converts_and_caches_by_checkpoint(first_load, torch_detector, config, ov_cache):
     runtime = first_load.text_runtime
     assert isinstance(runtime, OpenVinoDinoText) and runtime.precision == "f32"
+    # The deformable attention is the operations library's node (this machine has a compiler).
+    assert runtime.core == "fused" and runtime.ops is not None and runtime.ops.path.parent == ov_cache / "ops"
+    assert '"form": "fused"' in runtime.conversion.path.with_suffix(".json").read_text()
+    import openvino as ov
+
+    graph = runtime.ops.add_to(ov.Core()).read_model(runtime.conversion.path)
+    kinds = [node.get_type_name() for node in graph.get_ops()]
+    layers = sum(isinstance(module, FastDeformableAttention) for module in torch_detector.torch_model().modules())
+    assert layers >= 2 and kinds.count("DeformableAttention") == layers and "GridSample" not in kinds
     conversion = runtime.conversion
     assert conversion.converted and conversion.path is not None and conversion.path.parent == ov_cache
     assert conversion.path.name.startswith("dino-swint_ogc-text-f32-")
@@ -185,6 +195,25 @@ def test_failed_export_falls_back_to_torch_with_one_log_line(config, images, tmp
     detector = GroundingDinoDetector(model, CPU, torch.float32, config.dino_image_size, config.dino_max_size, runtime)
     raw = detector.raw_predictions(detector.image_features(images["square"]), Caption.build(SHORT, detector.tokenizer))
     assert raw.boxes_cxcywh.shape == (60, 4) and raw.token_probs.shape == (60, 256)
+
+
+def test_without_a_compiler_the_graph_samples_with_grid_sample(config, torch_detector, images, tmp_path, caplog,
+                                                                monkeypatch):
+    """No operations library (no working C++ compiler): one log line naming the cause, the grid_sample
+    graph on OpenVINO (not torch), cached under its own key, the same predictions."""
+    monkeypatch.setenv("CXX", "false")
+    with caplog.at_level(logging.INFO):
+        detector = detector_for(config.replace(openvino_cache_dir=tmp_path))
+    runtime = detector.text_runtime
+    assert isinstance(runtime, OpenVinoDinoText) and runtime.core == "grid_sample" and runtime.ops is None
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "GridSample" in lines[0] and "false failed on deformable_attention.cpp" in lines[0]
+    assert '"form": "grid_sample"' in runtime.conversion.path.with_suffix(".json").read_text()
+    assert not list((tmp_path / "ops").glob("*.so"))
+    features = features_at(torch_detector, images["square"], 320)
+    caption = Caption.build(SHORT, torch_detector.tokenizer)
+    _assert_same_predictions(detector.raw_predictions(features, caption),
+                             torch_detector.raw_predictions(features, caption))
 
 
 def test_fewer_image_tokens_than_queries_fails_as_on_torch(first_load, torch_detector):

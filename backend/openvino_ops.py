@@ -1,0 +1,193 @@
+"""The project's own OpenVINO operations: a C++ library built on first use, and how the converter makes them.
+
+One operation so far, Grounding DINO's multi-scale deformable attention (``backend/csrc/
+deformable_attention.cpp``; torch side: ``dino_fast.fused_deformable_attention``). OpenVINO runs it as
+one node instead of GridSample and the Reorders, Multiplies, ReduceSums and Transposes around it
+(bench/README.md: the text half's deformable cores took ~4x the kernel's time).
+
+OpenVINO loads operations from a shared library, and none ships for this one, so the library is
+compiled here, once per source, OpenVINO version, compiler and CPU, with the C++ compiler the machine
+has (``CXX``, else g++ or c++) against the headers in OpenVINO's wheel, and kept beside the converted
+graphs (``build``). Building takes a few seconds; a warm start finds the file. Where no compiler
+works, ``OpsLibraryError`` says why and the caller exports the grid_sample form instead (slower, same
+results up to float rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import openvino as ov
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "deformable_attention.cpp"
+OP_TYPE = "DeformableAttention"  # the C++ class's OPENVINO_OP name
+TORCH_OP = "gsam.deformable_attention.default"  # how torch.export names dino_fast.fused_deformable_attention
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")  # built where it runs: the CPU's own vector width
+BUILD_SECONDS = 180
+
+_lock = threading.Lock()
+_loaded: dict[str, OpsLibrary] = {}  # by toolchain digest
+
+
+class OpsLibraryError(RuntimeError):
+    """The operations library could not be built or loaded here (the message says why)."""
+
+
+@dataclass(frozen=True)
+class OpsLibrary:
+    """A built and loaded operations library."""
+
+    path: Path  # the shared library
+    built: bool  # True: compiled by this process; False: found from an earlier build
+    seconds: float  # compile (or find) time
+
+    def add_to(self, core: ov.Core) -> ov.Core:
+        """``core`` able to read IR that holds these operations."""
+        core.add_extension(str(self.path))
+        return core
+
+    def conversion_extensions(self) -> list[Any]:
+        """``openvino.convert_model``'s extensions that turn the exported torch op into this library's node."""
+        from openvino.frontend.pytorch import ConversionExtension
+        from openvino.utils.node_factory import NodeFactory
+
+        factory = NodeFactory()
+        factory.add_extension(str(self.path))
+
+        def deformable_attention(context: Any) -> Any:
+            inputs = [context.get_input(index) for index in range(5)]
+            attributes = {"heads": int(context.get_values_from_const_input(5)),
+                          "points": int(context.get_values_from_const_input(6))}
+            return factory.create(OP_TYPE, inputs, attributes).outputs()
+
+        return [ConversionExtension(TORCH_OP, deformable_attention)]
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise OpsLibraryError("no C++ compiler (set CXX, or install g++)")
+    return compiler
+
+
+def _openvino_paths() -> tuple[Path, list[Path]]:
+    """OpenVINO's headers and the two libraries the operation links against (its core and TBB)."""
+    import openvino
+
+    root = Path(openvino.__file__).parent
+    include, libs = root / "include", root / "libs"
+    core = sorted(libs.glob("libopenvino.so.*"))
+    tbb = sorted(libs.glob("libtbb.so.*"))
+    if not (include / "openvino" / "op" / "op.hpp").is_file() or not core or not tbb:
+        raise OpsLibraryError(f"OpenVINO's development headers or libraries are missing under {root}")
+    return include, [core[0], tbb[0]]
+
+
+def _cpu_identity() -> str:
+    """The CPU model and flags (``-march=native`` builds for them), from /proc/cpuinfo where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise OpsLibraryError(f"the C++ compiler {compiler!r} does not run ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class _Toolchain:
+    """What a build needs and what its binary depends on."""
+
+    compiler: str
+    include: Path
+    libraries: tuple[Path, ...]
+    digest: str  # of the source, OpenVINO's version, the compiler and its flags, the CPU
+
+
+def _toolchain() -> _Toolchain:
+    import openvino
+
+    if platform.system() != "Linux":
+        raise OpsLibraryError(f"the operations library is built on Linux only, not {platform.system()}")
+    compiler = _compiler()
+    include, libraries = _openvino_paths()
+    identity = "\n".join([SOURCE.read_text(), openvino.get_version(), _compiler_version(compiler), " ".join(FLAGS),
+                          platform.machine(), _cpu_identity()])
+    return _Toolchain(compiler, include, tuple(libraries), hashlib.sha256(identity.encode()).hexdigest()[:16])
+
+
+def build(folder: Path, toolchain: _Toolchain | None = None) -> OpsLibrary:
+    """The library for this machine in ``folder``: compiled unless an earlier build is there.
+
+    Its name is a digest of everything the binary depends on (the source, OpenVINO's version, the
+    compiler and its flags, the CPU), so a changed source or another machine sharing the folder builds
+    its own. Written to a temporary name and renamed into place, so concurrent starts never load a
+    half-written file. Raises OpsLibraryError naming the cause (no compiler, missing headers, compile
+    errors, a folder that can't be written).
+    """
+    started = time.perf_counter()
+    toolchain = toolchain or _toolchain()
+    path = folder / f"gsam_ops-{toolchain.digest}.so"
+    if path.is_file():
+        return OpsLibrary(path, False, time.perf_counter() - started)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".building-") as tmp:
+            part = Path(tmp) / path.name
+            command = [toolchain.compiler, *FLAGS, f"-I{toolchain.include}", str(SOURCE), "-o", str(part),
+                       *map(str, toolchain.libraries), f"-Wl,-rpath,{toolchain.libraries[0].parent}"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
+            if done.returncode != 0:
+                tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+                raise OpsLibraryError(f"{Path(toolchain.compiler).name} failed on {SOURCE.name} "
+                                      f"(exit {done.returncode}): {tail}")
+            os.replace(part, path)
+    except OSError as exc:
+        raise OpsLibraryError(f"could not build in {folder} ({exc})") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise OpsLibraryError(f"compiling {SOURCE.name} took over {BUILD_SECONDS} s") from exc
+    seconds = time.perf_counter() - started
+    logger.info("built OpenVINO operations library %s in %.1f s", path, seconds)
+    return OpsLibrary(path, True, seconds)
+
+
+def load(folder: Path) -> OpsLibrary:
+    """``build(folder)``, loaded into this process for good.
+
+    Once per process: a library of the same digest already loaded (from another folder) is reused
+    rather than a second copy loaded. Loaded with ``RTLD_GLOBAL`` and never unloaded: OpenVINO's nodes
+    of these types point into the library's code, and a library unloaded before the last of them is
+    destroyed (at interpreter exit, say) crashes the process. Raises OpsLibraryError as ``build``, or
+    when the file does not load.
+    """
+    with _lock:
+        toolchain = _toolchain()
+        if toolchain.digest not in _loaded:
+            library = build(folder, toolchain)
+            try:
+                ctypes.CDLL(str(library.path), mode=ctypes.RTLD_GLOBAL)
+            except OSError as exc:
+                raise OpsLibraryError(f"{library.path} does not load ({exc})") from exc
+            _loaded[toolchain.digest] = library
+        return _loaded[toolchain.digest]

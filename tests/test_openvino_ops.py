@@ -1,0 +1,132 @@
+"""The OpenVINO operations library (backend/openvino_ops.py, backend/csrc/deformable_attention.cpp):
+built once per source and machine, reused, refused with a clear error where it can't build; its
+deformable attention kernel equals groundingdino's arithmetic (``dino_fast.fused_deformable_attention``
+on torch, float64) at Grounding DINO's own width, for points and boxes, batches, and any thread count,
+and names what is wrong with inconsistent inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend import openvino_ops
+from backend.dino_fast import fused_deformable_attention
+
+ov = pytest.importorskip("openvino")
+
+HEADS, CHANNELS, POINTS = 8, 32, 4  # Grounding DINO's (SwinT-OGC): the kernel's fixed-width path
+SIZES = [(23, 31), (12, 16), (6, 8), (3, 4)]
+
+
+def op_model(ops_library, ref_dim: int) -> ov.Model:
+    """One DeformableAttention node over five dynamic-size parameters."""
+    from openvino import opset13 as ops
+    from openvino.utils.node_factory import NodeFactory
+
+    levels = len(SIZES)
+    params = [ops.parameter([-1, -1, HEADS * CHANNELS], ov.Type.f32), ops.parameter([-1, 2], ov.Type.i64),
+              ops.parameter([-1, -1, levels, ref_dim], ov.Type.f32),
+              ops.parameter([-1, -1, HEADS * levels * POINTS * 2], ov.Type.f32),
+              ops.parameter([-1, -1, HEADS * levels * POINTS], ov.Type.f32)]
+    factory = NodeFactory()
+    factory.add_extension(str(ops_library.path))
+    node = factory.create(openvino_ops.OP_TYPE, [p.output(0) for p in params], {"heads": HEADS, "points": POINTS})
+    return ov.Model([node.output(0)], params)
+
+
+def op_inputs(batch: int, queries: int, ref_dim: int, seed: int, sizes=SIZES) -> list[torch.Tensor]:
+    """value, spatial shapes, reference points (spread past the map's edges), offsets of a few pixels, weights."""
+    generator = torch.Generator().manual_seed(seed)
+    levels, keys = len(sizes), sum(h * w for h, w in sizes)
+    reference = torch.rand(batch, queries, levels, 2, generator=generator) * 1.4 - 0.2
+    if ref_dim == 4:
+        reference = torch.cat([reference, torch.rand(batch, queries, levels, 2, generator=generator) * 0.6], -1)
+    weights = torch.randn(batch, queries, HEADS, levels * POINTS, generator=generator).softmax(-1)
+    return [torch.randn(batch, keys, HEADS * CHANNELS, generator=generator), torch.tensor(sizes),
+            reference, torch.randn(batch, queries, HEADS * levels * POINTS * 2, generator=generator) * 3,
+            weights.reshape(batch, queries, -1)]
+
+
+def expected(inputs: list[torch.Tensor]) -> torch.Tensor:
+    value, shapes, reference, offsets, weights = inputs
+    return fused_deformable_attention(value.double(), shapes, reference.double(), offsets.double(), weights.double(),
+                                      HEADS, POINTS)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4], ids=["points", "boxes"])
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_kernel_equals_groundingdinos_arithmetic(ops_library, ref_dim, precision):
+    core = ops_library.add_to(ov.Core())
+    compiled = core.compile_model(op_model(ops_library, ref_dim), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    for batch, queries, seed in [(1, 700, 0), (2, 37, 1), (1, 1, 2)]:
+        inputs = op_inputs(batch, queries, ref_dim, seed)
+        reference = expected(inputs)
+        ours = torch.from_numpy(np.asarray(compiled([t.numpy() for t in inputs])[0]))
+        assert ours.shape == reference.shape == (batch, queries, HEADS * CHANNELS)
+        assert (reference != 0).double().mean() > 0.9  # samples landed inside the maps
+        # The kernel reads its inputs in f32 whatever the graph's precision hint: f32 rounding only.
+        torch.testing.assert_close(ours.double(), reference, atol=2e-5, rtol=1e-5)
+
+
+def test_results_do_not_depend_on_the_thread_count(ops_library):
+    model = op_model(ops_library, 2)
+    inputs = [t.numpy() for t in op_inputs(1, 900, 2, seed=3)]
+    outputs = []
+    for threads in (1, 2):
+        compiled = ops_library.add_to(ov.Core()).compile_model(
+            model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+        outputs.append(np.asarray(compiled(inputs)[0]))
+    assert np.array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("levels", "the levels hold"),
+    ("offsets", "offsets / weights do not match"),
+    ("reference", "reference_points must be"),
+])
+def test_inconsistent_inputs_are_refused_naming_what_is_wrong(ops_library, broken, message):
+    compiled = ops_library.add_to(ov.Core()).compile_model(op_model(ops_library, 2), "CPU",
+                                                           {"INFERENCE_PRECISION_HINT": "f32"})
+    inputs = op_inputs(1, 20, 2, seed=4)
+    if broken == "levels":
+        inputs[1] = torch.tensor([(h, w + 1) for h, w in SIZES])
+    elif broken == "offsets":
+        inputs[3] = inputs[3][:, :10]
+    else:
+        inputs[2] = inputs[2][:, :10]
+    with pytest.raises(RuntimeError, match=message):
+        compiled([t.numpy() for t in inputs])
+
+
+def test_build_is_reused_and_rebuilt_for_a_changed_source(ops_library, tmp_path, monkeypatch):
+    first = openvino_ops.build(tmp_path)
+    assert first.built and first.path.parent == tmp_path and first.path.name.startswith("gsam_ops-")
+    again = openvino_ops.build(tmp_path)
+    assert not again.built and again.path == first.path
+    assert not list(tmp_path.glob(".building-*"))  # the temporary build folder is gone
+    changed = tmp_path / "src" / openvino_ops.SOURCE.name
+    changed.parent.mkdir()
+    changed.write_text(openvino_ops.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(openvino_ops, "SOURCE", changed)
+    other = openvino_ops.build(tmp_path)
+    assert other.built and other.path != first.path
+
+
+@pytest.mark.parametrize("compiler, message", [
+    ("/nonexistent/g++", "does not run"),
+    ("false", "failed on deformable_attention.cpp"),
+])
+def test_a_compiler_that_does_not_work_is_a_clear_error(tmp_path, monkeypatch, compiler, message):
+    monkeypatch.setenv("CXX", compiler)
+    with pytest.raises(openvino_ops.OpsLibraryError, match=message):
+        openvino_ops.load(tmp_path)
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_compile_errors_are_named(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(openvino_ops, "SOURCE", broken)
+    with pytest.raises(openvino_ops.OpsLibraryError, match=r"failed on broken.cpp \(exit 1\).*error"):
+        openvino_ops.build(tmp_path / "out")
