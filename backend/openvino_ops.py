@@ -188,6 +188,16 @@ def load(folder: Path) -> OpsLibrary:
             try:
                 ctypes.CDLL(str(library.path), mode=ctypes.RTLD_GLOBAL)
             except OSError as exc:
-                raise OpsLibraryError(f"{library.path} does not load ({exc})") from exc
+                if library.built:
+                    raise OpsLibraryError(f"{library.path} does not load ({exc})") from exc
+                # An earlier build left a file that does not load (truncated, say): build it again, once.
+                logger.warning("OpenVINO operations library %s does not load (%s); building it again", library.path,
+                               exc)
+                library.path.unlink(missing_ok=True)
+                library = build(folder, toolchain)
+                try:
+                    ctypes.CDLL(str(library.path), mode=ctypes.RTLD_GLOBAL)
+                except OSError as again:
+                    raise OpsLibraryError(f"{library.path} does not load ({again})") from again
             _loaded[toolchain.digest] = library
         return _loaded[toolchain.digest]

@@ -130,3 +130,23 @@ def test_compile_errors_are_named(tmp_path, monkeypatch):
     monkeypatch.setattr(openvino_ops, "SOURCE", broken)
     with pytest.raises(openvino_ops.OpsLibraryError, match=r"failed on broken.cpp \(exit 1\).*error"):
         openvino_ops.build(tmp_path / "out")
+
+
+def test_a_library_file_that_does_not_load_is_built_again(tmp_path, monkeypatch, caplog):
+    """A file under the library's name that is not a library (a truncated copy, say) is replaced, not trusted.
+    A source of its own gives this test a digest no other test has loaded in this process."""
+    import logging
+
+    source = tmp_path / "src" / openvino_ops.SOURCE.name
+    source.parent.mkdir()
+    source.write_text(openvino_ops.SOURCE.read_text() + "\n// built again\n")
+    monkeypatch.setattr(openvino_ops, "SOURCE", source)
+    folder = tmp_path / "ops"
+    expected_path = folder / f"gsam_ops-{openvino_ops._toolchain().digest}.so"
+    folder.mkdir()
+    expected_path.write_bytes(b"not a shared library")
+    with caplog.at_level(logging.WARNING):
+        library = openvino_ops.load(folder)
+    assert library.built and library.path == expected_path and expected_path.stat().st_size > 10_000
+    assert any("does not load" in r.getMessage() and "building it again" in r.getMessage() for r in caplog.records)
+    assert openvino_ops.OP_TYPE in {node.get_type_name() for node in op_model(library, 2).get_ops()}
