@@ -150,3 +150,17 @@ def test_a_library_file_that_does_not_load_is_built_again(tmp_path, monkeypatch,
     assert library.built and library.path == expected_path and expected_path.stat().st_size > 10_000
     assert any("does not load" in r.getMessage() and "building it again" in r.getMessage() for r in caplog.records)
     assert openvino_ops.OP_TYPE in {node.get_type_name() for node in op_model(library, 2).get_ops()}
+
+
+@pytest.mark.parametrize("offset", [1e30, -1e30, float("nan"), float("inf")])
+def test_samples_far_outside_or_nan_add_nothing(ops_library, offset):
+    """Positions past any map (or NaN: a diverged model) contribute zero, as grid_sample's zeros padding,
+    instead of an integer conversion out of range."""
+    compiled = ops_library.add_to(ov.Core()).compile_model(op_model(ops_library, 2), "CPU",
+                                                           {"INFERENCE_PRECISION_HINT": "f32"})
+    inputs = op_inputs(1, 50, 2, seed=5)
+    inputs[3] = torch.full_like(inputs[3], offset)
+    inputs[3][:, 25:] = 0  # the last 25 queries sample at their reference points
+    ours = np.asarray(compiled([t.numpy() for t in inputs])[0])
+    assert np.array_equal(ours[:, :25], np.zeros_like(ours[:, :25]))
+    torch.testing.assert_close(torch.from_numpy(ours[:, 25:]).double(), expected(inputs)[:, 25:], atol=2e-5, rtol=1e-5)

@@ -148,6 +148,9 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
                 for (int64_t i = 0; i < per_head; ++i) {
                     const int64_t l = i / s.points;
                     const int64_t h_l = level_hw[2 * l], w_l = level_hw[2 * l + 1];
+                    // All four corners outside the map (or a NaN position): nothing to add, as grid_sample's zeros
+                    // padding gives. Checked in float, before a far position is converted to an integer.
+                    if (!(xs[i] > -1.f && xs[i] < widths[l] && ys[i] > -1.f && ys[i] < heights[l])) continue;
                     const float x0f = std::floor(xs[i]), y0f = std::floor(ys[i]);
                     const float fx = xs[i] - x0f, fy = ys[i] - y0f;
                     const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
