@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when DinoTextGraph's inputs/outputs or arithmetic change (3: points on grid rows; 4: the deformable
-# attention's value maps and sampling grids laid out for grid_sample, dino_fast.level_maps / sampling_grids).
-GRAPH_VERSION = 4
+# attention's value maps and sampling grids laid out for grid_sample, dino_fast.level_maps / sampling_grids;
+# 5: the fusion layers' image-side projections moved onto the text, dino_fast.text_image_attention).
+GRAPH_VERSION = 5
 # Bounds of the export's dynamic sizes. A feature level is at most max_size / 8 tokens on a side (1333 px
 # -> 167); the bound leaves room for larger DINO_MAX_SIZE settings. Captions hold at most 256 tokens.
 MAX_LEVEL_SIDE = 1024
@@ -195,8 +196,8 @@ class OpenVinoDinoText:
         example = example_inputs(model)
         self.conversion: Conversion
         compiled_model, self.conversion = load_or_convert(
-            DinoTextGraph(model, core=self.core).eval(), example.flat(), text_key(identity, self.precision, self.core),
-            cache_dir, dynamic_shapes(), ops=self.ops)
+            DinoTextGraph(model, core=self.core, text_side_fusion=True).eval(), example.flat(),
+            text_key(identity, self.precision, self.core), cache_dir, dynamic_shapes(), ops=self.ops)
         started = time.perf_counter()
         compiled: ov.CompiledModel = compile_for_cpu(ov.Core(), compiled_model, self.precision)
         self.compile_seconds = time.perf_counter() - started

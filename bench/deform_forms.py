@@ -1,5 +1,5 @@
-"""Grounding DINO text half's export forms on OpenVINO bf16, interleaved: graph version 3, version 4
-(grid_sample, what runs without the operations library) and the fused operation (the default).
+"""Grounding DINO text half's export forms on OpenVINO bf16, interleaved: graph versions 3 and 4 (grid_sample),
+the fused deformable operation, and version 5 (that and the text-side fusion attention: the default).
 
     python -m bench.deform_forms [--cache DIR] [--rounds 9] [--skip core|text]
 
@@ -8,7 +8,8 @@ forms converted with dynamic query, key and level sizes, run at 800x1066's bucke
 every token a query at its own pixel, as in the encoder). text: the whole text half
 (``DinoTextGraph``) exported once per form from bench/cache.py's real-size random weights
 (``FORMS``: grid_sample with version 3's deformable attention patched in, and as it is; the fused
-``gsam::deformable_attention`` node of ``backend/openvino_ops.py``), on real image features
+``gsam::deformable_attention`` node of ``backend/openvino_ops.py``, with groundingdino's fusion attention
+and with ``dino_fast.text_image_attention``), on real image features
 at two aspect ratios (padded to their size buckets, as the runtime runs them). Each conversion is
 compiled bf16 (timed) and f32 (to show the forms change only rounding: bench.dino_text's accuracy
 columns against torch fp32). Per round each form in turn, alternating the order; medians and minima;
@@ -83,11 +84,14 @@ def version3_forward(self: Any, query: torch.Tensor, key: Any = None, value: Any
     return output if self.batch_first else output.permute(1, 0, 2)
 
 
-# name -> (the graph's deformable core, a context that patches the module while it is exported)
-FORMS: dict[str, tuple[DeformableCore, Callable[[], Any]]] = {
-    "version 3": ("grid_sample", lambda: mock.patch.object(FastDeformableAttention, "forward", version3_forward)),
-    "version 4": ("grid_sample", nullcontext),
-    "fused": ("fused", nullcontext),
+# name -> (the graph's deformable core, text-side fusion attention or not, a context that patches the
+# module while it is exported)
+FORMS: dict[str, tuple[DeformableCore, bool, Callable[[], Any]]] = {
+    "version 3": ("grid_sample", False, lambda: mock.patch.object(FastDeformableAttention, "forward",
+                                                                  version3_forward)),
+    "version 4": ("grid_sample", False, nullcontext),
+    "fused": ("fused", False, nullcontext),
+    "version 5": ("fused", True, nullcontext),
 }
 BASE = "version 4"  # the ratios' denominator: the form the runtime ran before the fused operation
 
@@ -182,7 +186,9 @@ def bench_core(rounds: int) -> None:
     sizes = [(100, 136), (50, 68), (25, 34), (13, 17)]  # 800x1066's bucket
     arrays = [t.numpy() for t in inputs(sizes)]
     models, requests = {}, {}
-    for name, (core, form) in FORMS.items():
+    for name, (core, text_side, form) in FORMS.items():
+        if text_side:  # the same deformable attention module as the form without it
+            continue
         with form():
             models[name] = convert(Module(attention, core).eval(), tuple(inputs(traced)), dynamic,
                                    ops=_ops() if core == "fused" else None)
@@ -227,11 +233,12 @@ def bench_text(cache: Path, rounds: int) -> None:
         inputs[label] = detector.text_inputs(detector.image_features(photo), caption)
     compiled: dict[tuple[str, str], Any] = {}
     models = {}
-    for name, (core, form) in FORMS.items():
+    for name, (core, text_side, form) in FORMS.items():
         started = time.perf_counter()
         with form():
-            models[name] = convert(DinoTextGraph(model, core=core).eval(), example_inputs(model).flat(),
-                                   dynamic_shapes(), ops=_ops() if core == "fused" else None)
+            models[name] = convert(DinoTextGraph(model, core=core, text_side_fusion=text_side).eval(),
+                                   example_inputs(model).flat(), dynamic_shapes(),
+                                   ops=_ops() if core == "fused" else None)
         for precision in ("bf16", "f32"):
             compiled[(name, precision)] = compile_for_cpu(ov.Core(), models[name], precision)
         print(f"text: {name} converted and compiled in {time.perf_counter() - started:.0f} s", flush=True)
