@@ -85,15 +85,15 @@ class DinoTextGraph(nn.Module):
     ``dino_fast.use_fast_inference`` (its deformable attention reads ``LevelShapes``).
     ``core``: how the deformable attention samples (``dino_fast.DeformableCore``): "gather" is torch's
     fastest; "fused" (one custom node, ``openvino_ops``) and "grid_sample" export to OpenVINO at any
-    size. ``text_side_fusion``: the fusion layers' attention as ``dino_fast.text_image_attention`` (its
-    image-side projections moved onto the text: same products, a third of the encoder's matmul work
-    less) rather than groundingdino's module. Raises ValueError for a model this does not cover
-    (single-stage, not 4 levels).
+    size. ``text_side_fusion`` (default): the fusion layers' attention as
+    ``dino_fast.text_image_attention`` (its image-side projections moved onto the text: same products,
+    a third of the encoder's matmul work less); False runs groundingdino's module (bench/ compares
+    the two). Raises ValueError for a model this does not cover (single-stage, not 4 levels).
     """
 
     model: GroundingDINO
 
-    def __init__(self, model: GroundingDINO, core: DeformableCore = "gather", text_side_fusion: bool = False) -> None:
+    def __init__(self, model: GroundingDINO, core: DeformableCore = "gather", text_side_fusion: bool = True) -> None:
         super().__init__()
         transformer = model.transformer
         if transformer.two_stage_type != "standard" or int(model.num_feature_levels) != LEVELS:

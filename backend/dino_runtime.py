@@ -196,7 +196,7 @@ class OpenVinoDinoText:
         example = example_inputs(model)
         self.conversion: Conversion
         compiled_model, self.conversion = load_or_convert(
-            DinoTextGraph(model, core=self.core, text_side_fusion=True).eval(), example.flat(),
+            DinoTextGraph(model, core=self.core).eval(), example.flat(),
             text_key(identity, self.precision, self.core), cache_dir, dynamic_shapes(), ops=self.ops)
         started = time.perf_counter()
         compiled: ov.CompiledModel = compile_for_cpu(ov.Core(), compiled_model, self.precision)

@@ -176,14 +176,15 @@ def load(folder: Path) -> OpsLibrary:
     """``build(folder)``, loaded into this process for good.
 
     Once per process: a library of the same digest already loaded (from another folder) is reused
-    rather than a second copy loaded. Loaded with ``RTLD_GLOBAL`` and never unloaded: OpenVINO's nodes
-    of these types point into the library's code, and a library unloaded before the last of them is
-    destroyed (at interpreter exit, say) crashes the process. Raises OpsLibraryError as ``build``, or
-    when the file does not load.
+    rather than a second copy loaded, while its file exists (a Core reads IR through the file). Loaded
+    with ``RTLD_GLOBAL`` and never unloaded: OpenVINO's nodes of these types point into the library's
+    code, and a library unloaded before the last of them is destroyed (at interpreter exit, say)
+    crashes the process. Raises OpsLibraryError as ``build``, or when the file does not load.
     """
     with _lock:
         toolchain = _toolchain()
-        if toolchain.digest not in _loaded:
+        earlier = _loaded.get(toolchain.digest)
+        if earlier is None or not earlier.path.is_file():
             library = build(folder, toolchain)
             try:
                 ctypes.CDLL(str(library.path), mode=ctypes.RTLD_GLOBAL)

@@ -82,7 +82,8 @@ def test_first_load_converts_and_caches_by_checkpoint(first_load, torch_detector
     runtime = first_load.text_runtime
     assert isinstance(runtime, OpenVinoDinoText) and runtime.precision == "f32"
     # The deformable attention is the operations library's node (this machine has a compiler).
-    assert runtime.core == "fused" and runtime.ops is not None and runtime.ops.path.parent == ov_cache / "ops"
+    # (Built in ov_cache/ops, or reused from the folder of an engine built earlier in this process.)
+    assert runtime.core == "fused" and runtime.ops is not None and runtime.ops.path.is_file()
     assert '"form": "fused"' in runtime.conversion.path.with_suffix(".json").read_text()
     import openvino as ov
 

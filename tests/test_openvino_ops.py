@@ -164,3 +164,21 @@ def test_samples_far_outside_or_nan_add_nothing(ops_library, offset):
     ours = np.asarray(compiled([t.numpy() for t in inputs])[0])
     assert np.array_equal(ours[:, :25], np.zeros_like(ours[:, :25]))
     torch.testing.assert_close(torch.from_numpy(ours[:, 25:]).double(), expected(inputs)[:, 25:], atol=2e-5, rtol=1e-5)
+
+
+def test_a_loaded_library_is_reused_while_its_file_exists(ops_library, tmp_path):
+    """Engines with other cache folders in one process share the loaded library; once its file is gone
+    (a deleted temporary folder) the next load builds one in its own folder, so Cores can still read IR."""
+    import shutil
+
+    source_copy = tmp_path / "src" / openvino_ops.SOURCE.name
+    source_copy.parent.mkdir()
+    source_copy.write_text(openvino_ops.SOURCE.read_text() + "\n// reuse\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(openvino_ops, "SOURCE", source_copy)
+        first = openvino_ops.load(tmp_path / "a")
+        assert openvino_ops.load(tmp_path / "b") == first and not (tmp_path / "b").exists()
+        shutil.rmtree(tmp_path / "a")
+        again = openvino_ops.load(tmp_path / "b")
+    assert again.built and again.path.parent == tmp_path / "b" and again.path.name == first.path.name
+    assert openvino_ops.OP_TYPE in {node.get_type_name() for node in op_model(again, 2).get_ops()}
