@@ -9,7 +9,9 @@ W / ...))``, each of which fixes the size under export. Here the padding is alwa
 is a no-op), padded sizes are ceil-divisions (so every window view divides exactly), the mask's
 regions come from ``arange`` comparisons, and tokens stay B x H x W x C (LayerNorm and Linear act on
 the last axis). One image has no padding mask (``nested_tensor_from_tensor_list`` of one tensor is
-all False at every level), so the graph takes the image alone. ``dino_image_runtime`` runs it.
+all False at every level), so the graph takes the image alone. The windows' attention is laid out
+for OpenVINO (``_window_attention``: one SDPA, fewer permutes), equal to the stock module's to float
+rounding. ``dino_image_runtime`` runs it.
 """
 
 from __future__ import annotations
@@ -133,8 +135,8 @@ def _window_attention(attn: Any, x: torch.Tensor, size: int, mask: torch.Tensor 
     """WindowAttention.forward over every size x size window of x (B x H x W x C, H and W multiples of
     size; ``mask`` windows x size² x size² or None), before its output projection: B x H x W x C.
 
-    Laid out for OpenVINO's CPU plugin (bench/README.md, "Grounding DINO's image half: fewer
-    permutes"): q, k and v come from three linears (slices of the qkv weight, constants in the graph)
+    Laid out for OpenVINO's CPU plugin (bench/README.md, "Fewer permutes in the OpenVINO
+    graphs"): q, k and v come from three linears (slices of the qkv weight, constants in the graph)
     and each is permuted once from the map into windows and heads, where the stock module permuted
     into windows, then split heads and gathered q, k and v from one tensor; the window's output
     merges heads and windows in one permute; and the attention is one SDPA with the relative-position

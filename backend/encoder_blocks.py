@@ -15,7 +15,7 @@ the heads and permuted the windows back. Here, for the exported graphs only (the
 * a window's attention is one SDPA over all heads (the torch path's head chunks bound its memory;
   the graph's whole mask is tens of MB).
 
-``bench/README.md`` ("SAM's encoder graph: fewer permutes") has what each step measured.
+``bench/README.md`` ("Fewer permutes in the OpenVINO graphs") has what each step measured.
 """
 
 from __future__ import annotations
