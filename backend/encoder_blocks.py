@@ -13,7 +13,9 @@ the heads and permuted the windows back. Here, for the exported graphs only (the
   runs on the cropped grid (per token, so the same values without the padding's rows);
 * the relative-position terms are matmuls that read q where it lies (``rel_pos_terms``);
 * a window's attention is one SDPA over all heads (the torch path's head chunks bound its memory;
-  the graph's whole mask is tens of MB).
+  the graph's whole mask is tens of MB);
+* a global block runs its heads one at a time, as the torch path does, each from its own rows of the
+  qkv weight, and concatenates their outputs on the channels: no head split or merge at all.
 
 ``bench/README.md`` ("Fewer permutes in the OpenVINO graphs") has what each step measured.
 """
@@ -26,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import get_rel_pos
 from torch import nn
-
-from . import sam_attention
 
 if TYPE_CHECKING:
     from segment_anything.modeling.image_encoder import Attention as VitAttention
@@ -87,11 +87,35 @@ def merge_heads(attn: VitAttention, out: torch.Tensor, grid: tuple[int, int]) ->
     return attn.proj(out.transpose(1, 2).reshape(out.shape[0], *grid, -1))
 
 
+def head_qkv(attn: VitAttention, tokens: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, 1, N, head_dim) of one head, each from that head's rows of the qkv weight, on tokens
+    (B, N, C): no head split to permute when the heads run one at a time (global blocks)."""
+    linear: nn.Linear = attn.qkv
+    channels = linear.in_features
+    size = channels // attn.num_heads
+
+    def part(i: int) -> torch.Tensor:
+        rows = slice(i * channels + head * size, i * channels + (head + 1) * size)
+        return F.linear(tokens, linear.weight[rows], None if linear.bias is None else linear.bias[rows])[:, None]
+
+    return part(0), part(1), part(2)
+
+
 def global_block(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """segment_anything's Block.forward for window_size == 0 on x (B, H, W, C)."""
+    """segment_anything's Block.forward for window_size == 0 on x (B, H, W, C), one head at a time (as
+    ``sam_attention._sdpa`` runs a global block: its N x N mask per head): each head's q, k, v from its
+    own linears and its output concatenated on the channels, so no head is split or merged by a permute."""
     attn = block.attn
-    q, k, v, rel = global_qkv(attn, block.norm1(x))
-    x = x + merge_heads(attn, sam_attention._sdpa(q, k, v, rel, attn.scale), (x.shape[1], x.shape[2]))
+    b, h, w, c = x.shape
+    n = h * w
+    tokens = block.norm1(x).reshape(b, n, c)
+    outs: list[torch.Tensor] = []
+    for head in range(attn.num_heads):
+        q, k, v = head_qkv(attn, tokens, head)
+        rel = rel_pos_terms(attn, q, (h, w))
+        mask = None if rel is None else (rel[0][..., :, None] + rel[1][..., None, :]).reshape(b, 1, n, n)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)[:, 0])
+    x = x + attn.proj(torch.cat(outs, dim=-1).view(b, h, w, c))
     return x + block.mlp(block.norm2(x))
 
 

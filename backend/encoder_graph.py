@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import sam_attention
-from .encoder_blocks import RelPos, global_qkv, merge_heads, run_block
+from .encoder_blocks import RelPos, global_qkv, head_qkv, merge_heads, rel_pos_terms, run_block
 
 if TYPE_CHECKING:
     from segment_anything.modeling.image_encoder import Attention as VitAttention
@@ -61,20 +61,23 @@ def _attention_received(attn: VitAttention, x: torch.Tensor, query_weights: torc
 
     No (N x N) head sum is kept: each head's weights reduce to a vector right away. Measured on a
     vit_b global block in OpenVINO bf16: as fast as the plain graph (0.89 vs 0.88 s), where summing the
-    heads' matrices cost 1.39 s (a copy per head for the sum, and f32 conversions of the sum).
+    heads' matrices cost 1.39 s (a copy per head for the sum, and f32 conversions of the sum). Each
+    head's q, k, v come from its own rows of the qkv weight (``encoder_blocks.head_qkv``) and the
+    outputs are concatenated on the channels: no head split or merge to permute.
     """
-    b, h, w, _ = x.shape
-    q, k, v, rel = global_qkv(attn, x)
-    heads = attn.num_heads
+    b, h, w, c = x.shape
+    tokens = x.reshape(b, h * w, c)
     outs: list[torch.Tensor] = []
     received: torch.Tensor | None = None
-    for i in range(heads):
-        probs = _softmax(attn, _after(q, received), k, rel, slice(i, i + 1), slice(0, h), (h, w))
-        outs.append(probs @ v[:, i : i + 1])
+    for i in range(attn.num_heads):
+        q, k, v = head_qkv(attn, tokens, i)
+        rel = rel_pos_terms(attn, q, (h, w))
+        probs = _softmax(attn, _after(q, received), k, rel, slice(0, 1), slice(0, h), (h, w))
+        outs.append((probs @ v)[:, 0])
         part = (query_weights[:, None, None, :] @ probs)[:, 0, 0]
         received = part if received is None else received + part
     assert received is not None
-    return merge_heads(attn, torch.cat(outs, dim=1), (h, w)), received / heads
+    return attn.proj(torch.cat(outs, dim=-1).view(b, h, w, c)), received / attn.num_heads
 
 
 def _attention_matrix(attn: VitAttention, x: torch.Tensor, query_weights: torch.Tensor, band: int

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when the converted graph changes (3: matrix only at the last block; 4: windowed attention's head
-# chunks concatenated, sam_attention._sdpa; 5: every block in encoder_blocks' layouts, fewer permutes):
-# old files are then unused.
+# chunks concatenated, sam_attention._sdpa; 5: every block in encoder_blocks' layouts, fewer permutes,
+# global blocks one head at a time from per-head linears): old files are then unused.
 GRAPH_VERSION = 5
 
 

@@ -71,3 +71,36 @@ def test_plain_and_capture_graph_modules_equal_the_stock_encoder(encoder):
         captured = CapturingEncoder(encoder)(image, torch.full((1, n), 1.0 / n))[0]
     torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(captured, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_graph_module_receives_what_the_torch_capture_records(encoder):
+    """With every query weighted alike, each global block's received map is the torch capture's (mean
+    over queries of the head-averaged softmax), and so is the last block's column mean."""
+    image = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(3))
+    n = 64 * 64
+    with torch.no_grad():
+        _, *received, column_mean, _ = CapturingEncoder(encoder)(image, torch.full((1, n), 1.0 / n))
+        with sam_attention.capture_encoder_attention(encoder) as capture:
+            encoder(image)
+    sam_attention.use_stock_attention(encoder)
+    assert len(received) == len(GLOBAL_BLOCKS)
+    for got, block in zip(received, GLOBAL_BLOCKS, strict=True):
+        expected = torch.from_numpy(capture.blocks[block].received).reshape(1, n)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(column_mean, received[-1], rtol=1e-5, atol=1e-9)
+
+
+def test_plain_graph_on_openvino_equals_the_stock_encoder(encoder):
+    """The converted plain graph in f32, with relative-position tables that are not zero (SAM zero-
+    initialises them, and so do the tiny and bench checkpoints, which leaves the terms unchecked there)."""
+    import openvino as ov
+
+    from backend.openvino_cache import convert
+
+    image = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = encoder(image)
+    model = convert(PlainEncoder(encoder), (image,))
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = torch.from_numpy(compiled([image.numpy()])[0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
