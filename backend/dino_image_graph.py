@@ -9,7 +9,9 @@ W / ...))``, each of which fixes the size under export. Here the padding is alwa
 is a no-op), padded sizes are ceil-divisions (so every window view divides exactly), the mask's
 regions come from ``arange`` comparisons, and tokens stay B x H x W x C (LayerNorm and Linear act on
 the last axis). One image has no padding mask (``nested_tensor_from_tensor_list`` of one tensor is
-all False at every level), so the graph takes the image alone. ``dino_image_runtime`` runs it.
+all False at every level), so the graph takes the image alone. The windows' attention is laid out
+for OpenVINO (``_window_attention``: one SDPA, fewer permutes), equal to the stock module's to float
+rounding. ``dino_image_runtime`` runs it.
 """
 
 from __future__ import annotations
@@ -120,15 +122,47 @@ def _block(block: Any, x: torch.Tensor) -> torch.Tensor:
     x = F.pad(block.norm1(x), (0, 0, 0, cols * size - width, 0, rows * size - height))
     if shift:
         x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-    windows = x.view(batch, rows, size, cols, size, channels).permute(0, 1, 3, 2, 4, 5)
-    windows = windows.reshape(-1, size * size, channels)
     mask = _shift_mask(rows, cols, size, shift, x.device) if shift else None
-    attended = block.attn(windows, mask=mask).view(batch, rows, cols, size, size, channels)
-    x = attended.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * size, cols * size, channels)
+    attended = _window_attention(block.attn, x, size, mask)
     if shift:
-        x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-    x = shortcut + _crop(x, height, width)
+        attended = torch.roll(attended, shifts=(shift, shift), dims=(1, 2))
+    # The projection acts per token: on the cropped map it has the same values, without the padding's rows.
+    x = shortcut + block.attn.proj(_crop(attended, height, width))
     return x + block.mlp(block.norm2(x))
+
+
+def _window_attention(attn: Any, x: torch.Tensor, size: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """WindowAttention.forward over every size x size window of x (B x H x W x C, H and W multiples of
+    size; ``mask`` windows x size² x size² or None), before its output projection: B x H x W x C.
+
+    Laid out for OpenVINO's CPU plugin (bench/README.md, "Fewer permutes in the OpenVINO
+    graphs"): q, k and v come from three linears (slices of the qkv weight, constants in the graph)
+    and each is permuted once from the map into windows and heads, where the stock module permuted
+    into windows, then split heads and gathered q, k and v from one tensor; the window's output
+    merges heads and windows in one permute; and the attention is one SDPA with the relative-position
+    bias and the shift mask as its additive mask, which OpenVINO runs as one fused kernel (the stock
+    q * scale @ k^T, add, softmax, @ v: the same terms, rounded in another order).
+    """
+    batch, height, width, channels = x.shape
+    rows, cols, heads, n = height // size, width // size, attn.num_heads, size * size
+
+    def windows(part: int) -> torch.Tensor:  # (B * windows) x heads x size² x head_dim
+        weight = attn.qkv.weight[part * channels : (part + 1) * channels]
+        bias = attn.qkv.bias[part * channels : (part + 1) * channels] if attn.qkv.bias is not None else None
+        t = F.linear(x, weight, bias).view(batch, rows, size, cols, size, heads, -1)
+        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch * rows * cols, heads, n, -1)
+
+    q, k, v = windows(0), windows(1), windows(2)
+    # heads x size² x size², from parameters only: a constant in the graph.
+    additive = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+    additive = additive[None]
+    if mask is not None:  # windows x heads x size² x size², the same for every image of the batch
+        additive = additive + mask[:, None]
+        if batch > 1:
+            additive = additive.repeat(batch, 1, 1, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive.to(q.dtype), scale=attn.scale)
+    out = out.view(batch, rows, cols, heads, size, size, -1).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(batch, height, width, channels)
 
 
 def _crop(x: torch.Tensor, height: Any, width: Any) -> torch.Tensor:

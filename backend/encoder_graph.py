@@ -6,8 +6,9 @@ effect, so here the same reductions are graph outputs instead: for every global 
 each token receives from the image's own (unpadded) queries, and for the last global block the
 head-averaged matrix (float16) and its plain column mean. One compiled pass then gives the features
 and everything ``segmenter.EncoderAttention`` holds. The attention is laid out for OpenVINO's CPU
-plugin (``_attention_received`` and ``_attention_matrix`` say what each layout measured). Windowed
-blocks run as the encoder's own modules (SDPA once ``sam_attention.use_fast_attention`` patched them).
+plugin (``_attention_received`` and ``_attention_matrix`` say what each layout measured). Every block
+runs in ``encoder_blocks``' layouts (fewer permutes than the stock modules convert to); ``PlainEncoder``
+is the features-only graph in the same layouts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from . import sam_attention
+from .encoder_blocks import RelPos, global_qkv, head_qkv, merge_heads, rel_pos_terms, run_block
 
 if TYPE_CHECKING:
     from segment_anything.modeling.image_encoder import Attention as VitAttention
@@ -32,18 +34,7 @@ def global_block_indices(image_encoder: ImageEncoder) -> tuple[int, ...]:
     return tuple(i for i, block in enumerate(image_encoder.blocks) if block.window_size == 0)
 
 
-_RelPos = tuple[torch.Tensor, torch.Tensor] | None  # rel_h (B, heads, H, W, H), rel_w (B, heads, H, W, W)
-
-
-def _qkv(attn: VitAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _RelPos]:
-    """q, k, v (B, heads, N, head_dim) of SAM's attention and its decomposed rel-pos terms (or None)."""
-    b, h, w, _ = x.shape
-    q, k, v = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    rel = sam_attention._decomposed_rel_pos(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if attn.use_rel_pos else None
-    return q, k, v, rel
-
-
-def _softmax(attn: VitAttention, q: torch.Tensor, k: torch.Tensor, rel: _RelPos,
+def _softmax(attn: VitAttention, q: torch.Tensor, k: torch.Tensor, rel: RelPos,
              heads: slice, rows: slice, grid: tuple[int, int]) -> torch.Tensor:
     """SAM's attention weights softmax((q * scale) @ k^T + rel_h + rel_w) for ``heads`` and the queries of
     grid ``rows``: (B, heads, rows * W, N)."""
@@ -63,11 +54,6 @@ def _after(x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
     return x if previous is None else x + previous[:, :1, None, None] * 0.0
 
 
-def _merge_heads(attn: VitAttention, out: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    b, heads = out.shape[:2]
-    return attn.proj(out.view(b, heads, *grid, -1).permute(0, 2, 3, 1, 4).reshape(b, *grid, -1))
-
-
 def _attention_received(attn: VitAttention, x: torch.Tensor, query_weights: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's global attention one head at a time, and the attention each key receives from the
@@ -75,20 +61,23 @@ def _attention_received(attn: VitAttention, x: torch.Tensor, query_weights: torc
 
     No (N x N) head sum is kept: each head's weights reduce to a vector right away. Measured on a
     vit_b global block in OpenVINO bf16: as fast as the plain graph (0.89 vs 0.88 s), where summing the
-    heads' matrices cost 1.39 s (a copy per head for the sum, and f32 conversions of the sum).
+    heads' matrices cost 1.39 s (a copy per head for the sum, and f32 conversions of the sum). Each
+    head's q, k, v come from its own rows of the qkv weight (``encoder_blocks.head_qkv``) and the
+    outputs are concatenated on the channels: no head split or merge to permute.
     """
-    b, h, w, _ = x.shape
-    q, k, v, rel = _qkv(attn, x)
-    heads = attn.num_heads
+    b, h, w, c = x.shape
+    tokens = x.reshape(b, h * w, c)
     outs: list[torch.Tensor] = []
     received: torch.Tensor | None = None
-    for i in range(heads):
-        probs = _softmax(attn, _after(q, received), k, rel, slice(i, i + 1), slice(0, h), (h, w))
-        outs.append(probs @ v[:, i : i + 1])
+    for i in range(attn.num_heads):
+        q, k, v = head_qkv(attn, tokens, i)
+        rel = rel_pos_terms(attn, q, (h, w))
+        probs = _softmax(attn, _after(q, received), k, rel, slice(0, 1), slice(0, h), (h, w))
+        outs.append((probs @ v)[:, 0])
         part = (query_weights[:, None, None, :] @ probs)[:, 0, 0]
         received = part if received is None else received + part
     assert received is not None
-    return _merge_heads(attn, torch.cat(outs, dim=1), (h, w)), received / heads
+    return attn.proj(torch.cat(outs, dim=-1).view(b, h, w, c)), received / attn.num_heads
 
 
 def _attention_matrix(attn: VitAttention, x: torch.Tensor, query_weights: torch.Tensor, band: int
@@ -103,7 +92,7 @@ def _attention_matrix(attn: VitAttention, x: torch.Tensor, query_weights: torch.
     """
     b, h, w, _ = x.shape
     n = h * w
-    q, k, v, rel = _qkv(attn, x)
+    q, k, v, rel = global_qkv(attn, x)
     heads = attn.num_heads
     outs: list[torch.Tensor] = []
     rows: list[torch.Tensor] = []
@@ -122,7 +111,7 @@ def _attention_matrix(attn: VitAttention, x: torch.Tensor, query_weights: torch.
         received = part if received is None else received + part
         column_sum = column if column_sum is None else column_sum + column
     assert received is not None and column_sum is not None
-    out = _merge_heads(attn, torch.cat(outs, dim=2), (h, w))
+    out = merge_heads(attn, torch.cat(outs, dim=2), (h, w))
     return out, received, column_sum / n, torch.cat(rows, dim=1)
 
 
@@ -159,7 +148,7 @@ class CapturingEncoder(nn.Module):
         column_mean = matrix = x  # replaced at the last global block (there is at least one)
         for i, block in enumerate(encoder.blocks):
             if i not in self.global_blocks:
-                x = block(x)
+                x = run_block(block, x)
                 continue
             # segment_anything's Block.forward for window_size == 0, with the attention's reductions kept.
             if i == last:
@@ -173,6 +162,28 @@ class CapturingEncoder(nn.Module):
             if i == last:
                 break
         for block in encoder.blocks[last + 1 :]:  # SAM ends on a global block; structural copies may not
-            x = block(x)
+            x = run_block(block, x)
         features = encoder.neck(x.permute(0, 3, 1, 2))
         return (features, *received, column_mean, matrix)
+
+
+class PlainEncoder(nn.Module):
+    """``forward(image)`` -> features (B, C_out, H_tok, W_tok): ImageEncoderViT.forward with every block in
+    ``encoder_blocks``' layouts, the plain graph's module. Shares the wrapped encoder's parameters."""
+
+    encoder: ImageEncoder
+
+    def __init__(self, image_encoder: ImageEncoder) -> None:
+        super().__init__()
+        if not sam_attention.supports_encoder_attention(image_encoder):
+            raise ValueError(f"{type(image_encoder).__name__} is not SAM's ViT encoder")
+        self.encoder = image_encoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        encoder = self.encoder
+        x = encoder.patch_embed(image)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        for block in encoder.blocks:
+            x = run_block(block, x)
+        return encoder.neck(x.permute(0, 3, 1, 2))

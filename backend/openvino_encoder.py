@@ -6,7 +6,8 @@ side, the precision and the graph kind), so a warm start reads the file and neve
 The inference precision is always set explicitly (OpenVINO would pick bf16 by itself on CPUs with
 AMX or avx512_bf16): f32 gives the torch path's numbers to ~1e-5.
 
-Two graph kinds: "plain" (the encoder: features) and "capture" (``encoder_graph.CapturingEncoder``:
+Two graph kinds: "plain" (``encoder_graph.PlainEncoder``, or the encoder as it is when not SAM's ViT:
+features) and "capture" (``encoder_graph.CapturingEncoder``:
 features plus the explanation's reductions in the same pass). Only the kind the engine asks for is
 converted and compiled; the other is made on first use.
 """
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from . import sam_attention
-from .encoder_graph import CapturingEncoder, global_block_indices
+from .encoder_graph import CapturingEncoder, PlainEncoder, global_block_indices
 from .encoder_runtime import EncodedImage, EncoderAttention, describe_error, valid_tokens
 from .openvino_cache import PRECISION_HINTS, Conversion, ConversionError, compile_for_cpu, key_digest, load_or_convert
 
@@ -37,8 +38,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when the converted graph changes (3: matrix only at the last block; 4: windowed attention's head
-# chunks concatenated, sam_attention._sdpa): old files are then unused.
-GRAPH_VERSION = 4
+# chunks concatenated, sam_attention._sdpa; 5: every block in encoder_blocks' layouts, fewer permutes,
+# global blocks one head at a time from per-head linears): old files are then unused.
+GRAPH_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ class OpenVinoImageEncoder:
                 encoder = self._reload_torch()
             except Exception as exc:  # noqa: BLE001 - whatever stops the reload, name it
                 raise ConversionError(f"the torch encoder could not be loaded again ({describe_error(exc)})") from exc
-        module: nn.Module = encoder
+        # SAM's ViT in encoder_blocks' layouts; other encoders (MobileSAM's TinyViT) as they are.
+        module: nn.Module = PlainEncoder(encoder) if sam_attention.supports_encoder_attention(encoder) else encoder
         example: tuple[torch.Tensor, ...] = (image,)
         if capture:
             grid = side // self._patch()

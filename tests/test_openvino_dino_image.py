@@ -93,14 +93,34 @@ def assert_same_features(ours: DinoImageFeatures, theirs: DinoImageFeatures, ato
 
 @pytest.mark.parametrize("height, width", [(320, 427), (533, 300), (224, 224), (301, 533), (MIN_SIDE, 533)])
 def test_graph_computes_groundingdinos_forward(torch_detector, height, width):
-    """The export-friendly rewrite is groundingdino's arithmetic: equal on torch at sides that are and
-    are not multiples of the patch, the window (7) and 32, so every padding path is taken."""
+    """The export-friendly rewrite is groundingdino's arithmetic: equal on torch (to float rounding: the
+    windows' attention is one SDPA, its terms summed in another order) at sides that are and are not
+    multiples of the patch, the window (7) and 32, so every padding path is taken."""
     image = torch.randn(3, height, width, generator=torch.Generator().manual_seed(height * width))
     theirs = torch_detector.image_runtime.run(image)
     with torch.inference_mode():
         ours = DinoImageGraph(torch_detector.model).eval()(image[None])
     for a, b in zip(ours, [*theirs.srcs, *theirs.poss], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_equals_groundingdinos_module(torch_detector, shifted):
+    """``_window_attention`` (three qkv linears, one permute each way, one SDPA) against the stock
+    WindowAttention on the same windows, with the shifted windows' mask or without; 3 x 4 windows."""
+    from backend.dino_image_graph import _shift_mask, _window_attention
+
+    block = torch_detector.model.backbone[0].layers[0].blocks[int(shifted)]
+    size, channels = int(block.window_size), block.attn.qkv.in_features
+    assert int(block.shift_size) == (size // 2 if shifted else 0)
+    x = torch.randn(1, 3 * size, 4 * size, channels, generator=torch.Generator().manual_seed(7))
+    mask = _shift_mask(3, 4, size, int(block.shift_size), x.device) if shifted else None
+    windows = x.view(1, 3, size, 4, size, channels).permute(0, 1, 3, 2, 4, 5).reshape(-1, size * size, channels)
+    with torch.inference_mode():
+        # The stock module ends with its projection; _window_attention leaves it to the block.
+        expected = block.attn(windows, mask=mask).view(1, 3, 4, size, size, channels).permute(0, 1, 3, 2, 4, 5)
+        got = block.attn.proj(_window_attention(block.attn, x, size, mask))
+    torch.testing.assert_close(got, expected.reshape(1, 3 * size, 4 * size, channels), atol=1e-5, rtol=1e-5)
 
 
 def test_first_load_converts_and_caches_by_checkpoint(first_load, config, ov_cache):
