@@ -318,9 +318,11 @@ def text_image_attention(attention: Any, image: torch.Tensor, text: torch.Tensor
     bs, tokens, _ = text.shape
     heads, head_dim = attention.num_heads, attention.head_dim
     keys = attention.l_proj(text).view(bs, tokens, heads, head_dim)
-    query_weight = attention.v_proj.weight.view(heads, head_dim, -1)  # heads, head_dim, v_dim
+    # The weights in the activations' dtype: einsum is not autocast, and a bf16 engine's text is bf16 here.
+    query_weight = attention.v_proj.weight.view(heads, head_dim, -1).to(keys.dtype)  # heads, head_dim, v_dim
     keys_on_image = torch.einsum("bthd,hdv->bhtv", keys, query_weight) * attention.scale  # bs, heads, T, v_dim
-    key_bias = torch.einsum("bthd,hd->bht", keys, attention.v_proj.bias.view(heads, head_dim)) * attention.scale
+    key_bias = torch.einsum("bthd,hd->bht", keys, attention.v_proj.bias.view(heads, head_dim).to(keys.dtype)
+                            ) * attention.scale
     logits = image @ keys_on_image.flatten(1, 2).transpose(1, 2) + key_bias.flatten(1)[:, None, :]
     logits = logits.view(bs, -1, heads, tokens)  # bs, I, heads, T: groundingdino's (bs * heads, I, T), permuted
     if attention.stable_softmax_2d:
@@ -335,14 +337,14 @@ def text_image_attention(attention: Any, image: torch.Tensor, text: torch.Tensor
     to_image = logits.softmax(dim=-1)  # over the text tokens
 
     values = attention.values_l_proj(text).view(bs, tokens, heads, head_dim)
-    output_weight = attention.out_v_proj.weight.view(-1, heads, head_dim)  # v_dim, heads, head_dim
+    output_weight = attention.out_v_proj.weight.view(-1, heads, head_dim).to(values.dtype)  # v_dim, heads, head_dim
     values_on_image = torch.einsum("bthd,vhd->bhtv", values, output_weight).flatten(1, 2)  # bs, heads * T, v_dim
     image_delta = to_image.flatten(2) @ values_on_image + attention.out_v_proj.bias
 
     to_text_flat = to_text.flatten(2)  # bs, I, heads * T
     pooled = (to_text_flat.transpose(1, 2) @ image).view(bs, heads, tokens, -1)  # sum_i p_l v_i: bs, heads, T, v_dim
     weight_sum = to_text_flat.sum(1).view(bs, heads, tokens, 1)
-    value_weight = attention.values_v_proj.weight.view(heads, head_dim, -1)
+    value_weight = attention.values_v_proj.weight.view(heads, head_dim, -1).to(pooled.dtype)
     text_output = (torch.einsum("bhtv,hdv->bthd", pooled, value_weight)
                    + (weight_sum * attention.values_v_proj.bias.view(1, heads, 1, head_dim)).transpose(1, 2))
     text_delta = attention.out_l_proj(text_output.reshape(bs, tokens, heads * head_dim))

@@ -83,3 +83,22 @@ def test_block_with_text_side_attention_equals_groundingdinos_block():
         ours = _fusion_layer(block, image, text, image_padding, text_padding)
     for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("how", ["autocast", "bf16 weights"])
+def test_runs_in_bf16_as_the_torch_runtime_does(how):
+    """Under bf16 autocast (the torch runtime with PRECISION=bf16: projections bf16, einsum not autocast)
+    and with bf16 weights: it runs, and stays close to float32."""
+    module = attention(seed=9).float()
+    image, text = tokens(1, 200, 64, seed=10).float(), tokens(1, 12, 64, seed=11).float()
+    with torch.no_grad():
+        reference = text_image_attention(module, image, text, None, None)
+        if how == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours = text_image_attention(module, image, text, None, None)
+        else:
+            ours = text_image_attention(module.to(torch.bfloat16), image.bfloat16(), text.bfloat16(), None, None)
+    for got, want in zip(ours, reference, strict=True):
+        assert got.dtype == (torch.bfloat16 if how == "bf16 weights" else got.dtype) and got.isfinite().all()
+        cosine = torch.nn.functional.cosine_similarity(got.float().flatten(), want.flatten(), dim=0)
+        assert cosine > 0.999
