@@ -192,7 +192,6 @@ class OpenVinoDinoText:
         # Such inputs go to torch, which raises as it always did.
         self.fallback = fallback
         self.ops: OpsLibrary | None = _ops_library(cache_dir)
-        self.core: DeformableCore = "fused" if self.ops else "grid_sample"
         example = example_inputs(model)
         self.conversion: Conversion
         compiled_model, self.conversion = load_or_convert(
@@ -204,6 +203,11 @@ class OpenVinoDinoText:
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
         self.bucketed = True  # pad the image features to ``bucket_sizes`` (bench/ turns it off to compare)
+
+    @property
+    def core(self) -> DeformableCore:
+        """The deformable attention's form in the graph: the library's node where it loaded."""
+        return "fused" if self.ops else "grid_sample"
 
     def fits(self, inputs: DinoTextInputs) -> bool:
         """Whether the graph serves these sizes: at least as many image tokens as queries, and every

@@ -73,13 +73,14 @@ def cpu_bf16_kind(flags: Iterable[str]) -> str | None:
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """This machine's CPU flags from /proc/cpuinfo (Linux); empty where there is none to read."""
+    """This machine's CPU flags from /proc/cpuinfo (Linux: "flags" on x86, "Features" on arm64); empty
+    where there is none to read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
     for line in text.splitlines():
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
 

@@ -98,16 +98,6 @@ def _openvino_paths() -> tuple[Path, list[Path]]:
     return include, [core[0], tbb[0]]
 
 
-def _cpu_identity() -> str:
-    """The CPU model and flags (``-march=native`` builds for them), from /proc/cpuinfo where there is one."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    wanted = ("model name", "flags", "Features", "CPU part")
-    return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
-
-
 def _compiler_version(compiler: str) -> str:
     try:
         return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
@@ -132,8 +122,11 @@ def _toolchain() -> _Toolchain:
         raise OpsLibraryError(f"the operations library is built on Linux only, not {platform.system()}")
     compiler = _compiler()
     include, libraries = _openvino_paths()
+    from .models import cpu_flags
+
+    # -march=native emits what the CPU's flags allow: another CPU sharing the folder gets its own build.
     identity = "\n".join([SOURCE.read_text(), openvino.get_version(), _compiler_version(compiler), " ".join(FLAGS),
-                          platform.machine(), _cpu_identity()])
+                          platform.machine(), " ".join(sorted(cpu_flags()))])
     return _Toolchain(compiler, include, tuple(libraries), hashlib.sha256(identity.encode()).hexdigest()[:16])
 
 
@@ -172,6 +165,13 @@ def build(folder: Path, toolchain: _Toolchain | None = None) -> OpsLibrary:
     return OpsLibrary(path, True, seconds)
 
 
+def _open(library: OpsLibrary) -> None:
+    try:
+        ctypes.CDLL(str(library.path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        raise OpsLibraryError(f"OpenVINO operations library {library.path} does not load ({exc})") from exc
+
+
 def load(folder: Path) -> OpsLibrary:
     """``build(folder)``, loaded into this process for good.
 
@@ -187,18 +187,14 @@ def load(folder: Path) -> OpsLibrary:
         if earlier is None or not earlier.path.is_file():
             library = build(folder, toolchain)
             try:
-                ctypes.CDLL(str(library.path), mode=ctypes.RTLD_GLOBAL)
-            except OSError as exc:
+                _open(library)
+            except OpsLibraryError as exc:
                 if library.built:
-                    raise OpsLibraryError(f"{library.path} does not load ({exc})") from exc
+                    raise
                 # An earlier build left a file that does not load (truncated, say): build it again, once.
-                logger.warning("OpenVINO operations library %s does not load (%s); building it again", library.path,
-                               exc)
+                logger.warning("%s; building it again", exc)
                 library.path.unlink(missing_ok=True)
                 library = build(folder, toolchain)
-                try:
-                    ctypes.CDLL(str(library.path), mode=ctypes.RTLD_GLOBAL)
-                except OSError as again:
-                    raise OpsLibraryError(f"{library.path} does not load ({again})") from again
+                _open(library)
             _loaded[toolchain.digest] = library
         return _loaded[toolchain.digest]
