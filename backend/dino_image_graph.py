@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoder_blocks import grid_to_windows, qkv_part, windows_to_grid
+
 if TYPE_CHECKING:
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
 
@@ -143,16 +145,9 @@ def _window_attention(attn: Any, x: torch.Tensor, size: int, mask: torch.Tensor 
     bias and the shift mask as its additive mask, which OpenVINO runs as one fused kernel (the stock
     q * scale @ k^T, add, softmax, @ v: the same terms, rounded in another order).
     """
-    batch, height, width, channels = x.shape
+    batch, height, width, _ = x.shape
     rows, cols, heads, n = height // size, width // size, attn.num_heads, size * size
-
-    def windows(part: int) -> torch.Tensor:  # (B * windows) x heads x size² x head_dim
-        weight = attn.qkv.weight[part * channels : (part + 1) * channels]
-        bias = attn.qkv.bias[part * channels : (part + 1) * channels] if attn.qkv.bias is not None else None
-        t = F.linear(x, weight, bias).view(batch, rows, size, cols, size, heads, -1)
-        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch * rows * cols, heads, n, -1)
-
-    q, k, v = windows(0), windows(1), windows(2)
+    q, k, v = (grid_to_windows(qkv_part(attn, x, part), rows, cols, size, heads) for part in range(3))
     # heads x size² x size², from parameters only: a constant in the graph.
     additive = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
     additive = additive[None]
@@ -161,8 +156,7 @@ def _window_attention(attn: Any, x: torch.Tensor, size: int, mask: torch.Tensor 
         if batch > 1:
             additive = additive.repeat(batch, 1, 1, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive.to(q.dtype), scale=attn.scale)
-    out = out.view(batch, rows, cols, heads, size, size, -1).permute(0, 1, 4, 2, 5, 3, 6)
-    return out.reshape(batch, height, width, channels)
+    return windows_to_grid(out, batch, rows, cols, size)
 
 
 def _crop(x: torch.Tensor, height: Any, width: Any) -> torch.Tensor:

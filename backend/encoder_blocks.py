@@ -22,7 +22,7 @@ the heads and permuted the windows back. Here, for the exported graphs only (the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,33 @@ RelPos = tuple[torch.Tensor, torch.Tensor] | None  # rel_h (B, heads, H, W, H), 
 _BLOCK_DIAGONAL_MAX = 16
 
 
-def qkv_part(attn: VitAttention, x: torch.Tensor, part: int) -> torch.Tensor:
-    """q (0), k (1) or v (2) of SAM's fused qkv projection on tokens ``x`` (..., C): (..., C)."""
-    linear: nn.Linear = attn.qkv
-    size = linear.out_features // 3
-    rows = slice(part * size, (part + 1) * size)
+def linear_rows(linear: nn.Linear, x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The outputs ``rows`` of ``linear`` on ``x`` (..., in): one linear from those rows of its weight (a
+    constant in the graph), not a slice of the whole output."""
     return F.linear(x, linear.weight[rows], None if linear.bias is None else linear.bias[rows])
+
+
+def qkv_part(attn: Any, x: torch.Tensor, part: int) -> torch.Tensor:
+    """q (0), k (1) or v (2) of a fused qkv projection ``attn.qkv`` (SAM's ViT, Swin) on tokens ``x``
+    (..., C): (..., C)."""
+    size = attn.qkv.out_features // 3
+    return linear_rows(attn.qkv, x, slice(part * size, (part + 1) * size))
+
+
+def grid_to_windows(t: torch.Tensor, rows: int, cols: int, size: int, heads: int) -> torch.Tensor:
+    """Tokens t (B, rows * size, cols * size, heads * d) as (B * windows, heads, size², d), in one permute:
+    the window partition and the head split together."""
+    b = t.shape[0]
+    t = t.reshape(b, rows, size, cols, size, heads, -1)
+    return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(b * rows * cols, heads, size * size, -1)
+
+
+def windows_to_grid(out: torch.Tensor, batch: int, rows: int, cols: int, size: int) -> torch.Tensor:
+    """``grid_to_windows``' inverse for attention outputs (B * windows, heads, size², d): (B, rows * size,
+    cols * size, heads * d), the head merge and the window merge in one permute."""
+    heads = out.shape[1]
+    out = out.reshape(batch, rows, cols, heads, size, size, -1).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(batch, rows * size, cols * size, -1)
 
 
 def rel_pos_terms(attn: VitAttention, q: torch.Tensor, size: tuple[int, int]) -> RelPos:
@@ -90,13 +111,12 @@ def merge_heads(attn: VitAttention, out: torch.Tensor, grid: tuple[int, int]) ->
 def head_qkv(attn: VitAttention, tokens: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (B, 1, N, head_dim) of one head, each from that head's rows of the qkv weight, on tokens
     (B, N, C): no head split to permute when the heads run one at a time (global blocks)."""
-    linear: nn.Linear = attn.qkv
-    channels = linear.in_features
+    channels = attn.qkv.in_features
     size = channels // attn.num_heads
 
     def part(i: int) -> torch.Tensor:
         rows = slice(i * channels + head * size, i * channels + (head + 1) * size)
-        return F.linear(tokens, linear.weight[rows], None if linear.bias is None else linear.bias[rows])[:, None]
+        return linear_rows(attn.qkv, tokens, rows)[:, None]
 
     return part(0), part(1), part(2)
 
@@ -128,19 +148,14 @@ def windowed_block(block: Block, x: torch.Tensor) -> torch.Tensor:
     rows, cols, heads = -(-h // size), -(-w // size), attn.num_heads
     tokens = F.pad(block.norm1(x), (0, 0, 0, cols * size - w, 0, rows * size - h))
 
-    def windows(part: int) -> torch.Tensor:  # (B * windows, heads, size², head_dim)
-        t = qkv_part(attn, tokens, part).view(b, rows, size, cols, size, heads, -1)
-        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(b * rows * cols, heads, size * size, -1)
-
-    q, k, v = windows(0), windows(1), windows(2)
+    q, k, v = (grid_to_windows(qkv_part(attn, tokens, part), rows, cols, size, heads) for part in range(3))
     rel = rel_pos_terms(attn, q, (size, size))
     mask = None
     if rel is not None:  # SAM adds the terms (from the unscaled q) after scaling: the mask is them as they are
         n = size * size
         mask = (rel[0][..., :, None] + rel[1][..., None, :]).reshape(b * rows * cols, heads, n, n)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
-    out = out.view(b, rows, cols, heads, size, size, -1).permute(0, 1, 4, 2, 5, 3, 6)
-    out = out.reshape(b, rows * size, cols * size, c)[:, :h, :w]
+    out = windows_to_grid(out, b, rows, cols, size)[:, :h, :w]
     x = x + attn.proj(out)
     return x + block.mlp(block.norm2(x))
 
