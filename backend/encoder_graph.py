@@ -6,20 +6,23 @@ effect, so here the same reductions are graph outputs instead: for every global 
 each token receives from the image's own (unpadded) queries, and for the last global block the
 head-averaged matrix (float16) and its plain column mean. One compiled pass then gives the features
 and everything ``segmenter.EncoderAttention`` holds. The attention is laid out for OpenVINO's CPU
-plugin (``_attention_received`` and ``_attention_matrix`` say what each layout measured). Every block
-runs in ``encoder_blocks``' layouts (fewer permutes than the stock modules convert to); ``PlainEncoder``
-is the features-only graph in the same layouts.
+plugin (``_attention_received`` and ``_attention_matrix`` say what each layout measured), or, with the
+project's operations library, as one node per global block that never writes the N x N probabilities
+(``attention="fused"``: ``global_attention``). Every block runs in ``encoder_blocks``' layouts (fewer
+permutes than the stock modules convert to); ``PlainEncoder`` is the features-only graph in the same
+layouts.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from . import sam_attention
-from .encoder_blocks import RelPos, global_qkv, head_qkv, merge_heads, rel_pos_terms, run_block
+from .encoder_blocks import RelPos, global_qkv, head_qkv, merge_heads, qkv_part, rel_pos_terms, run_block
+from .global_attention import fused_global_attention, fused_global_attention_matrix
 
 if TYPE_CHECKING:
     from segment_anything.modeling.image_encoder import Attention as VitAttention
@@ -115,6 +118,29 @@ def _attention_matrix(attn: VitAttention, x: torch.Tensor, query_weights: torch.
     return out, received, column_sum / n, torch.cat(rows, dim=1)
 
 
+def _attention_fused(attn: VitAttention, x: torch.Tensor, query_weights: torch.Tensor, matrix: bool, bf16: bool
+                     ) -> tuple[torch.Tensor, ...]:
+    """SAM's global attention on x (B, H, W, C) as the library's one node (``global_attention``): q, k and v
+    straight from their linears (heads on the channels), the relative-position terms as matmuls.
+
+    Returns (block output, received) and, with ``matrix``, the column mean and the matrix, as
+    ``_attention_matrix``.
+    """
+    b, h, w, c = x.shape
+    n, heads = h * w, attn.num_heads
+    q, k, v = (qkv_part(attn, x, part).reshape(b, n, c) for part in range(3))
+    rel = rel_pos_terms(attn, q.view(b, n, heads, -1).transpose(1, 2), (h, w))
+    if rel is None:  # no relative positions: terms of zero
+        rel = (q.new_zeros(b, heads, n, h), q.new_zeros(b, heads, n, w))
+    rel_h, rel_w = rel[0].reshape(b, heads, n, h), rel[1].reshape(b, heads, n, w)
+    op = fused_global_attention_matrix if matrix else fused_global_attention
+    out, *reductions = op(q, k, v, rel_h, rel_w, query_weights, heads, float(attn.scale), bf16)
+    return (attn.proj(out.view(b, h, w, c)), *reductions)
+
+
+AttentionForm = Literal["explicit", "fused"]
+
+
 class CapturingEncoder(nn.Module):
     """``forward(image, query_weights)`` -> (features, received of each global block..., last block's
     column mean, last block's matrix as float16).
@@ -122,13 +148,15 @@ class CapturingEncoder(nn.Module):
     ``query_weights`` is (B, N), N = H_tok * W_tok: 1/count on the tokens that saw real pixels, 0 on
     the padding, so ``query_weights @ matrix`` is ``sam_attention.mask_attention_map(block, valid)``.
     Only the last global block builds the head-averaged matrix (``band`` token rows of queries at a
-    time); the others reduce each head's weights to ``received`` directly. Shares the wrapped
-    encoder's parameters (no copy).
+    time); the others reduce each head's weights to ``received`` directly. ``attention="fused"`` runs
+    each global block as the operations library's node instead (``bf16``: its products in bf16, for a
+    graph compiled at bf16). Shares the wrapped encoder's parameters (no copy).
     """
 
     encoder: ImageEncoder
 
-    def __init__(self, image_encoder: ImageEncoder, band: int = 8) -> None:
+    def __init__(self, image_encoder: ImageEncoder, band: int = 8, attention: AttentionForm = "explicit",
+                 bf16: bool = False) -> None:
         super().__init__()
         self.encoder = image_encoder
         self.global_blocks = global_block_indices(image_encoder)
@@ -136,7 +164,11 @@ class CapturingEncoder(nn.Module):
             raise ValueError(f"{type(image_encoder).__name__} has no global-attention blocks to capture")
         if band < 1:
             raise ValueError(f"band must be >= 1 token row, got {band}")
+        if attention not in ("explicit", "fused"):
+            raise ValueError(f"attention must be 'explicit' or 'fused', got {attention!r}")
         self.band = band
+        self.attention = attention
+        self.bf16 = bf16
 
     def forward(self, image: torch.Tensor, query_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         encoder = self.encoder
@@ -151,7 +183,12 @@ class CapturingEncoder(nn.Module):
                 x = run_block(block, x)
                 continue
             # segment_anything's Block.forward for window_size == 0, with the attention's reductions kept.
-            if i == last:
+            if self.attention == "fused":
+                attended, got, *rest = _attention_fused(block.attn, block.norm1(x), query_weights, i == last,
+                                                        self.bf16)
+                if i == last:
+                    column_mean, matrix = rest
+            elif i == last:
                 attended, got, column_mean, matrix = _attention_matrix(block.attn, block.norm1(x), query_weights,
                                                                        self.band)
             else:

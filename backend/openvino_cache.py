@@ -104,7 +104,9 @@ def convert(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic_shapes
     try:
         with torch.no_grad():
             exported = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, **(export_options or {}))
-        return ov.convert_model(exported, extension=ops.conversion_extensions() if ops else None)
+        if ops is None:
+            return ov.convert_model(exported)
+        return ops.connect_outputs(ov.convert_model(exported, extension=ops.conversion_extensions()))
     except Exception as exc:
         raise ConversionError(f"{type(module).__name__} did not convert ({describe_error(exc)})") from exc
 

@@ -9,7 +9,9 @@ AMX or avx512_bf16): f32 gives the torch path's numbers to ~1e-5.
 Two graph kinds: "plain" (``encoder_graph.PlainEncoder``, or the encoder as it is when not SAM's ViT:
 features) and "capture" (``encoder_graph.CapturingEncoder``:
 features plus the explanation's reductions in the same pass). Only the kind the engine asks for is
-converted and compiled; the other is made on first use.
+converted and compiled; the other is made on first use. A bf16 capture graph on a CPU with AMX runs
+its global blocks as the operations library's node (``global_attention``: no N x N tensor written per
+head), where the library builds; elsewhere in OpenVINO's own ops.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ import torch
 from torch import nn
 
 from . import sam_attention
-from .encoder_graph import CapturingEncoder, PlainEncoder, global_block_indices
+from .encoder_graph import AttentionForm, CapturingEncoder, PlainEncoder, global_block_indices
 from .encoder_runtime import EncodedImage, EncoderAttention, describe_error, valid_tokens
 from .openvino_cache import PRECISION_HINTS, Conversion, ConversionError, compile_for_cpu, key_digest, load_or_convert
 
 if TYPE_CHECKING:
     from .encoder_runtime import ImageEncoder
+    from .openvino_ops import OpsLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +56,16 @@ class CacheKey:
     capture: bool  # graph kind: with the attention outputs or not
     openvino: str = ov.get_version()
     graph_version: int = GRAPH_VERSION
+    attention: AttentionForm = "explicit"  # the capture graph's global blocks: OpenVINO's ops or the library's
     what = "SAM's image encoder"  # for openvino_cache's log lines
 
     def as_json(self) -> dict[str, object]:
-        return {"identity": dict(self.identity), "input_side": self.input_side, "precision": self.precision,
-                "capture": self.capture, "openvino": self.openvino, "graph_version": self.graph_version}
+        fields: dict[str, object] = {
+            "identity": dict(self.identity), "input_side": self.input_side, "precision": self.precision,
+            "capture": self.capture, "openvino": self.openvino, "graph_version": self.graph_version}
+        if self.attention != "explicit":  # the explicit graphs keep the names they had
+            fields["attention"] = self.attention
+        return fields
 
     @property
     def stem(self) -> str:
@@ -100,6 +108,7 @@ class OpenVinoImageEncoder:
         self.conversions: dict[bool, Conversion] = {}
         self.compile_seconds: dict[bool, float] = {}
         self._compiled: dict[bool, ov.InferRequest] = {}
+        self._attention_ops: tuple[OpsLibrary | None] | None = None  # found on the first capture graph
         self._lock = threading.Lock()
         self._core = ov.Core()
         self.torch_released = False
@@ -143,11 +152,16 @@ class OpenVinoImageEncoder:
         # SAM's ViT in encoder_blocks' layouts; other encoders (MobileSAM's TinyViT) as they are.
         module: nn.Module = PlainEncoder(encoder) if sam_attention.supports_encoder_attention(encoder) else encoder
         example: tuple[torch.Tensor, ...] = (image,)
+        ops = None
+        attention: AttentionForm = "explicit"
         if capture:
             grid = side // self._patch()
-            module, example = CapturingEncoder(encoder), (image, torch.full((1, grid * grid), 1.0 / grid ** 2))
-        key = CacheKey(self.identity, side, self.precision, capture)
-        model, conversion = load_or_convert(module, example, key, self.cache_dir)
+            ops = self._fused_attention_ops()
+            attention = "fused" if ops else "explicit"
+            module = CapturingEncoder(encoder, attention=attention, bf16=self.precision == "bf16")
+            example = (image, torch.full((1, grid * grid), 1.0 / grid ** 2))
+        key = CacheKey(self.identity, side, self.precision, capture, attention=attention)
+        model, conversion = load_or_convert(module, example, key, self.cache_dir, ops=ops)
         del encoder, module
         started = time.perf_counter()
         compiled = compile_for_cpu(self._core, model, self.precision)
@@ -156,6 +170,24 @@ class OpenVinoImageEncoder:
         request = compiled.create_infer_request()
         self._compiled[capture] = request
         return request
+
+    def _fused_attention_ops(self) -> OpsLibrary | None:
+        """The operations library when the capture graph's global blocks are to run as its node: bf16
+        graphs on a CPU with AMX, where the kernel's products run on AMX tiles (its f32 path is slower
+        than OpenVINO's matmuls). None elsewhere, or where the library does not build (logged once)."""
+        if self._attention_ops is None:
+            from .models import cpu_flags
+            from .openvino_ops import AMX_FLAGS, OpsLibraryError, load
+
+            ops = None
+            if self.precision == "bf16" and AMX_FLAGS <= cpu_flags():
+                try:
+                    ops = load(self.cache_dir / "ops")
+                except OpsLibraryError as exc:
+                    logger.warning("SAM's capture graph keeps OpenVINO's own attention ops (slower, same "
+                                   "results), because the operations library is not available: %s", exc)
+            self._attention_ops = (ops,)
+        return self._attention_ops[0]
 
     def _patch(self) -> int:
         return int(self.encoder.patch_embed.proj.kernel_size[0])

@@ -1,9 +1,13 @@
 """The project's own OpenVINO operations: a C++ library built on first use, and how the converter makes them.
 
-One operation so far, Grounding DINO's multi-scale deformable attention (``backend/csrc/
-deformable_attention.cpp``; torch side: ``dino_fast.fused_deformable_attention``). OpenVINO runs it as
-one node instead of GridSample and the Reorders, Multiplies, ReduceSums and Transposes around it
-(bench/README.md: the text half's deformable cores took ~4x the kernel's time).
+Two operations, each one node where OpenVINO's own ops would write tensors of the sampled or N x N size:
+
+* Grounding DINO's multi-scale deformable attention (``backend/csrc/deformable_attention.cpp``; torch
+  side: ``dino_fast.fused_deformable_attention``), instead of GridSample and the Reorders, Multiplies,
+  ReduceSums and Transposes around it (bench/README.md: the text half's deformable cores took ~4x the
+  kernel's time);
+* SAM's global-block attention with the explanation's reductions (``backend/csrc/global_attention.cpp``;
+  torch side: ``global_attention``), instead of the capture graph's explicit logits and softmax.
 
 OpenVINO loads operations from a shared library, and none ships for this one, so the library is
 compiled here, once per source, OpenVINO version, compiler and CPU, with the C++ compiler the machine
@@ -34,9 +38,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "deformable_attention.cpp"
+CSRC = Path(__file__).with_name("csrc")  # each operation's file (deformable_attention.cpp, global_attention.cpp)
+SOURCE = CSRC / "ops.cpp"  # the library: includes every operation's file (from CSRC), one translation unit
 OP_TYPE = "DeformableAttention"  # the C++ class's OPENVINO_OP name
 TORCH_OP = "gsam.deformable_attention.default"  # how torch.export names dino_fast.fused_deformable_attention
+ATTENTION_OP_TYPE = "GlobalAttention"
+# CPU flags under which GlobalAttention's bf16 products run on AMX tiles (its other path is plain f32 C++)
+AMX_FLAGS = frozenset({"amx_tile", "amx_bf16"})
+# how torch.export names global_attention's two operations, and whether each returns the matrix
+ATTENTION_TORCH_OPS = {"gsam.global_attention.default": False, "gsam.global_attention_matrix.default": True}
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")  # built where it runs: the CPU's own vector width
 BUILD_SECONDS = 180
 
@@ -75,7 +85,45 @@ class OpsLibrary:
                           "points": int(context.get_values_from_const_input(6))}
             return factory.create(OP_TYPE, inputs, attributes).outputs()
 
-        return [ConversionExtension(TORCH_OP, deformable_attention)]
+        def global_attention(matrix: bool) -> Any:
+            def convert(context: Any) -> Any:
+                inputs = [context.get_input(index) for index in range(6)]
+                attributes = {"heads": int(context.get_values_from_const_input(6)),
+                              "scale": float(context.get_values_from_const_input(7)),
+                              "matrix": matrix, "bf16": bool(context.get_values_from_const_input(8))}
+                return factory.create(ATTENTION_OP_TYPE, inputs, attributes).outputs()
+            return convert
+
+        return [ConversionExtension(TORCH_OP, deformable_attention),
+                *(ConversionExtension(name, global_attention(matrix)) for name, matrix in ATTENTION_TORCH_OPS.items())]
+
+
+    def connect_outputs(self, model: ov.Model) -> ov.Model:
+        """``model`` with each of the library's multi-output nodes' results taken from its own outputs.
+
+        OpenVINO's torch.export frontend gives a custom operation one output: the operation's tuple is
+        its first, and ``tuple[i]`` converts to a Gather of element i along that output's first axis
+        (the batch). Each such Gather is replaced by the node's output i. Raises OpsLibraryError where
+        a Gather of such an output is not this pattern (nothing else reads it).
+        """
+        import openvino as ov
+
+        for node in model.get_ordered_ops():
+            if node.get_type_name() != ATTENTION_OP_TYPE:
+                continue
+            for target in list(node.output(0).get_target_inputs()):
+                gather = target.get_node()
+                if gather.get_type_name() != "Gather":
+                    continue
+                index, axis = (gather.input_value(i).get_node() for i in (1, 2))
+                if index.get_type_name() != "Constant" or axis.get_type_name() != "Constant" or \
+                        int(axis.get_data().ravel()[0]) != 0 or index.get_data().size != 1:
+                    raise OpsLibraryError(f"{gather.get_friendly_name()} reads {node.get_friendly_name()} in a "
+                                          "way other than taking one of its outputs")
+                item = int(index.get_data().ravel()[0])
+                gather.output(0).replace(node.output(item))
+        model.validate_nodes_and_infer_types()
+        return ov.Model(model.get_results(), model.get_parameters(), model.get_friendly_name())
 
 
 def _compiler() -> str:
@@ -125,7 +173,8 @@ def _toolchain() -> _Toolchain:
     from .models import cpu_flags
 
     # -march=native emits what the CPU's flags allow: another CPU sharing the folder gets its own build.
-    identity = "\n".join([SOURCE.read_text(), openvino.get_version(), _compiler_version(compiler), " ".join(FLAGS),
+    sources = [SOURCE.read_text(), *(path.read_text() for path in sorted(CSRC.glob("*.cpp")) if path.name != "ops.cpp")]
+    identity = "\n".join([*sources, openvino.get_version(), _compiler_version(compiler), " ".join(FLAGS),
                           platform.machine(), " ".join(sorted(cpu_flags()))])
     return _Toolchain(compiler, include, tuple(libraries), hashlib.sha256(identity.encode()).hexdigest()[:16])
 
@@ -148,7 +197,7 @@ def build(folder: Path, toolchain: _Toolchain | None = None) -> OpsLibrary:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".building-") as tmp:
             part = Path(tmp) / path.name
-            command = [toolchain.compiler, *FLAGS, f"-I{toolchain.include}", str(SOURCE), "-o", str(part),
+            command = [toolchain.compiler, *FLAGS, f"-I{toolchain.include}", f"-I{CSRC}", str(SOURCE), "-o", str(part),
                        *map(str, toolchain.libraries), f"-Wl,-rpath,{toolchain.libraries[0].parent}"]
             done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
             if done.returncode != 0:

@@ -223,7 +223,3 @@ bool DeformableAttention::evaluate(ov::TensorVector& outputs, const ov::TensorVe
 }
 
 }  // namespace gsam
-
-OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({
-    std::make_shared<ov::OpExtension<gsam::DeformableAttention>>(),
-}));

@@ -1,0 +1,8 @@
+// The project's OpenVINO operations library, one translation unit (backend/openvino_ops.py builds this file).
+#include "deformable_attention.cpp"
+#include "global_attention.cpp"
+
+OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({
+    std::make_shared<ov::OpExtension<gsam::DeformableAttention>>(),
+    std::make_shared<ov::OpExtension<gsam::GlobalAttention>>(),
+}));
