@@ -139,8 +139,6 @@ class OpenVinoImageEncoder:
         request = self._compiled.get(capture)
         if request is not None:
             return request
-        side = self.img_size
-        image = torch.zeros(1, 3, side, side)
         encoder = self.encoder
         if self.torch_released and self._reload_torch is not None:
             # Loaded again for this one conversion (or cache read) and dropped after: the freed module
@@ -149,27 +147,42 @@ class OpenVinoImageEncoder:
                 encoder = self._reload_torch()
             except Exception as exc:  # noqa: BLE001 - whatever stops the reload, name it
                 raise ConversionError(f"the torch encoder could not be loaded again ({describe_error(exc)})") from exc
-        # SAM's ViT in encoder_blocks' layouts; other encoders (MobileSAM's TinyViT) as they are.
-        module: nn.Module = PlainEncoder(encoder) if sam_attention.supports_encoder_attention(encoder) else encoder
-        example: tuple[torch.Tensor, ...] = (image,)
-        ops = None
-        attention: AttentionForm = "explicit"
-        if capture:
-            grid = side // self._patch()
-            ops = self._fused_attention_ops()
-            attention = "fused" if ops else "explicit"
-            module = CapturingEncoder(encoder, attention=attention, bf16=self.precision == "bf16")
-            example = (image, torch.full((1, grid * grid), 1.0 / grid ** 2))
-        key = CacheKey(self.identity, side, self.precision, capture, attention=attention)
-        model, conversion = load_or_convert(module, example, key, self.cache_dir, ops=ops)
-        del encoder, module
-        started = time.perf_counter()
-        compiled = compile_for_cpu(self._core, model, self.precision)
-        self.compile_seconds[capture] = time.perf_counter() - started
+        compiled, conversion = self._convert(encoder, capture, self._fused_attention_ops() if capture else None)
+        del encoder
         self.conversions[capture] = conversion
         request = compiled.create_infer_request()
         self._compiled[capture] = request
         return request
+
+    def _convert(self, encoder: ImageEncoder, capture: bool, ops: OpsLibrary | None
+                 ) -> tuple[ov.CompiledModel, Conversion]:
+        """The graph kind converted (or read from the cache) and compiled; a capture graph's global blocks
+        as the library's node when ``ops`` is given. Such a graph that fails to convert or compile is made
+        again with OpenVINO's own ops (one log line), rather than the encoder falling back to torch."""
+        side = self.img_size
+        image = torch.zeros(1, 3, side, side)
+        # SAM's ViT in encoder_blocks' layouts; other encoders (MobileSAM's TinyViT) as they are.
+        module: nn.Module = PlainEncoder(encoder) if sam_attention.supports_encoder_attention(encoder) else encoder
+        example: tuple[torch.Tensor, ...] = (image,)
+        attention: AttentionForm = "fused" if capture and ops else "explicit"
+        if capture:
+            grid = side // self._patch()
+            module = CapturingEncoder(encoder, attention=attention, bf16=self.precision == "bf16")
+            example = (image, torch.full((1, grid * grid), 1.0 / grid ** 2))
+        key = CacheKey(self.identity, side, self.precision, capture, attention=attention)
+        try:
+            model, conversion = load_or_convert(module, example, key, self.cache_dir, ops=ops)
+            started = time.perf_counter()
+            compiled = compile_for_cpu(self._core, model, self.precision)
+        except (ConversionError, RuntimeError) as exc:
+            if attention == "explicit":
+                raise
+            logger.warning("SAM's capture graph with the operations library's attention failed (%s); "
+                           "making it with OpenVINO's own ops", describe_error(exc))
+            self._attention_ops = (None,)
+            return self._convert(encoder, capture, None)
+        self.compile_seconds[capture] = time.perf_counter() - started
+        return compiled, conversion
 
     def _fused_attention_ops(self) -> OpsLibrary | None:
         """The operations library when the capture graph's global blocks are to run as its node: bf16

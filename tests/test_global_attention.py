@@ -208,3 +208,42 @@ def test_without_the_library_the_capture_graph_keeps_openvinos_ops(config, ops_l
                                        cache_dir=tmp_path / "fresh", identity={"sam_variant": "tiny"})
     assert openvino_ops.ATTENTION_OP_TYPE not in _graph_nodes(runtime, ops_library)
     assert [r.getMessage() for r in caplog.records if "operations library is not available" in r.getMessage()]
+
+
+def test_a_fused_graph_that_fails_is_made_with_openvinos_ops(config, ops_library, chelsea, monkeypatch, tmp_path,
+                                                              caplog):
+    """The node's conversion failing costs the speed-up, not OpenVINO: one log line, the explicit graph."""
+    def broken(self, model):
+        raise openvino_ops.OpsLibraryError("planted failure")
+
+    monkeypatch.setattr(OpenVinoImageEncoder, "_fused_attention_ops", _fused(ops_library))
+    monkeypatch.setattr(openvino_ops.OpsLibrary, "connect_outputs", broken)
+    sam = build_sam(config)
+    x, input_size = SamSegmenter(sam, CPU).preprocess(chelsea)
+    with caplog.at_level(logging.WARNING):
+        runtime = OpenVinoImageEncoder(sam.image_encoder, torch.float32, CPU, capture=True, cache_dir=tmp_path,
+                                       identity={"sam_variant": "tiny"})
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "planted failure" in lines[0] and "OpenVINO's own ops" in lines[0]
+    assert openvino_ops.ATTENTION_OP_TYPE not in _graph_nodes(runtime, ops_library)
+    theirs = TorchImageEncoder(sam.image_encoder).encode(x, input_size, capture=True)
+    ours = runtime.encode(x, input_size, capture=True)
+    for block, want in theirs.attention.received.items():
+        np.testing.assert_allclose(ours.attention.received[block], want, rtol=1e-4, atol=1e-8)
+
+
+def test_planted_attention_lands_on_the_right_token_through_the_node(config, ops_library, monkeypatch, tmp_path):
+    """tests/test_sam_attention.py's geometry check through the capture graph with the library's node: an
+    encoder made so every query of global block 1 attends to one token finds that token, padding excluded."""
+    from backend.encoder_runtime import build_encoder_runtime
+    from tests.test_sam_attention import _planted_encoder
+
+    monkeypatch.setattr(OpenVinoImageEncoder, "_fused_attention_ops", _fused(ops_library))
+    r, c = 10, 42  # 500 x 333 photo -> 1024 x 682 input: column 42 is the last, partial token column
+    encoder, image = _planted_encoder(build_sam(config), r, c)
+    runtime = build_encoder_runtime(config.replace(openvino_cache_dir=tmp_path), encoder, CPU, torch.float32)
+    assert isinstance(runtime, OpenVinoImageEncoder)
+    assert openvino_ops.ATTENTION_OP_TYPE in _graph_nodes(runtime, ops_library)
+    received = runtime.encode(image, (1024, 682), capture=True).attention.received[1]
+    assert np.unravel_index(received.argmax(), received.shape) == (r, c)
+    assert received[r, c] > 0.99
