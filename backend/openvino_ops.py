@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CSRC = Path(__file__).with_name("csrc")  # each operation's file (deformable_attention.cpp, global_attention.cpp)
+CSRC = Path(__file__).with_name("csrc")  # each operation's file (deformable_attention.cpp, global_attention.cpp, ...)
 SOURCE = CSRC / "ops.cpp"  # the library: includes every operation's file (from CSRC), one translation unit
 OP_TYPE = "DeformableAttention"  # the C++ class's OPENVINO_OP name
 TORCH_OP = "gsam.deformable_attention.default"  # how torch.export names dino_fast.fused_deformable_attention
@@ -173,7 +173,8 @@ def _toolchain() -> _Toolchain:
     from .models import cpu_flags
 
     # -march=native emits what the CPU's flags allow: another CPU sharing the folder gets its own build.
-    sources = [SOURCE.read_text(), *(path.read_text() for path in sorted(CSRC.glob("*.cpp")) if path.name != "ops.cpp")]
+    parts = sorted(path for path in CSRC.glob("*.[ch]pp") if path.name != "ops.cpp")
+    sources = [SOURCE.read_text(), *(path.read_text() for path in parts)]
     identity = "\n".join([*sources, openvino.get_version(), _compiler_version(compiler), " ".join(FLAGS),
                           platform.machine(), " ".join(sorted(cpu_flags()))])
     return _Toolchain(compiler, include, tuple(libraries), hashlib.sha256(identity.encode()).hexdigest()[:16])
