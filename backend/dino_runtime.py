@@ -182,6 +182,7 @@ class OpenVinoDinoText:
         import openvino as ov
 
         from .openvino_cache import PRECISION_HINTS, compile_for_cpu, load_or_convert
+        from .openvino_ops import load_for
 
         if dtype not in PRECISION_HINTS:
             raise ValueError(f"no OpenVINO precision for {dtype}")
@@ -191,7 +192,8 @@ class OpenVinoDinoText:
         # tokens (a sliver a few pixels wide) fails torch.topk, but OpenVINO's TopK would return padding.
         # Such inputs go to torch, which raises as it always did.
         self.fallback = fallback
-        self.ops: OpsLibrary | None = _ops_library(cache_dir)
+        self.ops: OpsLibrary | None = load_for(cache_dir,
+                                               "Grounding DINO's deformable attention runs as OpenVINO GridSample")
         example = example_inputs(model)
         self.conversion: Conversion
         compiled_model, self.conversion = load_or_convert(
@@ -229,18 +231,6 @@ class OpenVinoDinoText:
             logits = np.array(self._request.get_output_tensor(0).data)
             boxes = np.array(self._request.get_output_tensor(1).data)
         return torch.from_numpy(logits), torch.from_numpy(boxes)
-
-
-def _ops_library(cache_dir: Path) -> OpsLibrary | None:
-    """The operations library from ``cache_dir``/ops, or None (logged with the cause) where it can't be built."""
-    from .openvino_ops import OpsLibraryError, load
-
-    try:
-        return load(cache_dir / "ops")
-    except OpsLibraryError as exc:
-        logger.warning("Grounding DINO's deformable attention runs as OpenVINO GridSample (slower, same results), "
-                       "because the operations library is not available: %s", exc)
-        return None
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

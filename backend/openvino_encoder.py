@@ -164,7 +164,7 @@ class OpenVinoImageEncoder:
         # SAM's ViT in encoder_blocks' layouts; other encoders (MobileSAM's TinyViT) as they are.
         module: nn.Module = PlainEncoder(encoder) if sam_attention.supports_encoder_attention(encoder) else encoder
         example: tuple[torch.Tensor, ...] = (image,)
-        attention: AttentionForm = "fused" if capture and ops else "explicit"
+        attention: AttentionForm = "fused" if ops else "explicit"  # ops come with capture graphs only
         if capture:
             grid = side // self._patch()
             module = CapturingEncoder(encoder, attention=attention, bf16=self.precision == "bf16")
@@ -190,15 +190,11 @@ class OpenVinoImageEncoder:
         than OpenVINO's matmuls). None elsewhere, or where the library does not build (logged once)."""
         if self._attention_ops is None:
             from .models import cpu_flags
-            from .openvino_ops import AMX_FLAGS, OpsLibraryError, load
+            from .openvino_ops import AMX_FLAGS, load_for
 
             ops = None
             if self.precision == "bf16" and AMX_FLAGS <= cpu_flags():
-                try:
-                    ops = load(self.cache_dir / "ops")
-                except OpsLibraryError as exc:
-                    logger.warning("SAM's capture graph keeps OpenVINO's own attention ops (slower, same "
-                                   "results), because the operations library is not available: %s", exc)
+                ops = load_for(self.cache_dir, "SAM's capture graph keeps OpenVINO's own attention ops")
             self._attention_ops = (ops,)
         return self._attention_ops[0]
 

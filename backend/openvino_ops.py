@@ -97,7 +97,6 @@ class OpsLibrary:
         return [ConversionExtension(TORCH_OP, deformable_attention),
                 *(ConversionExtension(name, global_attention(matrix)) for name, matrix in ATTENTION_TORCH_OPS.items())]
 
-
     def connect_outputs(self, model: ov.Model) -> ov.Model:
         """``model`` with each of the library's multi-output nodes' results taken from its own outputs.
 
@@ -248,3 +247,13 @@ def load(folder: Path) -> OpsLibrary:
                 _open(library)
             _loaded[toolchain.digest] = library
         return _loaded[toolchain.digest]
+
+
+def load_for(cache_dir: Path, instead: str) -> OpsLibrary | None:
+    """``load`` from ``cache_dir``/ops (the converted graphs' folder), or None where the library can't be
+    built or loaded: one warning saying what runs ``instead`` (slower, same results) and why."""
+    try:
+        return load(cache_dir / "ops")
+    except OpsLibraryError as exc:
+        logger.warning("%s (slower, same results), because the operations library is not available: %s", instead, exc)
+        return None

@@ -276,8 +276,7 @@ void attend_amx(const Dims& s, const Inputs& in, float scale, const Outputs& o) 
         uint16_t* v = vb.data() + bh * s.n_pad * s.dv;
         for (int64_t j = 0; j < s.n; j += 2) {
             const bool second = j + 1 < s.n;
-            const float* src = in.q + (b * s.n + j) * c_all + h * s.d;
-            const int64_t at = src - in.q;
+            const int64_t at = (b * s.n + j) * c_all + h * s.d;  // token j's head h in q, k and v
             for (int64_t c = 0; c < s.d; c += 16) {
                 const __mmask16 m = first(s.d - c);
                 for (int64_t t = 0; t < (second ? 2 : 1); ++t) {
