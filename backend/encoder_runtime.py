@@ -10,6 +10,7 @@ back to torch with one log line naming the cause when OpenVINO can't serve.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from . import sam_attention
+from .global_attention import GlobalAttentionKernel
 
 if TYPE_CHECKING:
     # No type information ships with these packages (mypy reads them as Any); the name says what is meant.
@@ -77,16 +79,46 @@ def valid_tokens(grid: tuple[int, int], img_size: int, input_size: tuple[int, in
     return valid
 
 
+def query_weights(grid: tuple[int, int], img_size: int, input_size: tuple[int, int]) -> np.ndarray:
+    """(1, N) float32: 1/count on the tokens that saw real pixels, 0 on the padding (each query's weight in
+    the attention a key receives)."""
+    valid = valid_tokens(grid, img_size, input_size).ravel()
+    return (valid / valid.sum()).astype(np.float32)[None]
+
+
+def reduced_attention(global_blocks: Sequence[int], num_heads: int, grid: tuple[int, int],
+                      received: Sequence[np.ndarray], column_mean: np.ndarray, matrix: np.ndarray) -> EncoderAttention:
+    """``EncoderAttention`` from the capture's reductions (``encoder_graph.CapturingEncoder``'s outputs).
+
+    Arguments:
+      received: per global block, (1, N) float32, the attention each key receives from the weighted queries.
+      column_mean: (1, N) float32, the last block's mean over all queries; matrix: (1, N, N) float16.
+    """
+    last = sam_attention.EncoderBlockAttention(
+        block_index=global_blocks[-1], num_heads=num_heads, grid=grid,
+        received=column_mean.reshape(-1, *grid).astype(np.float32, copy=False),
+        matrix=matrix.astype(np.float16, copy=False))
+    maps = {i: r[0].reshape(grid).astype(np.float32, copy=False) for i, r in zip(global_blocks, received, strict=True)}
+    return EncoderAttention(received=maps, last_block=last)
+
+
 class TorchImageEncoder:
-    """The encoder's own forward under autocast; capture through ``sam_attention``'s sinks."""
+    """The encoder's own forward under autocast; capture through ``sam_attention``'s sinks.
+
+    With ``kernel`` (the operations library's global attention, ``global_attention.LibraryAttention``) a
+    capture on CPU runs each global block through it and keeps only the reductions, as the OpenVINO
+    capture graph does; without, the global blocks record their head-averaged softmax in torch.
+    """
 
     name = "torch"
 
-    def __init__(self, image_encoder: ImageEncoder, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, image_encoder: ImageEncoder, dtype: torch.dtype = torch.float32,
+                 kernel: GlobalAttentionKernel | None = None) -> None:
         self.encoder = image_encoder
         self.dtype = dtype
         self.img_size = int(image_encoder.img_size)
         self.has_global_attention = sam_attention.supports_encoder_attention(image_encoder)
+        self.kernel = kernel if self.has_global_attention else None
 
     @torch.inference_mode()
     def encode(self, image: torch.Tensor, input_size: tuple[int, int], capture: bool) -> EncodedImage:
@@ -94,9 +126,27 @@ class TorchImageEncoder:
         with autocast:
             if not (capture and self.has_global_attention):
                 return EncodedImage(self.encoder(image).float(), None)
+            if self.kernel is not None and image.device.type == "cpu":
+                return self._encode_reduced(image, input_size, self.kernel)
             with sam_attention.capture_encoder_attention(self.encoder, "global", keep_matrix=True) as recorded:
                 features = self.encoder(image)
         return EncodedImage(features.float(), self._reduce(recorded, input_size))
+
+    def _encode_reduced(self, image: torch.Tensor, input_size: tuple[int, int],
+                        kernel: GlobalAttentionKernel) -> EncodedImage:
+        grid_side = self.img_size // int(self.encoder.patch_embed.proj.kernel_size[0])
+        grid = (grid_side, grid_side)
+        weights = torch.from_numpy(query_weights(grid, self.img_size, input_size))
+        with sam_attention.capture_encoder_reductions(self.encoder, kernel, weights,
+                                                      bf16=self.dtype == torch.bfloat16) as got:
+            features = self.encoder(image)
+        if got.column_mean is None or got.matrix is None:
+            raise RuntimeError("the encoder's last global block did not run inside the capture")
+        blocks = got.block_indices
+        attention = reduced_attention(blocks, int(self.encoder.blocks[blocks[-1]].attn.num_heads), grid,
+                                      [got.received[i].numpy() for i in blocks], got.column_mean.numpy(),
+                                      got.matrix.numpy())
+        return EncodedImage(features.float(), attention)
 
     def _reduce(self, capture: sam_attention.EncoderAttentionCapture, input_size: tuple[int, int]) -> EncoderAttention:
         last = capture.last
@@ -120,9 +170,14 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
     """
     # SDPA for the windowed blocks: the torch path and the exported graph both run it.
     with_fast_attention(image_encoder)
-    torch_runtime = TorchImageEncoder(image_encoder, dtype)
     if not wants_openvino(config.runtime, device):
-        return torch_runtime
+        kernel = None
+        if config.explanations:
+            from .openvino_cache import cache_folder
+
+            kernel = torch_capture_kernel(cache_folder(config), image_encoder, device, dtype)
+        return TorchImageEncoder(image_encoder, dtype, kernel)
+    torch_runtime = TorchImageEncoder(image_encoder, dtype)
     try:
         from .openvino_cache import cache_folder
         from .openvino_encoder import OpenVinoImageEncoder
@@ -135,6 +190,29 @@ def build_encoder_runtime(config: EngineConfig, image_encoder: ImageEncoder, dev
         logger.warning("RUNTIME=%s: SAM's image encoder runs on torch, because OpenVINO could not serve it: %s",
                        config.runtime, describe_error(exc))
         return torch_runtime
+
+
+def torch_capture_kernel(cache_dir: Path, image_encoder: ImageEncoder, device: torch.device,
+                         dtype: torch.dtype) -> GlobalAttentionKernel | None:
+    """The operations library's global attention for the torch runtime's explanations: on CPU in bf16
+    where its products run in bf16 (AMX, AVX512-BF16: ``openvino_ops.bf16_products``); None elsewhere
+    (torch's own capture runs: on GPUs, and where the kernel's f32 path would be slower than torch's), or
+    when the library does not build in ``cache_dir``/ops (one log line)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not sam_attention.supports_encoder_attention(image_encoder):
+        return None
+    try:
+        from .global_attention import LibraryAttention
+        from .models import cpu_flags
+        from .openvino_ops import bf16_products, load_for
+
+        if not bf16_products(cpu_flags()):
+            return None
+        library = load_for(cache_dir, "explanations on the torch runtime write each head's softmax out")
+        return LibraryAttention(library.path) if library else None
+    except (ImportError, OSError, AttributeError) as exc:
+        logger.warning("explanations on the torch runtime write each head's softmax out (slower, same results), "
+                       "because the operations library's kernel is not available: %s", describe_error(exc))
+        return None
 
 
 def wants_openvino(setting: str, device: torch.device) -> bool:

@@ -7,9 +7,17 @@ converts it to the C++ kernel in ``backend/csrc/global_attention.cpp``, which ke
 probabilities in cache and reduces them there instead of writing N x N tensors per head. On torch the
 operation runs segment_anything's arithmetic (the reference the kernel is tested against), one head at a
 time so its memory stays one head's N x N.
+
+``LibraryAttention`` calls the same kernel from torch on CPU (ctypes, ``gsam_global_attention``): the
+torch runtime's explanation capture (``sam_attention.capture_encoder_reductions``) runs each global
+block through it, so explanations cost about what the plain forward does there too.
 """
 
 from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -82,3 +90,64 @@ def _fused_global_attention_matrix_shape(q: torch.Tensor, k: torch.Tensor, v: to
                                          bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, n, _ = q.shape
     return q.new_empty(q.shape), q.new_empty(b, n), q.new_empty(b, n), q.new_empty(b, n, n, dtype=torch.float16)
+
+
+class GlobalAttentionKernel(Protocol):
+    """A global block's attention with the explanation's reductions (``reference``'s arithmetic)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                 query_weights: torch.Tensor, heads: int, scale: float, bf16: bool, matrix: bool
+                 ) -> tuple[torch.Tensor, ...]:
+        """``reference``'s arguments and results; ``bf16``: the products in bf16 with f32 sums."""
+        ...
+
+
+_FLOATS = ctypes.POINTER(ctypes.c_float)
+_ERRORS = {1: "sizes that do not fit together", 2: "out of memory"}
+
+
+class LibraryAttention:
+    """The operations library's GlobalAttention kernel called from torch: ``GlobalAttentionKernel`` on CPU
+    tensors, the arithmetic of the OpenVINO node (AMX tiles or AVX512-BF16 dot products with ``bf16``), on
+    ``torch.get_num_threads()`` threads."""
+
+    def __init__(self, library: Path) -> None:
+        function = ctypes.CDLL(str(library)).gsam_global_attention
+        function.restype = ctypes.c_int
+        function.argtypes = [*[_FLOATS] * 6, *[ctypes.c_int64] * 6, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+                             *[_FLOATS] * 3, ctypes.POINTER(ctypes.c_uint16)]
+        self._function = function
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                 query_weights: torch.Tensor, heads: int, scale: float, bf16: bool, matrix: bool
+                 ) -> tuple[torch.Tensor, ...]:
+        if q.dim() != 3 or heads < 1 or q.shape[2] % heads:
+            raise ValueError(f"q must be (B, N, heads * d) with heads={heads}, got {tuple(q.shape)}")
+        b, n, channels = q.shape
+        if rel_h.dim() != 4 or rel_w.dim() != 4 or rel_h.shape[3] * rel_w.shape[3] != n:
+            raise ValueError(f"rel_h {tuple(rel_h.shape)} and rel_w {tuple(rel_w.shape)} must be (B, heads, N, H) "
+                             f"and (B, heads, N, W) with H * W = N = {n}")
+        expected = {"k": (k, q.shape), "v": (v, q.shape), "rel_h": (rel_h, (b, heads, n, rel_h.shape[3])),
+                    "rel_w": (rel_w, (b, heads, n, rel_w.shape[3])), "query_weights": (query_weights, (b, n))}
+        for name, (tensor, shape) in expected.items():
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name} must be {tuple(shape)} for q {tuple(q.shape)}, got {tuple(tensor.shape)}")
+        inputs = [t.detach().to("cpu", torch.float32).contiguous() for t in (q, k, v, rel_h, rel_w, query_weights)]
+        out, received = q.new_empty(q.shape, dtype=torch.float32, device="cpu"), q.new_empty(b, n, dtype=torch.float32,
+                                                                                           device="cpu")
+        column_mean = q.new_empty(b, n, dtype=torch.float32, device="cpu") if matrix else None
+        mean = q.new_empty(b, n, n, dtype=torch.float16, device="cpu") if matrix else None
+        status = self._function(*(_floats(t) for t in inputs), b, n, heads, channels // heads, rel_h.shape[3],
+                                rel_w.shape[3], scale, int(bf16), torch.get_num_threads(), _floats(out),
+                                _floats(received), _floats(column_mean),
+                                ctypes.cast(mean.data_ptr(), ctypes.POINTER(ctypes.c_uint16)) if mean is not None
+                                else None)
+        if status:
+            raise RuntimeError(f"gsam_global_attention failed: {_ERRORS.get(status, f'status {status}')}")
+        if column_mean is None or mean is None:
+            return out, received
+        return out, received, column_mean, mean
+
+
+def _floats(tensor: torch.Tensor | None) -> ctypes._Pointer[ctypes.c_float] | None:
+    return ctypes.cast(tensor.data_ptr(), _FLOATS) if tensor is not None else None

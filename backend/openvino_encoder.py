@@ -31,7 +31,7 @@ from torch import nn
 
 from . import sam_attention
 from .encoder_graph import AttentionForm, CapturingEncoder, PlainEncoder, global_block_indices
-from .encoder_runtime import EncodedImage, EncoderAttention, describe_error, valid_tokens
+from .encoder_runtime import EncodedImage, describe_error, query_weights, reduced_attention
 from .openvino_cache import PRECISION_HINTS, Conversion, ConversionError, compile_for_cpu, key_digest, load_or_convert
 
 if TYPE_CHECKING:
@@ -186,14 +186,14 @@ class OpenVinoImageEncoder:
 
     def _fused_attention_ops(self) -> OpsLibrary | None:
         """The operations library when the capture graph's global blocks are to run as its node: bf16
-        graphs on a CPU with AMX, where the kernel's products run on AMX tiles (its f32 path is slower
-        than OpenVINO's matmuls). None elsewhere, or where the library does not build (logged once)."""
+        graphs on a CPU with AMX or AVX512-BF16, where the kernel's products run in bf16 (its f32 path is
+        slower than OpenVINO's matmuls). None elsewhere, or where the library does not build (logged once)."""
         if self._attention_ops is None:
             from .models import cpu_flags
-            from .openvino_ops import AMX_FLAGS, load_for
+            from .openvino_ops import bf16_products, load_for
 
             ops = None
-            if self.precision == "bf16" and AMX_FLAGS <= cpu_flags():
+            if self.precision == "bf16" and bf16_products(cpu_flags()):
                 ops = load_for(self.cache_dir, "SAM's capture graph keeps OpenVINO's own attention ops")
             self._attention_ops = (ops,)
         return self._attention_ops[0]
@@ -212,16 +212,8 @@ class OpenVinoImageEncoder:
                 return EncodedImage(torch.from_numpy(features).to(self.device), None)
             grid_side = self.img_size // self._patch()
             grid = (grid_side, grid_side)
-            valid = valid_tokens(grid, self.img_size, input_size).ravel()
-            weights = (valid / valid.sum()).astype(np.float32)[None]
-            request.infer([pixels, weights])
+            request.infer([pixels, query_weights(grid, self.img_size, input_size)])
             outputs = [np.array(request.get_output_tensor(i).data) for i in range(len(self.global_blocks) + 3)]
         features, *received, column_mean, matrix = outputs
-        last = sam_attention.EncoderBlockAttention(
-            block_index=self.global_blocks[-1], num_heads=self.num_heads, grid=grid,
-            received=column_mean.reshape(-1, *grid).astype(np.float32, copy=False),
-            matrix=matrix.astype(np.float16, copy=False))
-        maps = {i: r[0].reshape(grid).astype(np.float32, copy=False)
-                for i, r in zip(self.global_blocks, received, strict=True)}
-        attention = EncoderAttention(received=maps, last_block=last)
+        attention = reduced_attention(self.global_blocks, self.num_heads, grid, received, column_mean, matrix)
         return EncodedImage(torch.from_numpy(features).to(self.device), attention)

@@ -29,9 +29,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -43,12 +44,36 @@ SOURCE = CSRC / "ops.cpp"  # the library: includes every operation's file (from 
 OP_TYPE = "DeformableAttention"  # the C++ class's OPENVINO_OP name
 TORCH_OP = "gsam.deformable_attention.default"  # how torch.export names dino_fast.fused_deformable_attention
 ATTENTION_OP_TYPE = "GlobalAttention"
-# CPU flags under which GlobalAttention's bf16 products run on AMX tiles (its other path is plain f32 C++)
+# CPU flags under which GlobalAttention's bf16 products run on AMX tiles, or on AVX512-BF16's dot products
 AMX_FLAGS = frozenset({"amx_tile", "amx_bf16"})
+DOT_BF16_FLAG = "avx512_bf16"
 # how torch.export names global_attention's two operations, and whether each returns the matrix
 ATTENTION_TORCH_OPS = {"gsam.global_attention.default": False, "gsam.global_attention_matrix.default": True}
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")  # built where it runs: the CPU's own vector width
 BUILD_SECONDS = 180
+
+Bf16Products = Literal["amx", "dot"]
+
+
+def bf16_products(flags: Iterable[str]) -> Bf16Products | None:
+    """The bf16 products GlobalAttention's kernel runs on a CPU with ``flags``: "amx" (tiles), "dot"
+    (AVX512-BF16's vdpbf16ps), or None (its plain f32 path, slower than OpenVINO's and torch's matmuls).
+
+    Follows oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``, else ``DNNL_MAX_CPU_ISA``) as the kernel does
+    (``bf16_products.hpp``), so one setting caps OpenVINO's kernels, torch's and this one: below
+    AVX512_CORE_AMX no tiles, below AVX512_CORE_BF16 no bf16 products.
+    """
+    have = set(flags)
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    tiles_allowed = cap in ("ALL", "DEFAULT") or "AMX" in cap
+    dots_allowed = tiles_allowed or any(part in cap for part in ("AVX512_CORE_BF16", "AVX512_CORE_FP16")) \
+        or cap.startswith("AVX10")
+    if tiles_allowed and AMX_FLAGS <= have and DOT_BF16_FLAG in have:
+        return "amx"
+    if dots_allowed and DOT_BF16_FLAG in have:
+        return "dot"
+    return None
+
 
 _lock = threading.Lock()
 _loaded: dict[str, OpsLibrary] = {}  # by toolchain digest

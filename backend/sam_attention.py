@@ -8,12 +8,16 @@ MobileSAM's), without editing site-packages:
 * ``capture_encoder_attention``: the true head-averaged softmax of the global-attention blocks,
   recorded by the very forward pass that produces the features (no second encoder run), one head at
   a time so the full (heads, N, N) tensor never exists.
+* ``capture_encoder_reductions``: only what the engine keeps of it (each global block's attention
+  received from weighted queries, the last block's matrix), each global block run by the operations
+  library's kernel (``global_attention.LibraryAttention``), which reduces the softmax where it takes it.
 * ``capture_decoder_attention``: the mask decoder's final token-to-image softmax, i.e. where each
   output token (and so each returned mask) looked in the image embedding (``decoder_attention``,
   re-exported here).
 
-Plus ``mask_to_token_grid`` (a mask on the token grid); showing token maps on the original image
-(``token_map_to_image``, ``colorize``, ``overlay``) is ``backend.heatmaps``'s, re-exported here.
+Plus ``mask_attention_map`` and ``mask_to_token_grid`` (``backend.attention_maps``: a mask's own map, a
+mask on the token grid); showing token maps on the original image (``token_map_to_image``, ``colorize``,
+``overlay``) is ``backend.heatmaps``'s; both re-exported here.
 
 Patching (``module_patch``) swaps the attention module's class for a subclass whose forward differs; parameters,
 ``state_dict`` and ``isinstance`` checks are unchanged. A capture is a plain object owned by the
@@ -30,8 +34,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,7 +44,9 @@ from torch import nn
 
 # The decoder's capture and the drawing half (no torch, shared with the explain UI) live in their own
 # modules; re-exported here so callers keep one import.
+from .attention_maps import mask_attention_map, mask_to_token_grid
 from .decoder_attention import DecoderAttentionCapture, capture_decoder_attention, mask_token_maps
+from .global_attention import GlobalAttentionKernel
 from .heatmaps import colorize, normalize_map, overlay, token_map_to_image
 from .module_patch import ForwardPatch, sinks_active, swap_in, swap_out
 
@@ -52,6 +58,8 @@ __all__ = [
     "use_fast_attention",
     "use_stock_attention",
     "capture_encoder_attention",
+    "capture_encoder_reductions",
+    "EncoderReductions",
     "capture_decoder_attention",
     "mask_attention_map",
     "mask_token_maps",
@@ -69,7 +77,7 @@ _MASK_BUDGET = 1 << 22
 
 # Active captures of the current thread/task: {attention module: sink}, one map per kind of patch. The
 # value is replaced, never mutated, so each context only ever sees the captures it entered itself.
-_ENCODER_SINKS: ContextVar[Mapping[object, _EncoderSink]] = ContextVar(
+_ENCODER_SINKS: ContextVar[Mapping[object, _GlobalBlockSink]] = ContextVar(
     "sam_attention_encoder_sinks", default=MappingProxyType({})
 )
 
@@ -113,6 +121,17 @@ class EncoderAttentionCapture:
         if not self.blocks:
             raise RuntimeError("no encoder attention was captured: did the encoder run inside the `with`?")
         return self.blocks[max(self.blocks)]
+
+
+@dataclass
+class EncoderReductions:
+    """Filled by ``capture_encoder_reductions`` during the encoder forward: what the engine keeps."""
+
+    block_indices: tuple[int, ...]  # the global blocks, the last one with the matrix
+    # Global block -> attention each key receives: mean over heads of query_weights @ softmax, (B, N) float32.
+    received: dict[int, torch.Tensor] = field(default_factory=dict)
+    column_mean: torch.Tensor | None = None  # last block: mean over queries of the head mean, (B, N) float32
+    matrix: torch.Tensor | None = None  # last block: the head-averaged softmax, (B, N, N) float16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +238,7 @@ def capture_encoder_attention(
         keep_matrix=keep_matrix,
         head_chunk=head_chunk,
     )
-    sinks: dict[object, _EncoderSink] = {}
+    sinks: dict[object, _GlobalBlockSink] = {}
     for i in indices:
         swap_in(vit_blocks[i].attn, _FastEncoderAttention)
         sinks[vit_blocks[i].attn] = _EncoderSink(capture, i)
@@ -227,10 +246,84 @@ def capture_encoder_attention(
         yield capture
 
 
+@contextlib.contextmanager
+def capture_encoder_reductions(
+    image_encoder: nn.Module, kernel: GlobalAttentionKernel, query_weights: torch.Tensor, bf16: bool
+) -> Iterator[EncoderReductions]:
+    """Run every global block's attention through ``kernel`` during the encoder forward inside the block,
+    keeping the reductions the engine keeps (``encoder_graph.CapturingEncoder``'s outputs).
+
+    Arguments:
+      kernel: ``global_attention.LibraryAttention`` (CPU), or any ``GlobalAttentionKernel``.
+      query_weights: (B, N), N = H_tok * W_tok: each query's weight in ``received`` (1/count on the tokens
+        that saw real pixels, 0 on the padding).
+      bf16: the kernel's products in bf16 (f32 sums).
+    """
+    vit_blocks = _vit_blocks(image_encoder)
+    indices = _resolve_blocks(vit_blocks, "global")
+    reductions = EncoderReductions(block_indices=indices)
+    sinks: dict[object, _GlobalBlockSink] = {}
+    for i in indices:
+        swap_in(vit_blocks[i].attn, _FastEncoderAttention)
+        sinks[vit_blocks[i].attn] = _KernelSink(reductions, i, kernel, query_weights, bf16)
+    with sinks_active(_ENCODER_SINKS, sinks):
+        yield reductions
+
+
+class _GlobalBlockSink(Protocol):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rel: tuple[torch.Tensor, torch.Tensor] | None, scale: float, size: tuple[int, int]) -> torch.Tensor:
+        """The block's attention output (B, H, W, heads * d) from q, k, v (B, heads, N, d), recording what the
+        capture keeps."""
+        ...
+
+
+def _merge_heads(out: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, H, W, heads * d)."""
+    b, heads, _, _ = out.shape
+    return out.view(b, heads, *size, -1).permute(0, 2, 3, 1, 4).reshape(b, *size, -1)
+
+
+class _KernelSink:
+    def __init__(self, reductions: EncoderReductions, block_index: int, kernel: GlobalAttentionKernel,
+                 query_weights: torch.Tensor, bf16: bool) -> None:
+        self.reductions = reductions
+        self.block_index = block_index
+        self.kernel = kernel
+        self.query_weights = query_weights
+        self.bf16 = bf16
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rel: tuple[torch.Tensor, torch.Tensor] | None, scale: float, size: tuple[int, int]) -> torch.Tensor:
+        b, heads, n, _ = q.shape
+        h, w = size
+
+        def channels(t: torch.Tensor) -> torch.Tensor:  # (B, heads, N, d) -> (B, N, heads * d), the kernel's layout
+            return t.transpose(1, 2).reshape(b, n, -1)
+
+        if rel is None:  # no relative positions: terms of zero
+            rel_h, rel_w = q.new_zeros(b, heads, n, h), q.new_zeros(b, heads, n, w)
+        else:
+            rel_h, rel_w = rel[0].reshape(b, heads, n, h), rel[1].reshape(b, heads, n, w)
+        last = self.block_index == self.reductions.block_indices[-1]
+        out, received, *rest = self.kernel(channels(q), channels(k), channels(v), rel_h, rel_w, self.query_weights,
+                                           heads, scale, self.bf16, last)
+        self.reductions.received[self.block_index] = received
+        if last:
+            self.reductions.column_mean, self.reductions.matrix = rest
+        return out.to(q.dtype).view(b, h, w, -1)
+
+
 class _EncoderSink:
     def __init__(self, capture: EncoderAttentionCapture, block_index: int) -> None:
         self.capture = capture
         self.block_index = block_index
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rel: tuple[torch.Tensor, torch.Tensor] | None, scale: float, size: tuple[int, int]) -> torch.Tensor:
+        out, mean_attn = _attend_and_capture(q, k, v, rel, scale, size, self.capture.head_chunk)
+        self.record(mean_attn, q.shape[1], size)
+        return _merge_heads(out, size)
 
     def record(self, mean_attn: torch.Tensor, num_heads: int, grid: tuple[int, int]) -> None:
         # mean_attn: (B, N, N) float32, head-averaged softmax.
@@ -414,67 +507,7 @@ class _FastEncoderAttention(ForwardPatch):
             rel = _decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W))
         sink = _ENCODER_SINKS.get().get(self)
         if sink is None:
-            out = _sdpa(q, k, v, rel, self.scale)
+            x = _merge_heads(_sdpa(q, k, v, rel, self.scale), (H, W))
         else:
-            out, mean_attn = _attend_and_capture(q, k, v, rel, self.scale, (H, W), sink.capture.head_chunk)
-            sink.record(mean_attn, heads, (H, W))
-        x = out.view(B, heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+            x = sink.attend(q, k, v, rel, self.scale, (H, W))
         return self.proj(x)
-
-
-def mask_attention_map(
-    block: EncoderBlockAttention, token_mask: np.ndarray, batch_index: int = 0
-) -> np.ndarray:
-    """Where the mask's own tokens look: mean of the attention rows of the tokens in ``token_mask``.
-
-    ``token_mask`` is (H_tok, W_tok): boolean, or non-negative weights (e.g. the coverage fractions
-    from ``mask_to_token_grid``) for a weighted mean. Returns an (H_tok, W_tok) float32 map summing
-    to 1. A mask of the valid (unpadded) tokens gives attention received from the image proper.
-    """
-    if block.matrix is None:
-        raise ValueError("this capture was made with keep_matrix=False; the attention matrix was not kept")
-    token_mask = np.asarray(token_mask)
-    if token_mask.shape != tuple(block.grid):
-        raise ValueError(f"token_mask shape {token_mask.shape} != token grid {tuple(block.grid)}")
-    weights = token_mask.astype(np.float32).ravel()
-    if np.any(weights < 0) or not np.all(np.isfinite(weights)):
-        raise ValueError("token_mask weights must be finite and non-negative")
-    rows = np.flatnonzero(weights)
-    if rows.size == 0:
-        raise ValueError("token_mask selects no tokens")
-    w = torch.from_numpy((weights[rows] / weights[rows].sum(dtype=np.float64)).astype(np.float32))
-    matrix = torch.from_numpy(block.matrix[batch_index])
-    index = torch.from_numpy(rows)
-    total = torch.zeros(matrix.shape[1], dtype=torch.float32)
-    # Row chunks keep the float32 copy small even for a mask covering the whole image; float32
-    # products (not numpy's float64 upcast) made this ~4x faster: it runs for every global block of
-    # every explained image and for every mask.
-    with torch.inference_mode():
-        for start in range(0, rows.size, 512):
-            chunk = matrix.index_select(0, index[start : start + 512]).float()
-            total += w[start : start + 512] @ chunk
-    return total.numpy().reshape(block.grid)
-
-
-# ----------------------------------------------------------------------------------------------
-# Geometry
-# ----------------------------------------------------------------------------------------------
-
-
-def mask_to_token_grid(
-    mask: np.ndarray, input_size: tuple[int, int], img_size: int = 1024, patch_size: int = 16
-) -> np.ndarray:
-    """Fraction of each token covered by an original-image mask: (img_size/patch,)*2 float32.
-
-    The inverse of ``token_map_to_image``: resize to ``input_size``, pad bottom/right as SAM does,
-    average over patches. Usable directly as ``mask_attention_map`` weights.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    h_in, w_in = int(input_size[0]), int(input_size[1])
-    grid = img_size // patch_size
-    resized = cv2.resize(mask.astype(np.float32), (w_in, h_in), interpolation=cv2.INTER_AREA)
-    padded = np.zeros((grid * patch_size, grid * patch_size), dtype=np.float32)
-    padded[:h_in, :w_in] = resized.reshape(h_in, w_in)
-    return padded.reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))

@@ -150,8 +150,11 @@ def build_runtime(sam: torch.nn.Module, runtime: str, precision: str, cache: Pat
     from backend.encoder_runtime import TorchImageEncoder
 
     sam_attention.use_fast_attention(sam.image_encoder)
-    if runtime == "torch":
-        return TorchImageEncoder(sam.image_encoder, DTYPES[precision])
+    if runtime == "torch":  # with the operations library's kernel for the capture where the engine uses it
+        from backend.encoder_runtime import torch_capture_kernel
+
+        kernel = torch_capture_kernel(cache, sam.image_encoder, torch.device("cpu"), DTYPES[precision])
+        return TorchImageEncoder(sam.image_encoder, DTYPES[precision], kernel)
     from backend.openvino_encoder import OpenVinoImageEncoder
 
     encoder = OpenVinoImageEncoder(sam.image_encoder, DTYPES[precision], torch.device("cpu"), capture=kinds[0],

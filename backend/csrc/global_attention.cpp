@@ -7,8 +7,10 @@
 // encoder's time. Here a block of 32 queries takes its logits for all keys into a buffer that stays in
 // cache, adds the relative-position terms, takes the softmax, and reduces the probabilities to the key sums
 // (and the head mean) right there before multiplying them with the values: nothing N x N is written but
-// the matrix asked for. On CPUs with AMX the two products run on its tiles in bf16 with f32 sums (the
-// ``bf16`` attribute, set for graphs compiled at bf16); elsewhere, and for f32 graphs, in f32.
+// the matrix asked for. With the ``bf16`` attribute (set for graphs compiled at bf16) the two products run
+// in bf16 with f32 sums, on AMX tiles or, on CPUs without AMX, on AVX512-BF16's dot products
+// (bf16_products.hpp); elsewhere, and for f32 graphs, in f32. The same kernel serves the torch runtime
+// through ``gsam_global_attention`` (at the end).
 //
 // Inputs (f32):
 //   0 q (B, N, heads * d): the queries, unscaled
@@ -29,6 +31,7 @@
 #include <tbb/blocked_range.h>
 #include <tbb/enumerable_thread_specific.h>
 #include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define GSAM_AMX 1
@@ -40,10 +43,14 @@
 #endif
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
+#include <new>
+#include <string>
 #include <vector>
 
 namespace gsam {
@@ -215,46 +222,15 @@ void attend_f32(const Dims& s, const Inputs& in, float scale, const Outputs& o) 
     finish(s, received_sums, column_sums, o);
 }
 
-// ---- bf16 on AMX tiles ------------------------------------------------------------------------------------
+// ---- bf16 products: AMX tiles or AVX512-BF16 dot products (bf16_products.hpp) ------------------------------
 
-#ifdef GSAM_AMX
-constexpr int kXfeatureTileData = 18;
-constexpr int kArchReqXcompPerm = 0x1023;
+#include "bf16_products.hpp"
 
-bool amx_permitted() {
-    // Linux hands out AMX's tile state only to a process that asks (OpenVINO's CPU plugin asks too).
-    static const bool permitted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureTileData) == 0;
-    return permitted;
-}
-
-struct alignas(64) TileConfig {
-    uint8_t palette = 1;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-    TileConfig config;
-    for (int t = 0; t < 8; ++t) {
-        config.colsb[t] = 64;  // 16 f32 or 32 bf16
-        config.rows[t] = 16;
-    }
-    _tile_loadconfig(&config);
-}
-
-// 16 floats as bf16, rounded to nearest even.
-inline __m256i bf16x16(__m512 x) {
-    const __m256bh b = _mm512_cvtneps_pbh(x);
-    __m256i out;
-    std::memcpy(&out, &b, sizeof(out));
-    return out;
-}
-
-void attend_amx(const Dims& s, const Inputs& in, float scale, const Outputs& o) {
+#ifdef GSAM_BF16
+template <class Products>
+void attend_bf16(const Dims& s, const Inputs& in, float scale, const Outputs& o) {
     const int64_t c_all = s.heads * s.d;
-    const int64_t pairs_d = s.d_pad / 2, pairs_n = s.n_pad / 2;
+    const int64_t pairs_d = s.d_pad / 2;
     // Row strides one cache line longer than the rows: 16 rows 16 KB (or 8 KB) apart would all fall in one
     // set of the L1 cache, and a tile's 16 rows would evict each other.
     const int64_t ks = s.n_pad + 16;  // k's pairs per row (key pairs of one channel pair)
@@ -303,7 +279,8 @@ void attend_amx(const Dims& s, const Inputs& in, float scale, const Outputs& o) 
     const int64_t blocks = s.n_pad / kRows;
     const int64_t task_heads = o.matrix ? s.heads : 1, groups = s.heads / task_heads;
     tbb::parallel_for(tbb::blocked_range<int64_t>(0, s.batch * groups * blocks), [&](const tbb::blocked_range<int64_t>& range) {
-        configure_tiles();
+        Products products;
+        products.begin();
         std::vector<float> logits(static_cast<size_t>(kRows * ls));
         std::vector<uint16_t> probs(static_cast<size_t>(kRows * ps), 0);
         std::vector<float> out(static_cast<size_t>(kRows * s.dv));
@@ -315,26 +292,8 @@ void attend_amx(const Dims& s, const Inputs& in, float scale, const Outputs& o) 
             std::fill(mean.begin(), mean.end(), 0.f);
             for (int64_t h = h0; h < h0 + task_heads; ++h) {
                 const int64_t bh = b * s.heads + h;
-                const uint16_t* q = qb.data() + (bh * s.n_pad + r0) * s.d_pad;
-                const uint32_t* k = kb.data() + bh * pairs_d * ks;
-                const uint16_t* v = vb.data() + bh * s.n_pad * s.dv;
-                // logits (32 x N_pad) = q k^T, 32 keys at a time: tiles 0-3 the sums, 4-5 q, 6-7 k.
-                for (int64_t j0 = 0; j0 < s.n_pad; j0 += 32) {
-                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                    for (int64_t p0 = 0; p0 < pairs_d; p0 += 16) {
-                        _tile_loadd(4, q + 2 * p0, s.d_pad * 2);
-                        _tile_loadd(5, q + 16 * s.d_pad + 2 * p0, s.d_pad * 2);
-                        _tile_loadd(6, k + p0 * ks + j0, ks * 4);
-                        _tile_loadd(7, k + p0 * ks + j0 + 16, ks * 4);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-                        _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-                    }
-                    float* at = logits.data() + j0;
-                    _tile_stored(0, at, ls * 4);
-                    _tile_stored(1, at + 16, ls * 4);
-                    _tile_stored(2, at + 16 * ls, ls * 4);
-                    _tile_stored(3, at + 16 * ls + 16, ls * 4);
-                }
+                products.logits(s, qb.data() + (bh * s.n_pad + r0) * s.d_pad, kb.data() + bh * pairs_d * ks, ks,
+                                logits.data(), ls);
                 for (int64_t i = 0; i < kRows; ++i) {
                     uint16_t* p = probs.data() + i * ps;
                     const int64_t qi = r0 + i;
@@ -350,37 +309,33 @@ void attend_amx(const Dims& s, const Inputs& in, float scale, const Outputs& o) 
                                o.matrix ? mean.data() + i * s.n_pad : nullptr, 1.f / s.heads, p);
                     std::fill(p + s.n, p + s.n_pad, 0);
                 }
-                // out (32 x dv) = probs v, 32 columns at a time: tiles 0-3 the sums, 4-5 probs, 6-7 v.
-                for (int64_t c0 = 0; c0 < s.dv; c0 += 32) {
-                    const bool pair = c0 + 16 < s.dv;
-                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                    for (int64_t k0 = 0; k0 < pairs_n; k0 += 16) {
-                        _tile_loadd(4, probs.data() + 2 * k0, ps * 2);
-                        _tile_loadd(5, probs.data() + 16 * ps + 2 * k0, ps * 2);
-                        _tile_loadd(6, v + (k0 * s.dv + c0) * 2, s.dv * 4);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(2, 5, 6);
-                        if (pair) {
-                            _tile_loadd(7, v + (k0 * s.dv + c0 + 16) * 2, s.dv * 4);
-                            _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(3, 5, 7);
-                        }
-                    }
-                    _tile_stored(0, out.data() + c0, s.dv * 4);
-                    _tile_stored(2, out.data() + 16 * s.dv + c0, s.dv * 4);
-                    if (pair) {
-                        _tile_stored(1, out.data() + c0 + 16, s.dv * 4);
-                        _tile_stored(3, out.data() + 16 * s.dv + c0 + 16, s.dv * 4);
-                    }
-                }
+                products.values(s, probs.data(), ps, vb.data() + bh * s.n_pad * s.dv, out.data());
                 for (int64_t i = 0; i < kRows && r0 + i < s.n; ++i)
                     std::copy(out.data() + i * s.dv, out.data() + i * s.dv + s.d, o.out + (b * s.n + r0 + i) * c_all + h * s.d);
             }
             if (o.matrix) write_mean(mean.data(), b, r0, s, o, column_sums.local().data() + b * s.n_pad);
         }
-        _tile_release();
+        products.end();
     });
     finish(s, received_sums, column_sums, o);
 }
 #endif
+
+// Which products run: bf16 ones where asked (``bf16``) and the CPU and the ISA cap allow (AMX before dot
+// products), else f32.
+void attend(const Dims& s, const Inputs& in, float scale, bool bf16, const Outputs& o) {
+#ifdef GSAM_AMX
+    if (bf16 && isa_cap() == Bf16Products::amx && amx_permitted()) return attend_bf16<AmxProducts>(s, in, scale, o);
+#endif
+#ifdef GSAM_BF16
+    if (bf16 && isa_cap() != Bf16Products::none) return attend_bf16<DotProducts>(s, in, scale, o);
+#endif
+    attend_f32(s, in, scale, o);
+}
+
+Dims dims(int64_t batch, int64_t n, int64_t heads, int64_t d, int64_t grid_h, int64_t grid_w) {
+    return Dims{batch, n, heads, d, grid_h, grid_w, round_up(n, kRows), round_up(d, 32), round_up(d, 16)};
+}
 
 }  // namespace
 
@@ -392,11 +347,6 @@ bool GlobalAttention::evaluate(ov::TensorVector& outputs, const ov::TensorVector
                         ", q has ", q);
     const ov::Shape& rel_h = inputs[3].get_shape();
     const ov::Shape& rel_w = inputs[4].get_shape();
-    Dims s{};
-    s.batch = static_cast<int64_t>(q[0]);
-    s.n = static_cast<int64_t>(q[1]);
-    s.heads = m_heads;
-    s.d = static_cast<int64_t>(q[2]) / m_heads;
     OPENVINO_ASSERT(rel_h.size() == 4 && rel_w.size() == 4 && rel_h[0] == q[0] && rel_w[0] == q[0]
                     && static_cast<int64_t>(rel_h[1]) == m_heads && static_cast<int64_t>(rel_w[1]) == m_heads
                     && rel_h[2] == q[1] && rel_w[2] == q[1] && rel_h[3] * rel_w[3] == q[1],
@@ -404,11 +354,9 @@ bool GlobalAttention::evaluate(ov::TensorVector& outputs, const ov::TensorVector
                     "H * W = N, for q ", q);
     OPENVINO_ASSERT(inputs[5].get_shape() == ov::Shape({q[0], q[1]}), "GlobalAttention: query_weights ",
                     inputs[5].get_shape(), " must be (B, N)");
-    s.grid_h = static_cast<int64_t>(rel_h[3]);
-    s.grid_w = static_cast<int64_t>(rel_w[3]);
-    s.n_pad = round_up(s.n, kRows);
-    s.d_pad = round_up(s.d, 32);
-    s.dv = round_up(s.d, 16);
+    const Dims s = dims(static_cast<int64_t>(q[0]), static_cast<int64_t>(q[1]), m_heads,
+                        static_cast<int64_t>(q[2]) / m_heads, static_cast<int64_t>(rel_h[3]),
+                        static_cast<int64_t>(rel_w[3]));
     outputs[0].set_shape(q);
     outputs[1].set_shape({q[0], q[1]});
     Outputs o{outputs[0].data<float>(), outputs[1].data<float>(), nullptr, nullptr};
@@ -420,15 +368,32 @@ bool GlobalAttention::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     }
     const Inputs in{inputs[0].data<const float>(), inputs[1].data<const float>(), inputs[2].data<const float>(),
                     inputs[3].data<const float>(), inputs[4].data<const float>(), inputs[5].data<const float>()};
-    if (s.n == 0) return true;
-#ifdef GSAM_AMX
-    if (m_bf16 && amx_permitted()) {
-        attend_amx(s, in, m_scale, o);
-        return true;
-    }
-#endif
-    attend_f32(s, in, m_scale, o);
+    if (s.n > 0) attend(s, in, m_scale, m_bf16, o);
     return true;
 }
 
 }  // namespace gsam
+
+// The kernel for callers outside OpenVINO (the torch runtime, through ctypes: backend/global_attention.py):
+// the node's arithmetic on contiguous f32 arrays in its input and output layouts, on ``threads`` TBB threads.
+// ``matrix`` null: no matrix (``column_mean`` is then not written). Returns 0; 1 for sizes that do not fit
+// together, 2 when memory ran out.
+extern "C" int gsam_global_attention(const float* q, const float* k, const float* v, const float* rel_h,
+                                     const float* rel_w, const float* query_weights, int64_t batch, int64_t n,
+                                     int64_t heads, int64_t d, int64_t grid_h, int64_t grid_w, float scale, int bf16,
+                                     int threads, float* out, float* received, float* column_mean, uint16_t* matrix) {
+    if (batch < 0 || n < 0 || heads <= 0 || d <= 0 || grid_h < 0 || grid_w < 0 || grid_h * grid_w != n || threads <= 0
+        || (matrix && !column_mean))
+        return 1;
+    if (batch == 0 || n == 0) return 0;
+    const gsam::Dims s = gsam::dims(batch, n, heads, d, grid_h, grid_w);
+    const gsam::Inputs in{q, k, v, rel_h, rel_w, query_weights};
+    const gsam::Outputs o{out, received, matrix ? column_mean : nullptr, reinterpret_cast<ov::float16*>(matrix)};
+    try {
+        tbb::task_arena arena(threads);
+        arena.execute([&] { gsam::attend(s, in, scale, bf16 != 0, o); });
+    } catch (const std::bad_alloc&) {
+        return 2;
+    }
+    return 0;
+}
