@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import sam_attention
-from .global_attention import GlobalAttentionKernel
+from .global_attention import GlobalAttentionKernel, TorchAttention
 
 if TYPE_CHECKING:
     # No type information ships with these packages (mypy reads them as Any); the name says what is meant.
@@ -107,7 +107,8 @@ class TorchImageEncoder:
 
     With ``kernel`` (the operations library's global attention, ``global_attention.LibraryAttention``) a
     capture on CPU runs each global block through it and keeps only the reductions, as the OpenVINO
-    capture graph does; without, the global blocks record their head-averaged softmax in torch.
+    capture graph does; on GPUs ``global_attention.TorchAttention`` does the same in torch ops; on a CPU
+    without the kernel the global blocks record their head-averaged softmax in torch.
     """
 
     name = "torch"
@@ -126,17 +127,29 @@ class TorchImageEncoder:
         with autocast:
             if not (capture and self.has_global_attention):
                 return EncodedImage(self.encoder(image).float(), None)
-            if self.kernel is not None and image.device.type == "cpu":
-                return self._encode_reduced(image, input_size, self.kernel)
+            kernel = self.kernel_for(image.device)
+            if kernel is not None:
+                return self._encode_reduced(image, input_size, kernel)
             with sam_attention.capture_encoder_attention(self.encoder, "global", keep_matrix=True) as recorded:
                 features = self.encoder(image)
         return EncodedImage(features.float(), self._reduce(recorded, input_size))
+
+    def kernel_for(self, device: torch.device) -> GlobalAttentionKernel | None:
+        """What runs the global blocks of a capture on ``device``: the library's kernel on CPU where given;
+        on GPUs ``TorchAttention`` (the reductions on the device; torch's own capture would copy every
+        global block's N x N matrix to the host and reduce it there); None: torch's own capture (CPUs
+        without the kernel, where it reuses one buffer per head)."""
+        if not self.has_global_attention:
+            return None
+        if device.type == "cpu":
+            return self.kernel
+        return TorchAttention()
 
     def _encode_reduced(self, image: torch.Tensor, input_size: tuple[int, int],
                         kernel: GlobalAttentionKernel) -> EncodedImage:
         grid_side = self.img_size // int(self.encoder.patch_embed.proj.kernel_size[0])
         grid = (grid_side, grid_side)
-        weights = torch.from_numpy(query_weights(grid, self.img_size, input_size))
+        weights = torch.from_numpy(query_weights(grid, self.img_size, input_size)).to(image.device)
         with sam_attention.capture_encoder_reductions(self.encoder, kernel, weights,
                                                       bf16=self.dtype == torch.bfloat16) as got:
             features = self.encoder(image)
@@ -144,8 +157,8 @@ class TorchImageEncoder:
             raise RuntimeError("the encoder's last global block did not run inside the capture")
         blocks = got.block_indices
         attention = reduced_attention(blocks, int(self.encoder.blocks[blocks[-1]].attn.num_heads), grid,
-                                      [got.received[i].numpy() for i in blocks], got.column_mean.numpy(),
-                                      got.matrix.numpy())
+                                      [got.received[i].cpu().numpy() for i in blocks], got.column_mean.cpu().numpy(),
+                                      got.matrix.cpu().numpy())
         return EncodedImage(features.float(), attention)
 
     def _reduce(self, capture: sam_attention.EncoderAttentionCapture, input_size: tuple[int, int]) -> EncoderAttention:

@@ -10,7 +10,8 @@ time so its memory stays one head's N x N.
 
 ``LibraryAttention`` calls the same kernel from torch on CPU (ctypes, ``gsam_global_attention``): the
 torch runtime's explanation capture (``sam_attention.capture_encoder_reductions``) runs each global
-block through it, so explanations cost about what the plain forward does there too.
+block through it, so explanations cost about what the plain forward does there too. On GPUs that capture
+runs ``TorchAttention``, the same reductions in torch ops on the device.
 """
 
 from __future__ import annotations
@@ -100,6 +101,40 @@ class GlobalAttentionKernel(Protocol):
                  ) -> tuple[torch.Tensor, ...]:
         """``reference``'s arguments and results; ``bf16``: the products in bf16 with f32 sums."""
         ...
+
+
+class TorchAttention:
+    """``GlobalAttentionKernel`` in torch ops on the tensors' own device: what the torch runtime's explanation
+    capture runs on GPUs. ``reference``'s arithmetic one head at a time, the products in the inputs' dtype (as
+    segment_anything's under autocast), each head's softmax taken in f32 and reduced at once, so only the
+    last block's matrix leaves the device (not every global block's N x N, reduced on the host)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                 query_weights: torch.Tensor, heads: int, scale: float, bf16: bool, matrix: bool
+                 ) -> tuple[torch.Tensor, ...]:
+        b, n, channels = q.shape
+        width = channels // heads
+        weights = query_weights.to(q.device, torch.float32)[:, None, :]  # (B, 1, N)
+        received = torch.zeros(b, n, dtype=torch.float32, device=q.device)
+        mean = torch.zeros(b, n, n, dtype=torch.float32, device=q.device) if matrix else None
+        outs: list[torch.Tensor] = []
+        # Every dtype is chosen here: autocast would round the reductions' operands (the weights too) to bf16.
+        with torch.autocast(q.device.type, enabled=False):
+            for h in range(heads):
+                part = slice(h * width, (h + 1) * width)
+                terms = (rel_h[:, h, :, :, None] + rel_w[:, h, :, None, :]).reshape(b, n, n).to(q.dtype)
+                logits = torch.baddbmm(terms, q[..., part] * scale, k[..., part].transpose(-2, -1))
+                probs = logits.softmax(dim=-1, dtype=torch.float32)
+                outs.append(probs.to(q.dtype) @ v[..., part])
+                received += (weights @ probs)[:, 0]
+                if mean is not None:
+                    mean += probs
+        out = torch.cat(outs, dim=-1)
+        received /= heads
+        if mean is None:
+            return out, received
+        mean /= heads
+        return out, received, mean.mean(dim=1), mean.to(torch.float16)
 
 
 _FLOATS = ctypes.POINTER(ctypes.c_float)

@@ -1,7 +1,8 @@
 """The GlobalAttention kernel's other callers and paths: its AVX512-BF16 dot products (CPUs without AMX),
 the ISA cap that picks them, and the torch runtime's explanation capture through the kernel (ctypes,
 ``global_attention.LibraryAttention``): equal to segment_anything's arithmetic and to torch's own capture,
-the runtime's choice, inconsistent inputs named, and the planted-attention geometry check."""
+the runtime's choice, inconsistent inputs named, and the planted-attention geometry check; and the same
+capture in torch ops (``TorchAttention``), what GPUs run."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from backend import openvino_ops
 from backend.config import EngineConfig
 from backend.encoder_runtime import TorchImageEncoder, build_encoder_runtime
-from backend.global_attention import LibraryAttention
+from backend.global_attention import LibraryAttention, TorchAttention, reference
 from backend.models import build_sam, cpu_flags
 from backend.segmenter import SamSegmenter
 from tests.test_global_attention import SHAPES, attention_inputs, expected, run
@@ -110,14 +111,38 @@ def config(tiny_cache, tmp_path_factory) -> EngineConfig:
                                   openvino_cache_dir=tmp_path_factory.mktemp("openvino_cache"))
 
 
+@pytest.mark.parametrize("matrix", [False, True], ids=["received", "matrix"])
+def test_torch_attention_equals_sams_arithmetic(matrix):
+    """``TorchAttention`` (the GPU capture's kernel, torch ops on any device) against float64 arithmetic."""
+    heads = 3
+    inputs = attention_inputs(2, 5, 7, heads, 16, seed=11)
+    ours = TorchAttention()(*inputs, heads, 0.25, False, matrix)
+    theirs = reference(*(t.double() for t in inputs), heads, 0.25, matrix)
+    assert [t.dtype for t in ours] == [torch.float32] * (3 if matrix else 2) + ([torch.float16] if matrix else [])
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got.double(), want.double(), rtol=5e-3 if got.dtype == torch.float16 else 1e-5,
+                                   atol=1e-3 if got.dtype == torch.float16 else 2e-6)
+
+
+def test_the_capture_runs_the_library_on_cpu_and_torch_ops_on_gpus(config, kernel):
+    sam = build_sam(config)
+    with_kernel, without = TorchImageEncoder(sam.image_encoder, kernel=kernel), TorchImageEncoder(sam.image_encoder)
+    assert with_kernel.kernel_for(CPU) is kernel and without.kernel_for(CPU) is None
+    for runtime in (with_kernel, without):
+        assert isinstance(runtime.kernel_for(torch.device("cuda", 0)), TorchAttention)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_torch_capture_through_the_kernel_equals_torchs_own(config, kernel, chelsea, dtype):
-    """The torch runtime with the kernel keeps what the engine reads: the features, each global block's
-    received map and the last block's matrix and column mean, as torch's own capture (f32: to float rounding)."""
+@pytest.mark.parametrize("which", ["library", "torch-ops"])
+def test_torch_capture_through_the_kernel_equals_torchs_own(config, kernel, chelsea, dtype, which):
+    """The torch runtime with the kernel (the library's on CPU, or the torch-ops one GPUs run) keeps what the
+    engine reads: the features, each global block's received map and the last block's matrix and column
+    mean, as torch's own capture (f32: to float rounding)."""
     sam = build_sam(config)
     x, input_size = SamSegmenter(sam, CPU).preprocess(chelsea)
     theirs = TorchImageEncoder(sam.image_encoder, dtype).encode(x, input_size, capture=True)
-    ours = TorchImageEncoder(sam.image_encoder, dtype, kernel).encode(x, input_size, capture=True)
+    ours = TorchImageEncoder(sam.image_encoder, dtype, kernel if which == "library" else TorchAttention()
+                             ).encode(x, input_size, capture=True)
     assert ours.attention is not None and theirs.attention is not None
     loose = dtype == torch.bfloat16
     np.testing.assert_allclose(ours.features.numpy(), theirs.features.numpy(), rtol=5e-2 if loose else 1e-4,
