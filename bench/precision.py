@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,15 +94,16 @@ def capture_overhead(sam: torch.nn.Module, device: torch.device, image: np.ndarr
                      rounds: int) -> CaptureOverhead:
     """Interleaved ``embed`` without / with capture after one warm-up of each; medians."""
     from backend.segmenter import SamSegmenter
+    from bench.reference import clock
 
     segmenter = SamSegmenter(sam, device, dtype)
     times: dict[bool, list[float]] = {False: [], True: []}
     for r in range(rounds + 1):
         for capture in (False, True):
-            t0 = time.perf_counter()
+            t0 = clock(device.type)  # on a GPU, after the queued work: the plain embed returns before it is done
             segmenter.embed(image, capture_attention=capture)
             if r:  # round 0 warms up (oneDNN primitives, first-touch of the heap)
-                times[capture].append(time.perf_counter() - t0)
+                times[capture].append(clock(device.type) - t0)
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return CaptureOverhead(name, rounds, statistics.median(times[False]), statistics.median(times[True]))
 
