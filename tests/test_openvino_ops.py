@@ -19,39 +19,56 @@ HEADS, CHANNELS, POINTS = 8, 32, 4  # Grounding DINO's (SwinT-OGC): the kernel's
 SIZES = [(23, 31), (12, 16), (6, 8), (3, 4)]
 
 
-def op_model(ops_library, ref_dim: int) -> ov.Model:
+def op_model(ops_library, ref_dim: int, points: int = POINTS, levels: int = len(SIZES)) -> ov.Model:
     """One DeformableAttention node over five dynamic-size parameters."""
     from openvino import opset13 as ops
     from openvino.utils.node_factory import NodeFactory
 
-    levels = len(SIZES)
     params = [ops.parameter([-1, -1, HEADS * CHANNELS], ov.Type.f32), ops.parameter([-1, 2], ov.Type.i64),
               ops.parameter([-1, -1, levels, ref_dim], ov.Type.f32),
-              ops.parameter([-1, -1, HEADS * levels * POINTS * 2], ov.Type.f32),
-              ops.parameter([-1, -1, HEADS * levels * POINTS], ov.Type.f32)]
+              ops.parameter([-1, -1, HEADS * levels * points * 2], ov.Type.f32),
+              ops.parameter([-1, -1, HEADS * levels * points], ov.Type.f32)]
     factory = NodeFactory()
     factory.add_extension(str(ops_library.path))
-    node = factory.create(openvino_ops.OP_TYPE, [p.output(0) for p in params], {"heads": HEADS, "points": POINTS})
+    node = factory.create(openvino_ops.OP_TYPE, [p.output(0) for p in params], {"heads": HEADS, "points": points})
     return ov.Model([node.output(0)], params)
 
 
-def op_inputs(batch: int, queries: int, ref_dim: int, seed: int, sizes=SIZES) -> list[torch.Tensor]:
+def op_inputs(batch: int, queries: int, ref_dim: int, seed: int, sizes=SIZES, points: int = POINTS
+              ) -> list[torch.Tensor]:
     """value, spatial shapes, reference points (spread past the map's edges), offsets of a few pixels, weights."""
     generator = torch.Generator().manual_seed(seed)
     levels, keys = len(sizes), sum(h * w for h, w in sizes)
     reference = torch.rand(batch, queries, levels, 2, generator=generator) * 1.4 - 0.2
     if ref_dim == 4:
         reference = torch.cat([reference, torch.rand(batch, queries, levels, 2, generator=generator) * 0.6], -1)
-    weights = torch.randn(batch, queries, HEADS, levels * POINTS, generator=generator).softmax(-1)
+    weights = torch.randn(batch, queries, HEADS, levels * points, generator=generator).softmax(-1)
     return [torch.randn(batch, keys, HEADS * CHANNELS, generator=generator), torch.tensor(sizes),
-            reference, torch.randn(batch, queries, HEADS * levels * POINTS * 2, generator=generator) * 3,
+            reference, torch.randn(batch, queries, HEADS * levels * points * 2, generator=generator) * 3,
             weights.reshape(batch, queries, -1)]
 
 
-def expected(inputs: list[torch.Tensor]) -> torch.Tensor:
+def expected(inputs: list[torch.Tensor], points: int = POINTS) -> torch.Tensor:
     value, shapes, reference, offsets, weights = inputs
     return fused_deformable_attention(value.double(), shapes, reference.double(), offsets.double(), weights.double(),
-                                      HEADS, POINTS)
+                                      HEADS, points)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4], ids=["points", "boxes"])
+@pytest.mark.parametrize("points, sizes", [(3, SIZES), (8, SIZES[:2]), (16, SIZES[2:3])],
+                         ids=["12-samples", "2-levels-x-8", "1-level-x-16"])
+def test_other_sample_counts_equal_groundingdinos_arithmetic(ops_library, ref_dim, points, sizes):
+    """Grounding DINO samples 4 levels x 4 points per head, which the kernel takes in one AVX-512 register per
+    coordinate; other counts of 16 take the same path with fewer levels' reference points, others the scalar
+    loop. Each against float64 arithmetic."""
+    core = ops_library.add_to(ov.Core())
+    compiled = core.compile_model(op_model(ops_library, ref_dim, points, len(sizes)), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    inputs = op_inputs(2, 301, ref_dim, seed=points, sizes=sizes, points=points)
+    reference = expected(inputs, points)
+    ours = torch.from_numpy(np.asarray(compiled([t.numpy() for t in inputs])[0]))
+    assert (reference != 0).double().mean() > 0.5  # most samples land inside (one 6 x 8 map: fewer than 4 maps)
+    torch.testing.assert_close(ours.double(), reference, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("ref_dim", [2, 4], ids=["points", "boxes"])
