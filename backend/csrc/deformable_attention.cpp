@@ -80,18 +80,19 @@ private:
 namespace {
 
 constexpr int64_t kMaxChannels = 1024;  // per head, for the generic (unfixed) channel count
+alignas(64) constexpr float kZeros[32] = {};  // where the vector path's corners outside the map read
 
 
 #if defined(__AVX512F__)
 // The positions, corner weights and corner indices of one (query, head)'s 16 samples (levels x points == 16)
 // in AVX-512 lanes, sample i in lane i; corners outside the map (and samples wholly outside, or at a NaN
-// position) get weight 0 and the zero row's index, so the caller adds them without a branch and adds
-// nothing. The arithmetic is the scalar loop's, lane by lane (the per-sample positions and corners were
+// position) get weight 0 and the index ``outside``, which the caller reads as zeros (``kZeros``): added
+// without a branch, they add nothing whatever the map holds. The arithmetic is the scalar loop's, lane by lane (the per-sample positions and corners were
 // most of the kernel's time: 25 -> 14 ms per encoder layer at 800 px in the scratch harness).
 struct Lanes {
     __m512 width, height, points;
     __m512i start, w_int, h_int, ref_x, ref_y, ref_w, ref_h;
-    __m512i zero_row;  // the head map's zero row, where corners outside the map point
+    __m512i outside;  // the index given to corners outside the map: the key count, read as zeros
     __mmask16 ref_floats;  // a query's reference points: levels x (2 or 4) floats
 };
 
@@ -136,7 +137,7 @@ inline void corners16(const Lanes& c, const float* ref, int64_t ref_dim, const f
     for (int k = 0; k < 4; ++k) {
         _mm512_storeu_ps(weights + 16 * k, _mm512_maskz_mul_ps(in[k], a, corner[k]));
         const __m512i at = _mm512_add_epi32(c.start, _mm512_add_epi32(_mm512_mullo_epi32(ys[k], c.w_int), xs[k]));
-        _mm512_storeu_si512(index + 16 * k, _mm512_mask_mov_epi32(c.zero_row, in[k], at));
+        _mm512_storeu_si512(index + 16 * k, _mm512_mask_mov_epi32(c.outside, in[k], at));
     }
 }
 #endif
@@ -161,12 +162,15 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
         widths[l] = static_cast<float>(level_hw[2 * l + 1]);
         start += level_hw[2 * l] * level_hw[2 * l + 1];
     }
-    // Each head's maps made contiguous, (bs, heads, keys + 1, C): one head's samples then fall within a map of
+    // Each head's maps made contiguous, (bs, heads, keys, C): one head's samples then fall within a map of
     // keys x C floats (2.3 MB at 800 px) that one core's cache holds, instead of strided across all heads.
-    // The extra row stays zero: the vector path points corners outside the map at it (weight 0 too).
-    const int64_t rows = s.keys + 1;
-    std::vector<float> by_head(static_cast<size_t>(s.bs * s.heads * rows * channels), 0.f);
-    tbb::parallel_for(tbb::blocked_range<int64_t>(0, s.bs * s.keys, 512), [&](const tbb::blocked_range<int64_t>& r) {
+    // Not for few queries (the decoder's 900 against 17.8 k keys at 800 px): there the copy cost more than
+    // the sampling, which then reads the value where it lies (scratch harness: 2.1 -> 0.8 ms per call; with
+    // as many queries as keys the copy pays: 17 against 22 ms).
+    const int64_t rows = s.keys;
+    const bool direct = s.queries * 4 < s.keys;
+    std::vector<float> by_head(direct ? 0 : static_cast<size_t>(s.bs * s.heads * rows * channels));
+    if (!direct) tbb::parallel_for(tbb::blocked_range<int64_t>(0, s.bs * s.keys, 512), [&](const tbb::blocked_range<int64_t>& r) {
         for (int64_t bk = r.begin(); bk < r.end(); ++bk) {
             const int64_t b = bk / s.keys, k = bk % s.keys;
             const float* src = value + bk * dim;
@@ -207,7 +211,8 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
         for (int64_t task = r.begin(); task < r.end(); ++task) {
             const int64_t bh = task / blocks, b = bh / s.heads, h = bh % s.heads;
             const int64_t q_begin = (task % blocks) * block, q_end = std::min(s.queries, q_begin + block);
-            const float* head_value = by_head.data() + bh * rows * channels;
+            const float* head_value = direct ? value + b * s.keys * dim + h * channels : by_head.data() + bh * rows * channels;
+            const int64_t stride = direct ? dim : channels;
             for (int64_t q = q_begin; q < q_end; ++q) {
                 const int64_t bq = b * s.queries + q;
                 const float* ref = reference + bq * s.levels * s.ref_dim;
@@ -223,7 +228,8 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
                         for (int i = 0; i < 16; ++i)
                             for (int k = 0; k < 4; ++k) {
                                 const float w = cw[16 * k + i];
-                                const float* v = head_value + static_cast<int64_t>(ci[16 * k + i]) * 32;
+                                const int64_t at = ci[16 * k + i];
+                                const float* v = at == s.keys ? kZeros : head_value + at * stride;
                                 const __m512 wv = _mm512_set1_ps(w);
                                 a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(v), a0);
                                 a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + 16), a1);
@@ -262,12 +268,12 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
                     const float fx = xs[i] - x0f, fy = ys[i] - y0f;
                     const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
                     const float corner[4] = {(1.f - fy) * (1.f - fx), (1.f - fy) * fx, fy * (1.f - fx), fy * fx};
-                    const float* level_value = head_value + starts[l] * channels;
+                    const float* level_value = head_value + starts[l] * stride;
                     for (int k = 0; k < 4; ++k) {
                         const int64_t x = x0 + (k & 1), y = y0 + (k >> 1);
                         if (x < 0 || x >= w_l || y < 0 || y >= h_l) continue;  // zeros padding
                         const float w = attn[i] * corner[k];
-                        const float* v = level_value + (y * w_l + x) * channels;
+                        const float* v = level_value + (y * w_l + x) * stride;
                         for (int64_t c = 0; c < channels; ++c) acc[c] += w * v[c];
                     }
                 }
