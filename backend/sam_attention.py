@@ -9,8 +9,8 @@ MobileSAM's), without editing site-packages:
   recorded by the very forward pass that produces the features (no second encoder run), one head at
   a time so the full (heads, N, N) tensor never exists.
 * ``capture_encoder_reductions``: only what the engine keeps of it (each global block's attention
-  received from weighted queries, the last block's matrix), each global block run by the operations
-  library's kernel (``global_attention.LibraryAttention``), which reduces the softmax where it takes it.
+  received from weighted queries, the last block's matrix), each global block run by a kernel that
+  reduces the softmax where it takes it (``global_attention.LibraryAttention`` on CPU, ``TorchAttention``).
 * ``capture_decoder_attention``: the mask decoder's final token-to-image softmax, i.e. where each
   output token (and so each returned mask) looked in the image embedding (``decoder_attention``,
   re-exported here).
@@ -238,11 +238,7 @@ def capture_encoder_attention(
         keep_matrix=keep_matrix,
         head_chunk=head_chunk,
     )
-    sinks: dict[object, _GlobalBlockSink] = {}
-    for i in indices:
-        swap_in(vit_blocks[i].attn, _FastEncoderAttention)
-        sinks[vit_blocks[i].attn] = _EncoderSink(capture, i)
-    with sinks_active(_ENCODER_SINKS, sinks):
+    with _blocks_sinking(vit_blocks, {i: _EncoderSink(capture, i) for i in indices}):
         yield capture
 
 
@@ -254,7 +250,8 @@ def capture_encoder_reductions(
     keeping the reductions the engine keeps (``encoder_graph.CapturingEncoder``'s outputs).
 
     Arguments:
-      kernel: ``global_attention.LibraryAttention`` (CPU), or any ``GlobalAttentionKernel``.
+      kernel: ``global_attention.LibraryAttention`` (CPU), ``TorchAttention`` (any device), or any
+        ``GlobalAttentionKernel``.
       query_weights: (B, N), N = H_tok * W_tok: each query's weight in ``received`` (1/count on the tokens
         that saw real pixels, 0 on the padding).
       bf16: the kernel's products in bf16 (f32 sums).
@@ -262,12 +259,17 @@ def capture_encoder_reductions(
     vit_blocks = _vit_blocks(image_encoder)
     indices = _resolve_blocks(vit_blocks, "global")
     reductions = EncoderReductions(block_indices=indices)
-    sinks: dict[object, _GlobalBlockSink] = {}
-    for i in indices:
-        swap_in(vit_blocks[i].attn, _FastEncoderAttention)
-        sinks[vit_blocks[i].attn] = _KernelSink(reductions, i, kernel, query_weights, bf16)
-    with sinks_active(_ENCODER_SINKS, sinks):
+    with _blocks_sinking(vit_blocks, {i: _KernelSink(reductions, i, kernel, query_weights, bf16) for i in indices}):
         yield reductions
+
+
+def _blocks_sinking(vit_blocks: Sequence[Block], sinks: Mapping[int, _GlobalBlockSink]
+                    ) -> contextlib.AbstractContextManager[None]:
+    """Block index -> sink made active for this context: each block's attention patched to the capturing
+    forward (left patched afterwards, see ``capture_encoder_attention``) and routed to its sink."""
+    for i in sinks:
+        swap_in(vit_blocks[i].attn, _FastEncoderAttention)
+    return sinks_active(_ENCODER_SINKS, {vit_blocks[i].attn: sink for i, sink in sinks.items()})
 
 
 class _GlobalBlockSink(Protocol):

@@ -82,13 +82,13 @@ namespace {
 constexpr int64_t kMaxChannels = 1024;  // per head, for the generic (unfixed) channel count
 alignas(64) constexpr float kZeros[32] = {};  // where the vector path's corners outside the map read
 
-
 #if defined(__AVX512F__)
 // The positions, corner weights and corner indices of one (query, head)'s 16 samples (levels x points == 16)
 // in AVX-512 lanes, sample i in lane i; corners outside the map (and samples wholly outside, or at a NaN
 // position) get weight 0 and the index ``outside``, which the caller reads as zeros (``kZeros``): added
-// without a branch, they add nothing whatever the map holds. The arithmetic is the scalar loop's, lane by lane (the per-sample positions and corners were
-// most of the kernel's time: 25 -> 14 ms per encoder layer at 800 px in the scratch harness).
+// without a branch, they add nothing whatever the map holds. The arithmetic is the scalar loop's, lane by
+// lane (the per-sample positions and corners were most of the kernel's time: 25 -> 14 ms per encoder layer
+// at 800 px in the scratch harness).
 struct Lanes {
     __m512 width, height, points;
     __m512i start, w_int, h_int, ref_x, ref_y, ref_w, ref_h;
@@ -114,9 +114,12 @@ inline void corners16(const Lanes& c, const float* ref, int64_t ref_dim, const f
         lx = _mm512_add_ps(rx, _mm512_mul_ps(_mm512_mul_ps(_mm512_div_ps(ox, c.points), rw), half));
         ly = _mm512_add_ps(ry, _mm512_mul_ps(_mm512_mul_ps(_mm512_div_ps(oy, c.points), rh), half));
     }
-    const __m512 two = _mm512_set1_ps(2.f);
-    const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(_mm512_mul_ps(two, lx), one), one), c.width), one), half);
-    const __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(_mm512_mul_ps(two, ly), one), one), c.height), one), half);
+    // pixel = ((2 * location - 1 + 1) * size - 1) / 2, in the scalar loop's order of operations
+    const auto pixel = [&](__m512 location, __m512 size) {
+        const __m512 grid = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(2.f), location), one);
+        return _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(grid, one), size), one), half);
+    };
+    const __m512 x = pixel(lx, c.width), y = pixel(ly, c.height);
     const __m512 minus_one = _mm512_set1_ps(-1.f);
     const __mmask16 inside = _mm512_cmp_ps_mask(x, minus_one, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, c.width, _CMP_LT_OQ)
                              & _mm512_cmp_ps_mask(y, minus_one, _CMP_GT_OQ) & _mm512_cmp_ps_mask(y, c.height, _CMP_LT_OQ);
@@ -167,15 +170,14 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
     // Not for few queries (the decoder's 900 against 17.8 k keys at 800 px): there the copy cost more than
     // the sampling, which then reads the value where it lies (scratch harness: 2.1 -> 0.8 ms per call; with
     // as many queries as keys the copy pays: 17 against 22 ms).
-    const int64_t rows = s.keys;
     const bool direct = s.queries * 4 < s.keys;
-    std::vector<float> by_head(direct ? 0 : static_cast<size_t>(s.bs * s.heads * rows * channels));
+    std::vector<float> by_head(direct ? 0 : static_cast<size_t>(s.bs * s.heads * s.keys * channels));
     if (!direct) tbb::parallel_for(tbb::blocked_range<int64_t>(0, s.bs * s.keys, 512), [&](const tbb::blocked_range<int64_t>& r) {
         for (int64_t bk = r.begin(); bk < r.end(); ++bk) {
             const int64_t b = bk / s.keys, k = bk % s.keys;
             const float* src = value + bk * dim;
             for (int64_t h = 0; h < s.heads; ++h) {
-                float* dst = by_head.data() + ((b * s.heads + h) * rows + k) * channels;
+                float* dst = by_head.data() + ((b * s.heads + h) * s.keys + k) * channels;
                 std::copy(src + h * channels, src + (h + 1) * channels, dst);
             }
         }
@@ -183,7 +185,7 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
 #if defined(__AVX512F__)
     // Sample i of a head is level i / points: its level's constants in lane i (GroundingDINO: 4 x 4 = 16 lanes).
     // int32 indices: the maps of one head stay far below 2^31 tokens.
-    const bool vector16 = per_head == 16 && rows < (int64_t(1) << 31) && s.ref_dim * s.levels <= 16;
+    const bool vector16 = CHANNELS == 32 && per_head == 16 && s.keys < (int64_t(1) << 31) && s.ref_dim * s.levels <= 16;
     Lanes lanes{};
     if (vector16) {
         alignas(64) float wf[16], hf[16], pf[16];
@@ -211,7 +213,8 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
         for (int64_t task = r.begin(); task < r.end(); ++task) {
             const int64_t bh = task / blocks, b = bh / s.heads, h = bh % s.heads;
             const int64_t q_begin = (task % blocks) * block, q_end = std::min(s.queries, q_begin + block);
-            const float* head_value = direct ? value + b * s.keys * dim + h * channels : by_head.data() + bh * rows * channels;
+            const float* head_value = direct ? value + b * s.keys * dim + h * channels
+                                             : by_head.data() + bh * s.keys * channels;
             const int64_t stride = direct ? dim : channels;
             for (int64_t q = q_begin; q < q_end; ++q) {
                 const int64_t bq = b * s.queries + q;
