@@ -58,7 +58,7 @@ def op_profile(runtime: Any, inputs: Any) -> tuple[float, dict[str, float]]:
 
     from backend.dino_runtime import _numpy, bucket_sizes
 
-    core = ov.Core()
+    core = runtime.ops.add_to(ov.Core()) if runtime.ops else ov.Core()  # the graph's custom nodes
     compiled = core.compile_model(core.read_model(runtime.conversion.path), "CPU", {
         "INFERENCE_PRECISION_HINT": runtime.precision, "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
