@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -282,79 +282,3 @@ class FastDeformableAttention(MultiScaleDeformableAttention):
                                        weights)
         output = self.output_proj(sampled)
         return output if self.batch_first else output.permute(1, 0, 2)
-
-
-def text_image_attention(attention: Any, image: torch.Tensor, text: torch.Tensor,
-                         image_padding: torch.Tensor | None, text_padding: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """groundingdino's BiMultiHeadAttention.forward at inference, with its image-side projections moved
-    onto the text.
-
-    groundingdino projects every image token three times to ``embed_dim`` (1024 on SwinT-OGC: the
-    query, the value for the text side, and the output's input), each as wide as 4x the features, and
-    moves them between token-major and head-major layouts. The logits and both outputs are linear in
-    those projections, so the same products can be taken on the text side instead: with W_q, W_vv, W_o
-    the query, image-value and image-output projections and k, u the text's key and value,
-
-    * logits[i, h, t] = scale * (W_q v_i + b_q)_h . k_ht = v_i . (scale * W_q,h^T k_ht) + scale * b_q,h . k_ht
-    * text output[h, t] = sum_i p_l[i, h, t] (W_vv v_i + b_vv)_h = W_vv,h (sum_i p_l[i, h, t] v_i) + (sum_i p_l) b_vv,h
-    * image output[i] = W_o (p_v[i, h, t] u_ht)_(h, t) + b_o = sum_(h, t) p_v[i, h, t] (W_o,h u_ht) + b_o
-
-    so the image tokens meet only (heads x text tokens)-wide matrices (108 columns for a 27-token
-    caption, at most heads x 256 = 1024), in their own layout (image tokens, heads, text tokens): no
-    transposes of image-sized tensors. The softmaxes, the clamps, the global-max shift and both masks
-    are groundingdino's, on the same logits; the products are summed in another order (float rounding).
-
-    Arguments:
-      attention: groundingdino's (untyped) BiMultiHeadAttention: its projections, ``num_heads``, ``head_dim``,
-        ``scale``, ``stable_softmax_2d``, ``clamp_min_for_underflow``, ``clamp_max_for_overflow``.
-      image: (bs, I, v_dim) image tokens (after the block's layer norm).
-      text: (bs, T, l_dim) text tokens (after the block's layer norm).
-      image_padding: (bs, I) bool, True on padding tokens, or None.
-      text_padding: (bs, T) bool, True on padding tokens, or None.
-    Returns:
-      (image delta (bs, I, v_dim), text delta (bs, T, l_dim)), as groundingdino's forward returns them.
-    """
-    bs, tokens, _ = text.shape
-    heads, head_dim = attention.num_heads, attention.head_dim
-    keys = attention.l_proj(text).view(bs, tokens, heads, head_dim)
-    # The weights in the activations' dtype: einsum is not autocast, and a bf16 engine's text is bf16 here.
-    query_weight = attention.v_proj.weight.view(heads, head_dim, -1).to(keys.dtype)  # heads, head_dim, v_dim
-    keys_on_image = torch.einsum("bthd,hdv->bhtv", keys, query_weight) * attention.scale  # bs, heads, T, v_dim
-    key_bias = torch.einsum("bthd,hd->bht", keys, attention.v_proj.bias.view(heads, head_dim).to(keys.dtype)
-                            ) * attention.scale
-    logits = image @ keys_on_image.flatten(1, 2).transpose(1, 2) + key_bias.flatten(1)[:, None, :]
-    logits = logits.view(bs, -1, heads, tokens)  # bs, I, heads, T: groundingdino's (bs * heads, I, T), permuted
-    if attention.stable_softmax_2d:
-        logits = logits - logits.max()
-    logits = _clamped(attention, logits)
-    to_text = _clamped(attention, logits - logits.max(dim=1, keepdim=True)[0])
-    if image_padding is not None:
-        to_text = to_text.masked_fill(image_padding[:, :, None, None], float("-inf"))
-    to_text = to_text.softmax(dim=1)  # over the image tokens
-    if text_padding is not None:
-        logits = logits.masked_fill(text_padding[:, None, None, :], float("-inf"))
-    to_image = logits.softmax(dim=-1)  # over the text tokens
-
-    values = attention.values_l_proj(text).view(bs, tokens, heads, head_dim)
-    output_weight = attention.out_v_proj.weight.view(-1, heads, head_dim).to(values.dtype)  # v_dim, heads, head_dim
-    values_on_image = torch.einsum("bthd,vhd->bhtv", values, output_weight).flatten(1, 2)  # bs, heads * T, v_dim
-    image_delta = to_image.flatten(2) @ values_on_image + attention.out_v_proj.bias
-
-    to_text_flat = to_text.flatten(2)  # bs, I, heads * T
-    pooled = (to_text_flat.transpose(1, 2) @ image).view(bs, heads, tokens, -1)  # sum_i p_l v_i: bs, heads, T, v_dim
-    weight_sum = to_text_flat.sum(1).view(bs, heads, tokens, 1)
-    value_weight = attention.values_v_proj.weight.view(heads, head_dim, -1).to(pooled.dtype)
-    text_output = (torch.einsum("bhtv,hdv->bthd", pooled, value_weight)
-                   + (weight_sum * attention.values_v_proj.bias.view(1, heads, 1, head_dim)).transpose(1, 2))
-    text_delta = attention.out_l_proj(text_output.reshape(bs, tokens, heads * head_dim))
-    return image_delta, text_delta
-
-
-def _clamped(attention: Any, logits: torch.Tensor) -> torch.Tensor:
-    """groundingdino's clamps of the fusion logits (for half precision's range), where the module has them on."""
-    if attention.clamp_min_for_underflow:
-        logits = logits.clamp(min=-50000)
-    if attention.clamp_max_for_overflow:
-        logits = logits.clamp(max=50000)
-    return logits

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dino_fast import DeformableCore, LevelShapes, text_image_attention
+from .dino_fast import DeformableCore, LevelShapes
+from .fusion_attention import fusion_layer
 
 if TYPE_CHECKING:
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
@@ -84,9 +85,10 @@ class DinoTextGraph(nn.Module):
     boxes: normalised cxcywh. Shares the model's parameters (no copy); the model must have had
     ``dino_fast.use_fast_inference`` (its deformable attention reads ``LevelShapes``).
     ``core``: how the deformable attention samples (``dino_fast.DeformableCore``): "gather" is torch's
-    fastest; "fused" (one custom node, ``openvino_ops``) and "grid_sample" export to OpenVINO at any
+    fastest; "fused" (the library's nodes, ``openvino_ops``: the deformable attention, and the fusion
+    layers' softmaxes as ``fusion_attention.fusion_softmax``) and "grid_sample" export to OpenVINO at any
     size. ``text_side_fusion`` (default): the fusion layers' attention as
-    ``dino_fast.text_image_attention`` (its image-side projections moved onto the text: same products,
+    ``fusion_attention.text_image_attention`` (its image-side projections moved onto the text: same products,
     a third of the encoder's matmul work less); False runs groundingdino's module (bench/ compares
     the two). Raises ValueError for a model this does not cover (single-stage, not 4 levels).
     """
@@ -223,14 +225,16 @@ def _transformer(transformer: Any, srcs: tuple[torch.Tensor, ...], masks: tuple[
     output_memory, output_proposals = _proposals(memory, mask_flatten, sizes)
     output_memory = transformer.enc_output_norm(transformer.enc_output(output_memory))
     enc_class = _token_logits(output_memory, memory_text, text_dict["text_token_mask"])
-    coords = transformer.enc_out_bbox_embed(output_memory) + output_proposals
     topk = torch.topk(enc_class.max(-1)[0], transformer.num_queries, dim=1)[1]
-    refpoints = torch.gather(coords, 1, topk.unsqueeze(-1).repeat(1, 1, 4))
+    # The box head on the selected tokens only (groundingdino runs it on every token, then gathers).
+    selected = torch.gather(output_memory, 1, topk.unsqueeze(-1).repeat(1, 1, transformer.d_model))
+    refpoints = (transformer.enc_out_bbox_embed(selected)
+                 + torch.gather(output_proposals, 1, topk.unsqueeze(-1).repeat(1, 1, 4)))
     if transformer.embed_init_tgt:
         bs = src_flatten.shape[0]
         tgt = transformer.tgt_embed.weight[:, None, :].repeat(1, bs, 1).transpose(0, 1)
     else:
-        tgt = torch.gather(output_memory, 1, topk.unsqueeze(-1).repeat(1, 1, transformer.d_model))
+        tgt = selected
     hidden, reference = _decoder(transformer.decoder, tgt.transpose(0, 1), memory.transpose(0, 1), mask_flatten,
                                  pos_flatten.transpose(0, 1), refpoints.transpose(0, 1), spatial_shapes,
                                  valid_ratios, text_dict)
@@ -249,8 +253,9 @@ def _encoder(encoder: Any, src: torch.Tensor, pos: torch.Tensor, sizes: list[tup
     pos_text = get_sine_pos_embed(text_dict["position_ids"][..., None], num_pos_feats=256, exchange_xy=False)
     for layer_id, layer in enumerate(encoder.layers):
         if encoder.fusion_layers and text_side_fusion:
-            output, memory_text = _fusion_layer(encoder.fusion_layers[layer_id], output, memory_text,
-                                                key_padding_mask, text_attention_mask)
+            output, memory_text = fusion_layer(encoder.fusion_layers[layer_id], output, memory_text,
+                                               key_padding_mask, text_attention_mask,
+                                               fused=spatial_shapes.core == "fused")
         elif encoder.fusion_layers:
             output, memory_text = encoder.fusion_layers[layer_id](
                 v=output, l=memory_text, attention_mask_v=key_padding_mask, attention_mask_l=text_attention_mask)
@@ -262,14 +267,6 @@ def _encoder(encoder: Any, src: torch.Tensor, pos: torch.Tensor, sizes: list[tup
                        level_start_index=None, key_padding_mask=key_padding_mask)
     return output, memory_text
 
-
-def _fusion_layer(block: Any, image: torch.Tensor, text: torch.Tensor, image_padding: torch.Tensor,
-                  text_padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BiAttentionBlock.forward at inference (drop path off) with ``dino_fast.text_image_attention``. As
-    groundingdino's, the residual is added to the layer-normed tokens."""
-    image, text = block.layer_norm_v(image), block.layer_norm_l(text)
-    image_delta, text_delta = text_image_attention(block.attn, image, text, image_padding, text_padding)
-    return image + block.gamma_v * image_delta, text + block.gamma_l * text_delta
 
 
 def _decoder(decoder: Any, tgt: torch.Tensor, memory: torch.Tensor, memory_key_padding_mask: torch.Tensor,

@@ -42,8 +42,10 @@ logger = logging.getLogger(__name__)
 
 # Bump when DinoTextGraph's inputs/outputs or arithmetic change (3: points on grid rows; 4: the deformable
 # attention's value maps and sampling grids laid out for grid_sample, dino_fast.level_maps / sampling_grids;
-# 5: the fusion layers' image-side projections moved onto the text, dino_fast.text_image_attention).
-GRAPH_VERSION = 5
+# 5: the fusion layers' image-side projections moved onto the text, dino_fast.text_image_attention;
+# 6: the fusion's products as 2-D matmuls, its masks as added -inf and, with the operations library, its
+# softmaxes as one node, fusion_attention.fusion_softmax; the box head on the selected tokens only).
+GRAPH_VERSION = 6
 # Bounds of the export's dynamic sizes. A feature level is at most max_size / 8 tokens on a side (1333 px
 # -> 167); the bound leaves room for larger DINO_MAX_SIZE settings. Captions hold at most 256 tokens.
 MAX_LEVEL_SIDE = 1024
@@ -200,6 +202,8 @@ class OpenVinoDinoText:
             DinoTextGraph(model, core=self.core).eval(), example.flat(),
             text_key(identity, self.precision, self.core), cache_dir, dynamic_shapes(), ops=self.ops)
         started = time.perf_counter()
+        if self.ops and self.precision == "bf16":
+            compiled_model = self.ops.narrow_io(compiled_model)
         compiled: ov.CompiledModel = compile_for_cpu(ov.Core(), compiled_model, self.precision)
         self.compile_seconds = time.perf_counter() - started
         self._request = compiled.create_infer_request()

@@ -44,6 +44,10 @@ SOURCE = CSRC / "ops.cpp"  # the library: includes every operation's file (from 
 OP_TYPE = "DeformableAttention"  # the C++ class's OPENVINO_OP name
 TORCH_OP = "gsam.deformable_attention.default"  # how torch.export names dino_fast.fused_deformable_attention
 ATTENTION_OP_TYPE = "GlobalAttention"
+FUSION_OP_TYPE = "FusionSoftmax"
+FUSION_TORCH_OP = "gsam.fusion_softmax.default"  # how torch.export names fusion_attention.fusion_softmax
+# The nodes that a graph compiled at bf16 runs with bf16 inputs (these indices) and outputs (narrow_io).
+NARROWED_INPUTS = {OP_TYPE: (0, 3, 4), FUSION_OP_TYPE: (0,)}
 # CPU flags under which GlobalAttention's bf16 products run on AMX tiles, or on AVX512-BF16's dot products
 AMX_FLAGS = frozenset({"amx_tile", "amx_bf16"})
 DOT_BF16_FLAG = "avx512_bf16"
@@ -119,23 +123,71 @@ class OpsLibrary:
                 return factory.create(ATTENTION_OP_TYPE, inputs, attributes).outputs()
             return convert
 
+        def fusion_softmax(context: Any) -> Any:
+            inputs = [context.get_input(index) for index in range(3)]
+            attributes = {"heads": int(context.get_values_from_const_input(3)),
+                          **{name: bool(context.get_values_from_const_input(index))
+                             for index, name in enumerate(("stable", "clamp_min", "clamp_max"), start=4)}}
+            # The frontend reads a tuple's items as Gathers along its first output's first axis: a stack
+            # of both outputs gives them their ranks until connect_outputs wires each reader to its output.
+            from openvino import opset13
+
+            outputs = factory.create(FUSION_OP_TYPE, inputs, attributes).outputs()
+            return opset13.concat([opset13.unsqueeze(output, 0) for output in outputs], 0).outputs()
+
         return [ConversionExtension(TORCH_OP, deformable_attention),
+                ConversionExtension(FUSION_TORCH_OP, fusion_softmax),
                 *(ConversionExtension(name, global_attention(matrix)) for name, matrix in ATTENTION_TORCH_OPS.items())]
+
+    def narrow_io(self, model: ov.Model) -> ov.Model:
+        """``model`` (changed in place) with the library's DeformableAttention and FusionSoftmax nodes reading
+        their image-sized inputs in bf16 and writing bf16 (``NARROWED_INPUTS``), through Convert nodes, for
+        a graph compiled at bf16.
+
+        The CPU plugin computes those inputs in bf16 there (the converts on them change nothing), but a
+        library node keeps the types the model gives it, so the plugin would convert each input to f32
+        and each output back: a pass over an image-sized tensor each (~50 ms of Grounding DINO's text half
+        at 800 px for the deformable nodes). The nodes' arithmetic stays f32 and their outputs are rounded
+        as the plugin's own conversion rounds. Nodes already in bf16 are left as they are.
+        """
+        import openvino as ov
+        from openvino import opset13
+
+        for node in model.get_ordered_ops():
+            indices = NARROWED_INPUTS.get(node.get_type_name())
+            if indices is None or node.get_input_element_type(0) != ov.Type.f32:
+                continue
+            for index in indices:
+                node.input(index).replace_source_output(
+                    opset13.convert(node.input_value(index), ov.Type.bf16).output(0))
+            consumers = [list(output.get_target_inputs()) for output in node.outputs()]
+            node.validate_and_infer_types()
+            for output, targets in zip(node.outputs(), consumers, strict=True):
+                widened = opset13.convert(output, ov.Type.f32)
+                for target in targets:
+                    target.replace_source_output(widened.output(0))
+        model.validate_nodes_and_infer_types()
+        return model
 
     def connect_outputs(self, model: ov.Model) -> ov.Model:
         """``model`` with each of the library's multi-output nodes' results taken from its own outputs.
 
         OpenVINO's torch.export frontend gives a custom operation one output: the operation's tuple is
         its first, and ``tuple[i]`` converts to a Gather of element i along that output's first axis
-        (the batch). Each such Gather is replaced by the node's output i. Raises OpsLibraryError where
-        a Gather of such an output is not this pattern (nothing else reads it).
+        (the batch; FusionSoftmax's converter stacks its outputs there first, ``conversion_extensions``).
+        Each such Gather is replaced by the node's output i. Raises OpsLibraryError where a Gather of such
+        an output is not this pattern (nothing else reads it).
         """
         import openvino as ov
 
         for node in model.get_ordered_ops():
-            if node.get_type_name() != ATTENTION_OP_TYPE:
+            if node.get_type_name() not in (ATTENTION_OP_TYPE, FUSION_OP_TYPE):
                 continue
-            for target in list(node.output(0).get_target_inputs()):
+            tuple_output = node.output(0)
+            if node.get_type_name() == FUSION_OP_TYPE:  # its outputs, unsqueezed and concatenated
+                unsqueeze = next(iter(tuple_output.get_target_inputs())).get_node()
+                tuple_output = next(iter(unsqueeze.output(0).get_target_inputs())).get_node().output(0)
+            for target in list(tuple_output.get_target_inputs()):
                 gather = target.get_node()
                 if gather.get_type_name() != "Gather":
                     continue

@@ -9,7 +9,7 @@ every token a query at its own pixel, as in the encoder). text: the whole text h
 (``DinoTextGraph``) exported once per form from bench/cache.py's real-size random weights
 (``FORMS``: grid_sample with version 3's deformable attention patched in, and as it is; the fused
 ``gsam::deformable_attention`` node of ``backend/openvino_ops.py``, with groundingdino's fusion attention
-and with ``dino_fast.text_image_attention``), on real image features
+and with ``fusion_attention.text_image_attention``), on real image features
 at two aspect ratios (padded to their size buckets, as the runtime runs them). Each conversion is
 compiled bf16 (timed) and f32 (to show the forms change only rounding: bench.dino_text's accuracy
 columns against torch fp32). Per round each form in turn, alternating the order; medians and minima;

@@ -251,6 +251,32 @@ def test_bf16_graph_is_close_to_fp32_torch(config, first_load, torch_detector, i
     assert float((iou.max(dim=1).values > 0.9).float().mean()) >= 0.9
 
 
+def test_bf16_graph_reads_the_deformable_nodes_inputs_in_bf16_and_predicts_the_same(config, torch_detector, images):
+    """At bf16 the runtime compiles its graph with the deformable nodes' inputs and output in bf16
+    (``OpsLibrary.narrow_io``): the plugin computes them in bf16 anyway, so the predictions
+    are those of the graph compiled without it, to the bit."""
+    import openvino as ov
+
+    from backend.dino_runtime import _numpy, bucket_sizes
+    from backend.openvino_cache import compile_for_cpu
+
+    detector = detector_for(config, dtype=torch.bfloat16)
+    runtime = detector.text_runtime
+    assert isinstance(runtime, OpenVinoDinoText) and runtime.ops is not None
+    compiled = runtime._request.get_compiled_model()
+    nodes = [op for op in compiled.get_runtime_model().get_ordered_ops()
+             if op.get_rt_info()["layerType"].astype(str) == "Reference"]
+    assert nodes and all(op.get_rt_info()["runtimePrecision"].astype(str) == "bf16" for op in nodes)
+    core = runtime.ops.add_to(ov.Core())
+    plain = compile_for_cpu(core, core.read_model(runtime.conversion.path), "bf16").create_infer_request()
+    features = torch_detector.image_features(images["landscape"])
+    inputs = detector.text_inputs(features, Caption.build(LONG, torch_detector.tokenizer))
+    logits, boxes = runtime.run(inputs)
+    plain.infer([_numpy(t) for t in inputs.padded(bucket_sizes(inputs.sizes)).flat()])
+    assert torch.equal(logits, torch.from_numpy(np.array(plain.get_output_tensor(0).data)))
+    assert torch.equal(boxes, torch.from_numpy(np.array(plain.get_output_tensor(1).data)))
+
+
 def test_auto_is_openvino_on_cpu_and_torch_when_asked(config, first_load):
     model = first_load.model
     auto = build_dino_text_runtime(config.replace(runtime="auto"), model, CPU, torch.float32)

@@ -88,6 +88,38 @@ def test_kernel_equals_groundingdinos_arithmetic(ops_library, ref_dim, precision
         torch.testing.assert_close(ours.double(), reference, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("ref_dim", [2, 4], ids=["points", "boxes"])
+@pytest.mark.parametrize("points, queries", [(POINTS, 301), (POINTS, 40), (3, 301)],
+                         ids=["vector-per-head-copy", "vector-in-place", "scalar"])
+def test_bf16_io_is_the_f32_kernel_rounded_to_nearest_even(ops_library, ref_dim, points, queries):
+    """With value, offsets and weights in bf16 (``narrow_io``, as bf16 graphs run the node), the
+    output is the f32 node's on the same bf16 numbers, rounded to nearest even: the same sums, no other
+    rounding. Every path: 16 samples per head with each head's map copied out or read in place (few queries),
+    and the scalar loop (12 samples)."""
+    core = ops_library.add_to(ov.Core())
+    plain = core.compile_model(op_model(ops_library, ref_dim, points), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    narrowed_model = ops_library.narrow_io(op_model(ops_library, ref_dim, points))
+    node = next(op for op in narrowed_model.get_ordered_ops() if op.get_type_name() == openvino_ops.OP_TYPE)
+    assert [node.get_input_element_type(i) for i in (0, 2, 3, 4)] == [ov.Type.bf16, ov.Type.f32, ov.Type.bf16,
+                                                                       ov.Type.bf16]
+    assert node.get_output_element_type(0) == ov.Type.bf16
+    narrowed = core.compile_model(narrowed_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    inputs = op_inputs(2, queries, ref_dim, seed=11, points=points)
+    for index in (0, 3, 4):  # the numbers both nodes read: bf16's
+        inputs[index] = inputs[index].bfloat16().float()
+    inputs[3][0, 0, :4] = torch.tensor([1e30, float("nan"), -3.0, float("inf")])  # outside, NaN: add nothing
+    f32 = torch.from_numpy(np.asarray(plain([t.numpy() for t in inputs])[0]))
+    bf16 = torch.from_numpy(np.asarray(narrowed([t.numpy() for t in inputs])[0]))
+    assert (f32 != f32.bfloat16().float()).float().mean() > 0.9  # the f32 sums are not bf16 numbers
+    assert torch.equal(bf16, f32.bfloat16().float())
+
+
+def test_narrowing_keeps_a_bf16_node_as_it_is(ops_library):
+    model = ops_library.narrow_io(op_model(ops_library, 2))
+    count = len(model.get_ordered_ops())
+    assert len(ops_library.narrow_io(model).get_ordered_ops()) == count
+
+
 def test_results_do_not_depend_on_the_thread_count(ops_library):
     model = op_model(ops_library, 2)
     inputs = [t.numpy() for t in op_inputs(1, 900, 2, seed=3)]

@@ -1,4 +1,4 @@
-"""``dino_fast.text_image_attention`` (the fusion layers' attention with its image-side projections moved
+"""``fusion_attention.text_image_attention`` (the fusion layers' attention with its image-side projections moved
 onto the text, as the OpenVINO text graph runs it) equals groundingdino's BiMultiHeadAttention: in float64
 up to float rounding, with image and text padding, with its clamps and global-max shift acting, at
 caption lengths up to 256 tokens; and inside ``DinoTextGraph`` on the tiny model."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 from groundingdino.models.GroundingDINO.fuse_modules import BiAttentionBlock, BiMultiHeadAttention
 
-from backend.dino_fast import text_image_attention
+from backend.fusion_attention import text_image_attention
 
 
 def attention(seed: int, v_dim: int = 64, embed_dim: int = 96, heads: int = 4, weight_std: float = 0.1
@@ -28,7 +28,8 @@ def tokens(batch: int, count: int, dim: int, seed: int, scale: float = 1.0) -> t
 
 @pytest.mark.parametrize("text_tokens", [1, 7, 256])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
-def test_equals_groundingdinos_module_in_float64(text_tokens, padded):
+@pytest.mark.parametrize("fused", [False, True], ids=["softmaxes", "fusion_softmax-op"])
+def test_equals_groundingdinos_module_in_float64(text_tokens, padded, fused):
     module = attention(seed=text_tokens)
     image, text = tokens(2, 301, 64, seed=1), tokens(2, text_tokens, 64, seed=2)
     image_padding = text_padding = None
@@ -41,7 +42,7 @@ def test_equals_groundingdinos_module_in_float64(text_tokens, padded):
         # groundingdino's forward fills its masks' repeats in place: give it copies
         expected = module(image, text, attention_mask_v=None if image_padding is None else image_padding.clone(),
                           attention_mask_l=None if text_padding is None else text_padding.clone())
-        ours = text_image_attention(module, image, text, image_padding, text_padding)
+        ours = text_image_attention(module, image, text, image_padding, text_padding, fused)
     for got, want in zip(ours, expected, strict=True):
         assert got.shape == want.shape
         assert want.abs().max() > 0.1
@@ -65,8 +66,8 @@ def test_clamps_and_shift_act_as_in_groundingdino():
 
 
 def test_block_with_text_side_attention_equals_groundingdinos_block():
-    """The fusion block as DinoTextGraph runs it (dino_graph._fusion_layer)."""
-    from backend.dino_graph import _fusion_layer
+    """The fusion block as DinoTextGraph runs it (fusion_attention.fusion_layer)."""
+    from backend.fusion_attention import fusion_layer
 
     torch.manual_seed(6)
     block = BiAttentionBlock(64, 64, 96, 4, dropout=0.0, init_values=0.5).double().eval()
@@ -80,7 +81,7 @@ def test_block_with_text_side_attention_equals_groundingdinos_block():
     text_padding[0, 9:] = True
     with torch.no_grad():
         expected = block(image, text, attention_mask_v=image_padding.clone(), attention_mask_l=text_padding.clone())
-        ours = _fusion_layer(block, image, text, image_padding, text_padding)
+        ours = fusion_layer(block, image, text, image_padding, text_padding)
     for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 

@@ -8,13 +8,18 @@
 // and nothing of the sampled size is ever written. Same products as grid_sample (align_corners=False,
 // zeros padding) up to float summation order; built and loaded by backend/openvino_ops.py.
 //
-// Inputs (f32 unless said):
+// Inputs:
 //   0 value (bs, keys, heads * C): the projected value tokens, levels one after another, row-major
 //   1 spatial_shapes (levels, 2) i64 or i32: each level's (h, w); the sum of h * w must equal keys
 //   2 reference_points (bs, queries, levels, 2) points (x, y) or (bs, queries, levels, 4) boxes (cx, cy, w, h)
 //   3 offsets (bs, queries, heads * levels * points * 2): the sampling_offsets projection, (x, y) last
 //   4 weights (bs, queries, heads * levels * points): the softmaxed attention weights
-// Attributes: heads, points. Output: (bs, queries, heads * C).
+// Attributes: heads, points. Output: (bs, queries, heads * C), of the value's type.
+// Value, offsets and weights are all f32 or all bf16, reference_points either. bf16 is for graphs compiled
+// at bf16 (openvino_ops.OpsLibrary.narrow_io): the CPU plugin computes these inputs in bf16 and
+// would otherwise convert each to f32 and the output back, a pass over each (~50 ms of the text half at
+// 800 px); the sums are f32 either way, and the output is rounded to nearest even as the plugin's own
+// conversion rounds it.
 
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
@@ -25,10 +30,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+#include "vector_math.hpp"
 
 namespace gsam {
 
@@ -44,6 +52,11 @@ public:
 
     void validate_and_infer_types() override {
         NODE_VALIDATION_CHECK(this, get_input_size() == 5, "expects 5 inputs, got ", get_input_size());
+        const auto type = get_input_element_type(0);
+        NODE_VALIDATION_CHECK(this, type == ov::element::f32 || type == ov::element::bf16 || type.is_dynamic(),
+                              "value must be f32 or bf16, got ", type);
+        NODE_VALIDATION_CHECK(this, get_input_element_type(3) == type && get_input_element_type(4) == type,
+                              "offsets and weights must be of the value's type ", type);
         NODE_VALIDATION_CHECK(this, m_heads > 0 && m_points > 0, "heads and points must be positive");
         const auto& value = get_input_partial_shape(0);
         const auto& weights = get_input_partial_shape(4);
@@ -67,7 +80,8 @@ public:
     }
 
     bool has_evaluate() const override {
-        return get_input_element_type(0) == ov::element::f32;
+        const auto type = get_input_element_type(0);
+        return type == ov::element::f32 || type == ov::element::bf16;
     }
 
     bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override;
@@ -80,7 +94,7 @@ private:
 namespace {
 
 constexpr int64_t kMaxChannels = 1024;  // per head, for the generic (unfixed) channel count
-alignas(64) constexpr float kZeros[32] = {};  // where the vector path's corners outside the map read
+alignas(64) constexpr float kZeros[32] = {};  // where the vector path's corners outside the map read (any type: 0 bits)
 
 #if defined(__AVX512F__)
 // The positions, corner weights and corner indices of one (query, head)'s 16 samples (levels x points == 16)
@@ -96,11 +110,12 @@ struct Lanes {
     __mmask16 ref_floats;  // a query's reference points: levels x (2 or 4) floats
 };
 
-inline void corners16(const Lanes& c, const float* ref, int64_t ref_dim, const float* off, const float* attn,
+template <typename T>
+inline void corners16(const Lanes& c, const float* ref, int64_t ref_dim, const T* off, const T* attn,
                       float* weights, int32_t* index) {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    const __m512 o0 = _mm512_loadu_ps(off), o1 = _mm512_loadu_ps(off + 16);
+    const __m512 o0 = load16(off), o1 = load16(off + 16);
     const __m512 ox = _mm512_permutex2var_ps(o0, even, o1), oy = _mm512_permutex2var_ps(o0, odd, o1);
     const __m512 r = _mm512_maskz_loadu_ps(c.ref_floats, ref);
     const __m512 rx = _mm512_permutexvar_ps(c.ref_x, r), ry = _mm512_permutexvar_ps(c.ref_y, r);
@@ -132,7 +147,7 @@ inline void corners16(const Lanes& c, const float* ref, int64_t ref_dim, const f
     const __m512i zero = _mm512_setzero_si512();
     const __mmask16 x0_in = _mm512_cmpge_epi32_mask(x0, zero), x1_in = _mm512_cmplt_epi32_mask(x1, c.w_int);
     const __mmask16 y0_in = _mm512_cmpge_epi32_mask(y0, zero), y1_in = _mm512_cmplt_epi32_mask(y1, c.h_int);
-    const __m512 a = _mm512_loadu_ps(attn);
+    const __m512 a = load16(attn);
     const __m512 corner[4] = {_mm512_mul_ps(gy, gx), _mm512_mul_ps(gy, fx), _mm512_mul_ps(fy, gx), _mm512_mul_ps(fy, fx)};
     const __mmask16 in[4] = {static_cast<__mmask16>(inside & x0_in & y0_in), static_cast<__mmask16>(inside & x1_in & y0_in),
                              static_cast<__mmask16>(inside & x0_in & y1_in), static_cast<__mmask16>(inside & x1_in & y1_in)};
@@ -149,11 +164,110 @@ struct Sizes {
     int64_t bs, keys, queries, heads, channels, levels, points, ref_dim;
 };
 
+// The levels' sizes and where each starts among the keys.
+struct Geometry {
+    const std::vector<int64_t>& level_hw;  // (h, w) per level
+    const std::vector<int64_t>& starts;
+    const std::vector<float>& widths;
+    const std::vector<float>& heights;
+};
+
+#if !defined(__AVX512F__)
+struct Lanes {};
+#endif
+
+// Queries [q_begin, q_end) of image b, head h. ``head_value``: that head's first channel of key 0, keys
+// ``stride`` elements apart (V: float for the per-head copy, T for the value read where it lies).
+template <int CHANNELS, typename V, typename T>
+void sample_queries(const V* head_value, int64_t stride, const Geometry& g, const float* reference, const T* offsets,
+                    const T* weights, T* out, const Sizes& s, int64_t b, int64_t h, int64_t q_begin, int64_t q_end,
+                    bool vector16, const Lanes& lanes) {
+    const int64_t channels = CHANNELS > 0 ? CHANNELS : s.channels;
+    const int64_t dim = s.heads * channels;
+    const int64_t per_head = s.levels * s.points;
+    std::vector<float> xs(per_head), ys(per_head);
+    // A local array (not heap memory the compiler must assume the value pointer may alias): with a fixed
+    // channel count the accumulator stays in vector registers.
+    alignas(64) float acc[CHANNELS > 0 ? CHANNELS : kMaxChannels];
+    for (int64_t q = q_begin; q < q_end; ++q) {
+        const int64_t bq = b * s.queries + q;
+        const float* ref = reference + bq * s.levels * s.ref_dim;
+        const T* off = offsets + (bq * s.heads + h) * per_head * 2;
+        const T* attn = weights + (bq * s.heads + h) * per_head;
+#if defined(__AVX512F__)
+        if constexpr (CHANNELS == 32) {
+            if (vector16) {
+                alignas(64) float cw[64];
+                alignas(64) int32_t ci[64];
+                corners16(lanes, ref, s.ref_dim, off, attn, cw, ci);
+                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+                for (int i = 0; i < 16; ++i)
+                    for (int k = 0; k < 4; ++k) {
+                        const float w = cw[16 * k + i];
+                        const int64_t at = ci[16 * k + i];
+                        const V* v = at == s.keys ? reinterpret_cast<const V*>(kZeros) : head_value + at * stride;
+                        const __m512 wv = _mm512_set1_ps(w);
+                        a0 = _mm512_fmadd_ps(wv, load16(v), a0);
+                        a1 = _mm512_fmadd_ps(wv, load16(v + 16), a1);
+                    }
+                store16(out + bq * dim + h * 32, a0);
+                store16(out + bq * dim + h * 32 + 16, a1);
+                continue;
+            }
+        }
+#else
+        (void)vector16;
+        (void)lanes;
+#endif
+        // Sample positions in pixels, as groundingdino and grid_sample compute them: location =
+        // ref + offset / (w, h) (boxes: ref_xy + offset / points * ref_wh * 0.5), grid = 2 * location - 1,
+        // pixel = ((grid + 1) * size - 1) / 2.
+        for (int64_t i = 0; i < per_head; ++i) {
+            const int64_t l = i / s.points;
+            const float* rl = ref + l * s.ref_dim;
+            const float ox = widen(off[2 * i]), oy = widen(off[2 * i + 1]);
+            float lx, ly;
+            if (s.ref_dim == 2) {
+                lx = rl[0] + ox / g.widths[l];
+                ly = rl[1] + oy / g.heights[l];
+            } else {
+                lx = rl[0] + ox / static_cast<float>(s.points) * rl[2] * 0.5f;
+                ly = rl[1] + oy / static_cast<float>(s.points) * rl[3] * 0.5f;
+            }
+            xs[i] = ((2.f * lx - 1.f + 1.f) * g.widths[l] - 1.f) * 0.5f;
+            ys[i] = ((2.f * ly - 1.f + 1.f) * g.heights[l] - 1.f) * 0.5f;
+        }
+        std::fill(acc, acc + channels, 0.f);
+        for (int64_t i = 0; i < per_head; ++i) {
+            const int64_t l = i / s.points;
+            const int64_t h_l = g.level_hw[2 * l], w_l = g.level_hw[2 * l + 1];
+            // All four corners outside the map (or a NaN position): nothing to add, as grid_sample's zeros
+            // padding gives. Checked in float, before a far position is converted to an integer.
+            if (!(xs[i] > -1.f && xs[i] < g.widths[l] && ys[i] > -1.f && ys[i] < g.heights[l])) continue;
+            const float x0f = std::floor(xs[i]), y0f = std::floor(ys[i]);
+            const float fx = xs[i] - x0f, fy = ys[i] - y0f;
+            const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
+            const float corner[4] = {(1.f - fy) * (1.f - fx), (1.f - fy) * fx, fy * (1.f - fx), fy * fx};
+            const V* level_value = head_value + g.starts[l] * stride;
+            const float a = widen(attn[i]);
+            for (int k = 0; k < 4; ++k) {
+                const int64_t x = x0 + (k & 1), y = y0 + (k >> 1);
+                if (x < 0 || x >= w_l || y < 0 || y >= h_l) continue;  // zeros padding
+                const float w = a * corner[k];
+                const V* v = level_value + (y * w_l + x) * stride;
+                for (int64_t c = 0; c < channels; ++c) acc[c] += w * widen(v[c]);
+            }
+        }
+        for (int64_t c = 0; c < channels; ++c) put(out + bq * dim + h * channels + c, acc[c]);
+    }
+}
+
 // CHANNELS > 0 fixes the per-head channel count at compile time (Grounding DINO: 256 / 8 = 32), so the
-// innermost loop is a few full vector FMAs; 0 reads it from ``sizes``.
-template <int CHANNELS>
-void sample(const float* value, const std::vector<int64_t>& level_hw, const float* reference, const float* offsets,
-            const float* weights, float* out, const Sizes& s) {
+// innermost loop is a few full vector FMAs; 0 reads it from ``sizes``. T: the value's, offsets', weights' and
+// output's type (float or bf16); the sums are float.
+template <int CHANNELS, typename T>
+void sample(const T* value, const std::vector<int64_t>& level_hw, const float* reference, const T* offsets,
+            const T* weights, T* out, const Sizes& s) {
     const int64_t channels = CHANNELS > 0 ? CHANNELS : s.channels;
     const int64_t dim = s.heads * channels;
     const int64_t per_head = s.levels * s.points;
@@ -175,18 +289,18 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
     if (!direct) tbb::parallel_for(tbb::blocked_range<int64_t>(0, s.bs * s.keys, 512), [&](const tbb::blocked_range<int64_t>& r) {
         for (int64_t bk = r.begin(); bk < r.end(); ++bk) {
             const int64_t b = bk / s.keys, k = bk % s.keys;
-            const float* src = value + bk * dim;
+            const T* src = value + bk * dim;
             for (int64_t h = 0; h < s.heads; ++h) {
                 float* dst = by_head.data() + ((b * s.heads + h) * s.keys + k) * channels;
-                std::copy(src + h * channels, src + (h + 1) * channels, dst);
+                std::transform(src + h * channels, src + (h + 1) * channels, dst, [](T x) { return widen(x); });
             }
         }
     });
+    Lanes lanes{};
 #if defined(__AVX512F__)
     // Sample i of a head is level i / points: its level's constants in lane i (GroundingDINO: 4 x 4 = 16 lanes).
     // int32 indices: the maps of one head stay far below 2^31 tokens.
     const bool vector16 = CHANNELS == 32 && per_head == 16 && s.keys < (int64_t(1) << 31) && s.ref_dim * s.levels <= 16;
-    Lanes lanes{};
     if (vector16) {
         alignas(64) float wf[16], hf[16], pf[16];
         alignas(64) int32_t st[16], wi[16], hi[16], rx[16], ry[16], rw[16], rh[16];
@@ -202,85 +316,24 @@ void sample(const float* value, const std::vector<int64_t>& level_hw, const floa
                       _mm512_load_si512(rw), _mm512_load_si512(rh), _mm512_set1_epi32(static_cast<int32_t>(s.keys)),
                       static_cast<__mmask16>((1u << (s.levels * s.ref_dim)) - 1u)};
     }
+#else
+    const bool vector16 = false;
+    (void)per_head;
 #endif
     const int64_t block = 128;  // queries per task: enough work per task, and many tasks for two threads
     const int64_t blocks = (s.queries + block - 1) / block;
     tbb::parallel_for(tbb::blocked_range<int64_t>(0, s.bs * s.heads * blocks), [&](const tbb::blocked_range<int64_t>& r) {
-        std::vector<float> xs(per_head), ys(per_head);
-        // A local array (not heap memory the compiler must assume the value pointer may alias): with a fixed
-        // channel count the accumulator stays in vector registers.
-        alignas(64) float acc[CHANNELS > 0 ? CHANNELS : kMaxChannels];
         for (int64_t task = r.begin(); task < r.end(); ++task) {
             const int64_t bh = task / blocks, b = bh / s.heads, h = bh % s.heads;
             const int64_t q_begin = (task % blocks) * block, q_end = std::min(s.queries, q_begin + block);
-            const float* head_value = direct ? value + b * s.keys * dim + h * channels
-                                             : by_head.data() + bh * s.keys * channels;
-            const int64_t stride = direct ? dim : channels;
-            for (int64_t q = q_begin; q < q_end; ++q) {
-                const int64_t bq = b * s.queries + q;
-                const float* ref = reference + bq * s.levels * s.ref_dim;
-                const float* off = offsets + (bq * s.heads + h) * per_head * 2;
-                const float* attn = weights + (bq * s.heads + h) * per_head;
-#if defined(__AVX512F__)
-                if constexpr (CHANNELS == 32) {
-                    if (vector16) {
-                        alignas(64) float cw[64];
-                        alignas(64) int32_t ci[64];
-                        corners16(lanes, ref, s.ref_dim, off, attn, cw, ci);
-                        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-                        for (int i = 0; i < 16; ++i)
-                            for (int k = 0; k < 4; ++k) {
-                                const float w = cw[16 * k + i];
-                                const int64_t at = ci[16 * k + i];
-                                const float* v = at == s.keys ? kZeros : head_value + at * stride;
-                                const __m512 wv = _mm512_set1_ps(w);
-                                a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(v), a0);
-                                a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + 16), a1);
-                            }
-                        _mm512_storeu_ps(out + bq * dim + h * 32, a0);
-                        _mm512_storeu_ps(out + bq * dim + h * 32 + 16, a1);
-                        continue;
-                    }
-                }
-#endif
-                // Sample positions in pixels, as groundingdino and grid_sample compute them: location =
-                // ref + offset / (w, h) (boxes: ref_xy + offset / points * ref_wh * 0.5), grid = 2 * location - 1,
-                // pixel = ((grid + 1) * size - 1) / 2.
-                for (int64_t i = 0; i < per_head; ++i) {
-                    const int64_t l = i / s.points;
-                    const float* rl = ref + l * s.ref_dim;
-                    float lx, ly;
-                    if (s.ref_dim == 2) {
-                        lx = rl[0] + off[2 * i] / widths[l];
-                        ly = rl[1] + off[2 * i + 1] / heights[l];
-                    } else {
-                        lx = rl[0] + off[2 * i] / static_cast<float>(s.points) * rl[2] * 0.5f;
-                        ly = rl[1] + off[2 * i + 1] / static_cast<float>(s.points) * rl[3] * 0.5f;
-                    }
-                    xs[i] = ((2.f * lx - 1.f + 1.f) * widths[l] - 1.f) * 0.5f;
-                    ys[i] = ((2.f * ly - 1.f + 1.f) * heights[l] - 1.f) * 0.5f;
-                }
-                std::fill(acc, acc + channels, 0.f);
-                for (int64_t i = 0; i < per_head; ++i) {
-                    const int64_t l = i / s.points;
-                    const int64_t h_l = level_hw[2 * l], w_l = level_hw[2 * l + 1];
-                    // All four corners outside the map (or a NaN position): nothing to add, as grid_sample's zeros
-                    // padding gives. Checked in float, before a far position is converted to an integer.
-                    if (!(xs[i] > -1.f && xs[i] < widths[l] && ys[i] > -1.f && ys[i] < heights[l])) continue;
-                    const float x0f = std::floor(xs[i]), y0f = std::floor(ys[i]);
-                    const float fx = xs[i] - x0f, fy = ys[i] - y0f;
-                    const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-                    const float corner[4] = {(1.f - fy) * (1.f - fx), (1.f - fy) * fx, fy * (1.f - fx), fy * fx};
-                    const float* level_value = head_value + starts[l] * stride;
-                    for (int k = 0; k < 4; ++k) {
-                        const int64_t x = x0 + (k & 1), y = y0 + (k >> 1);
-                        if (x < 0 || x >= w_l || y < 0 || y >= h_l) continue;  // zeros padding
-                        const float w = attn[i] * corner[k];
-                        const float* v = level_value + (y * w_l + x) * stride;
-                        for (int64_t c = 0; c < channels; ++c) acc[c] += w * v[c];
-                    }
-                }
-                std::copy(acc, acc + channels, out + bq * dim + h * channels);
+            const Geometry geometry{level_hw, starts, widths, heights};
+            if (direct) {
+                sample_queries<CHANNELS>(value + b * s.keys * dim + h * channels, dim, geometry, reference, offsets,
+                                         weights, out, s, b, h, q_begin, q_end, vector16, lanes);
+            } else {
+                sample_queries<CHANNELS>(static_cast<const float*>(by_head.data() + bh * s.keys * channels), channels,
+                                         geometry, reference, offsets, weights, out, s, b, h, q_begin, q_end, vector16,
+                                         lanes);
             }
         }
     });
@@ -325,15 +378,37 @@ bool DeformableAttention::evaluate(ov::TensorVector& outputs, const ov::TensorVe
     }
     OPENVINO_ASSERT(total == s.keys, "DeformableAttention: the levels hold ", total, " tokens, value has ", s.keys);
     outputs[0].set_shape(ov::Shape{value[0], weights[1], value[2]});
-    const float* v = inputs[0].data<const float>();
-    const float* r = inputs[2].data<const float>();
-    const float* o = inputs[3].data<const float>();
-    const float* w = inputs[4].data<const float>();
-    float* out = outputs[0].data<float>();
-    if (s.channels == 32) {
-        sample<32>(v, level_hw, r, o, w, out, s);
+    // Reference points in f32 (as the positions are computed), whatever their type.
+    std::vector<float> widened;
+    const float* r = inputs[2].get_element_type() == ov::element::f32 ? inputs[2].data<const float>() : nullptr;
+    if (r == nullptr) {
+        OPENVINO_ASSERT(inputs[2].get_element_type() == ov::element::bf16,
+                        "DeformableAttention: reference_points must be f32 or bf16");
+        const bf16* narrow = static_cast<const bf16*>(inputs[2].data());
+        widened.resize(inputs[2].get_size());
+        std::transform(narrow, narrow + widened.size(), widened.begin(), [](bf16 x) { return widen(x); });
+        r = widened.data();
+    }
+    const auto run = [&](auto type) {
+        using T = decltype(type);
+        const T* v = static_cast<const T*>(inputs[0].data());
+        const T* o = static_cast<const T*>(inputs[3].data());
+        const T* w = static_cast<const T*>(inputs[4].data());
+        T* out = static_cast<T*>(outputs[0].data());
+        if (s.channels == 32) {
+            sample<32>(v, level_hw, r, o, w, out, s);
+        } else {
+            sample<0>(v, level_hw, r, o, w, out, s);
+        }
+    };
+    const auto type = inputs[0].get_element_type();
+    OPENVINO_ASSERT(inputs[3].get_element_type() == type && inputs[4].get_element_type() == type,
+                    "DeformableAttention: value, offsets and weights must be of one type");
+    if (type == ov::element::bf16) {
+        run(bf16{});
     } else {
-        sample<0>(v, level_hw, r, o, w, out, s);
+        OPENVINO_ASSERT(type == ov::element::f32, "DeformableAttention: value must be f32 or bf16, got ", type);
+        run(float{});
     }
     return true;
 }

@@ -53,6 +53,8 @@
 #include <string>
 #include <vector>
 
+#include "vector_math.hpp"
+
 namespace gsam {
 
 class GlobalAttention : public ov::op::Op {

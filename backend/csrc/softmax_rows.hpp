@@ -7,23 +7,7 @@
 // One query's logits row (key j = key row * W + key column) with the relative-position terms added, then
 // softmaxed without the division: the row holds exp(x - max) and the return is 1 / sum.
 #if defined(__AVX512F__)
-inline __m512 exp512(__m512 x) {
-    // exp(x) = 2^n * e^f, n = round(x / ln2), f = x - n ln2 in two parts; Cephes' polynomial for e^f on
-    // [-ln2/2, ln2/2] (relative error ~2e-7). x is clamped where e^x is 0 in f32 anyway.
-    x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
-}
-
+// exp512: vector_math.hpp
 inline __mmask16 first(int64_t count) { return static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1u); }
 
 float exp_row(float* row, const float* rel_h, const float* rel_w, int64_t grid_h, int64_t grid_w) {
