@@ -248,10 +248,13 @@ void softmaxes(const T* logits, const Problem& p, const Settings& settings, T* t
                 const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vtop));
                 __m512 vsum = _mm512_setzero_ps();
                 for (int64_t t = 0; t < p.tokens; t += 16) {
+                    // padding (-inf) gets exactly 0, as torch's softmax gives it (exp512 would give ~1e-45)
                     const __mmask16 m = first_lanes(p.tokens - t);
-                    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + t), top));
+                    const __m512 v = _mm512_maskz_loadu_ps(m, x + t);
+                    const __mmask16 kept = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-kInf), _CMP_NEQ_OQ) & m;
+                    const __m512 e = _mm512_maskz_mov_ps(kept, exp512(_mm512_sub_ps(v, top)));
                     _mm512_mask_storeu_ps(x + t, m, e);
-                    vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+                    vsum = _mm512_add_ps(vsum, e);
                 }
                 const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
                 for (int64_t t = 0; t < p.tokens; t += 16) {
