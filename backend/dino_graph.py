@@ -85,17 +85,19 @@ class DinoTextGraph(nn.Module):
     boxes: normalised cxcywh. Shares the model's parameters (no copy); the model must have had
     ``dino_fast.use_fast_inference`` (its deformable attention reads ``LevelShapes``).
     ``core``: how the deformable attention samples (``dino_fast.DeformableCore``): "gather" is torch's
-    fastest; "fused" (the library's nodes, ``openvino_ops``: the deformable attention, and the fusion
-    layers' softmaxes as ``fusion_attention.fusion_softmax``) and "grid_sample" export to OpenVINO at any
-    size. ``text_side_fusion`` (default): the fusion layers' attention as
-    ``fusion_attention.text_image_attention`` (its image-side projections moved onto the text: same products,
-    a third of the encoder's matmul work less); False runs groundingdino's module (bench/ compares
-    the two). Raises ValueError for a model this does not cover (single-stage, not 4 levels).
+    fastest; "fused" (one custom node, ``openvino_ops``) and "grid_sample" export to OpenVINO at any
+    size. ``fused_softmax``: the fusion layers' softmaxes as one custom node too
+    (``fusion_attention.fusion_softmax``; ``openvino_ops.vector_kernels`` says where).
+    ``text_side_fusion`` (default): the fusion layers' attention as
+    ``fusion_attention.text_image_attention`` (its image-side projections moved onto the text: same
+    products, a third of the encoder's matmul work less); False runs groundingdino's module (bench/
+    compares the two). Raises ValueError for a model this does not cover (single-stage, not 4 levels).
     """
 
     model: GroundingDINO
 
-    def __init__(self, model: GroundingDINO, core: DeformableCore = "gather", text_side_fusion: bool = True) -> None:
+    def __init__(self, model: GroundingDINO, core: DeformableCore = "gather", text_side_fusion: bool = True,
+                 fused_softmax: bool = False) -> None:
         super().__init__()
         transformer = model.transformer
         if transformer.two_stage_type != "standard" or int(model.num_feature_levels) != LEVELS:
@@ -104,6 +106,7 @@ class DinoTextGraph(nn.Module):
         self.model = model
         self.core = core
         self.text_side_fusion = text_side_fusion
+        self.fused_softmax = fused_softmax
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         srcs, masks, poss = flat[:LEVELS], flat[LEVELS:2 * LEVELS], flat[2 * LEVELS:3 * LEVELS]
@@ -119,7 +122,7 @@ class DinoTextGraph(nn.Module):
         text_dict = {"encoded_text": encoded_text, "text_token_mask": text_token_mask,
                      "position_ids": position_ids, "text_self_attention_masks": self_attention_masks}
         hidden, reference, memory_text = _transformer(model.transformer, srcs, masks, poss, text_dict,
-                                                      self.core, self.text_side_fusion)
+                                                      self.core, self.text_side_fusion, self.fused_softmax)
         # Only the last decoder layer's outputs are used (as in the model's own output dict).
         boxes = (model.bbox_embed[-1](hidden) + _inverse_sigmoid(reference)).sigmoid()
         return _token_logits(hidden, memory_text, text_token_mask), boxes
@@ -205,7 +208,8 @@ def _proposals(memory: torch.Tensor, padding: torch.Tensor,
 def _transformer(transformer: Any, srcs: tuple[torch.Tensor, ...], masks: tuple[torch.Tensor, ...],
                  poss: tuple[torch.Tensor, ...],
                  text_dict: dict[str, torch.Tensor],
-                 core: DeformableCore, text_side_fusion: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 core: DeformableCore, text_side_fusion: bool,
+                 fused_softmax: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Transformer.forward at inference (two-stage, no denoising queries): the last decoder layer's
     normed hidden state (bs x Q x d), the reference boxes it refined (bs x Q x 4, sigmoid) and the
     text as the encoder left it (bs x T x d: what the heads compare the queries with)."""
@@ -219,7 +223,7 @@ def _transformer(transformer: Any, srcs: tuple[torch.Tensor, ...], masks: tuple[
                                  core)
     valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)
     memory, memory_text = _encoder(transformer.encoder, src_flatten, pos_flatten, sizes, spatial_shapes,
-                                   valid_ratios, mask_flatten, text_dict, text_side_fusion)
+                                   valid_ratios, mask_flatten, text_dict, text_side_fusion, fused_softmax)
     text_dict = {**text_dict, "encoded_text": memory_text}
 
     output_memory, output_proposals = _proposals(memory, mask_flatten, sizes)
@@ -243,7 +247,8 @@ def _transformer(transformer: Any, srcs: tuple[torch.Tensor, ...], masks: tuple[
 
 def _encoder(encoder: Any, src: torch.Tensor, pos: torch.Tensor, sizes: list[tuple[int, int]],
              spatial_shapes: LevelShapes, valid_ratios: torch.Tensor, key_padding_mask: torch.Tensor,
-             text_dict: dict[str, torch.Tensor], text_side_fusion: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             text_dict: dict[str, torch.Tensor], text_side_fusion: bool,
+             fused_softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """TransformerEncoder.forward (no checkpointing): fusion, text and deformable layers in turn."""
     from groundingdino.models.GroundingDINO.utils import get_sine_pos_embed
 
@@ -255,7 +260,7 @@ def _encoder(encoder: Any, src: torch.Tensor, pos: torch.Tensor, sizes: list[tup
         if encoder.fusion_layers and text_side_fusion:
             output, memory_text = fusion_layer(encoder.fusion_layers[layer_id], output, memory_text,
                                                key_padding_mask, text_attention_mask,
-                                               fused=spatial_shapes.core == "fused")
+                                               fused=fused_softmax)
         elif encoder.fusion_layers:
             output, memory_text = encoder.fusion_layers[layer_id](
                 v=output, l=memory_text, attention_mask_v=key_padding_mask, attention_mask_l=text_attention_mask)

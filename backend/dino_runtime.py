@@ -123,10 +123,13 @@ class DinoGraphKey:
         return f"dino-{variant}-{self.half}-{self.precision}-{key_digest(self.as_json())}"
 
 
-def text_key(identity: dict[str, object], precision: str, core: DeformableCore) -> DinoGraphKey:
-    """The text half's key: this graph version, its bounds and its deformable attention's form."""
+def text_key(identity: dict[str, object], precision: str, core: DeformableCore,
+             fused_softmax: bool = False) -> DinoGraphKey:
+    """The text half's key: this graph version, its bounds and its form (the deformable attention's, and
+    whether the fusion softmaxes are the library's node)."""
     return DinoGraphKey("text", identity, precision, GRAPH_VERSION,
-                        {"max_level_side": MAX_LEVEL_SIDE, "max_tokens": MAX_TOKENS}, form=core)
+                        {"max_level_side": MAX_LEVEL_SIDE, "max_tokens": MAX_TOKENS},
+                        form=core + ("+fusion_softmax" if fused_softmax else ""))
 
 
 def example_inputs(model: GroundingDINO, sizes: tuple[tuple[int, int], ...] = ((24, 37), (12, 19), (6, 10), (3, 5)),
@@ -199,8 +202,9 @@ class OpenVinoDinoText:
         example = example_inputs(model)
         self.conversion: Conversion
         compiled_model, self.conversion = load_or_convert(
-            DinoTextGraph(model, core=self.core).eval(), example.flat(),
-            text_key(identity, self.precision, self.core), cache_dir, dynamic_shapes(), ops=self.ops)
+            DinoTextGraph(model, core=self.core, fused_softmax=self.fused_softmax).eval(), example.flat(),
+            text_key(identity, self.precision, self.core, self.fused_softmax), cache_dir, dynamic_shapes(),
+            ops=self.ops)
         started = time.perf_counter()
         if self.ops and self.precision == "bf16":
             compiled_model = self.ops.narrow_io(compiled_model)
@@ -214,6 +218,15 @@ class OpenVinoDinoText:
     def core(self) -> DeformableCore:
         """The deformable attention's form in the graph: the library's node where it loaded."""
         return "fused" if self.ops else "grid_sample"
+
+    @property
+    def fused_softmax(self) -> bool:
+        """Whether the fusion layers' softmaxes are the library's node: where it loaded and its kernels run
+        their AVX-512 paths (``openvino_ops.vector_kernels``)."""
+        from .models import cpu_flags
+        from .openvino_ops import vector_kernels
+
+        return self.ops is not None and vector_kernels(cpu_flags())
 
     def fits(self, inputs: DinoTextInputs) -> bool:
         """Whether the graph serves these sizes: at least as many image tokens as queries, and every

@@ -57,6 +57,14 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")  # built wher
 BUILD_SECONDS = 180
 
 Bf16Products = Literal["amx", "dot"]
+VECTOR_FLAGS = frozenset({"avx512f", "avx512bw"})  # the kernels' AVX-512 paths (elsewhere: plain C++ loops)
+
+
+def vector_kernels(flags: Iterable[str]) -> bool:
+    """Whether the library's kernels run their AVX-512 paths on a CPU with these flags (the library is
+    built with -march=native). Where they do not, an operation that only saves passes over memory
+    (FusionSoftmax) would lose to OpenVINO's own vectorised nodes, and is not used."""
+    return VECTOR_FLAGS <= set(flags)
 
 
 def bf16_products(flags: Iterable[str]) -> Bf16Products | None:

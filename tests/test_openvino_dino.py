@@ -84,13 +84,14 @@ def test_first_load_converts_and_caches_by_checkpoint(first_load, torch_detector
     # The deformable attention is the operations library's node (this machine has a compiler).
     # (Built in ov_cache/ops, or reused from the folder of an engine built earlier in this process.)
     assert runtime.core == "fused" and runtime.ops is not None and runtime.ops.path.is_file()
-    assert '"form": "fused"' in runtime.conversion.path.with_suffix(".json").read_text()
+    assert '"form": "fused+fusion_softmax"' in runtime.conversion.path.with_suffix(".json").read_text()
     import openvino as ov
 
     graph = runtime.ops.add_to(ov.Core()).read_model(runtime.conversion.path)
     kinds = [node.get_type_name() for node in graph.get_ops()]
     layers = sum(isinstance(module, FastDeformableAttention) for module in torch_detector.torch_model().modules())
     assert layers >= 2 and kinds.count("DeformableAttention") == layers and "GridSample" not in kinds
+    assert kinds.count("FusionSoftmax") == len(first_load.model.transformer.encoder.layers)
     conversion = runtime.conversion
     assert conversion.converted and conversion.path is not None and conversion.path.parent == ov_cache
     assert conversion.path.name.startswith("dino-swint_ogc-text-f32-")
@@ -275,6 +276,25 @@ def test_bf16_graph_reads_the_deformable_nodes_inputs_in_bf16_and_predicts_the_s
     plain.infer([_numpy(t) for t in inputs.padded(bucket_sizes(inputs.sizes)).flat()])
     assert torch.equal(logits, torch.from_numpy(np.array(plain.get_output_tensor(0).data)))
     assert torch.equal(boxes, torch.from_numpy(np.array(plain.get_output_tensor(1).data)))
+
+
+def test_fusion_softmax_node_only_where_the_kernels_are_vectorised(first_load, monkeypatch):
+    """The fusion layers' softmaxes are the library's node where its AVX-512 paths run (this suite's
+    machines); elsewhere OpenVINO's own nodes, in a graph cached under another form."""
+    from backend import models
+    from backend.dino_runtime import text_key
+    from backend.openvino_ops import vector_kernels
+
+    runtime = first_load.text_runtime
+    assert isinstance(runtime, OpenVinoDinoText)
+    compiled = runtime._request.get_compiled_model().get_runtime_model()
+    names = [op.get_friendly_name() for op in compiled.get_ordered_ops()]
+    assert vector_kernels(models.cpu_flags()) and runtime.fused_softmax
+    assert sum(name.startswith("FusionSoftmax") for name in names) == len(first_load.model.transformer.encoder.layers)
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not runtime.fused_softmax
+    assert not vector_kernels({"avx512f"}) and vector_kernels({"avx512f", "avx512bw", "avx2"})
+    assert text_key({}, "f32", "fused", True).form != text_key({}, "f32", "fused", False).form
 
 
 def test_auto_is_openvino_on_cpu_and_torch_when_asked(config, first_load):
