@@ -186,7 +186,8 @@ def grid_sample_attention(maps: Sequence[torch.Tensor], grids: torch.Tensor, wei
 
 @torch.library.custom_op("gsam::deformable_attention", mutates_args=())
 def fused_deformable_attention(value: torch.Tensor, spatial_shapes: torch.Tensor, reference_points: torch.Tensor,
-                               offsets: torch.Tensor, weights: torch.Tensor, heads: int, points: int) -> torch.Tensor:
+                               offsets: torch.Tensor, weights: torch.Tensor, heads: int, points: int,
+                               padding: torch.Tensor, softmax: bool) -> torch.Tensor:
     """MultiScaleDeformableAttention's core from its projections, as one operation (``gsam::deformable_attention``).
 
     Exported as one node, which ``openvino_ops`` converts to its C++ kernel for OpenVINO
@@ -199,13 +200,19 @@ def fused_deformable_attention(value: torch.Tensor, spatial_shapes: torch.Tensor
       spatial_shapes: (levels, 2) int64, each level's (h, w); their h * w sum to keys.
       reference_points: (bs, Q, levels, 2) points or (bs, Q, levels, 4) boxes (cx, cy, w, h), normalised.
       offsets: (bs, Q, heads * levels * points * 2), the sampling_offsets projection.
-      weights: (bs, Q, heads * levels * points), the softmaxed attention weights.
+      weights: (bs, Q, heads * levels * points), the softmaxed attention weights (``softmax``: their logits).
       heads, points: the module's num_heads and num_points.
+      padding: (bs, keys) bool, True on padding tokens: their values are read as zeros.
+      softmax: ``weights`` are the attention_weights projection, softmaxed per (query, head) here (in the
+        kernel: in registers, no Softmax node's pass over them).
     Returns:
       (bs, Q, heads * C).
     """
     bs, keys, dim = value.shape
     queries, levels = offsets.shape[1], spatial_shapes.shape[0]
+    value = value.masked_fill(padding[..., None], 0.0)
+    if softmax:
+        weights = weights.view(bs, queries, heads, -1).softmax(-1).view(bs, queries, -1)
     locations = sampling_locations(offsets.view(bs, queries, heads, levels, points, 2), reference_points,
                                    spatial_shapes)
     return deformable_attention(value.view(bs, keys, heads, dim // heads), spatial_shapes, locations,
@@ -215,7 +222,7 @@ def fused_deformable_attention(value: torch.Tensor, spatial_shapes: torch.Tensor
 @fused_deformable_attention.register_fake
 def _fused_deformable_attention_shape(value: torch.Tensor, spatial_shapes: torch.Tensor,
                                       reference_points: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
-                                      heads: int, points: int) -> torch.Tensor:
+                                      heads: int, points: int, padding: torch.Tensor, softmax: bool) -> torch.Tensor:
     return value.new_empty(value.shape[0], offsets.shape[1], value.shape[2])
 
 
@@ -253,17 +260,19 @@ class FastDeformableAttention(MultiScaleDeformableAttention):
         bs, num_query, _ = query.shape
         _, num_value, _ = value.shape
         value = self.value_proj(value)
-        if key_padding_mask is not None:
-            value = value.masked_fill(key_padding_mask[..., None], float(0))
         offsets = self.sampling_offsets(query)
-        weights = self.attention_weights(query).view(
-            bs, num_query, self.num_heads, self.num_levels * self.num_points).softmax(-1)
+        logits = self.attention_weights(query)
         levels = spatial_shapes if isinstance(spatial_shapes, LevelShapes) else None
-        if levels is not None and levels.core == "fused":
-            sampled = fused_deformable_attention(value, levels.tensor, reference_points, offsets,
-                                                 weights.view(bs, num_query, -1), self.num_heads, self.num_points)
+        if levels is not None and levels.core == "fused":  # the node masks the value and softmaxes the weights
+            padding = (key_padding_mask if key_padding_mask is not None
+                       else torch.zeros(bs, num_value, dtype=torch.bool, device=value.device))
+            sampled = fused_deformable_attention(value, levels.tensor, reference_points, offsets, logits,
+                                                 self.num_heads, self.num_points, padding, True)
             output = self.output_proj(sampled)
             return output if self.batch_first else output.permute(1, 0, 2)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], float(0))
+        weights = logits.view(bs, num_query, self.num_heads, self.num_levels * self.num_points).softmax(-1)
         if levels is not None and levels.core == "grid_sample":
             sampled = grid_sample_attention(
                 level_maps(value, levels.sizes, self.num_heads),

@@ -117,9 +117,10 @@ class OpsLibrary:
         factory.add_extension(str(self.path))
 
         def deformable_attention(context: Any) -> Any:
-            inputs = [context.get_input(index) for index in range(5)]
+            inputs = [*(context.get_input(index) for index in range(5)), context.get_input(7)]  # 7: padding
             attributes = {"heads": int(context.get_values_from_const_input(5)),
-                          "points": int(context.get_values_from_const_input(6))}
+                          "points": int(context.get_values_from_const_input(6)),
+                          "softmax": bool(context.get_values_from_const_input(8))}
             return factory.create(OP_TYPE, inputs, attributes).outputs()
 
         def global_attention(matrix: bool) -> Any:

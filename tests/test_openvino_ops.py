@@ -19,24 +19,27 @@ HEADS, CHANNELS, POINTS = 8, 32, 4  # Grounding DINO's (SwinT-OGC): the kernel's
 SIZES = [(23, 31), (12, 16), (6, 8), (3, 4)]
 
 
-def op_model(ops_library, ref_dim: int, points: int = POINTS, levels: int = len(SIZES)) -> ov.Model:
-    """One DeformableAttention node over five dynamic-size parameters."""
+def op_model(ops_library, ref_dim: int, points: int = POINTS, levels: int = len(SIZES), softmax: bool = False
+             ) -> ov.Model:
+    """One DeformableAttention node over six dynamic-size parameters (``softmax``: its weights are logits)."""
     from openvino import opset13 as ops
     from openvino.utils.node_factory import NodeFactory
 
     params = [ops.parameter([-1, -1, HEADS * CHANNELS], ov.Type.f32), ops.parameter([-1, 2], ov.Type.i64),
               ops.parameter([-1, -1, levels, ref_dim], ov.Type.f32),
               ops.parameter([-1, -1, HEADS * levels * points * 2], ov.Type.f32),
-              ops.parameter([-1, -1, HEADS * levels * points], ov.Type.f32)]
+              ops.parameter([-1, -1, HEADS * levels * points], ov.Type.f32), ops.parameter([-1, -1], ov.Type.boolean)]
     factory = NodeFactory()
     factory.add_extension(str(ops_library.path))
-    node = factory.create(openvino_ops.OP_TYPE, [p.output(0) for p in params], {"heads": HEADS, "points": points})
+    node = factory.create(openvino_ops.OP_TYPE, [p.output(0) for p in params],
+                          {"heads": HEADS, "points": points, "softmax": softmax})
     return ov.Model([node.output(0)], params)
 
 
 def op_inputs(batch: int, queries: int, ref_dim: int, seed: int, sizes=SIZES, points: int = POINTS
               ) -> list[torch.Tensor]:
-    """value, spatial shapes, reference points (spread past the map's edges), offsets of a few pixels, weights."""
+    """value, spatial shapes, reference points (spread past the map's edges), offsets of a few pixels, weights,
+    padding (none)."""
     generator = torch.Generator().manual_seed(seed)
     levels, keys = len(sizes), sum(h * w for h, w in sizes)
     reference = torch.rand(batch, queries, levels, 2, generator=generator) * 1.4 - 0.2
@@ -45,13 +48,13 @@ def op_inputs(batch: int, queries: int, ref_dim: int, seed: int, sizes=SIZES, po
     weights = torch.randn(batch, queries, HEADS, levels * points, generator=generator).softmax(-1)
     return [torch.randn(batch, keys, HEADS * CHANNELS, generator=generator), torch.tensor(sizes),
             reference, torch.randn(batch, queries, HEADS * levels * points * 2, generator=generator) * 3,
-            weights.reshape(batch, queries, -1)]
+            weights.reshape(batch, queries, -1), torch.zeros(batch, keys, dtype=torch.bool)]
 
 
-def expected(inputs: list[torch.Tensor], points: int = POINTS) -> torch.Tensor:
-    value, shapes, reference, offsets, weights = inputs
+def expected(inputs: list[torch.Tensor], points: int = POINTS, softmax: bool = False) -> torch.Tensor:
+    value, shapes, reference, offsets, weights, padding = inputs
     return fused_deformable_attention(value.double(), shapes, reference.double(), offsets.double(), weights.double(),
-                                      HEADS, points)
+                                      HEADS, points, padding, softmax)
 
 
 @pytest.mark.parametrize("ref_dim", [2, 4], ids=["points", "boxes"])
@@ -118,6 +121,29 @@ def test_narrowing_keeps_a_bf16_node_as_it_is(ops_library):
     model = ops_library.narrow_io(op_model(ops_library, 2))
     count = len(model.get_ordered_ops())
     assert len(ops_library.narrow_io(model).get_ordered_ops()) == count
+
+
+@pytest.mark.parametrize("points, queries", [(POINTS, 301), (POINTS, 40), (3, 301)],
+                         ids=["vector-per-head-copy", "vector-in-place", "scalar"])
+def test_padding_and_softmax_in_the_node_equal_groundingdinos_arithmetic(ops_library, points, queries):
+    """As DinoTextGraph runs the node: the weights are the attention_weights projection's logits
+    (softmaxed per query and head in the node) and padding tokens' values are read as zeros
+    (groundingdino zeroes them before sampling). Every path, against float64 arithmetic."""
+    compiled = ops_library.add_to(ov.Core()).compile_model(op_model(ops_library, 4, points, softmax=True), "CPU",
+                                                           {"INFERENCE_PRECISION_HINT": "f32"})
+    inputs = op_inputs(2, queries, 4, seed=13, points=points)
+    inputs[4] = inputs[4] * 20 - 10  # logits, not probabilities
+    start = 0
+    for h, w in SIZES:  # pad each level's last row and column in image 1, and a few tokens in image 0
+        level = inputs[5][1, start:start + h * w].view(h, w)
+        level[-1], level[:, -1] = True, True
+        start += h * w
+    inputs[5][0, 100:130] = True
+    ours = torch.from_numpy(np.asarray(compiled([t.numpy() for t in inputs])[0]))
+    reference = expected(inputs, points, softmax=True)
+    unmasked = expected([*inputs[:5], torch.zeros_like(inputs[5])], points, softmax=True)
+    assert (reference - unmasked).abs().amax() > 0.1  # the padding changed what was sampled
+    torch.testing.assert_close(ours.double(), reference, atol=2e-5, rtol=1e-5)
 
 
 def test_results_do_not_depend_on_the_thread_count(ops_library):

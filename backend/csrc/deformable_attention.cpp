@@ -13,8 +13,12 @@
 //   1 spatial_shapes (levels, 2) i64 or i32: each level's (h, w); the sum of h * w must equal keys
 //   2 reference_points (bs, queries, levels, 2) points (x, y) or (bs, queries, levels, 4) boxes (cx, cy, w, h)
 //   3 offsets (bs, queries, heads * levels * points * 2): the sampling_offsets projection, (x, y) last
-//   4 weights (bs, queries, heads * levels * points): the softmaxed attention weights
-// Attributes: heads, points. Output: (bs, queries, heads * C), of the value's type.
+//   4 weights (bs, queries, heads * levels * points): the attention weights, or with ``softmax`` their logits
+//   5 padding (bs, keys) boolean: True on padding tokens, whose values are read as zeros (groundingdino
+//     zeroes them before sampling)
+// Attributes: heads, points, softmax (the weights are logits: each (query, head)'s levels x points are
+// softmaxed here, in registers, instead of by a Softmax node, a pass over the weights).
+// Output: (bs, queries, heads * C), of the value's type.
 // Value, offsets and weights are all f32 or all bf16, reference_points either. bf16 is for graphs compiled
 // at bf16 (openvino_ops.OpsLibrary.narrow_io): the CPU plugin computes these inputs in bf16 and
 // would otherwise convert each to f32 and the output back, a pass over each (~50 ms of the text half at
@@ -31,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -45,13 +50,13 @@ public:
     OPENVINO_OP("DeformableAttention", "gsam_opset");
 
     DeformableAttention() = default;
-    DeformableAttention(const ov::OutputVector& args, int64_t heads, int64_t points)
-        : Op(args), m_heads(heads), m_points(points) {
+    DeformableAttention(const ov::OutputVector& args, int64_t heads, int64_t points, bool softmax)
+        : Op(args), m_heads(heads), m_points(points), m_softmax(softmax) {
         constructor_validate_and_infer_types();
     }
 
     void validate_and_infer_types() override {
-        NODE_VALIDATION_CHECK(this, get_input_size() == 5, "expects 5 inputs, got ", get_input_size());
+        NODE_VALIDATION_CHECK(this, get_input_size() == 6, "expects 6 inputs, got ", get_input_size());
         const auto type = get_input_element_type(0);
         NODE_VALIDATION_CHECK(this, type == ov::element::f32 || type == ov::element::bf16 || type.is_dynamic(),
                               "value must be f32 or bf16, got ", type);
@@ -70,12 +75,13 @@ public:
     }
 
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
-        return std::make_shared<DeformableAttention>(args, m_heads, m_points);
+        return std::make_shared<DeformableAttention>(args, m_heads, m_points, m_softmax);
     }
 
     bool visit_attributes(ov::AttributeVisitor& visitor) override {
         visitor.on_attribute("heads", m_heads);
         visitor.on_attribute("points", m_points);
+        visitor.on_attribute("softmax", m_softmax);
         return true;
     }
 
@@ -89,6 +95,7 @@ public:
 private:
     int64_t m_heads = 0;
     int64_t m_points = 0;
+    bool m_softmax = false;
 };
 
 namespace {
@@ -111,7 +118,7 @@ struct Lanes {
 };
 
 template <typename T>
-inline void corners16(const Lanes& c, const float* ref, int64_t ref_dim, const T* off, const T* attn,
+inline void corners16(const Lanes& c, const float* ref, int64_t ref_dim, const T* off, __m512 a,
                       float* weights, int32_t* index) {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -147,7 +154,6 @@ inline void corners16(const Lanes& c, const float* ref, int64_t ref_dim, const T
     const __m512i zero = _mm512_setzero_si512();
     const __mmask16 x0_in = _mm512_cmpge_epi32_mask(x0, zero), x1_in = _mm512_cmplt_epi32_mask(x1, c.w_int);
     const __mmask16 y0_in = _mm512_cmpge_epi32_mask(y0, zero), y1_in = _mm512_cmplt_epi32_mask(y1, c.h_int);
-    const __m512 a = load16(attn);
     const __m512 corner[4] = {_mm512_mul_ps(gy, gx), _mm512_mul_ps(gy, fx), _mm512_mul_ps(fy, gx), _mm512_mul_ps(fy, fx)};
     const __mmask16 in[4] = {static_cast<__mmask16>(inside & x0_in & y0_in), static_cast<__mmask16>(inside & x1_in & y0_in),
                              static_cast<__mmask16>(inside & x0_in & y1_in), static_cast<__mmask16>(inside & x1_in & y1_in)};
@@ -162,6 +168,8 @@ inline void corners16(const Lanes& c, const float* ref, int64_t ref_dim, const T
 
 struct Sizes {
     int64_t bs, keys, queries, heads, channels, levels, points, ref_dim;
+    bool softmax;  // the weights are logits, softmaxed per (query, head) here
+    const uint8_t* padding;  // (bs, keys): nonzero on padding tokens, read as zeros
 };
 
 // The levels' sizes and where each starts among the keys.
@@ -185,7 +193,8 @@ void sample_queries(const V* head_value, int64_t stride, const Geometry& g, cons
     const int64_t channels = CHANNELS > 0 ? CHANNELS : s.channels;
     const int64_t dim = s.heads * channels;
     const int64_t per_head = s.levels * s.points;
-    std::vector<float> xs(per_head), ys(per_head);
+    std::vector<float> xs(per_head), ys(per_head), ws(per_head);
+    const uint8_t* pad = s.padding + b * s.keys;
     // A local array (not heap memory the compiler must assume the value pointer may alias): with a fixed
     // channel count the accumulator stays in vector registers.
     alignas(64) float acc[CHANNELS > 0 ? CHANNELS : kMaxChannels];
@@ -197,15 +206,21 @@ void sample_queries(const V* head_value, int64_t stride, const Geometry& g, cons
 #if defined(__AVX512F__)
         if constexpr (CHANNELS == 32) {
             if (vector16) {
+                __m512 a = load16(attn);
+                if (s.softmax) {  // one (query, head)'s 16 logits: one register
+                    const __m512 e = exp512(_mm512_sub_ps(a, _mm512_set1_ps(_mm512_reduce_max_ps(a))));
+                    a = _mm512_mul_ps(e, _mm512_set1_ps(1.f / _mm512_reduce_add_ps(e)));
+                }
                 alignas(64) float cw[64];
                 alignas(64) int32_t ci[64];
-                corners16(lanes, ref, s.ref_dim, off, attn, cw, ci);
+                corners16(lanes, ref, s.ref_dim, off, a, cw, ci);
                 __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
                 for (int i = 0; i < 16; ++i)
                     for (int k = 0; k < 4; ++k) {
                         const float w = cw[16 * k + i];
                         const int64_t at = ci[16 * k + i];
-                        const V* v = at == s.keys ? reinterpret_cast<const V*>(kZeros) : head_value + at * stride;
+                        const V* v = at == s.keys || pad[at] ? reinterpret_cast<const V*>(kZeros)
+                                                             : head_value + at * stride;
                         const __m512 wv = _mm512_set1_ps(w);
                         a0 = _mm512_fmadd_ps(wv, load16(v), a0);
                         a1 = _mm512_fmadd_ps(wv, load16(v + 16), a1);
@@ -237,6 +252,15 @@ void sample_queries(const V* head_value, int64_t stride, const Geometry& g, cons
             xs[i] = ((2.f * lx - 1.f + 1.f) * g.widths[l] - 1.f) * 0.5f;
             ys[i] = ((2.f * ly - 1.f + 1.f) * g.heights[l] - 1.f) * 0.5f;
         }
+        float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+        for (int64_t i = 0; i < per_head; ++i) {
+            ws[i] = widen(attn[i]);
+            top = std::max(top, ws[i]);
+        }
+        if (s.softmax) {
+            for (int64_t i = 0; i < per_head; ++i) sum += (ws[i] = std::exp(ws[i] - top));
+            for (int64_t i = 0; i < per_head; ++i) ws[i] /= sum;
+        }
         std::fill(acc, acc + channels, 0.f);
         for (int64_t i = 0; i < per_head; ++i) {
             const int64_t l = i / s.points;
@@ -249,10 +273,11 @@ void sample_queries(const V* head_value, int64_t stride, const Geometry& g, cons
             const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
             const float corner[4] = {(1.f - fy) * (1.f - fx), (1.f - fy) * fx, fy * (1.f - fx), fy * fx};
             const V* level_value = head_value + g.starts[l] * stride;
-            const float a = widen(attn[i]);
+            const float a = ws[i];
             for (int k = 0; k < 4; ++k) {
                 const int64_t x = x0 + (k & 1), y = y0 + (k >> 1);
                 if (x < 0 || x >= w_l || y < 0 || y >= h_l) continue;  // zeros padding
+                if (pad[g.starts[l] + y * w_l + x]) continue;  // a padding token's value: zeros
                 const float w = a * corner[k];
                 const V* v = level_value + (y * w_l + x) * stride;
                 for (int64_t c = 0; c < channels; ++c) acc[c] += w * widen(v[c]);
@@ -377,6 +402,14 @@ bool DeformableAttention::evaluate(ov::TensorVector& outputs, const ov::TensorVe
         if (i % 2 == 1) total += level_hw[i - 1] * level_hw[i];
     }
     OPENVINO_ASSERT(total == s.keys, "DeformableAttention: the levels hold ", total, " tokens, value has ", s.keys);
+    const ov::Shape& padding = inputs[5].get_shape();
+    const auto padding_type = inputs[5].get_element_type();  // boolean in the model; the CPU plugin hands u8
+    OPENVINO_ASSERT(padding.size() == 2 && padding[0] == value[0] && padding[1] == value[1]
+                    && (padding_type == ov::element::boolean || padding_type == ov::element::u8
+                        || padding_type == ov::element::i8),
+                    "DeformableAttention: padding must be (bs, keys) boolean");
+    s.padding = static_cast<const uint8_t*>(inputs[5].data());
+    s.softmax = m_softmax;
     outputs[0].set_shape(ov::Shape{value[0], weights[1], value[2]});
     // Reference points in f32 (as the positions are computed), whatever their type.
     std::vector<float> widened;
