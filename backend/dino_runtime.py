@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 # 5: the fusion layers' image-side projections moved onto the text, dino_fast.text_image_attention;
 # 6: the fusion's products as 2-D matmuls, its masks as added -inf and, with the operations library, its
 # softmaxes as one node, fusion_attention.fusion_softmax; the box head on the selected tokens only; 7: the
-# DeformableAttention node masks the padding's values and softmaxes its weights itself).
-GRAPH_VERSION = 7
+# DeformableAttention node masks the padding's values and softmaxes its weights itself; 8: the fusion
+# block's gamma_v folded into its output matrix).
+GRAPH_VERSION = 8
 # Bounds of the export's dynamic sizes. A feature level is at most max_size / 8 tokens on a side (1333 px
 # -> 167); the bound leaves room for larger DINO_MAX_SIZE settings. Captions hold at most 256 tokens.
 MAX_LEVEL_SIDE = 1024

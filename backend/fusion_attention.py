@@ -24,13 +24,15 @@ def fusion_layer(block: Any, image: torch.Tensor, text: torch.Tensor, image_padd
     softmaxes as the one ``fusion_softmax`` operation). As groundingdino's, the residual is added to the
     layer-normed tokens."""
     image, text = block.layer_norm_v(image), block.layer_norm_l(text)
-    image_delta, text_delta = text_image_attention(block.attn, image, text, image_padding, text_padding, fused)
-    return image + block.gamma_v * image_delta, text + block.gamma_l * text_delta
+    image_delta, text_delta = text_image_attention(block.attn, image, text, image_padding, text_padding, fused,
+                                                   image_scale=block.gamma_v)
+    return image + image_delta, text + block.gamma_l * text_delta
 
 
 def text_image_attention(attention: Any, image: torch.Tensor, text: torch.Tensor,
                          image_padding: torch.Tensor | None, text_padding: torch.Tensor | None,
-                         fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         fused: bool = False, image_scale: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """groundingdino's BiMultiHeadAttention.forward at inference, with its image-side projections moved
     onto the text.
 
@@ -57,8 +59,11 @@ def text_image_attention(attention: Any, image: torch.Tensor, text: torch.Tensor
       image_padding: (bs, I) bool, True on padding tokens, or None.
       text_padding: (bs, T) bool, True on padding tokens, or None.
       fused: the softmaxes as the one ``fusion_softmax`` operation (for export to OpenVINO).
+      image_scale: (v_dim,) multiplies the image delta (BiAttentionBlock's gamma_v), folded into the text's
+        output matrix and the bias: no pass over the image tokens of its own.
     Returns:
-      (image delta (bs, I, v_dim), text delta (bs, T, l_dim)), as groundingdino's forward returns them.
+      (image delta (bs, I, v_dim), text delta (bs, T, l_dim)), as groundingdino's forward returns them
+      (the image delta times ``image_scale``).
     """
     bs, tokens, _ = text.shape
     heads, head_dim = attention.num_heads, attention.head_dim
@@ -71,6 +76,10 @@ def text_image_attention(attention: Any, image: torch.Tensor, text: torch.Tensor
     values = attention.values_l_proj(text).view(bs, tokens, heads, head_dim)
     output_weight = attention.out_v_proj.weight.view(-1, heads, head_dim).to(values.dtype)  # v_dim, heads, head_dim
     values_on_image = torch.einsum("bthd,vhd->bhtv", values, output_weight).flatten(1, 2)  # bs, heads * T, v_dim
+    output_bias = attention.out_v_proj.bias
+    if image_scale is not None:
+        values_on_image = values_on_image * image_scale.to(values_on_image.dtype)
+        output_bias = output_bias * image_scale
     image_deltas, pooled, weight_sums = [], [], []
     # One image's products as 2-D matmuls: batched ones export as an image-sized Broadcast. (For the
     # graph's one image, a reshape: image[0] exports as a Gather, a copy.)
@@ -78,8 +87,8 @@ def text_image_attention(attention: Any, image: torch.Tensor, text: torch.Tensor
     for b in range(bs):
         delta, image_pooled, weight_sum = _image_side(
             attention, images[b], keys_on_image[b].flatten(0, 1), key_bias[b].flatten(), values_on_image[b],
-            None if image_padding is None else image_padding[b], None if text_padding is None else text_padding[b],
-            fused)
+            output_bias, None if image_padding is None else image_padding[b],
+            None if text_padding is None else text_padding[b], fused)
         image_deltas.append(delta)
         pooled.append(image_pooled)
         weight_sums.append(weight_sum)
@@ -93,8 +102,8 @@ def text_image_attention(attention: Any, image: torch.Tensor, text: torch.Tensor
 
 
 def _image_side(attention: Any, image: torch.Tensor, keys_on_image: torch.Tensor, key_bias: torch.Tensor,
-                values_on_image: torch.Tensor, image_padding: torch.Tensor | None, text_padding: torch.Tensor | None,
-                fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                values_on_image: torch.Tensor, output_bias: torch.Tensor, image_padding: torch.Tensor | None,
+                text_padding: torch.Tensor | None, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``text_image_attention`` for one image, from the text's matrices.
 
     Arguments:
@@ -102,6 +111,7 @@ def _image_side(attention: Any, image: torch.Tensor, keys_on_image: torch.Tensor
       keys_on_image: (heads * T, v_dim) the scaled text keys through the query projection.
       key_bias: (heads * T,) the query projection's bias against the scaled keys.
       values_on_image: (heads * T, v_dim) the text values through the image's output projection.
+      output_bias: (v_dim,) that projection's bias.
       image_padding: (I,) bool, True on padding tokens, or None.
       text_padding: (T,) bool, True on padding tokens, or None.
       fused: the softmaxes as ``fusion_softmax``.
@@ -121,7 +131,7 @@ def _image_side(attention: Any, image: torch.Tensor, keys_on_image: torch.Tensor
         to_text, to_image = fusion_softmax(logits, image_padding, text_padding, *settings)
     else:
         to_text, to_image = softmaxes(logits, image_padding, text_padding, *settings)
-    delta = torch.addmm(attention.out_v_proj.bias.to(to_image.dtype), to_image, values_on_image.to(to_image.dtype))
+    delta = torch.addmm(output_bias.to(to_image.dtype), to_image, values_on_image.to(to_image.dtype))
     return delta, to_text.t() @ image.to(to_text.dtype), to_text.sum(0)
 
 

@@ -74,6 +74,8 @@ def test_block_with_text_side_attention_equals_groundingdinos_block():
     with torch.no_grad():
         for param in block.attn.parameters():
             param.normal_(0, 0.1)
+        block.gamma_v.normal_(0.5, 0.3)  # a scale per channel (folded into the output matrix's columns)
+        block.gamma_l.normal_(0.5, 0.3)
     image, text = tokens(1, 80, 64, seed=7), tokens(1, 11, 64, seed=8)
     image_padding = torch.zeros(1, 80, dtype=torch.bool)
     image_padding[0, 70:] = True
