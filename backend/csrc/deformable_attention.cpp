@@ -41,6 +41,7 @@
 #include <immintrin.h>
 #endif
 
+#include "op_types.hpp"
 #include "vector_math.hpp"
 
 namespace gsam {
@@ -58,7 +59,7 @@ public:
     void validate_and_infer_types() override {
         NODE_VALIDATION_CHECK(this, get_input_size() == 6, "expects 6 inputs, got ", get_input_size());
         const auto type = get_input_element_type(0);
-        NODE_VALIDATION_CHECK(this, type == ov::element::f32 || type == ov::element::bf16 || type.is_dynamic(),
+        NODE_VALIDATION_CHECK(this, f32_or_bf16(type) || type.is_dynamic(),
                               "value must be f32 or bf16, got ", type);
         NODE_VALIDATION_CHECK(this, get_input_element_type(3) == type && get_input_element_type(4) == type,
                               "offsets and weights must be of the value's type ", type);
@@ -85,10 +86,7 @@ public:
         return true;
     }
 
-    bool has_evaluate() const override {
-        const auto type = get_input_element_type(0);
-        return type == ov::element::f32 || type == ov::element::bf16;
-    }
+    bool has_evaluate() const override { return f32_or_bf16(get_input_element_type(0)); }
 
     bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override;
 
@@ -403,10 +401,8 @@ bool DeformableAttention::evaluate(ov::TensorVector& outputs, const ov::TensorVe
     }
     OPENVINO_ASSERT(total == s.keys, "DeformableAttention: the levels hold ", total, " tokens, value has ", s.keys);
     const ov::Shape& padding = inputs[5].get_shape();
-    const auto padding_type = inputs[5].get_element_type();  // boolean in the model; the CPU plugin hands u8
     OPENVINO_ASSERT(padding.size() == 2 && padding[0] == value[0] && padding[1] == value[1]
-                    && (padding_type == ov::element::boolean || padding_type == ov::element::u8
-                        || padding_type == ov::element::i8),
+                    && byte_mask(inputs[5].get_element_type()),
                     "DeformableAttention: padding must be (bs, keys) boolean");
     s.padding = static_cast<const uint8_t*>(inputs[5].data());
     s.softmax = m_softmax;

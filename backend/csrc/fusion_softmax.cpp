@@ -32,6 +32,7 @@
 #include <limits>
 #include <vector>
 
+#include "op_types.hpp"
 #include "vector_math.hpp"
 
 namespace gsam {
@@ -50,7 +51,7 @@ public:
         NODE_VALIDATION_CHECK(this, get_input_size() == 3, "expects 3 inputs, got ", get_input_size());
         NODE_VALIDATION_CHECK(this, m_heads > 0, "heads must be positive");
         const auto type = get_input_element_type(0);
-        NODE_VALIDATION_CHECK(this, type == ov::element::f32 || type == ov::element::bf16 || type.is_dynamic(),
+        NODE_VALIDATION_CHECK(this, f32_or_bf16(type) || type.is_dynamic(),
                               "logits must be f32 or bf16, got ", type);
         const auto& logits = get_input_partial_shape(0);
         NODE_VALIDATION_CHECK(this, logits.rank().is_dynamic() || logits.rank().get_length() == 2,
@@ -71,10 +72,7 @@ public:
         return true;
     }
 
-    bool has_evaluate() const override {
-        const auto type = get_input_element_type(0);
-        return type == ov::element::f32 || type == ov::element::bf16;
-    }
+    bool has_evaluate() const override { return f32_or_bf16(get_input_element_type(0)); }
 
     bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override;
 
@@ -288,12 +286,8 @@ bool FusionSoftmax::evaluate(ov::TensorVector& outputs, const ov::TensorVector& 
     const ov::Shape& text_padding = inputs[2].get_shape();
     OPENVINO_ASSERT(logits.size() == 2 && image_padding.size() == 1 && text_padding.size() == 1,
                     "FusionSoftmax: logits must be (I, heads * T), the paddings (I,) and (T,)");
-    // Boolean in the model; the CPU plugin hands its byte-sized form (u8) to library nodes.
-    const auto one_byte = [](const ov::Tensor& t) {
-        const auto type = t.get_element_type();
-        return type == ov::element::boolean || type == ov::element::u8 || type == ov::element::i8;
-    };
-    OPENVINO_ASSERT(one_byte(inputs[1]) && one_byte(inputs[2]), "FusionSoftmax: the paddings must be boolean");
+    OPENVINO_ASSERT(byte_mask(inputs[1].get_element_type()) && byte_mask(inputs[2].get_element_type()),
+                    "FusionSoftmax: the paddings must be boolean");
     const int64_t rows = static_cast<int64_t>(logits[0]), width = static_cast<int64_t>(logits[1]);
     const int64_t tokens = static_cast<int64_t>(text_padding[0]);
     OPENVINO_ASSERT(static_cast<int64_t>(image_padding[0]) == rows, "FusionSoftmax: image_padding has ",
