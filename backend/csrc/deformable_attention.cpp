@@ -35,7 +35,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -250,12 +249,10 @@ void sample_queries(const V* head_value, int64_t stride, const Geometry& g, cons
             xs[i] = ((2.f * lx - 1.f + 1.f) * g.widths[l] - 1.f) * 0.5f;
             ys[i] = ((2.f * ly - 1.f + 1.f) * g.heights[l] - 1.f) * 0.5f;
         }
-        float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
-        for (int64_t i = 0; i < per_head; ++i) {
-            ws[i] = widen(attn[i]);
-            top = std::max(top, ws[i]);
-        }
+        std::transform(attn, attn + per_head, ws.begin(), [](T x) { return widen(x); });
         if (s.softmax) {
+            const float top = *std::max_element(ws.begin(), ws.end());
+            float sum = 0.f;
             for (int64_t i = 0; i < per_head; ++i) sum += (ws[i] = std::exp(ws[i] - top));
             for (int64_t i = 0; i < per_head; ++i) ws[i] /= sum;
         }

@@ -158,9 +158,16 @@ void maxima(const T* logits, const Problem& p, float& global, std::vector<float>
 struct ColumnTerms {
     std::vector<float> column_max;  // max_i shift(x[i, c]) = shift(max_i x[i, c])
     std::vector<float> top;  // max over unpadded i of clamp(shift(x[i, c]) - column_max[c])
-};
 
-inline float exp_scalar(float x) { return std::exp(x); }
+    // exp of the column softmax's argument for the shifted logit ``x`` of column c (vector: columns c.., lanes m)
+    float exp_at(const Shift& s, float x, int64_t c) const { return std::exp(s.clamp(x - column_max[c]) - top[c]); }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    __m512 exp_at(const Shift& s, __m512 x, int64_t c, __mmask16 m) const {
+        const __m512 t = s.clamp(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, column_max.data() + c)));
+        return exp512(_mm512_sub_ps(t, _mm512_maskz_loadu_ps(m, top.data() + c)));
+    }
+#endif
+};
 
 template <typename T>
 void softmaxes(const T* logits, const Problem& p, const Settings& settings, T* to_text, T* to_image) {
@@ -185,14 +192,11 @@ void softmaxes(const T* logits, const Problem& p, const Settings& settings, T* t
 #if defined(__AVX512F__) && defined(__AVX512BW__)
             for (; c < p.width; c += 16) {
                 const __mmask16 m = first_lanes(p.width - c);
-                const __m512 x = s(load16(row + c, m, _mm512_setzero_ps()));
-                const __m512 t = s.clamp(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, terms.column_max.data() + c)));
-                const __m512 e = exp512(_mm512_sub_ps(t, _mm512_maskz_loadu_ps(m, terms.top.data() + c)));
+                const __m512 e = terms.exp_at(s, s(load16(row + c, m, _mm512_setzero_ps())), c, m);
                 _mm512_mask_storeu_ps(sums + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sums + c), e));
             }
 #endif
-            for (; c < p.width; ++c)
-                sums[c] += exp_scalar(s.clamp(s(widen(row[c])) - terms.column_max[c]) - terms.top[c]);
+            for (; c < p.width; ++c) sums[c] += terms.exp_at(s, s(widen(row[c])), c);
         }
     });
     std::vector<float> inverse(p.width, 0.f);
@@ -217,19 +221,15 @@ void softmaxes(const T* logits, const Problem& p, const Settings& settings, T* t
                 const __mmask16 m = first_lanes(p.width - c);
                 const __m512 x = s(load16(row + c, m, _mm512_setzero_ps()));
                 _mm512_mask_storeu_ps(shifted.data() + c, m, x);
-                __m512 e = _mm512_setzero_ps();
-                if (!pad) {
-                    const __m512 t = s.clamp(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, terms.column_max.data() + c)));
-                    e = _mm512_mul_ps(exp512(_mm512_sub_ps(t, _mm512_maskz_loadu_ps(m, terms.top.data() + c))),
-                                      _mm512_maskz_loadu_ps(m, inverse.data() + c));
-                }
+                const __m512 e = pad ? _mm512_setzero_ps()
+                                     : _mm512_mul_ps(terms.exp_at(s, x, c, m),
+                                                     _mm512_maskz_loadu_ps(m, inverse.data() + c));
                 store16(text_row + c, e, m);
             }
 #endif
             for (; c < p.width; ++c) {
                 shifted[c] = s(widen(row[c]));
-                put(text_row + c, pad ? 0.f : exp_scalar(s.clamp(shifted[c] - terms.column_max[c]) - terms.top[c])
-                                                  * inverse[c]);
+                put(text_row + c, pad ? 0.f : terms.exp_at(s, shifted[c], c) * inverse[c]);
             }
             for (int64_t h = 0; h < p.heads; ++h) {  // softmax over the head's text tokens
                 float* x = shifted.data() + h * p.tokens;
@@ -267,7 +267,7 @@ void softmaxes(const T* logits, const Problem& p, const Settings& settings, T* t
                 }
                 float sum = 0.f;
                 for (int64_t t = 0; t < p.tokens; ++t) {
-                    x[t] = exp_scalar(x[t] - top);
+                    x[t] = std::exp(x[t] - top);
                     sum += x[t];
                 }
                 const float inv = 1.f / sum;

@@ -256,7 +256,7 @@ void attend_bf16(const Dims& s, const Inputs& in, float scale, const Outputs& o)
             const bool second = j + 1 < s.n;
             const int64_t at = (b * s.n + j) * c_all + h * s.d;  // token j's head h in q, k and v
             for (int64_t c = 0; c < s.d; c += 16) {
-                const __mmask16 m = first(s.d - c);
+                const __mmask16 m = first_lanes(s.d - c);
                 for (int64_t t = 0; t < (second ? 2 : 1); ++t) {
                     const int64_t from = at + t * c_all + c;
                     _mm256_mask_storeu_epi16(q + (j + t) * s.d_pad + c, m,

@@ -7,8 +7,7 @@
 // One query's logits row (key j = key row * W + key column) with the relative-position terms added, then
 // softmaxed without the division: the row holds exp(x - max) and the return is 1 / sum.
 #if defined(__AVX512F__)
-// exp512: vector_math.hpp
-inline __mmask16 first(int64_t count) { return static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1u); }
+// exp512, first_lanes: vector_math.hpp
 
 float exp_row(float* row, const float* rel_h, const float* rel_w, int64_t grid_h, int64_t grid_w) {
     const int64_t n = grid_h * grid_w;
@@ -17,7 +16,7 @@ float exp_row(float* row, const float* rel_h, const float* rel_w, int64_t grid_h
         const __m512 term = _mm512_set1_ps(rel_h[kh]);
         float* part = row + kh * grid_w;
         for (int64_t kw = 0; kw < grid_w; kw += 16) {
-            const __mmask16 m = first(grid_w - kw);
+            const __mmask16 m = first_lanes(grid_w - kw);
             const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, part + kw),
                                            _mm512_add_ps(term, _mm512_maskz_loadu_ps(m, rel_w + kw)));
             _mm512_mask_storeu_ps(part + kw, m, x);
@@ -27,7 +26,7 @@ float exp_row(float* row, const float* rel_h, const float* rel_w, int64_t grid_h
     const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = first(n - j);
+        const __mmask16 m = first_lanes(n - j);
         const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), top));
         _mm512_mask_storeu_ps(row + j, m, e);
         vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
@@ -42,7 +41,7 @@ void spread_row(const float* e, float inv, int64_t n, float weight, float* recei
     const __m512 to_received = _mm512_set1_ps(weight * inv), to_mean = _mm512_set1_ps(per_head * inv);
     const __m512 to_probs = _mm512_set1_ps(inv);
     for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = first(n - j);
+        const __mmask16 m = first_lanes(n - j);
         const __m512 x = _mm512_maskz_loadu_ps(m, e + j);
         if (weight != 0.f)
             _mm512_mask_storeu_ps(received + j, m, _mm512_fmadd_ps(x, to_received, _mm512_maskz_loadu_ps(m, received + j)));
