@@ -194,8 +194,13 @@ class OpsLibrary:
                 continue
             tuple_output = node.output(0)
             if node.get_type_name() == FUSION_OP_TYPE:  # its outputs, unsqueezed and concatenated
-                unsqueeze = next(iter(tuple_output.get_target_inputs())).get_node()
-                tuple_output = next(iter(unsqueeze.output(0).get_target_inputs())).get_node().output(0)
+                readers = [target.get_node() for target in tuple_output.get_target_inputs()]
+                stack = [target.get_node() for reader in readers for target in reader.output(0).get_target_inputs()]
+                if [r.get_type_name() for r in readers] != ["Unsqueeze"] or \
+                        [n.get_type_name() for n in stack] != ["Concat"]:
+                    raise OpsLibraryError(f"{node.get_friendly_name()}'s outputs are not stacked as its converter "
+                                          "stacks them")
+                tuple_output = stack[0].output(0)
             for target in list(tuple_output.get_target_inputs()):
                 gather = target.get_node()
                 if gather.get_type_name() != "Gather":
