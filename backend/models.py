@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     # names still say what a function takes or returns (rather than a bare torch.nn.Module, whose
     # submodule attributes mypy can only see as ``Tensor | Module``).
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
+    from groundingdino.util.slconfig import SLConfig
     from mobile_sam.modeling import Sam as MobileSam
     from segment_anything.modeling import Sam
 
@@ -168,7 +169,9 @@ def build_sam(config: EngineConfig) -> SamModel:
     return sam.eval()
 
 
-_swin_patch_lock = threading.Lock()
+# Held while Grounding DINO is built: the build swaps process-wide state (sys.stdout, groundingdino's
+# Swin builder) that two threads' builds must not interleave.
+_build_lock = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -187,7 +190,7 @@ def _custom_swin(swin_arch: dict[str, Any] | None) -> Iterator[None]:
     def build_swin_transformer(modelname: str, pretrain_img_size: int, **kwargs: Any) -> SwinTransformer:
         return SwinTransformer(pretrain_img_size=pretrain_img_size, **{**swin_arch, **kwargs})
 
-    with _swin_patch_lock:
+    with _build_lock:
         original = backbone_module.build_swin_transformer
         backbone_module.build_swin_transformer = build_swin_transformer
         try:
@@ -196,18 +199,55 @@ def _custom_swin(swin_arch: dict[str, Any] | None) -> Iterator[None]:
             backbone_module.build_swin_transformer = original
 
 
+def read_dino_config(path: Path) -> SLConfig:
+    """groundingdino's ``SLConfig`` from its ``.py`` file (``_base_`` files merged as groundingdino
+    merges them), read without ``SLConfig.fromfile``.
+
+    ``fromfile`` imports a ``.py`` config by ``sys.path.insert(0, tmpdir)`` ... ``sys.path.pop(0)``: the
+    pop takes whatever another thread inserted in between. In the server the engine loads in a thread
+    while the Ray job runner's ``import ray`` puts Ray's vendored packages (psutil) at ``sys.path[0]``;
+    the pop removed them and ``import ray`` failed. Executing the file with ``runpy`` leaves ``sys.path``
+    alone. Other forms (``.json``, ``.yaml``) never touch ``sys.path`` and go to ``fromfile``.
+
+    Raises:
+        ModelLoadError: the file can't be read or run (naming it and why).
+    """
+    import runpy
+
+    from groundingdino.util.slconfig import BASE_KEY, SLConfig
+
+    if path.suffix.lower() != ".py":
+        return SLConfig.fromfile(str(path))
+
+    def values(file: Path) -> dict[str, Any]:
+        try:
+            names = runpy.run_path(str(file), run_name="grounding_dino_config")
+        except Exception as exc:  # a syntax error or a failing statement in an operator's file
+            raise ModelLoadError(f"Grounding DINO config {file} could not be read: {type(exc).__name__}: {exc}"
+                                 ) from exc
+        own = {key: value for key, value in names.items() if not key.startswith("__")}
+        bases = own.pop(BASE_KEY, None)
+        if bases is None:
+            return own
+        inherited: dict[str, Any] = {}
+        for base in bases if isinstance(bases, list) else [bases]:
+            inherited.update(values(file.parent / base))
+        return SLConfig._merge_a_into_b(own, inherited)
+
+    return SLConfig(values(path), filename=str(path))
+
+
 def build_grounding_dino_architecture(config: EngineConfig) -> GroundingDINO:
     """Grounding DINO from its SLConfig file and the local text encoder; detection weights fresh."""
     from .weights import force_offline
 
     force_offline()
     from groundingdino.models import build_model
-    from groundingdino.util.slconfig import SLConfig
 
     text_encoder = config.text_encoder_path
     if not (text_encoder / "config.json").is_file():
         raise ModelLoadError(f"text encoder folder {text_encoder} has no config.json")
-    args = SLConfig.fromfile(str(config.dino_config_path))
+    args = read_dino_config(config.dino_config_path)
     arch = dict(config.dino_arch or {})
     swin_arch = arch.pop("swin", None)
     for key, value in arch.items():
@@ -215,7 +255,9 @@ def build_grounding_dino_architecture(config: EngineConfig) -> GroundingDINO:
     args.device = "cpu"
     # groundingdino treats a folder path as a local BERT; the name "bert-base-uncased" would go to the hub.
     args.text_encoder_type = str(text_encoder)
-    with _custom_swin(swin_arch), contextlib.redirect_stdout(open(os.devnull, "w")):
+    # groundingdino prints as it builds; redirect_stdout swaps the process's sys.stdout, so two builds
+    # in two threads would restore each other's (closed) devnull: one build at a time.
+    with _build_lock, _custom_swin(swin_arch), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         return build_model(args)
 
 

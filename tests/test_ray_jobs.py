@@ -312,3 +312,38 @@ def test_reachable_ray_address_forms_pass_the_check(form: str) -> None:
             check_ray_address(form.format(host=host, port=listener.getsockname()[1]))  # raises if refused
     for keyword in ("auto", "local"):
         check_ray_address(keyword)
+
+
+def test_runner_outlives_a_connect_failure_that_is_not_an_address_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray failing to import (once seen: ``No module named 'psutil'``, after another thread's
+    ``sys.path.pop(0)`` took Ray's vendored packages off the path) is named in ``problem`` with
+    RAY_ADDRESS and retried; the thread lives on and the problem clears once connecting works."""
+    from backend.jobs import ray_server
+
+    attempts: list[str] = []
+
+    def connect(address: str) -> None:
+        attempts.append(address)
+        if len(attempts) == 1:
+            raise ModuleNotFoundError("No module named 'psutil'")
+
+    monkeypatch.setattr(ray_server, "connect_ray", connect)
+    monkeypatch.setattr(ray_server, "RECONNECT_S", (0.5,))
+    address = "127.0.0.1:6379"
+    runner = ray_server.RayJobRunner(JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}"), address,
+                                     settings=RaySettings(address=address), poll_s=0.05)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (problem := runner.problem) is None:
+            assert time.monotonic() < deadline and runner.running, "no problem reported"
+            time.sleep(0.01)
+        assert f"RAY_ADDRESS={address!r}" in problem and "ModuleNotFoundError" in problem and "psutil" in problem
+        while runner.problem is not None or len(attempts) < 2:
+            assert time.monotonic() < deadline, (runner.problem, attempts)
+            time.sleep(0.01)
+        assert runner.running
+    finally:
+        runner.stop()
+    assert attempts == [address, address]

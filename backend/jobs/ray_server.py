@@ -119,24 +119,33 @@ class RayJobRunner(JobThread):
             self._wait(self.poll_s)
 
     def _connect(self) -> RaySettings | None:
-        """Reach the cluster, retrying until it answers (None: stopped first); the pool's settings."""
+        """Reach the cluster, retrying until it answers (None: stopped first); the pool's settings.
+
+        Any failure, not only a bad address (Ray failing to import, the cluster refusing a call), is
+        reported in /health and retried: an uncaught one would end the thread and leave jobs queued with
+        nothing saying why."""
         attempt = 0
         while not self._stop.is_set():
             try:
                 connect_ray(self.address)
-            except RayAddressError as exc:
+                settings = self.settings or self._cluster_settings()
+            except Exception as exc:  # see the docstring: the thread must outlive it
                 pause = RECONNECT_S[min(attempt, len(RECONNECT_S) - 1)]
-                self._problem = f"background jobs wait for the Ray cluster: {exc}"
+                reason = str(exc) if isinstance(exc, RayAddressError) else (
+                    f"RAY_ADDRESS={self.address!r}: connecting failed ({type(exc).__name__}: {exc})")
+                self._problem = f"background jobs wait for the Ray cluster: {reason}"
                 logger.error("%s; trying again in %.0f s", self._problem, pause)
                 attempt += 1
                 self._wait(pause)
                 continue
             self._problem = None
-            if self.settings is not None:
-                return self.settings
-            import ray
-
-            actors = max(1, int(ray.cluster_resources().get("GPU", 0)))
-            logger.info("background jobs run on the Ray cluster at RAY_ADDRESS=%s (%d actor(s))", self.address, actors)
-            return RaySettings(address=self.address, num_actors=actors)
+            return settings
         return None
+
+    def _cluster_settings(self) -> RaySettings:
+        """One actor per GPU of the connected cluster, else one."""
+        import ray
+
+        actors = max(1, int(ray.cluster_resources().get("GPU", 0)))
+        logger.info("background jobs run on the Ray cluster at RAY_ADDRESS=%s (%d actor(s))", self.address, actors)
+        return RaySettings(address=self.address, num_actors=actors)
