@@ -9,6 +9,8 @@ A bad address never stops the server: it is checked (its form, then a TCP connec
 ``ray.init`` waits minutes on an address nobody answers), and while it fails the runner logs why,
 naming ``RAY_ADDRESS``, shows it in /health (``problem``), and tries again with a growing pause; jobs
 wait for it (a head that starts after the backend, as in docker-compose, is found when it answers).
+Any other failure to connect (Ray itself failing to import, the cluster refusing a call) is handled
+the same way: the thread never ends on it.
 """
 
 from __future__ import annotations
