@@ -30,7 +30,7 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
                    "mask IoU vs torch fp32 on the same boxes", "SAM encoder (openvino) with capture / without",
                    "OpenVINO capture graph: conversion", "OpenVINO plain graph: conversion", "cache on disk",
                    "OpenVINO dino_text graph: conversion", "OpenVINO dino_image graph: conversion",
-                   "mask IoU, SAM bf16 vs fp32, same boxes (mean)"):
+                   "mask IoU, SAM bf16 vs fp32, same boxes (mean)", "ours re-prompt"):
         assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
     data = json.loads(out.read_text())
     # OpenVINO f32 against torch fp32 on the same boxes: the same masks.
@@ -38,6 +38,7 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
     assert data["notes"]["conversion"]["capture"]["bytes"] > 0
     rows = data["rows"]
     assert rows["reference_boxes"][0] >= rows["ours_boxes"][0] > 0
+    assert rows["ours_reprompt_boxes"][0] == int(rows["ours_reprompt_boxes"][0]) >= 0  # a count, logged per repeat
     # Same weights, same photo: the engine's masks are the reference chain's.
     assert rows["mask_iou"][0] >= 0.99
     for key in ("reference_cold", "ours_cold", "ours_reprompt", "ours_explain_cached"):
