@@ -231,7 +231,10 @@ def read_dino_config(path: Path) -> SLConfig:
             return own
         inherited: dict[str, Any] = {}
         for base in bases if isinstance(bases, list) else [bases]:
-            inherited.update(values(file.parent / base))
+            base_values = values(file.parent / base)
+            if twice := sorted(inherited.keys() & base_values.keys()):  # as fromfile: bases must not overlap
+                raise ModelLoadError(f"Grounding DINO config {file}: its _base_ files both set {', '.join(twice)}")
+            inherited.update(base_values)
         return SLConfig._merge_a_into_b(own, inherited)
 
     return SLConfig(values(path), filename=str(path))

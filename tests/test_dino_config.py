@@ -76,6 +76,18 @@ def test_base_files_merge_as_fromfile_merges_them(tmp_path: Path, monkeypatch: p
     assert got == {"hidden_dim": 128, "swin": {"depth": 2, "heads": 2}, "nheads": 8, "dec_layers": 6}
 
 
+def test_base_files_that_set_one_key_twice_are_refused_as_fromfile_refuses_them(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("hidden_dim = 256\n")
+    (tmp_path / "b.py").write_text("hidden_dim = 128\n")
+    child = tmp_path / "child.py"
+    child.write_text("_base_ = ['a.py', 'b.py']\n")
+    with pytest.raises(KeyError):
+        SLConfig.fromfile(str(child))
+    with pytest.raises(ModelLoadError, match="hidden_dim") as caught:
+        read_dino_config(child)
+    assert str(child) in str(caught.value)
+
+
 @pytest.mark.parametrize("text, reason", [("hidden_dim = (\n", "SyntaxError"),
                                           ("hidden_dim = undefined_name\n", "NameError")])
 def test_an_unreadable_config_is_a_model_load_error_naming_the_file(tmp_path: Path, text: str, reason: str) -> None:
