@@ -26,9 +26,8 @@ def report(res: Results, info: dict[str, Any]) -> str:
              f"matmul ({info['matmul_n']}^2, {info['device']}): fp32 {info['matmul_fp32']:.0f} GFLOP/s, "
              f"bf16 {info['matmul_bf16']:.0f} GFLOP/s",
              f"repeats: {len(res.rows['ours_cold'])} (medians), boxes per task: reference "
-             f"{median(res.rows['reference_boxes']):.0f}, ours {median(res.rows['ours_boxes']):.0f}"
-             + (f", ours re-prompt {median(res.rows['ours_reprompt_boxes']):.0f}"
-                if res.rows.get("ours_reprompt_boxes") else ""), "",
+             f"{median(res.rows['reference_boxes']):.0f}, ours {median(res.rows['ours_boxes']):.0f}, "
+             f"ours re-prompt {median(res.rows['ours_reprompt_boxes']):.0f}", "",
              f"{'figure':44s} {'value':>12s} {'ratio':>10s} {'target':>8s}"]
 
     def row(name: str, value: str, ratio: float | None = None, target: str = "") -> None:
