@@ -1,7 +1,8 @@
 """SAM: boxes -> masks. The image is encoded once; every box of that image is decoded in one batch.
 
 Same arithmetic as segment_anything's SamPredictor.set_image + predict_torch, but stateless: the
-embedding is a value the caller holds (and caches), so threads never share per-image state.
+embedding is a value the caller holds (and caches), so threads never share per-image state. The boxes
+are decoded by ``box_decoder.BoxDecoder`` (the image side once for all of them).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from . import sam_attention
+from .box_decoder import BoxDecoder
 from .encoder_runtime import EncoderAttention, ImageEncoderRuntime, TorchImageEncoder
 
 if TYPE_CHECKING:
@@ -103,9 +105,8 @@ class SamSegmenter:
             # SDPA with the relative position as an additive mask: same numbers (~1e-6), ~1.7x faster.
             sam_attention.use_fast_attention(sam.image_encoder)
         self.encoder = encoder if encoder is not None else TorchImageEncoder(sam.image_encoder, dtype)
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        # The prompts' decoder in the compute dtype (its own copy of the decoder's weights where that differs).
+        self.box_decoder = BoxDecoder(sam.prompt_encoder, sam.mask_decoder, dtype)
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """Resize (long side -> img_size), normalise, pad: the encoder's 1 x 3 x S x S input."""
@@ -139,24 +140,15 @@ class SamSegmenter:
         boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32), device=self.device)
         boxes = self.transform.apply_boxes_torch(boxes, embedding.original_size)
         masks, ious = [], []
-        dense_pe = self.sam.prompt_encoder.get_dense_pe()
         with contextlib.ExitStack() as stack:
-            capture = (stack.enter_context(sam_attention.capture_decoder_attention(self.sam.mask_decoder))
+            capture = (stack.enter_context(sam_attention.capture_decoder_attention(self.box_decoder.mask_decoder))
                        if capture_attention else None)
             for chunk in boxes.split(DECODE_CHUNK):
-                with self._autocast():
-                    sparse, dense = self.sam.prompt_encoder(points=None, boxes=chunk, masks=None)
-                    low_res, iou = self.sam.mask_decoder(
-                        image_embeddings=embedding.features,
-                        image_pe=dense_pe,
-                        sparse_prompt_embeddings=sparse,
-                        dense_prompt_embeddings=dense,
-                        multimask_output=False,
-                    )
+                low_res, iou = self.box_decoder(embedding.features, chunk)
                 masks += [SamMaskLogits(logits, embedding.input_size, embedding.original_size, self.img_size,
                                         float(self.sam.mask_threshold))
-                          for logits in low_res[:, 0].float().cpu().numpy()]
-                ious.append(iou[:, 0].float().cpu().numpy())
+                          for logits in low_res.cpu().numpy()]
+                ious.append(iou.cpu().numpy())
         decoder_maps = None
         if capture is not None:
             grid_h, grid_w = embedding.features.shape[-2:]
