@@ -3,30 +3,36 @@
 segment_anything's ``MaskDecoder.predict_masks`` copies the image embedding, its positional encoding and
 the dense prompt once per box (``repeat_interleave``) and then runs every image-side step once per box, on
 tensors whose token-major view is a strided transpose; under CPU autocast each of those steps also casts
-image-sized tensors between bf16 and fp32. On 2 cores that was ~0.45 s for 8 boxes, most of it copies
-and broadcast adds, not products (bench/README.md, "SAM's mask decoder"). ``BoxDecoder`` runs the same
-modules with three changes that keep the arithmetic:
+image-sized tensors between bf16 and fp32. On 2 cores that was ~0.45 s for 8 boxes, most of it copies,
+broadcast adds and softmaxes, not products (bench/README.md, "SAM's mask decoder for many boxes").
+``BoxDecoder`` runs the same modules' weights through the same arithmetic, arranged for many boxes:
 
 * the image side enters the two-way transformer once (batch 1) and broadcasts against each box's tokens:
   the first block's image projections (the token-to-image keys and values, the image-to-token queries)
   are computed once, and the boxes' image tokens part only where they attend to their own tokens;
 * in token-major memory (``channels_last`` in, so the transformer's flatten + permute is a view), which
-  is also the layout the output upscaling's transposed convolutions read best;
+  is also the layout the output upscaling's transposed convolutions read best; its channel layer norm
+  then runs as ``F.layer_norm`` over the last axis (SAM's LayerNorm2d takes five passes over the map);
+* the image-to-token attention's softmax over a box's few tokens taken along the second-last axis of
+  the transposed logits (torch's softmax over a last axis of 7 was 4x slower), and each block's
+  ``keys + key_pe`` formed once (SAM forms it twice with the same keys);
 * the decoder's weights held in the compute dtype (a copy for bf16 / fp16) instead of autocast, so no
   image-sized cast is made per step; only the box prompts' small encoder stays in float32.
 
 Only the mask this engine returns (SAM's single-mask output: mask token 0) goes through its hypernetwork
-and the final product. The modules are SAM's own (or a structural copy's, MobileSAM's), so
+and the final product. The final token-to-image attention is called as SAM's module, so
 ``decoder_attention.capture_decoder_attention(box_decoder.mask_decoder)`` records the same maps.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,13 +44,55 @@ class PromptEncoder(Protocol):
     def get_dense_pe(self) -> torch.Tensor: ...
 
 
+class ChannelNorm(Protocol):
+    """SAM's LayerNorm2d: per-pixel normalisation over the channels of an NCHW map."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+
+class TokenAttention(Protocol):
+    """SAM's transformer.Attention: projections to ``num_heads`` heads (of a possibly downsampled width)."""
+
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+    num_heads: int
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class TwoWayBlock(Protocol):
+    """SAM's TwoWayAttentionBlock."""
+
+    self_attn: TokenAttention
+    cross_attn_token_to_image: TokenAttention
+    cross_attn_image_to_token: TokenAttention
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    norm1: nn.LayerNorm
+    norm2: nn.LayerNorm
+    norm3: nn.LayerNorm
+    norm4: nn.LayerNorm
+    skip_first_layer_pe: bool
+
+
+class TwoWayTransformer(Protocol):
+    """SAM's TwoWayTransformer."""
+
+    layers: Sequence[TwoWayBlock]
+    final_attn_token_to_image: TokenAttention
+    norm_final_attn: nn.LayerNorm
+
+
 class MaskDecoderParts(Protocol):
     """What ``BoxDecoder`` uses of SAM's MaskDecoder (segment_anything's, or MobileSAM's copy of it)."""
 
-    transformer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    transformer: TwoWayTransformer
     iou_token: nn.Embedding
     mask_tokens: nn.Embedding
-    output_upscaling: Callable[[torch.Tensor], torch.Tensor]
+    output_upscaling: Sequence[Callable[[torch.Tensor], torch.Tensor]]
     output_hypernetworks_mlps: Sequence[Callable[[torch.Tensor], torch.Tensor]]
     iou_prediction_head: Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,11 +143,83 @@ class BoxDecoder:
         image_pe = self.prompt_encoder.get_dense_pe().to(dtype).contiguous(memory_format=channels_last)
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse.to(dtype)), dim=1)
-        token_out, image_out = decoder.transformer(image, image_pe, tokens)  # (B, tokens, C), (B, h * w, C)
+        token_out, image_out = two_way_transformer(decoder.transformer, image, image_pe, tokens)
         batch, (channels, height, width) = image_out.shape[0], image.shape[1:]
         # (B, h * w, C) -> (B, C, h, w) as a view: channels_last memory, as the convolutions read it.
-        upscaled = decoder.output_upscaling(image_out.transpose(1, 2).view(batch, channels, height, width))
+        upscaled = upscale(decoder.output_upscaling, image_out.transpose(1, 2).view(batch, channels, height, width))
         hyper = decoder.output_hypernetworks_mlps[0](token_out[:, 1, :])  # mask token 0: the single mask
         masks = torch.bmm(hyper.unsqueeze(1), upscaled.flatten(2)).view(batch, *upscaled.shape[-2:])
         ious = decoder.iou_prediction_head(token_out[:, 0, :])[:, 0]
         return masks.float(), ious.float()
+
+
+def two_way_transformer(transformer: TwoWayTransformer, image: torch.Tensor, image_pe: torch.Tensor,
+                        tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment_anything's TwoWayTransformer.forward (and its blocks'), with the image at batch 1 until each
+    box's tokens have written into it.
+
+    Arguments:
+      transformer: SAM's TwoWayTransformer.
+      image: (1, C, h, w) the image embedding plus the dense prompt (channels_last: a token-major view).
+      image_pe: (1, C, h, w) its positional encoding.
+      tokens: (B, N, C) each box's output and prompt tokens (also their positional embedding, as in SAM).
+    Returns:
+      (tokens (B, N, C), image tokens (B, h * w, C), or (1, h * w, C) where no block ran).
+    """
+    keys, key_pe = image.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
+    queries = tokens
+    for block in transformer.layers:
+        if block.skip_first_layer_pe:
+            queries = block.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + tokens
+            queries = queries + block.self_attn(q=q, k=q, v=queries)
+        queries = block.norm1(queries)
+        k = keys + key_pe  # SAM forms this twice per block with the same keys
+        q = queries + tokens
+        queries = block.norm2(queries + block.cross_attn_token_to_image(q=q, k=k, v=keys))
+        queries = block.norm3(queries + block.mlp(queries))
+        q = queries + tokens
+        keys = block.norm4(keys + image_to_tokens(block.cross_attn_image_to_token, k, q, queries))
+    q = queries + tokens
+    k = keys + key_pe
+    queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(q=q, k=k, v=keys))
+    return queries, keys
+
+
+def image_to_tokens(attention: TokenAttention, image: torch.Tensor, token_keys: torch.Tensor,
+                    token_values: torch.Tensor) -> torch.Tensor:
+    """SAM's Attention.forward with the image tokens as queries and a box's few tokens as keys, the logits
+    held transposed: the softmax runs over the second-last axis (the tokens), the same numbers.
+
+    Arguments:
+      attention: the block's ``cross_attn_image_to_token``.
+      image: (1 or B, I, C) image tokens plus their positional encoding.
+      token_keys, token_values: (B, N, C) the box's tokens (keys: plus their positional embedding).
+    Returns:
+      (B, I, C) the attention's output for every image token of every box.
+    """
+    heads = attention.num_heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (b, n, D) -> (b, heads, n, D / heads)
+        return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    queries = split(attention.q_proj(image))
+    keys, values = split(attention.k_proj(token_keys)), split(attention.v_proj(token_values))
+    logits = (keys @ queries.transpose(-1, -2)) / math.sqrt(queries.shape[-1])  # (B, heads, N, I)
+    out = torch.softmax(logits, dim=-2).transpose(-1, -2) @ values  # (B, heads, I, D / heads)
+    return attention.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def upscale(layers: Sequence[Callable[[torch.Tensor], torch.Tensor]], image: torch.Tensor) -> torch.Tensor:
+    """SAM's ``output_upscaling`` (transposed convolutions, LayerNorm2d, activations) in order, each
+    LayerNorm2d as ``F.layer_norm`` over the channels of the channels_last map (the same normalisation:
+    biased variance, its eps)."""
+    for layer in layers:
+        if type(layer).__name__ == "LayerNorm2d":  # segment_anything's and MobileSAM's (the same class)
+            norm = cast(ChannelNorm, layer)
+            image = F.layer_norm(image.permute(0, 2, 3, 1), (image.shape[1],), norm.weight, norm.bias,
+                                 norm.eps).permute(0, 3, 1, 2)
+        else:
+            image = layer(image)
+    return image
