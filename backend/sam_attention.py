@@ -15,9 +15,9 @@ MobileSAM's), without editing site-packages:
   output token (and so each returned mask) looked in the image embedding (``decoder_attention``,
   re-exported here).
 
-Plus ``mask_attention_map`` and ``mask_to_token_grid`` (``backend.attention_maps``: a mask's own map, a
-mask on the token grid); showing token maps on the original image (``token_map_to_image``, ``colorize``,
-``overlay``) is ``backend.heatmaps``'s; both re-exported here.
+Plus ``mask_attention_map(s)`` and ``mask_to_token_grid`` (``backend.attention_maps``: a mask's own map
+(several masks' at once), a mask on the token grid); showing token maps on the original image
+(``token_map_to_image``, ``colorize``, ``overlay``) is ``backend.heatmaps``'s; both re-exported here.
 
 Patching (``module_patch``) swaps the attention module's class for a subclass whose forward differs; parameters,
 ``state_dict`` and ``isinstance`` checks are unchanged. A capture is a plain object owned by the
@@ -44,7 +44,7 @@ from torch import nn
 
 # The decoder's capture and the drawing half (no torch, shared with the explain UI) live in their own
 # modules; re-exported here so callers keep one import.
-from .attention_maps import mask_attention_map, mask_to_token_grid
+from .attention_maps import mask_attention_map, mask_attention_maps, mask_to_token_grid
 from .decoder_attention import DecoderAttentionCapture, capture_decoder_attention, mask_token_maps
 from .global_attention import GlobalAttentionKernel
 from .heatmaps import colorize, normalize_map, overlay, token_map_to_image
@@ -62,6 +62,7 @@ __all__ = [
     "EncoderReductions",
     "capture_decoder_attention",
     "mask_attention_map",
+    "mask_attention_maps",
     "mask_token_maps",
     "mask_to_token_grid",
     "token_map_to_image",

@@ -22,6 +22,7 @@ from backend.sam_attention import (
     capture_encoder_attention,
     colorize,
     mask_attention_map,
+    mask_attention_maps,
     mask_to_token_grid,
     mask_token_maps,
     normalize_map,
@@ -172,6 +173,17 @@ def test_captured_attention_equals_reference(captured, stock_features):
         weights[5, 5], weights[50, 7] = 3.0, 1.0
         expected = (3 * ref[5 * 64 + 5] + ref[50 * 64 + 7]) / 4
         np.testing.assert_allclose(mask_attention_map(got, weights), expected.reshape(64, 64), rtol=2e-3, atol=1e-7)
+        # Several masks at once (rows shared, rows of one only, a mask over 512+ rows: row chunks): each its own.
+        large = np.zeros((64, 64), dtype=np.float32)
+        large[:20, :40] = 0.5
+        large[12, 33] = 2.0
+        together = mask_attention_maps(got, np.stack([token_mask, weights, large]))
+        assert together.shape == (3, 64, 64) and together.dtype == np.float32
+        for one, alone in zip(together, (token_mask, weights, large), strict=True):
+            flat = alone.astype(np.float64).ravel()
+            np.testing.assert_allclose(one, (flat @ ref / flat.sum()).reshape(64, 64), rtol=2e-3, atol=1e-7)
+        with pytest.raises(ValueError, match="selects no tokens"):
+            mask_attention_maps(got, np.stack([token_mask, np.zeros((64, 64), dtype=bool)]))
 
 
 def test_capture_options_and_errors(tiny_sam, image, captured):
