@@ -182,11 +182,12 @@ struct Lanes {};
 #endif
 
 // Queries [q_begin, q_end) of image b, head h. ``head_value``: that head's first channel of key 0, keys
-// ``stride`` elements apart (V: float for the per-head copy, T for the value read where it lies).
+// ``stride`` elements apart (the per-head copy, or the value where it lies). ``check_padding``: read padding
+// tokens as zeros by the mask (false for the per-head copy, which holds them as zeros).
 template <int CHANNELS, typename V, typename T>
 void sample_queries(const V* head_value, int64_t stride, const Geometry& g, const float* reference, const T* offsets,
                     const T* weights, T* out, const Sizes& s, int64_t b, int64_t h, int64_t q_begin, int64_t q_end,
-                    bool vector16, const Lanes& lanes) {
+                    bool vector16, const Lanes& lanes, bool check_padding) {
     const int64_t channels = CHANNELS > 0 ? CHANNELS : s.channels;
     const int64_t dim = s.heads * channels;
     const int64_t per_head = s.levels * s.points;
@@ -216,8 +217,8 @@ void sample_queries(const V* head_value, int64_t stride, const Geometry& g, cons
                     for (int k = 0; k < 4; ++k) {
                         const float w = cw[16 * k + i];
                         const int64_t at = ci[16 * k + i];
-                        const V* v = at == s.keys || pad[at] ? reinterpret_cast<const V*>(kZeros)
-                                                             : head_value + at * stride;
+                        const V* v = at == s.keys || (check_padding && pad[at]) ? reinterpret_cast<const V*>(kZeros)
+                                                                                : head_value + at * stride;
                         const __m512 wv = _mm512_set1_ps(w);
                         a0 = _mm512_fmadd_ps(wv, load16(v), a0);
                         a1 = _mm512_fmadd_ps(wv, load16(v + 16), a1);
@@ -272,7 +273,7 @@ void sample_queries(const V* head_value, int64_t stride, const Geometry& g, cons
             for (int k = 0; k < 4; ++k) {
                 const int64_t x = x0 + (k & 1), y = y0 + (k >> 1);
                 if (x < 0 || x >= w_l || y < 0 || y >= h_l) continue;  // zeros padding
-                if (pad[g.starts[l] + y * w_l + x]) continue;  // a padding token's value: zeros
+                if (check_padding && pad[g.starts[l] + y * w_l + x]) continue;  // a padding token's value: zeros
                 const float w = a * corner[k];
                 const V* v = level_value + (y * w_l + x) * stride;
                 for (int64_t c = 0; c < channels; ++c) acc[c] += w * widen(v[c]);
@@ -305,14 +306,23 @@ void sample(const T* value, const std::vector<int64_t>& level_hw, const float* r
     // the sampling, which then reads the value where it lies (scratch harness: 2.1 -> 0.8 ms per call; with
     // as many queries as keys the copy pays: 17 against 22 ms).
     const bool direct = s.queries * 4 < s.keys;
-    std::vector<float> by_head(direct ? 0 : static_cast<size_t>(s.bs * s.heads * s.keys * channels));
+    // Kept in the value's own type: in bf16, a head's map is half the size (1.2 MB at 800 px, within one
+    // core's L2) and a 32-channel sample one cache line (scratch harness, one encoder layer's node at 800 px,
+    // 2 threads: 19.8-20.6 -> 18.8-19.1 ms, the same output bit for bit). Padding tokens are written as
+    // zeros here, so the sampling loop reads them without checking the mask.
+    std::vector<T> by_head(direct ? 0 : static_cast<size_t>(s.bs * s.heads * s.keys * channels));
     if (!direct) tbb::parallel_for(tbb::blocked_range<int64_t>(0, s.bs * s.keys, 512), [&](const tbb::blocked_range<int64_t>& r) {
         for (int64_t bk = r.begin(); bk < r.end(); ++bk) {
             const int64_t b = bk / s.keys, k = bk % s.keys;
             const T* src = value + bk * dim;
+            const bool padded = s.padding[bk] != 0;
             for (int64_t h = 0; h < s.heads; ++h) {
-                float* dst = by_head.data() + ((b * s.heads + h) * s.keys + k) * channels;
-                std::transform(src + h * channels, src + (h + 1) * channels, dst, [](T x) { return widen(x); });
+                T* dst = by_head.data() + ((b * s.heads + h) * s.keys + k) * channels;
+                if (padded) {
+                    std::fill(dst, dst + channels, T{});  // 0 bits: zero in f32 and in bf16
+                } else {
+                    std::copy(src + h * channels, src + (h + 1) * channels, dst);
+                }
             }
         }
     });
@@ -349,11 +359,11 @@ void sample(const T* value, const std::vector<int64_t>& level_hw, const float* r
             const Geometry geometry{level_hw, starts, widths, heights};
             if (direct) {
                 sample_queries<CHANNELS>(value + b * s.keys * dim + h * channels, dim, geometry, reference, offsets,
-                                         weights, out, s, b, h, q_begin, q_end, vector16, lanes);
+                                         weights, out, s, b, h, q_begin, q_end, vector16, lanes, true);
             } else {
-                sample_queries<CHANNELS>(static_cast<const float*>(by_head.data() + bh * s.keys * channels), channels,
+                sample_queries<CHANNELS>(static_cast<const T*>(by_head.data() + bh * s.keys * channels), channels,
                                          geometry, reference, offsets, weights, out, s, b, h, q_begin, q_end, vector16,
-                                         lanes);
+                                         lanes, false);
             }
         }
     });
