@@ -71,6 +71,22 @@ def test_bench_smoke_in_bf16_reports_its_iou_against_fp32(tiny_cache, tmp_path):
     assert data["notes"]["flops"]["sam_encoder"] > 0
 
 
+def test_box_decoder_bench_times_both_forms_and_reports_their_accuracy(tiny_cache, tmp_path):
+    out = tmp_path / "box_decoder.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.box_decoder", "--cache", str(tiny_cache), "--rounds", "1",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| flags " in proc.stdout and "vs segment_anything" in proc.stdout  # the CPU beside the times
+    rows = {(row["form"], row["boxes"]): row for row in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 12  # 4 forms x 3 box counts
+    for (form, _), row in rows.items():
+        assert row["median_ms"] > 0 and len(row["rounds_s"]) == 1
+        if form == "BoxDecoder fp32":  # the same arithmetic as segment_anything's fp32 decoder
+            assert row["max_diff"] < 1e-4 and row["pixels_agree"] > 0.999 and row["iou_diff"] < 1e-5
+        elif form.endswith("bf16"):
+            assert row["pixels_agree"] > 0.98
+
+
 def test_bench_refuses_a_sam_size_for_the_tiny_models():
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--sam", "vit_h"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
