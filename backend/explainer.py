@@ -34,7 +34,7 @@ def build_explanation(
     # is made at the photo's size here: at 12 MP that was ~75 ms per mask.
     looks: dict[int, np.ndarray] = {}
     if attention is not None:
-        coverage = {}
+        coverage: dict[int, np.ndarray] = {}
         for i, segment in enumerate(segments):
             in_frame = segment.mask_source.resized(*embedding.input_size)
             if in_frame.any():
