@@ -1,6 +1,6 @@
 """backend/box_decoder.py: SAM's box prompts decoded with the image side once equal segment_anything's (and
-MobileSAM's) prompt encoder + mask decoder, single-mask output, box by box and in batches; in bf16 it stays
-as close to fp32 as segment_anything's own autocast does; the decoder attention capture records the same maps;
+MobileSAM's) prompt encoder + mask decoder, single-mask output, box by box and in batches; in bf16 and fp16
+it stays as close to fp32 as segment_anything's own autocast does; the decoder attention capture records the same maps;
 the model's own decoder keeps its weights."""
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def inputs(boxes: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def stock(prompt_encoder, decoder, embedding, boxes, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+def stock(prompt_encoder, decoder, embedding, boxes, autocast: torch.dtype | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
         masks, ious = decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),
                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
@@ -75,17 +76,18 @@ def test_each_box_decodes_as_it_does_alone():
 
 
 @pytest.mark.parametrize("package", PACKAGES)
-def test_bf16_is_as_close_to_fp32_as_autocast_is(package):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_reduced_precision_is_as_close_to_fp32_as_autocast_is(package, dtype):
     prompt_encoder, decoder = sam_parts(package, seed=2)
     embedding, boxes = inputs(6, seed=7)
     want_masks, want_ious = stock(prompt_encoder, decoder, embedding, boxes)
-    autocast_masks, autocast_ious = stock(prompt_encoder, decoder, embedding, boxes, autocast=True)
-    box_decoder = BoxDecoder(prompt_encoder, decoder, torch.bfloat16)
+    autocast_masks, autocast_ious = stock(prompt_encoder, decoder, embedding, boxes, autocast=dtype)
+    box_decoder = BoxDecoder(prompt_encoder, decoder, dtype)
     masks, ious = box_decoder(embedding, boxes)
-    # The model's own decoder keeps its fp32 weights; the bf16 one is a copy.
+    # The model's own decoder keeps its fp32 weights; the reduced-precision one is a copy.
     assert box_decoder.mask_decoder is not decoder
     assert all(p.dtype == torch.float32 for p in decoder.parameters())
-    assert all(p.dtype == torch.bfloat16 for p in box_decoder.mask_decoder.parameters())
+    assert all(p.dtype == dtype for p in box_decoder.mask_decoder.parameters())
     scale = float(want_masks.abs().max())
     autocast_error = float((autocast_masks - want_masks).abs().max())
     assert float((masks - want_masks).abs().max()) <= 2 * autocast_error + 1e-3 * scale
