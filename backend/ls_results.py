@@ -127,9 +127,10 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     return np.packbits(np.concatenate([bits.astype(np.uint8), np.zeros(padding, dtype=np.uint8)])).tolist()
 
 
-def brush_result(control: LabelControl, label: str, segment: Segment, width: int, height: int) -> dict[str, Any]:
+def brush_result(control: LabelControl, label: str, segment: Segment, mask: np.ndarray, width: int,
+                 height: int) -> dict[str, Any]:
     result = _base(control, width, height, round(float(segment.score), 4))
-    result["value"] = {"format": "rle", "rle": mask_to_rle(segment.mask), "brushlabels": [label]}
+    result["value"] = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
     return result
 
 
@@ -137,7 +138,7 @@ def _pct(value: float, size: int) -> float:
     return float(min(100.0, max(0.0, value / size * 100.0)))
 
 
-def rectangle_result(control: LabelControl, label: str, segment: Segment, width: int,
+def rectangle_result(control: LabelControl, label: str, segment: Segment, mask: np.ndarray, width: int,
                      height: int) -> dict[str, Any]:
     x0, y0, x1, y1 = segment.box
     result = _base(control, width, height, round(float(segment.score), 4))
@@ -164,9 +165,9 @@ def mask_polygon(mask: np.ndarray, tolerance: float = 0.003) -> np.ndarray | Non
     return points if len(points) >= 3 else None
 
 
-def polygon_result(control: LabelControl, label: str, segment: Segment, width: int,
+def polygon_result(control: LabelControl, label: str, segment: Segment, mask: np.ndarray, width: int,
                    height: int) -> dict[str, Any] | None:
-    points = mask_polygon(segment.mask)
+    points = mask_polygon(mask)
     if points is None:
         return None
     result = _base(control, width, height, round(float(segment.score), 4))
@@ -194,7 +195,9 @@ def segments_to_results(segments: Iterable[Segment], target: ImageTarget, width:
     scores: list[float] = []
     skipped: set[tuple[str, str]] = set()
     for number, segment in enumerate(segments, 1):
-        if segment.area == 0:  # SAM found nothing inside the box: an empty brush helps nobody
+        # Made at the photo's size once for all of this segment's results (at 12 MP ~45 ms), then dropped.
+        mask = segment.mask
+        if not mask.any():  # SAM found nothing inside the box: an empty brush helps nobody
             logger.debug("skipping %r: empty mask", segment.label)
             continue
         used = False
@@ -204,7 +207,7 @@ def segments_to_results(segments: Iterable[Segment], target: ImageTarget, width:
             if label is None:
                 skipped.add((segment.label, control.name))
                 continue
-            result = _BUILDERS[control.kind](control, label, segment, width, height)
+            result = _BUILDERS[control.kind](control, label, segment, mask, width, height)
             if result is not None:
                 result["id"] = region_id(control.name, number)
                 results.append(result)
