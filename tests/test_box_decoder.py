@@ -118,3 +118,29 @@ def test_wrong_inputs_are_refused_naming_them():
     embedding, boxes = inputs(2)
     with pytest.raises(ValueError, match=r"image_embedding must be \(1, C, h, w\), got \(2, 256, 64, 64\)"):
         BoxDecoder(prompt_encoder, decoder)(embedding.expand(2, -1, -1, -1), boxes)
+
+
+@pytest.mark.parametrize("input_size, size", [((768, 1024), (3000, 4000)), ((1024, 681), (451, 300)),
+                                              ((1024, 1024), (1024, 1024)), ((1, 1024), (1, 40000)),
+                                              ((576, 1024), (97, 173))],
+                         ids=["12MP-up", "portrait-down", "square-same", "40x-stretch", "odd-down"])
+def test_full_size_mask_is_sams_postprocessing_up_to_rounding(input_size, size):
+    """SamMaskLogits.resized against segment_anything's ``Sam.postprocess_masks`` (torch's bilinear
+    F.interpolate, crop, F.interpolate) on the same logits: pixels disagree only where the logit is within
+    float rounding of the threshold."""
+    from segment_anything.modeling import Sam
+
+    from backend.segmenter import SamMaskLogits
+
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.randn(1, 1, 256, 256, generator=generator) * 4
+    sam = Sam.__new__(Sam)  # postprocess_masks reads only image_encoder.img_size
+    torch.nn.Module.__init__(sam)
+    sam.image_encoder = torch.nn.Module()
+    sam.image_encoder.img_size = 1024
+    want = Sam.postprocess_masks(sam, logits, input_size, size)[0, 0]
+    got = SamMaskLogits(logits[0, 0].numpy(), input_size, size, 1024).resized(*size)
+    assert got.shape == size and got.dtype == bool
+    disagree = got != (want > 0).numpy()
+    assert float(want.abs().numpy()[disagree].max(initial=0.0)) < 1e-3
+    assert disagree.mean() < 1e-4
