@@ -95,7 +95,8 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     The SDK repeats every pixel four times (RGBA) and encodes run by run in Python strings: ~0.2 s for
     one 12 MP mask, more than the model's share of a task when a photo has several masks. Here the runs
     are the mask's own (each four times as long in RGBA bytes: a run of equal pixels is a run of equal
-    bytes, and neighbouring runs differ), and the tokens are packed as bit arrays.
+    bytes, and neighbouring runs differ), and the tokens are packed as bit arrays (a speckled 12 MP mask
+    of ~300k runs: ~30 ms).
     """
     flat = np.ascontiguousarray(mask, dtype=bool).ravel()
     if flat.size == 0:
@@ -113,18 +114,16 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     # here is a series (4 bytes at least), marked by a leading 1 bit.
     size_index = np.repeat(np.searchsorted(np.array([8, 16, 256]), lengths, side="left"), counts)
     field_bits = np.array(_RLE_SIZES, dtype=np.int64)[size_index]
-    token_bits = 1 + 2 + field_bits + 8
+    token_bits = 1 + 2 + field_bits + 8  # at most 27
     tokens = (((1 << 2 | size_index) << field_bits | (run_lengths - 1)) << 8) | run_values
     header = ((((len(flat) * 4) << 5 | 7) << 16) | 0x237F)  # 32 + 5 + 4 x 4 bits: 3-1, 4-1, 8-1, 16-1
-    widths = np.concatenate([[_RLE_HEADER_BITS], token_bits])
-    words = np.concatenate([np.array([header], dtype=np.int64), tokens])
-    total = int(widths.sum())
-    padding = 8 - total % 8
-    # Each word's bits, most significant first.
-    ends = np.cumsum(widths)
-    shifts = np.repeat(ends, widths) - np.arange(total) - 1
-    bits = (np.repeat(words, widths) >> shifts) & 1
-    return np.packbits(np.concatenate([bits.astype(np.uint8), np.zeros(padding, dtype=np.uint8)])).tolist()
+    header_bits = np.unpackbits(np.array([header], dtype=">u8").view(np.uint8))[-_RLE_HEADER_BITS:]
+    # Each token's bits, most significant first: its top-aligned 32 bits unpacked, the first ``width`` kept.
+    aligned = (tokens << (32 - token_bits)).astype(">u4")
+    token_bit_rows = np.unpackbits(aligned.view(np.uint8)).reshape(-1, 32)
+    bits = token_bit_rows[np.arange(32) < token_bits[:, None]]
+    padding = 8 - (_RLE_HEADER_BITS + bits.size) % 8
+    return np.packbits(np.concatenate([header_bits, bits, np.zeros(padding, dtype=np.uint8)])).tolist()
 
 
 def brush_result(control: LabelControl, label: str, segment: Segment, mask: np.ndarray, width: int,
