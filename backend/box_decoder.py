@@ -145,6 +145,7 @@ class BoxDecoder:
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse.to(dtype)), dim=1)
         token_out, image_out = two_way_transformer(decoder.transformer, image, image_pe, tokens)
+        image_out = image_out.expand(token_out.shape[0], -1, -1)  # a view; batch 1 only where no block ran
         batch, (channels, height, width) = image_out.shape[0], image.shape[1:]
         # (B, h * w, C) -> (B, C, h, w) as a view: channels_last memory, as the convolutions read it.
         upscaled = upscale(decoder.output_upscaling, image_out.transpose(1, 2).view(batch, channels, height, width))

@@ -144,3 +144,17 @@ def test_full_size_mask_is_sams_postprocessing_up_to_rounding(input_size, size):
     disagree = got != (want > 0).numpy()
     assert float(want.abs().numpy()[disagree].max(initial=0.0)) < 1e-3
     assert disagree.mean() < 1e-4
+
+
+def test_a_transformer_without_blocks_still_gives_every_box_its_mask():
+    """With no two-way block the image never meets the boxes' tokens before the final attention: the image
+    side stays at batch 1 and is broadcast to every box."""
+    from segment_anything.modeling import TwoWayTransformer
+
+    prompt_encoder, decoder = sam_parts("segment_anything", seed=6)
+    decoder.transformer = TwoWayTransformer(depth=0, embedding_dim=256, mlp_dim=2048, num_heads=8).eval()
+    embedding, boxes = inputs(3, seed=12)
+    want_masks, want_ious = stock(prompt_encoder, decoder, embedding, boxes)
+    masks, ious = BoxDecoder(prompt_encoder, decoder)(embedding, boxes)
+    torch.testing.assert_close(masks, want_masks, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ious, want_ious, atol=1e-6, rtol=1e-5)
