@@ -184,8 +184,8 @@ struct Lanes {};
 // Queries [q_begin, q_end) of image b, head h. ``head_value``: that head's first channel of key 0, keys
 // ``stride`` elements apart (the per-head copy, or the value where it lies). ``check_padding``: read padding
 // tokens as zeros by the mask (false for the per-head copy, which holds them as zeros).
-template <int CHANNELS, typename V, typename T>
-void sample_queries(const V* head_value, int64_t stride, const Geometry& g, const float* reference, const T* offsets,
+template <int CHANNELS, typename T>
+void sample_queries(const T* head_value, int64_t stride, const Geometry& g, const float* reference, const T* offsets,
                     const T* weights, T* out, const Sizes& s, int64_t b, int64_t h, int64_t q_begin, int64_t q_end,
                     bool vector16, const Lanes& lanes, bool check_padding) {
     const int64_t channels = CHANNELS > 0 ? CHANNELS : s.channels;
@@ -217,7 +217,7 @@ void sample_queries(const V* head_value, int64_t stride, const Geometry& g, cons
                     for (int k = 0; k < 4; ++k) {
                         const float w = cw[16 * k + i];
                         const int64_t at = ci[16 * k + i];
-                        const V* v = at == s.keys || (check_padding && pad[at]) ? reinterpret_cast<const V*>(kZeros)
+                        const T* v = at == s.keys || (check_padding && pad[at]) ? reinterpret_cast<const T*>(kZeros)
                                                                                 : head_value + at * stride;
                         const __m512 wv = _mm512_set1_ps(w);
                         a0 = _mm512_fmadd_ps(wv, load16(v), a0);
@@ -268,14 +268,14 @@ void sample_queries(const V* head_value, int64_t stride, const Geometry& g, cons
             const float fx = xs[i] - x0f, fy = ys[i] - y0f;
             const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
             const float corner[4] = {(1.f - fy) * (1.f - fx), (1.f - fy) * fx, fy * (1.f - fx), fy * fx};
-            const V* level_value = head_value + g.starts[l] * stride;
+            const T* level_value = head_value + g.starts[l] * stride;
             const float a = ws[i];
             for (int k = 0; k < 4; ++k) {
                 const int64_t x = x0 + (k & 1), y = y0 + (k >> 1);
                 if (x < 0 || x >= w_l || y < 0 || y >= h_l) continue;  // zeros padding
                 if (check_padding && pad[g.starts[l] + y * w_l + x]) continue;  // a padding token's value: zeros
                 const float w = a * corner[k];
-                const V* v = level_value + (y * w_l + x) * stride;
+                const T* v = level_value + (y * w_l + x) * stride;
                 for (int64_t c = 0; c < channels; ++c) acc[c] += w * widen(v[c]);
             }
         }
@@ -361,7 +361,7 @@ void sample(const T* value, const std::vector<int64_t>& level_hw, const float* r
                 sample_queries<CHANNELS>(value + b * s.keys * dim + h * channels, dim, geometry, reference, offsets,
                                          weights, out, s, b, h, q_begin, q_end, vector16, lanes, true);
             } else {
-                sample_queries<CHANNELS>(static_cast<const T*>(by_head.data() + bh * s.keys * channels), channels,
+                sample_queries<CHANNELS>(by_head.data() + bh * s.keys * channels, channels,
                                          geometry, reference, offsets, weights, out, s, b, h, q_begin, q_end, vector16,
                                          lanes, false);
             }
