@@ -194,6 +194,11 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(b, heads, n, d) -> (b, n, heads * d), as SAM's Attention._recombine_heads."""
+    return x.transpose(1, 2).flatten(2)
+
+
 def tokens_to_image(attention: TokenAttention, tokens: torch.Tensor, image_keys: torch.Tensor,
                     image_values: torch.Tensor) -> torch.Tensor:
     """SAM's Attention.forward with a box's tokens as queries and the image tokens as keys and values, as
@@ -213,7 +218,7 @@ def tokens_to_image(attention: TokenAttention, tokens: torch.Tensor, image_keys:
     keys = split_heads(attention.k_proj(image_keys), heads).expand(batch, -1, -1, -1)
     values = split_heads(attention.v_proj(image_values), heads).expand(batch, -1, -1, -1)
     out = F.scaled_dot_product_attention(queries, keys, values)  # (B, heads, N, D / heads)
-    return attention.out_proj(out.transpose(1, 2).flatten(2))
+    return attention.out_proj(merge_heads(out))
 
 
 def image_to_tokens(attention: TokenAttention, image: torch.Tensor, token_keys: torch.Tensor,
@@ -233,7 +238,7 @@ def image_to_tokens(attention: TokenAttention, image: torch.Tensor, token_keys: 
     keys, values = split_heads(attention.k_proj(token_keys), heads), split_heads(attention.v_proj(token_values), heads)
     logits = (keys @ queries.transpose(-1, -2)) / math.sqrt(queries.shape[-1])  # (B, heads, N, I)
     out = torch.softmax(logits, dim=-2).transpose(-1, -2) @ values  # (B, heads, I, D / heads)
-    return attention.out_proj(out.transpose(1, 2).flatten(2))
+    return attention.out_proj(merge_heads(out))
 
 
 def upscale(layers: Sequence[Callable[[torch.Tensor], torch.Tensor]], image: torch.Tensor) -> torch.Tensor:
