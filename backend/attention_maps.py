@@ -39,7 +39,9 @@ def mask_attention_maps(
     if block.matrix is None:
         raise ValueError("this capture was made with keep_matrix=False; the attention matrix was not kept")
     token_masks = np.asarray(token_masks)
-    if token_masks.ndim != 3 or token_masks.shape[1:] != tuple(block.grid):
+    if token_masks.ndim != 3:
+        raise ValueError(f"token_masks must be (masks, *token grid {tuple(block.grid)}), got shape {token_masks.shape}")
+    if token_masks.shape[1:] != tuple(block.grid):
         raise ValueError(f"token_mask shape {token_masks.shape[1:]} != token grid {tuple(block.grid)}")
     weights = token_masks.astype(np.float32).reshape(len(token_masks), -1)
     if np.any(weights < 0) or not np.all(np.isfinite(weights)):

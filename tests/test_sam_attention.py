@@ -184,6 +184,8 @@ def test_captured_attention_equals_reference(captured, stock_features):
             np.testing.assert_allclose(one, (flat @ ref / flat.sum()).reshape(64, 64), rtol=2e-3, atol=1e-7)
         with pytest.raises(ValueError, match="selects no tokens"):
             mask_attention_maps(got, np.stack([token_mask, np.zeros((64, 64), dtype=bool)]))
+        with pytest.raises(ValueError, match=r"must be \(masks, \*token grid \(64, 64\)\), got shape \(64, 64\)"):
+            mask_attention_maps(got, token_mask)  # one mask without its batch axis
 
 
 def test_capture_options_and_errors(tiny_sam, image, captured):
