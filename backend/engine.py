@@ -121,9 +121,19 @@ class Engine:
     def explain(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
                 text_threshold: float | None = None) -> Explanation:
         """The segments with the attention that made them; cached per image, prompt and thresholds."""
+        return self.explain_and_tell(image, prompt, box_threshold, text_threshold)[0]
+
+    def explain_and_tell(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
+                         text_threshold: float | None = None) -> tuple[Explanation, bool]:
+        """``explain``, and whether the explanation came from the cache: the image decoded and its
+        pixels hashed once (asking ``cached_explanation`` first hashes them twice: ~40 ms for a 12 MP
+        photo)."""
         rgb = self.load_image(image)
         key = self._explanation_key(rgb, prompt, box_threshold, text_threshold)
-        return self._explanations.get_or_compute(key, lambda: self._explain_and_settle(rgb, key))
+        cached = self._explanations.get(key)
+        if cached is not None:
+            return cached, True
+        return self._explanations.get_or_compute(key, lambda: self._explain_and_settle(rgb, key)), False
 
     def _explain_and_settle(self, rgb: np.ndarray, key: tuple) -> Explanation:
         try:

@@ -328,10 +328,8 @@ def explanation_json(explanation: Explanation, phrases: tuple[str, ...], cached:
 def explain_image(engine: Any, rgb: np.ndarray, phrases: tuple[str, ...], box_threshold: float | None,
                   text_threshold: float | None) -> ExplanationJson:
     """Explain (from the engine's cache when this image + prompt + thresholds ran before)."""
-    prompt = list(phrases)
-    cached = engine.cached_explanation(rgb, prompt, box_threshold, text_threshold) is not None
-    explanation = engine.explain(rgb, prompt, box_threshold, text_threshold)
-    return explanation_json(explanation, tuple(parse_prompt(prompt)), cached)
+    explanation, cached = engine.explain_and_tell(rgb, list(phrases), box_threshold, text_threshold)
+    return explanation_json(explanation, tuple(parse_prompt(list(phrases))), cached)
 
 
 @api.post("/explain")

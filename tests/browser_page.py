@@ -79,9 +79,9 @@ def serve_page(engine, slow_explain_s: float = 0.0, **backend_settings) -> Itera
     from explain_ui.client import BackendClient
 
     class SlowEngine(Engine):
-        def explain(self, *args: Any, **kwargs: Any) -> Any:
+        def explain_and_tell(self, *args: Any, **kwargs: Any) -> Any:  # under explain and segment too
             time.sleep(slow_explain_s)
-            return super().explain(*args, **kwargs)
+            return super().explain_and_tell(*args, **kwargs)
 
     quick = None if engine is None else (SlowEngine if slow_explain_s else Engine)(
         engine.config.replace(max_detections=2), detector=engine.detector, segmenter=engine.segmenter)

@@ -134,6 +134,15 @@ def test_cached_explanation_runs_no_model(engine, explanation, chelsea):
     assert engine.cached_explanation(chelsea, "a prompt never run", **THRESHOLDS) is None
 
 
+def test_explain_and_tell_says_where_the_explanation_came_from(engine, explanation, chelsea):
+    with counting_sam_encodes(engine.segmenter) as sam_encodes:
+        again, cached = engine.explain_and_tell(chelsea, PROMPT, **THRESHOLDS)
+    assert (again, cached, sam_encodes) == (explanation, True, [])
+    fresh, cached = engine.explain_and_tell(chelsea, "kitten . whiskers", **THRESHOLDS)
+    assert not cached and fresh is not explanation
+    assert engine.explain_and_tell(chelsea, "kitten . whiskers", **THRESHOLDS) == (fresh, True)
+
+
 def test_reprompt_reuses_both_image_encoders(engine, explanation, chelsea):
     dino_backbone = engine.detector.model.backbone
     with counting_sam_encodes(engine.segmenter) as sam_encodes, counting_forwards(dino_backbone) as counts:
