@@ -9,7 +9,7 @@ per *requested phrase* from the token logits of that phrase's tokens, so merged 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -295,9 +295,13 @@ class GroundingDinoDetector:
         text_threshold: float,
         nms_iou: float,
         max_detections: int,
+        predictions: Callable[[Caption], RawPredictions] | None = None,
     ) -> list[Detection]:
         """Boxes whose best requested phrase scores above both thresholds, after per-label NMS, best
         ``max_detections`` first.
+
+        ``predictions`` gives a caption's ``RawPredictions`` over these features (the engine's cache:
+        they don't depend on the thresholds); None runs the text half (``raw_predictions``).
 
         A prompt longer than the text encoder reads (``max_text_tokens``) runs as several passes over
         the same image features (``Caption.split``); each phrase is in exactly one pass, so per-label
@@ -305,10 +309,14 @@ class GroundingDinoDetector:
         detection's ``phrase_scores``/``token_scores`` then cover the phrases of its own pass.
         """
         captions = Caption.split(phrases, self.tokenizer, self.max_text_tokens)
+        if predictions is None:
+            def predictions(caption: Caption) -> RawPredictions:
+                return self.raw_predictions(features, caption)
+
         detections = [
             detection
             for caption in captions
-            for detection in select_detections(self.raw_predictions(features, caption), caption,
+            for detection in select_detections(predictions(caption), caption,
                                                features.image_size, box_threshold, text_threshold, nms_iou,
                                                max_detections)
         ]

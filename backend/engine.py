@@ -6,14 +6,14 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .cache import LruCache
 from .config import EngineConfig
-from .detector import DinoImageFeatures, GroundingDinoDetector, parse_prompt
+from .detector import Caption, DinoImageFeatures, GroundingDinoDetector, RawPredictions, parse_prompt
 from .explainer import build_explanation
 from .heap import FreedMemoryBound, freed_memory_is_reused, reuse_freed_memory
 from .images import ImageInput, image_digest, load_rgb
@@ -75,6 +75,11 @@ class Engine:
         self._sam_embeddings: LruCache[ImageEmbedding] = LruCache(config.embedding_cache_size, per_model)
         self._explanations: LruCache[Explanation] = LruCache(config.explanation_cache_size,
                                                              config.explanation_cache_bytes)
+        # Grounding DINO's scores of every query for an image + caption (~0.9 MiB): they don't depend on
+        # the thresholds, so moving a threshold re-runs neither model's encoders nor DINO's text half,
+        # only the selection and SAM's mask decoder. A quarter of the explanation budget.
+        self._dino_predictions: LruCache[RawPredictions] = LruCache(config.explanation_cache_size,
+                                                                    config.explanation_cache_bytes // 4)
         # One encoder run at a time per model: concurrent runs would only split the same cores, and
         # explanation capture swaps module forwards for the duration of a run.
         self.dino_lock = threading.Lock()
@@ -101,6 +106,14 @@ class Engine:
 
         return self._sam_embeddings.get_or_compute(digest or image_digest(image), compute)
 
+    def dino_predictions(self, features: DinoImageFeatures, digest: str) -> Callable[[Caption], RawPredictions]:
+        """A caption's ``RawPredictions`` over the image ``digest`` names (``features``), cached."""
+        def predictions(caption: Caption) -> RawPredictions:
+            return self._dino_predictions.get_or_compute(
+                (digest, caption.model_inputs), lambda: self.detector.raw_predictions(features, caption))
+
+        return predictions
+
     # -- the pipeline ----------------------------------------------------------------------
     def load_image(self, image: ImageInput) -> np.ndarray:
         return load_rgb(image, max_pixels=self.config.max_image_pixels)
@@ -110,8 +123,9 @@ class Engine:
         rgb = self.load_image(image)
         digest, phrases, box_threshold, text_threshold = self._explanation_key(rgb, prompt, box_threshold,
                                                                                text_threshold)
-        return self.detector.detect(self.dino_features(rgb, digest), phrases, box_threshold, text_threshold,
-                                    self.config.nms_iou, self.config.max_detections)
+        features = self.dino_features(rgb, digest)
+        return self.detector.detect(features, phrases, box_threshold, text_threshold, self.config.nms_iou,
+                                    self.config.max_detections, self.dino_predictions(features, digest))
 
     def segment(self, image: ImageInput, prompt: str | Sequence[str], box_threshold: float | None = None,
                 text_threshold: float | None = None) -> list[Segment]:
@@ -157,8 +171,8 @@ class Engine:
     def _explain(self, rgb: np.ndarray, digest: str, phrases: tuple[str, ...], box_threshold: float,
                  text_threshold: float) -> Explanation:
         features = self.dino_features(rgb, digest)
-        detections = self.detector.detect(features, phrases, box_threshold, text_threshold,
-                                          self.config.nms_iou, self.config.max_detections)
+        detections = self.detector.detect(features, phrases, box_threshold, text_threshold, self.config.nms_iou,
+                                          self.config.max_detections, self.dino_predictions(features, digest))
         embedding = self.sam_embedding(rgb, digest)
         decoded = self.segmenter.segment(embedding, np.array([d.prompt_box for d in detections]).reshape(-1, 4),
                                          capture_attention=self.config.explanations)

@@ -257,3 +257,27 @@ def test_concurrent_new_prompts_all_succeed(engine, chelsea):
         thread.join(30)
     assert not errors, f"{len(errors)} of {calls[0]} calls failed: {errors[0]!r}"
     assert calls[0] >= 16
+
+
+def test_a_threshold_change_reruns_no_text_half(engine, chelsea, monkeypatch):
+    """Grounding DINO's scores for an image + caption are cached apart from the thresholds: moving a
+    slider selects again from them, with the answer an engine computing everything anew gives."""
+    from backend.engine import Engine
+
+    def new_engine() -> Engine:  # the same models, empty caches
+        return Engine(engine.config, detector=engine.detector, segmenter=engine.segmenter)
+
+    runtime = engine.detector.text_runtime
+    runs: list[int] = []
+    run = runtime.run
+    monkeypatch.setattr(runtime, "run", lambda inputs: runs.append(1) or run(inputs))
+    sliding = new_engine()
+    strict = sliding.segment(chelsea, "cat . dog", box_threshold=0.3, text_threshold=0.25)
+    loose = sliding.segment(chelsea, "cat . dog", box_threshold=0.22, text_threshold=0.2)
+    assert len(runs) == 1 and strict and len(loose) > len(strict)
+    anew = new_engine().segment(chelsea, "cat . dog", box_threshold=0.22, text_threshold=0.2)
+    assert len(runs) == 2
+    assert [(s.label, s.box, s.score) for s in loose] == [(s.label, s.box, s.score) for s in anew]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(loose, anew, strict=True))
+    sliding.segment(chelsea, "cat", box_threshold=0.3, text_threshold=0.25)  # another caption: the text half runs
+    assert len(runs) == 3
