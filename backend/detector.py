@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .dino_weights import ReloadedDino
 
 MAX_TEXT_TOKENS = 256  # Grounding DINO's max_text_len
+# Tokens Grounding DINO reads as the end of a phrase (GroundingDINO.specical_tokens, less [CLS]/[SEP]).
+SEPARATOR_TOKENS = (".", "?")
 
 
 class PromptError(ValueError):
@@ -94,6 +96,45 @@ def _caption_text(phrases: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
     return text + " .", spans
 
 
+def _tokenize_phrases(phrases: Sequence[str], tokenizer: Any) -> tuple[str, _Encoding, list[tuple[int, ...]]]:
+    """The caption text of ``phrases`` (separators inside a phrase blanked, see ``Caption.build``), its
+    encoding, and the token indices of each phrase (empty for a phrase the text encoder has no token for)."""
+    text, spans = _caption_text(phrases)
+    encoding = _encode(text, tokenizer)
+    with _TOKENIZER_LOCK:
+        separators = set(tokenizer.convert_tokens_to_ids(list(SEPARATOR_TOKENS))) - {tokenizer.unk_token_id}
+    inside = [(a, b) for token_id, (a, b) in zip(encoding.input_ids, encoding.offsets, strict=True)
+              if token_id in separators and b > a and any(start <= a and b <= end for start, end in spans)]
+    if inside:  # blanked in place: every span keeps its place in the text
+        chars = list(text)
+        for a, b in inside:
+            chars[a:b] = " " * (b - a)
+        text = "".join(chars)
+        encoding = _encode(text, tokenizer)
+    phrase_tokens = [tuple(i for i, (a, b) in enumerate(encoding.offsets) if b > a and a >= start and b <= end)
+                     for start, end in spans]
+    return text, encoding, phrase_tokens
+
+
+def _check_fits(phrase: str, tokens: int, max_tokens: int) -> None:
+    """PromptError naming the limit unless a caption of ``phrase`` alone ([CLS], its tokens, '.', [SEP]) fits."""
+    if tokens + 3 > max_tokens:
+        raise PromptError(f"phrase {phrase[:80]!r} is too long: {tokens} tokens, Grounding DINO reads at most "
+                          f"{max_tokens} per pass; shorten it")
+
+
+def readable_phrases(phrases: Sequence[str], tokenizer: Any,
+                     max_tokens: int = MAX_TEXT_TOKENS) -> tuple[list[str], list[str]]:
+    """(the phrases the text encoder reads, those it has no token for: "...", a lone combining accent),
+    so a prompt can leave the unreadable ones out instead of failing every task on them. PromptError
+    naming the limit when one phrase alone is longer than a detector pass reads (no split can help)."""
+    _, _, phrase_tokens = _tokenize_phrases(phrases, tokenizer)
+    for phrase, indices in zip(phrases, phrase_tokens, strict=True):
+        _check_fits(phrase, len(indices), max_tokens)
+    kept = [p for p, indices in zip(phrases, phrase_tokens, strict=True) if indices]
+    return kept, [p for p, indices in zip(phrases, phrase_tokens, strict=True) if not indices]
+
+
 @dataclass(frozen=True)
 class Caption:
     """The text Grounding DINO reads, its encoding, and which tokens belong to which requested phrase."""
@@ -109,20 +150,21 @@ class Caption:
     @classmethod
     def build(cls, phrases: Sequence[str], tokenizer: Any, max_tokens: int | None = MAX_TEXT_TOKENS) -> Caption:
         """One caption for all ``phrases``; PromptError when it is longer than ``max_tokens`` (None: no limit)
-        or a phrase has no token the text encoder knows."""
-        text, spans = _caption_text(phrases)
-        encoding = _encode(text, tokenizer)
+        or a phrase has no token the text encoder knows.
+
+        A character inside a phrase that reads as one of Grounding DINO's phrase separators ('.' or '?':
+        "St. Bernard", "a.b", "cat?") is written as a space: read as a separator it would cut the phrase
+        in two for the text self-attention, and the separator's own score would count as the phrase's.
+        """
+        text, encoding, phrase_tokens = _tokenize_phrases(phrases, tokenizer)
         if max_tokens is not None and len(encoding.input_ids) > max_tokens:
             raise PromptError(
                 f"prompt is too long: {len(encoding.input_ids)} tokens, Grounding DINO reads at most "
                 f"{max_tokens}; use fewer or shorter phrases"
             )
-        phrase_tokens = []
-        for phrase, (start, end) in zip(phrases, spans, strict=True):
-            indices = tuple(i for i, (a, b) in enumerate(encoding.offsets) if b > a and a >= start and b <= end)
+        for phrase, indices in zip(phrases, phrase_tokens, strict=True):
             if not indices:
                 raise PromptError(f"phrase {phrase!r} has no tokens the text encoder knows")
-            phrase_tokens.append(indices)
         return cls(text=text, phrases=tuple(phrases), phrase_tokens=tuple(phrase_tokens), tokens=encoding.tokens,
                    model_inputs=encoding.model_inputs)
 
@@ -140,9 +182,7 @@ class Caption:
         used = 2  # [CLS] and [SEP]
         for phrase, indices in zip(phrases, whole.phrase_tokens, strict=True):
             cost = len(indices) + 1  # the phrase and its '.'
-            if 2 + cost > max_tokens:
-                raise PromptError(f"phrase {phrase[:80]!r} is too long: {len(indices)} tokens, Grounding DINO "
-                                  f"reads at most {max_tokens} per pass; shorten it")
+            _check_fits(phrase, len(indices), max_tokens)
             if groups[-1] and used + cost > max_tokens:
                 groups.append([])
                 used = 2

@@ -220,3 +220,25 @@ def test_webhook_with_malformed_annotations_is_ignored_not_a_500(client):
 def test_phrase_the_text_encoder_cannot_read_is_a_prompt_error(engine):
     with pytest.raises(PromptError, match="no tokens"):
         Caption.build(["\u0301", "cat"], engine.detector.tokenizer)
+
+
+# -- label forms: separators inside a label, labels the text encoder can't read or can't fit -----------------
+@pytest.mark.parametrize("phrases", [["St. Bernard", "cat"], ["a.b", "cat?"], ["dog", "what? cat. ok"]])
+def test_separator_inside_a_label_is_part_of_its_phrase(engine, phrases):
+    tokenizer = engine.detector.tokenizer
+    caption = Caption.build(phrases, tokenizer)
+    # Grounding DINO ends a phrase at '.' and '?': the caption has one per phrase, none inside one.
+    assert [t for t in caption.tokens if t in (".", "?")] == ["."] * len(phrases)
+    for phrase, indices in zip(phrases, caption.phrase_tokens, strict=True):
+        words = [t for t in tokenizer.tokenize(phrase.lower()) if t not in (".", "?")]
+        assert [caption.tokens[i] for i in indices] == words, phrase
+
+
+def test_label_with_a_separator_is_detected_and_stored_by_its_name(client, quick_engine):
+    config = TWO_LABELS.replace('value="dog"', 'value="St. Bernard"')
+    rgb = photo(7)
+    response = predict(client, rgb, config, context={"result": LOW_THRESHOLDS})
+    assert response.status_code == 200, response.get_json()
+    got = brush_masks(response.get_json()["results"][0])
+    assert got and {label for label, _ in got} <= {"cat", "St. Bernard"}
+    assert_same_masks(got, expected_masks(quick_engine, rgb, ["cat", "St. Bernard"], config, 0.0, 0.0))
