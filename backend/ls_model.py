@@ -34,6 +34,7 @@ from .prompts import (
     PromptInput,
     PromptPlan,
     check_prompt_labels,
+    check_prompt_tokens,
     maps_to_labels,
     plan_prompt,
     read_context,
@@ -143,7 +144,9 @@ class GroundedSamModel:
         register_secret(access_token)  # before anything can log it
         self.settings.check_label_config(schema)
         if schema:
-            parse_label_config(schema)  # fail at connection time, not at the first prediction
+            config = parse_label_config(schema)  # fail at connection time, not at the first prediction
+            if self.engine.engine is not None:  # a label too long for the text encoder, when it is loaded
+                self.readable_plan(self.engine.engine, PromptPlan(tuple(config.default_phrases()), "labels"))
         extra = read_extra_params(extra_params)
         changes: dict[str, Any] = {"extra": extra, "label_config": schema or None}
         if hostname:
@@ -206,10 +209,11 @@ class GroundedSamModel:
         config = parse_label_config(label_config)
         given = read_context(context)
         plan = check_prompt_labels(config, self.plan(key, config, context))
-        if plan.dropped:
-            logger.warning("project %s: prompt phrases %s match no label (%s); not detected", key,
-                           list(plan.dropped), config.describe_labels())
         engine = self.engine.get(timeout=self.settings.engine_wait_s)
+        plan = self.readable_plan(engine, plan)
+        if plan.dropped:
+            logger.warning("project %s: prompt phrases %s match no label (%s) or have no word the text encoder "
+                           "reads; not detected", key, list(plan.dropped), config.describe_labels())
         if given.phrases or given.box_threshold is not None or given.text_threshold is not None:
             self._remember(key, given)
         client = self.client_for(key)
@@ -249,6 +253,13 @@ class GroundedSamModel:
             results.append(entry)
         return PredictOutcome(results, errors, plan, job_id, len(held) + len(unreached) if job_id else 0)
 
+    @staticmethod
+    def readable_plan(engine: Any, plan: PromptPlan) -> PromptPlan:
+        """``plan`` checked against ``engine``'s text encoder (``prompts.check_prompt_tokens``) before any
+        task runs: otherwise a label too long for one pass, or without a readable word, fails every task."""
+        detector = engine.detector
+        return check_prompt_tokens(plan, detector.tokenizer, detector.max_text_tokens)
+
     def _predict_one(self, engine: Any, task: Any, loaded: Future[list[tuple[ImageTarget, np.ndarray]]],
                      plan: PromptPlan, version: str, key: str | None, errors: list[dict[str, Any]],
                      raise_errors: bool) -> dict[str, Any]:
@@ -263,7 +274,7 @@ class GroundedSamModel:
             if raise_errors:
                 raise
             task_id = _task_id(task)
-            if isinstance(exc, (FetchError, ImageError, LabelStudioError, TaskDataError)):
+            if isinstance(exc, (FetchError, ImageError, LabelStudioError, TaskDataError, PromptError)):
                 message = _message(exc)
                 logger.warning("task %s: no prediction (Label Studio will ask again): %s", task_id, message)
             else:  # a bug or a model failure: keep the traceback, and still answer for the others

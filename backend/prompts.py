@@ -11,7 +11,9 @@ Thresholds: a ``<Number name="box_threshold">``/``"text_threshold"`` value in th
 project's remembered ones, then ``extra_params``, then the engine's (BOX_THRESHOLD/TEXT_THRESHOLD).
 Typed prompts are split on '.', ',', ';' and new lines ("cat, dog" -> ["cat", "dog"]). /predict leaves
 out the phrases that map to no label before detection (``check_prompt_labels``) and names them in the
-response's ``dropped_phrases``; a prompt with no phrase that maps is a 400.
+response's ``dropped_phrases``; a prompt with no phrase that maps is a 400. So are phrases the text
+encoder has no token for ("...", a lone accent: ``check_prompt_tokens``), and a phrase longer than one
+detector pass reads is a 400 naming the limit, before any task runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .detector import PromptError, parse_prompt
+from .detector import MAX_TEXT_TOKENS, PromptError, parse_prompt, readable_phrases
 from .errors import BadRequest
 from .label_config import LabelConfig
 
@@ -212,3 +214,19 @@ def check_prompt_labels(config: LabelConfig, plan: PromptPlan) -> PromptPlan:
     raise BadRequest(
         f"unknown labels: the prompt {list(plan.phrases)} (from {plan.source}) matches none of the BrushLabels "
         f"labels ({config.describe_labels()}); use label names, or list synonyms in a label's predicted_values")
+
+
+def check_prompt_tokens(plan: PromptPlan, tokenizer: Any, max_tokens: int = MAX_TEXT_TOKENS) -> PromptPlan:
+    """The plan without the phrases the text encoder has no token for (named in ``dropped``): a label
+    like "..." must not fail every task of a batch. PromptError (a 400) naming the limit when one
+    phrase alone is longer than a detector pass reads, or when no phrase is left."""
+    try:
+        kept, unreadable = readable_phrases(plan.phrases, tokenizer, max_tokens)
+    except PromptError as exc:
+        raise PromptError(f"{exc} (the prompt from {plan.source})") from exc
+    if not kept:
+        raise PromptError(f"the prompt {list(plan.phrases)} (from {plan.source}) has no word the text encoder can "
+                          "read: name what to segment in letters or digits")
+    if not unreadable:
+        return plan
+    return replace(plan, phrases=tuple(kept), dropped=plan.dropped + tuple(unreadable))

@@ -242,3 +242,41 @@ def test_label_with_a_separator_is_detected_and_stored_by_its_name(client, quick
     got = brush_masks(response.get_json()["results"][0])
     assert got and {label for label, _ in got} <= {"cat", "St. Bernard"}
     assert_same_masks(got, expected_masks(quick_engine, rgb, ["cat", "St. Bernard"], config, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("unreadable", ["...", "&#x301;", "?"])
+def test_label_without_a_readable_word_is_dropped_not_a_failure_of_every_task(client, unreadable):
+    config = TWO_LABELS.replace('value="cat"', f'value="{unreadable}"')
+    body = {"tasks": [{"id": i, "data": {"image": data_url(photo(i))}} for i in (1, 2)], "project": "7.2",
+            "label_config": config, "params": {"context": {"result": LOW_THRESHOLDS}}}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert "errors" not in body, body["errors"]
+    assert len(body["dropped_phrases"]) == 1
+    assert all(brush_masks(entry) and {label for label, _ in brush_masks(entry)} == {"dog"}
+               for entry in body["results"])
+
+
+def test_label_longer_than_one_pass_is_a_400_naming_the_limit(client):
+    config = TWO_LABELS.replace('value="cat"', f'value="{" ".join(["cat"] * 300)}"')
+    response = client.post("/setup", json={"project": "9.2", "schema": config})
+    assert response.status_code == 400 and "256" in response.get_json()["error"]
+    body = {"tasks": [{"id": i, "data": {"image": data_url(photo(i))}} for i in (1, 2)], "project": "9.3",
+            "label_config": config}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 400
+    assert "300 tokens" in response.get_json()["error"] and "256" in response.get_json()["error"]
+
+
+def test_a_few_long_labels_run_in_several_passes(client, quick_engine):
+    labels = [" ".join([word] * 100) for word in ("cat", "dog", "bird")]  # 100 tokens each: two passes
+    assert len(Caption.split(labels, quick_engine.detector.tokenizer)) == 2
+    config = TWO_LABELS.replace('<Label value="cat"/><Label value="dog"/>',
+                                "".join(f'<Label value="{label}"/>' for label in labels))
+    rgb = photo(8, 48, 32)
+    response = predict(client, rgb, config, context={"result": LOW_THRESHOLDS})
+    assert response.status_code == 200 and "errors" not in response.get_json(), response.get_json()
+    got = brush_masks(response.get_json()["results"][0])
+    assert got
+    assert_same_masks(got, expected_masks(quick_engine, rgb, labels, config, 0.0, 0.0))
