@@ -8,7 +8,8 @@ A ``<Label value="Animal" alias="ani"/>`` is *shown* as "Animal" but Label Studi
 results (its frontend writes ``alias || value``; label-studio-sdk's ``control.labels`` lists "ani"):
 Grounding DINO is prompted with the value, results carry the alias, and typed prompts may use either.
 
-Phrase -> label mapping (case-insensitive after an exact match), first rule that matches wins:
+Phrase -> label mapping (case-insensitive after an exact match, and blind to Unicode normalisation:
+NFC or NFD "café", full-width "ｃａｔ", "ß"/"ss" compare as ``fold`` makes them), first rule that matches wins:
   1. the label's own name (its value, or its alias when it has one);
   2. one of the label's ``predicted_values`` aliases (``<Label value="Vehicle" predicted_values="car, truck"/>``);
   3. the same after dropping a leading article and a plural ending ("a cat", "cats" -> "cat");
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,12 @@ class TaskDataError(ValueError):
     """A task's data lacks what the config needs (e.g. the field its <Image> reads)."""
 
 
+def fold(text: str) -> str:
+    """``text`` as phrases are compared: single spaces, case folded, NFKC ("Cafe\u0301" -> "café",
+    "ｃａｔ" -> "cat", "Straße" -> "strasse"), so the same word typed or stored either way is the same."""
+    return " ".join(unicodedata.normalize("NFKC", text.casefold()).split())
+
+
 def _singular(word: str) -> str:
     if len(word) > 3 and word.endswith("ies"):
         return word[:-3] + "y"
@@ -51,8 +59,8 @@ def _singular(word: str) -> str:
 
 
 def normalise_phrase(phrase: str) -> str:
-    """Lower-case, single spaces, no leading article, last word singular: "The Red Cars" -> "red car"."""
-    text = " ".join(phrase.lower().split())
+    """Folded (``fold``), no leading article, last word singular: "The Red Cars" -> "red car"."""
+    text = fold(phrase)
     for article in _ARTICLES:
         if text.startswith(article):
             text = text[len(article):]
@@ -63,7 +71,7 @@ def normalise_phrase(phrase: str) -> str:
 
 
 def _words(text: str) -> list[str]:
-    return [_singular(w) for w in _WORD.findall(text.lower())]
+    return [_singular(w) for w in _WORD.findall(fold(text))]
 
 
 def _contains(haystack: list[str], needle: list[str]) -> bool:
@@ -108,11 +116,11 @@ def _match_label(phrase: str, labels: tuple[str, ...], aliases: tuple[tuple[str,
     """``aliases``: (label, other names) pairs: its visible value when it has an alias, predicted_values."""
     if phrase in labels:  # exactly a label: itself, even next to one differing only in case ("Cat", "cat")
         return phrase
-    lowered = " ".join(phrase.lower().split())
+    lowered = fold(phrase)
     candidates = [(label, label) for label in labels]
     candidates += [(alias, label) for label, names in aliases for alias in names]
     for text, label in candidates:  # rules 1 and 2: exact name, then alias (labels come first)
-        if text.lower() == lowered:
+        if fold(text) == lowered:
             return label
     normalised = normalise_phrase(phrase)
     for text, label in candidates:  # rule 3: articles and plurals
@@ -188,6 +196,16 @@ class LabelConfig:
         for target in self.targets:
             for control in target.brush:
                 seen.update(dict.fromkeys(control.labels))
+        return list(seen)
+
+    def names(self) -> list[str]:
+        """Every name a phrase may use for a label of any control: values, aliases, predicted_values."""
+        seen: dict[str, None] = {}
+        for target in self.targets:
+            for control in target.controls:
+                seen.update(dict.fromkeys(control.labels))
+                seen.update(dict.fromkeys(value for _, value in control.values))
+                seen.update(dict.fromkeys(name for _, names in control.aliases for name in names))
         return list(seen)
 
     def default_phrases(self) -> list[str]:

@@ -66,3 +66,15 @@ def test_brush_labels_with_only_blank_values_are_refused(labels):
     with pytest.raises(LabelConfigError, match="blank"):
         parse_label_config(f'<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i">{labels}'
                            '</BrushLabels></View>')
+
+
+@pytest.mark.parametrize("label, typed", [
+    ("cafe\u0301", "caf\u00e9"), ("caf\u00e9", "cafe\u0301"),  # NFD label typed NFC, and the other way
+    ("ｃａｔ", "cat"), ("Straße", "STRASSE"), ("İstanbul", "i\u0307stanbul"),  # full width, case folding
+    ("e\u0301clair", "a big \u00e9clair"),  # rule 4 (a label inside the phrase) sees the same words
+])
+def test_typed_phrase_matches_a_label_written_in_another_unicode_form(label, typed):
+    config = parse_label_config('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i">'
+                                f'<Label value="{label}"/><Label value="dog"/></BrushLabels></View>')
+    control = config.targets[0].brush[0]
+    assert control.label_for(typed) == label  # stored exactly as the config writes it
