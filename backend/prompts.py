@@ -9,7 +9,8 @@ Where the prompt comes from, first that applies:
   5. the config's BrushLabels labels (their ``predicted_values`` aliases where given).
 Thresholds: a ``<Number name="box_threshold">``/``"text_threshold"`` value in the context, then the
 project's remembered ones, then ``extra_params``, then the engine's (BOX_THRESHOLD/TEXT_THRESHOLD).
-Typed prompts are split on '.', ',', ';' and new lines ("cat, dog" -> ["cat", "dog"]). /predict leaves
+Typed prompts are split on '.', ',', ';' and new lines ("cat, dog" -> ["cat", "dog"]); a label name that
+has one of them ("St. Bernard") is put back together when typed whole (``rejoin_label_names``). /predict leaves
 out the phrases that map to no label before detection (``check_prompt_labels``) and names them in the
 response's ``dropped_phrases``; a prompt with no phrase that maps is a 400. So are phrases the text
 encoder has no token for ("...", a lone accent: ``check_prompt_tokens``), and a phrase longer than one
@@ -27,7 +28,7 @@ from typing import Any
 
 from .detector import MAX_TEXT_TOKENS, PromptError, parse_prompt, readable_phrases
 from .errors import BadRequest
-from .label_config import LabelConfig
+from .label_config import LabelConfig, fold
 
 logger = logging.getLogger(__name__)
 
@@ -193,20 +194,53 @@ def plan_prompt(config: LabelConfig, context: PromptInput, remembered: PromptInp
     return PromptPlan(phrases, source, first("box_threshold"), first("text_threshold"))
 
 
+def rejoin_label_names(config: LabelConfig, phrases: Sequence[str]) -> tuple[str, ...]:
+    """``phrases`` with the label names that splitting on separators cut put back together: a person
+    typing the label "St. Bernard" (or "cat, big") means that label, not "St" and "Bernard". Runs of
+    phrases that are exactly a name's pieces (``fold``-equal) become the name as the config writes it,
+    longest name first."""
+    pieces: dict[tuple[str, ...], str] = {}
+    for name in config.names():
+        parts = tuple(fold(part) for part in _PROMPT_SEPARATORS.split(name) if part.strip())
+        if len(parts) > 1:
+            pieces.setdefault(parts, name)
+    if not pieces:
+        return tuple(phrases)
+    longest = max(len(parts) for parts in pieces)
+    folded = [fold(phrase) for phrase in phrases]
+    out: list[str] = []
+    i = 0
+    while i < len(phrases):
+        for k in range(min(longest, len(phrases) - i), 1, -1):
+            joined = pieces.get(tuple(folded[i:i + k]))
+            if joined is not None:
+                out.append(joined)
+                i += k
+                break
+        else:
+            out.append(phrases[i])
+            i += 1
+    return tuple(out)
+
+
 def _maps_to_label(config: LabelConfig, phrase: str) -> bool:
     return any(target.labels_for(phrase) for target in config.targets)
 
 
 def maps_to_labels(config: LabelConfig, phrases: Sequence[str]) -> bool:
-    return any(_maps_to_label(config, phrase) for phrase in phrases)
+    return any(_maps_to_label(config, phrase) for phrase in rejoin_label_names(config, phrases))
 
 
 def check_prompt_labels(config: LabelConfig, plan: PromptPlan) -> PromptPlan:
-    """The plan without the phrases that map to no label (named in ``dropped``), so the detection cap
-    goes to phrases whose masks are kept; BadRequest when no phrase maps to a label.
+    """The plan with cut label names rejoined (``rejoin_label_names``) and without the phrases that map
+    to no label (named in ``dropped``), so the detection cap goes to phrases whose masks are kept;
+    BadRequest when no phrase maps to a label.
 
     In a config with a single BrushLabels label every phrase maps (to that label): nothing is dropped.
     """
+    phrases = rejoin_label_names(config, plan.phrases)
+    if phrases != plan.phrases:
+        plan = replace(plan, phrases=phrases)
     kept = tuple(phrase for phrase in plan.phrases if _maps_to_label(config, phrase))
     if kept:
         dropped = tuple(phrase for phrase in plan.phrases if phrase not in kept)

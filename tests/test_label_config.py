@@ -8,6 +8,7 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from backend.label_config import LabelConfigError, parse_label_config
 from backend.ls_results import segments_to_results
+from backend.prompts import PromptPlan, check_prompt_labels, maps_to_labels, split_typed_prompt
 from backend.types import Segment
 
 ALIASED = """
@@ -78,3 +79,21 @@ def test_typed_phrase_matches_a_label_written_in_another_unicode_form(label, typ
                                 f'<Label value="{label}"/><Label value="dog"/></BrushLabels></View>')
     control = config.targets[0].brush[0]
     assert control.label_for(typed) == label  # stored exactly as the config writes it
+
+
+SEPARATED = ('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i"><Label value="St. Bernard"/>'
+             '<Label value="cat, big"/><Label value="Dog" predicted_values="a.b.c, pug"/><Label value="St"/>'
+             '</BrushLabels></View>')
+
+
+@pytest.mark.parametrize("typed, phrases, dropped", [
+    ("St. Bernard, zebra", ("St. Bernard",), ("zebra",)),
+    ("st . bernard;cat,big", ("St. Bernard", "cat, big"), ()),
+    ("A.B.C, pug, St", ("a.b.c", "pug", "St"), ()),  # a predicted value; "St" alone is its own label
+    ("St, cat", ("St",), ("cat",)),  # only the whole name rejoins
+])
+def test_typed_label_name_with_a_separator_is_put_back_together(typed, phrases, dropped):
+    config = parse_label_config(SEPARATED)
+    plan = check_prompt_labels(config, PromptPlan(tuple(split_typed_prompt(typed)), "context"))
+    assert (plan.phrases, plan.dropped) == (phrases, dropped)
+    assert maps_to_labels(config, split_typed_prompt("St. Bernard"))

@@ -280,3 +280,16 @@ def test_a_few_long_labels_run_in_several_passes(client, quick_engine):
     got = brush_masks(response.get_json()["results"][0])
     assert got
     assert_same_masks(got, expected_masks(quick_engine, rgb, labels, config, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("label, typed", [("St. Bernard", "St. Bernard"), ("cafe\u0301", "caf\u00e9"),
+                                          ("a.b", "A.B, zebra")])
+def test_typed_label_name_in_another_form_predicts_that_label(client, quick_engine, label, typed):
+    config = TWO_LABELS.replace('value="dog"', f'value="{label}"')
+    rgb = photo(9)
+    response = predict(client, rgb, config, context={"result": [textarea(typed), *LOW_THRESHOLDS]})
+    assert response.status_code == 200, response.get_json()
+    got = brush_masks(response.get_json()["results"][0])
+    assert got and {stored for stored, _ in got} == {label}  # exactly as the config writes it
+    assert LabelInterface(config).validate_prediction(response.get_json()["results"][0], return_errors=True) == []
+    assert_same_masks(got, expected_masks(quick_engine, rgb, [label], config, 0.0, 0.0))
