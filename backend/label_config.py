@@ -222,6 +222,35 @@ def _split_values(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+# The tags and attributes this backend reads, as label-studio-sdk spells them. Label Studio's editor
+# lower-cases every tag and attribute name it reads (``<brushlabels toname="image">`` works there); the
+# SDK matches them exactly, so a config is given to it in these spellings.
+_CANONICAL_TAGS = {tag.lower(): tag for tag in (
+    "View", "Image", "BrushLabels", "RectangleLabels", "PolygonLabels", "Label", "TextArea", "Number")}
+_CANONICAL_ATTRIBUTES = {"toname": "toName", "predicted_values": "predicted_values"}
+
+
+def _canonical_case(config: str) -> str:
+    """``config`` with the tags and attributes of ``_CANONICAL_TAGS``/``_CANONICAL_ATTRIBUTES`` spelled
+    as the SDK expects; the text itself when they already are, or when it isn't XML (the SDK says why)."""
+    from lxml import etree  # type: ignore[import-untyped]  # label-studio-sdk parses with it too
+
+    try:
+        root = etree.fromstring(config)
+    except (etree.XMLSyntaxError, ValueError):
+        return config
+    changed = False
+    for element in root.iter(tag=etree.Element):
+        tag = _CANONICAL_TAGS.get(str(element.tag).lower(), element.tag)
+        keys = [k for k in element.attrib if str(k).lower() in _CANONICAL_ATTRIBUTES
+                and k != _CANONICAL_ATTRIBUTES[str(k).lower()]]
+        changed = changed or tag != element.tag or bool(keys)
+        element.tag = tag
+        for key in keys:
+            element.attrib[_CANONICAL_ATTRIBUTES[str(key).lower()]] = element.attrib.pop(key)
+    return etree.tostring(root, encoding="unicode") if changed else config
+
+
 @functools.lru_cache(maxsize=64)
 def parse_label_config(config: str) -> LabelConfig:
     """Parse a labeling config; raises ``LabelConfigError`` naming what is wrong."""
@@ -230,7 +259,7 @@ def parse_label_config(config: str) -> LabelConfig:
     from label_studio_sdk.label_interface import LabelInterface
 
     try:
-        interface = LabelInterface(config)
+        interface = LabelInterface(_canonical_case(config))
     except Exception as exc:  # lxml syntax errors and the SDK's own validation errors
         raise LabelConfigError(f"label config is not valid XML: {exc}") from exc
     objects = {o.name: o for o in (interface.objects or [])}

@@ -97,3 +97,22 @@ def test_typed_label_name_with_a_separator_is_put_back_together(typed, phrases, 
     plan = check_prompt_labels(config, PromptPlan(tuple(split_typed_prompt(typed)), "context"))
     assert (plan.phrases, plan.dropped) == (phrases, dropped)
     assert maps_to_labels(config, split_typed_prompt("St. Bernard"))
+
+
+@pytest.mark.parametrize("config", [
+    '<View><Image name="image" value="$image"/><brushlabels name="mask" toname="image"><label value="Cat"/>'
+    "</brushlabels></View>",
+    '<view><IMAGE name="image" value="$image"/><BrushLabels name="mask" TONAME="image">'
+    '<Label value="Cat" alias="c"/></BrushLabels><rectanglelabels name="box" toName="image">'
+    '<label value="Cat" alias="c"/></rectanglelabels></view>',
+])
+def test_tag_and_attribute_names_in_any_case_are_read(config):
+    # Label Studio's editor lower-cases tag and attribute names (it accepts these configs); the SDK doesn't.
+    target = parse_label_config(config).targets[0]
+    assert (target.name, target.value, target.brush[0].name) == ("image", "$image", "mask")
+    mask = np.zeros((20, 30), bool)
+    mask[5:15, 5:20] = True
+    segment = Segment(label="cat", box=(5.0, 5.0, 20.0, 15.0), score=0.7, predicted_iou=0.9, mask=mask)
+    results, _ = segments_to_results([segment], target, 30, 20)
+    labels = {r["type"]: r["value"][r["type"]] for r in results}
+    assert labels["brushlabels"] in (["Cat"], ["c"]) and all(v == labels["brushlabels"] for v in labels.values())
