@@ -232,13 +232,18 @@ _CANONICAL_ATTRIBUTES = {"toname": "toName", "predicted_values": "predicted_valu
 
 def _canonical_case(config: str) -> str:
     """``config`` with the tags and attributes of ``_CANONICAL_TAGS``/``_CANONICAL_ATTRIBUTES`` spelled
-    as the SDK expects; the text itself when they already are, or when it isn't XML (the SDK says why)."""
+    as the SDK expects; the text itself when they already are, or when it isn't XML (the SDK says why).
+    LabelConfigError for a config that declares a DOCTYPE."""
     from lxml import etree  # type: ignore[import-untyped]  # label-studio-sdk parses with it too
 
     try:
-        root = etree.fromstring(config)
+        # Nothing loaded or expanded: this pass only renames; the SDK's own parse decides the rest.
+        root = etree.fromstring(config, etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False))
     except (etree.XMLSyntaxError, ValueError):
         return config
+    if root.getroottree().docinfo.doctype:
+        # Label Studio parses configs with DTDs forbidden; its entities would reach only this backend.
+        raise LabelConfigError("label config is not valid: it declares a <!DOCTYPE>, which Label Studio refuses")
     changed = False
     for element in root.iter(tag=etree.Element):
         tag = _CANONICAL_TAGS.get(str(element.tag).lower(), element.tag)
@@ -258,8 +263,9 @@ def parse_label_config(config: str) -> LabelConfig:
         raise LabelConfigError("label config is empty")
     from label_studio_sdk.label_interface import LabelInterface
 
+    canonical = _canonical_case(config)
     try:
-        interface = LabelInterface(_canonical_case(config))
+        interface = LabelInterface(canonical)
     except Exception as exc:  # lxml syntax errors and the SDK's own validation errors
         raise LabelConfigError(f"label config is not valid XML: {exc}") from exc
     objects = {o.name: o for o in (interface.objects or [])}

@@ -116,3 +116,16 @@ def test_tag_and_attribute_names_in_any_case_are_read(config):
     results, _ = segments_to_results([segment], target, 30, 20)
     labels = {r["type"]: r["value"][r["type"]] for r in results}
     assert labels["brushlabels"] in (["Cat"], ["c"]) and all(v == labels["brushlabels"] for v in labels.values())
+
+
+@pytest.mark.parametrize("doctype", [
+    '<!DOCTYPE View [<!ENTITY a "cat">]>',
+    '<!DOCTYPE View [<!ENTITY a "x"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>',
+    '<!DOCTYPE View SYSTEM "file:///etc/hostname">',
+])
+@pytest.mark.parametrize("tags", ["View", "view"])  # spelled as the SDK reads it, and as it is renamed
+def test_a_doctype_is_refused_as_label_studio_refuses_it(doctype, tags):
+    config = (f'{doctype}<{tags}><Image name="image" value="$image"/><BrushLabels name="m" toName="image">'
+              f'<Label value="dog"/></BrushLabels></{tags}>')
+    with pytest.raises(LabelConfigError, match="DOCTYPE"):
+        parse_label_config(config)
