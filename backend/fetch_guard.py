@@ -261,30 +261,62 @@ KEY_PATHS_HELP = ("/data/upload/..., /data/local-files/?d=..., /storage-data/upl
                   "and /tasks|projects/<id>/presign|resolve/?fileuri=...")
 
 
+# What a server, proxy or file system may read as a path separator: "/" and "\" (NFKC folds the
+# full-width and small forms ／ ＼ ﹨ into these) and the look-alikes NFKC leaves alone but some
+# "best fit" mappings turn into "/" or "\" (∕ ⁄ ⧸ ∖ ⧹).
+_SEPARATORS = re.compile("[/\\\\\u2215\u2044\u29f8\u2216\u29f9]")
+
+
 def _segments(path: str) -> list[str]:
-    # "\" is a separator to some servers, ";params" are dropped by others: decide on what's left
-    return [segment.split(";", 1)[0] for segment in re.split(r"[/\\]", path)]
+    # ";params" are dropped by some servers: decide on what's left
+    return [segment.split(";", 1)[0] for segment in _SEPARATORS.split(path)]
 
 
-def _is_traversal(segment: str) -> bool:
-    return unicodedata.normalize("NFKC", segment).strip() == ".."
+def _unquote(text: str, path: str) -> str:
+    """One round of percent-decoding; ValueError when the bytes aren't UTF-8.
+
+    A lenient decoder reads the overlong ``%C0%AE`` as ".", ``unquote`` as U+FFFD: bytes that aren't
+    UTF-8 have no single meaning, so the path is refused rather than guessed at.
+    """
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"path {describe_url(path)} has percent-encoded bytes that aren't UTF-8 (such as the "
+                         "overlong %C0%AE for '.')") from None
+
+
+def _forms(path: str) -> set[str]:
+    """Every reading of ``path`` a server might act on: percent-decoded 0 to _MAX_DECODE_ROUNDS times,
+    with compatibility folding (NFKC: ．→., ／→/, ％２ｅ→%2e) before or after any round."""
+    forms: set[str] = set()
+    level = {path}
+    for _ in range(_MAX_DECODE_ROUNDS + 1):
+        level = (level | {unicodedata.normalize("NFKC", text) for text in level}) - forms
+        forms |= level
+        level = {decoded for text in level if (decoded := _unquote(text, path)) != text} - forms
+        if not level:
+            return forms
+    raise ValueError(f"path {describe_url(path)} is percent-encoded more than {_MAX_DECODE_ROUNDS} times")
 
 
 def decoded_segments(path: str) -> tuple[str, ...]:
-    """``path``'s segments after percent-decoding until stable; ValueError on any ``..`` at any stage.
+    """``path``'s segments after percent-decoding until stable; ValueError when any reading of it
+    (``_forms``) has a ``..`` segment or a control character.
 
-    Every decoding stage is checked because the server may decode once, twice (Label Studio's
-    storage-data view calls ``unquote`` on an already decoded parameter) or not at all.
+    Every reading is checked because the server may decode once, twice (Label Studio's storage-data
+    view calls ``unquote`` on an already decoded parameter) or not at all, and may fold look-alike
+    characters; a NUL or newline ends or splits the path for some of them ("..\\0" reads as "..").
     """
-    text = path
-    for _ in range(_MAX_DECODE_ROUNDS + 1):
-        if any(_is_traversal(s) for s in _segments(text)):
+    for form in _forms(path):
+        if _CONTROL.search(form):
+            raise ValueError(f"path {describe_url(path)} has control characters once percent-decoded "
+                             "(%00, %0A, ...)")
+        if any(segment.strip() == ".." for segment in _segments(form)):
             raise ValueError(f"path {describe_url(path)} climbs out of its directory ('..')")
-        decoded = unquote(text)
-        if decoded == text:
-            return tuple(s for s in _segments(text) if s not in ("", "."))
+    text = path
+    while (decoded := unquote(text)) != text:  # bounded: _forms decoded it to the end
         text = decoded
-    raise ValueError(f"path {describe_url(path)} is percent-encoded more than {_MAX_DECODE_ROUNDS} times")
+    return tuple(s for s in _segments(text) if s not in ("", "."))
 
 
 def key_path_refusal(path: str, query: str | None, base_path: str = "") -> str | None:
@@ -298,7 +330,12 @@ def key_path_refusal(path: str, query: str | None, base_path: str = "") -> str |
         segments = decoded_segments(path)
         base = decoded_segments(base_path)
         values: dict[str, list[str]] = {}
-        for key, value in parse_qsl(query or "", keep_blank_values=True):
+        try:
+            pairs = parse_qsl(query or "", keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            return ("the query string has percent-encoded bytes that aren't UTF-8 (such as the overlong "
+                    "%C0%AE for '.')")
+        for key, value in pairs:
             decoded_segments(value)  # a parameter can't climb either
             values.setdefault(key, []).append(unquote(unquote(value)))
     except ValueError as exc:

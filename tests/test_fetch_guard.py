@@ -29,7 +29,7 @@ from backend.fetch import (
     decode_data_url,
     fetch_image,
 )
-from backend.fetch_guard import host_allowed, parse_image_url
+from backend.fetch_guard import host_allowed, key_path_refusal, parse_image_url
 from backend.ls_api import Credentials, LabelStudioClient
 from backend.ls_model import ModelSettings
 from tests.test_fetch import LEGACY_TOKEN, FakeLabelStudio, png_bytes
@@ -216,6 +216,27 @@ TRAVERSALS = [
     "{ls}/api/current-user/token#/data/upload/1/x.png",
     "{ls}/api/current-user/token;/data/upload/1/x.png",
     "{ls}/tasks/1/presign/../../api/current-user/token?fileuri=eA==",
+    # compatibility slashes NFKC folds into "/" and "\\" (full-width, small), raw or percent-encoded
+    "/data/upload/..／..／api/current-user/token",
+    "/data/upload/..%EF%BC%8F..%EF%BC%8Fapi/current-user/token",
+    "/data/upload/..＼..＼api/current-user/token",
+    "/data/upload/..﹨..﹨api/current-user/token",
+    "/data/upload/..∕..∕api/current-user/token",  # division slash: NFKC keeps it, some mappings don't
+    "/storage-data/uploaded/?filepath=upload/..／..／api/current-user/token",
+    "/data/local-files/?d=..／..／api/current-user/token",
+    "{ls}/data/upload/..／..／api/current-user/token",
+    # percent-encoded bytes that aren't UTF-8: the overlong %C0%AE is "." to lenient decoders
+    "/data/upload/%c0%ae%c0%ae/%c0%ae%c0%ae/api/current-user/token",
+    "/data/upload/%C0%AE%C0%AE%C0%AF%C0%AE%C0%AE%C0%AFapi/current-user/token",
+    "/data/upload/%e0%80%ae%e0%80%ae/%e0%80%ae%e0%80%ae/api/current-user/token",
+    "{ls}/data/upload/%c0%ae%c0%ae/%c0%ae%c0%ae/api/current-user/token",
+    "/data/local-files/?d=%c0%ae%c0%ae/%c0%ae%c0%ae/api/current-user/token",
+    # control characters once decoded: "..\\0" is ".." to a C string
+    "/data/upload/..%00/..%00/api/current-user/token",
+    "{ls}/data/upload/..%00/..%00/api/current-user/token",
+    "/data/upload/..%2500/..%2500/api/current-user/token",
+    # full-width percent signs that fold into %2e
+    "/data/upload/％２ｅ％２ｅ/％２ｅ％２ｅ/api/current-user/token",
 ]
 
 
@@ -226,6 +247,22 @@ def test_label_studio_key_never_leaves_the_media_routes(image, ls):
     assert LEGACY_TOKEN not in str(raised.value)
     assert [path for _, path, auth in ls.requests if auth and not path.startswith(MEDIA)] == []
     assert not any("current-user" in path or "passwd" in path for _, path, _ in ls.requests)
+
+
+@pytest.mark.parametrize("path, query, reason", [
+    ("/data/upload/..／x", None, "climbs out"),
+    ("/data/upload/%c0%ae%c0%ae/x", None, "aren't UTF-8"),
+    ("/data/local-files/", "d=%c0%ae%c0%ae/x", "aren't UTF-8"),
+    ("/data/upload/..%00/x", None, "control characters"),
+    ("/storage-data/uploaded/", "filepath=upload/1/x%0a.png", "control characters"),
+])
+def test_key_path_refusals_name_what_was_wrong(path, query, reason):
+    assert reason in (key_path_refusal(path, query) or "")
+
+
+def test_key_paths_with_non_ascii_file_names_are_still_allowed():
+    for path in ("/data/upload/1/ｃａｔ.png", "/data/upload/1/%E7%8C%AB.png", "/data/upload/1/a%252520b.png"):
+        assert key_path_refusal(path, None) is None
 
 
 def test_traversal_is_refused_with_a_403_naming_the_media_routes(ls):

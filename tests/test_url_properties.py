@@ -103,7 +103,8 @@ def test_guard_origin_matches_requests_for_arbitrary_text(url):
 # -- the key's path check -----------------------------------------------------------------------------------
 SEGMENTS = ["data", "upload", "local-files", "storage-data", "uploaded", "api", "current-user", "token", "tasks",
             "1", "presign", "x.png", "..", ".", "", "%2e%2e", "%2E%2e", "%252e%252e", ".%2e", "%2e.", "..%2f",
-            "..%5c", "..;", "..;x", ";x", "%2f", "%5c", "．．", "%ef%bc%8e%ef%bc%8e", "..%00", "%2e%2e%2f"]
+            "..%5c", "..;", "..;x", ";x", "%2f", "%5c", "．．", "%ef%bc%8e%ef%bc%8e", "..%00", "%2e%2e%2f",
+            "..／", "..＼", "%ef%bc%8f", "..%ef%bc%8f", "％２ｅ％２ｅ"]
 QUERIES = [None, "", "d=x.png", "d=../x", "d=%2e%2e/x", "filepath=upload/1/x.png", "filepath=upload/../api",
            "filepath=upload%252f..%252fapi", "fileuri=eA==", "d=", "filepath=avatars/x"]
 
