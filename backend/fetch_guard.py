@@ -182,11 +182,15 @@ def connected_origin(prepared_url: str) -> Origin:
 
 
 def describe_url(url: object, limit: int = 100) -> str:
-    """``url`` for an error message or log line: no user:password, no query string (signatures)."""
+    """``url`` for an error message or log line: no user:password, no query string (signatures).
+
+    The whole userinfo goes, up to the last "@" before the path (as urllib3 splits it): a token may be
+    the user name itself, and a password may hold an unencoded "@".
+    """
     if not isinstance(url, str):
         return repr(url)[:limit]
     text = url.split("#", 1)[0].split("?", 1)[0]
-    text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:[/\\]*[^/?#:@]*:)[^/?#@]*@", r"\1***@", text)  # the password
+    text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:[/\\]*)[^/]*@", r"\1***@", text)
     if "?" in url:
         text += "?..."
     text = _CONTROL.sub("?", text)

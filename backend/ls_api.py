@@ -68,8 +68,9 @@ _PATTERNS = (
     # ... and whatever else follows "Authorization:" (another scheme, a bare key)
     (re.compile(r"""(?i)(\bauthorization['"]?\s*[:=]\s*['"]?)(?!(?:Token|Bearer|Basic) \*\*\*)"""
                 r"""([^'"\s,}][^'"\r\n,}]*)"""), r"\1***"),
-    # passwords in URLs: scheme://user:password@host
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/?#@:]*:)[^\s/?#@]+@"), r"\1***@"),
+    # credentials in URLs: scheme://user:password@host, scheme://token@host, a password with an "@"
+    # (the userinfo ends at the last "@" before the path, as urllib3 reads it)
+    (re.compile(r"""(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#'"<>]*@"""), r"\1***@"),
     # signatures and tokens in query strings: ?X-Amz-Signature=..., &sig=..., %26token%3D...
     (re.compile(r"(?i)((?:[?&;]|%3F|%26)(?:" + "|".join(re.escape(p) for p in _SIGNED_PARAMS)
                 + r")(?:=|%3D))(?:(?!%26)[^&\s#'\"<>])+"), r"\1***"),

@@ -162,6 +162,19 @@ def test_userinfo_is_refused_for_other_hosts(allowed):
     assert allowed.requests == []
 
 
+@pytest.mark.parametrize("userinfo, secret", [
+    ("user:p@ss-w0rd-tail", "ss-w0rd-tail"),  # urllib3 ends the userinfo at the last "@"
+    ("ghp_t0kenAsUserName0123", "ghp_t0kenAsUserName0123"),  # a token as the user name, no password
+    ("u:pw\\x@y", "x@y"),
+])
+@pytest.mark.parametrize("host", ["{allowed}", "127.0.0.1:0", "127.0.0.1\t"])  # refused as userinfo, port 0, tab
+def test_userinfo_refusal_does_not_echo_the_credentials(userinfo, secret, host, allowed):
+    with pytest.raises(FetchError) as raised:
+        fetch_image(f"http://{userinfo}@{host.format(allowed=allowed.host)}/raw/x.png", None, settings(allowed.host))
+    assert secret not in str(raised.value)
+    assert allowed.requests == []
+
+
 def test_equivalent_spellings_of_an_allowed_host_are_still_allowed(allowed):
     port = allowed.host.rsplit(":", 1)[1]
     image = allowed.files["/raw/x.png"]

@@ -82,6 +82,9 @@ def test_debug_fetch_logs_no_signatures_passwords_or_keys(debug_logs, caplog):
     ("GET /img?token=s3cr3tvalue HTTP/1.1", "s3cr3tvalue"),
     ("url: http://admin:pa55word!@ls.local:8080/data/upload/1/x.png", "pa55word!"),
     ("Starting https://user:pw%40x@host/", "pw%40x"),
+    ("url: http://admin:p@ss-w0rd-tail@host/x.png", "ss-w0rd-tail"),  # an unencoded "@": the last one ends it
+    ("url: https://ghp_t0kenAsUserName0123@host/x.png", "ghp_t0kenAsUserName0123"),  # a token as the user name
+    ("GET HTTP://u:pw\\x@y@host/", "x@y"),
     ("'Authorization': 'JWT abc.def.ghi'", "abc.def.ghi"),
     ("Authorization: 0123456789abcdef", "0123456789abcdef"),
 ])
@@ -95,6 +98,7 @@ def test_secret_shapes_are_redacted(line, secret):
     "task 17: no prediction: can't reach the image at 'http://example.com/x.png'",
     "http://127.0.0.1:8080/data/local-files/?d=dir/x.png",
     "https://host/x.png?size=10&design=flat",
+    "http://host/users/@me/x.png and mail a@b.c",
 ])
 def test_ordinary_lines_are_left_alone(line):
     assert redact(line) == line
