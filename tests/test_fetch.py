@@ -76,6 +76,7 @@ class FakeLabelStudio:
         self.tasks: dict[int, dict[str, Any]] = {}
         self.projects: dict[int, dict[str, Any]] = {}
         self.presign_target: str | None = None  # where /tasks/<id>/presign/ redirects
+        self.presign_status = 303  # ... and with which status (301, 302, 303, 307, 308)
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
         self.access_lifetime = 300.0
         self.access_epoch = 0  # bump to invalidate every access token issued so far
@@ -198,7 +199,7 @@ class FakeLabelStudio:
                     return self._send(200, fake.files[key], "image/png")
                 if path.startswith("/tasks/") and path.endswith("/presign/"):
                     uri = base64.urlsafe_b64decode(query["fileuri"][0]).decode()
-                    return self._send(303, headers={"Location": f"{fake.presign_target}?uri={uri}"})
+                    return self._send(fake.presign_status, headers={"Location": f"{fake.presign_target}?uri={uri}"})
                 if path.startswith("/api/tasks/"):
                     task = fake.tasks.get(int(path.rstrip("/").rsplit("/", 1)[1]))
                     return self._json(200, task) if task else self._json(404, {"detail": "Not found."})

@@ -111,6 +111,23 @@ BYPASSES = [
     "//{other}/raw/x.png",
     "http:/{other}/raw/x.png",
     "http:\\\\{other}/raw/x.png",
+    # other spellings of the loopback address: another host to the allow-list, refused unless listed
+    "http://2130706433:{other_port}/raw/x.png",
+    "http://0177.0.0.1:{other_port}/raw/x.png",
+    "http://0x7f.1:{other_port}/raw/x.png",
+    "http://127.1:{other_port}/raw/x.png",
+    "http://0.0.0.0:{other_port}/raw/x.png",
+    "http://[::1]:{other_port}/raw/x.png",
+    "http://[::ffff:7f00:1]:{other_port}/raw/x.png",
+    "http://[0:0:0:0:0:ffff:127.0.0.1]:{other_port}/raw/x.png",
+    "http://[::127.0.0.1]:{other_port}/raw/x.png",
+    "http://[64:ff9b::7f00:1]:{other_port}/raw/x.png",
+    "http://[2002:7f00:1::]:{other_port}/raw/x.png",
+    "http://[fe80::1%25lo]:{other_port}/raw/x.png",
+    "http://{allowed_host}:{other_port}:/raw/x.png",
+    "http://{other}%40{allowed}/raw/x.png",
+    "http://{other}%2540{allowed}/raw/x.png",
+    "https://{allowed_host}:{other_port}/raw/x.png",
 ]
 
 
@@ -276,6 +293,38 @@ def test_key_path_refusals_name_what_was_wrong(path, query, reason):
 def test_key_paths_with_non_ascii_file_names_are_still_allowed():
     for path in ("/data/upload/1/ｃａｔ.png", "/data/upload/1/%E7%8C%AB.png", "/data/upload/1/a%252520b.png"):
         assert key_path_refusal(path, None) is None
+
+
+REDIRECT_STATUSES = [301, 302, 303, 307, 308]
+
+
+@pytest.mark.parametrize("status", REDIRECT_STATUSES)
+@pytest.mark.parametrize("target", [
+    "../../../api/current-user/token",  # relative to /tasks/7/presign/
+    "/api/current-user/token",
+    "{ls}/api/current-user/token",
+    "/data/upload/%2e%2e/%2e%2e/api/current-user/token",
+    "/data/upload/..%EF%BC%8F..%EF%BC%8Fapi/current-user/token",  # full-width solidus (a header is latin-1)
+    "/data/upload/%c0%ae%c0%ae/%c0%ae%c0%ae/api/current-user/token",
+])
+def test_label_studio_redirecting_to_itself_keeps_the_key_on_media_routes(status, target, ls, monkeypatch):
+    monkeypatch.setattr(ls, "presign_target", target.format(ls=ls.url))
+    monkeypatch.setattr(ls, "presign_status", status)
+    with pytest.raises(URLNotAllowedError, match="refusing to send the Label Studio API key"):
+        fetch_image("s3://bucket/x.png", client_for(ls), settings(), task_id=7)
+    assert not any("current-user" in path for _, path, _ in ls.requests)
+
+
+@pytest.mark.parametrize("status", REDIRECT_STATUSES)
+@pytest.mark.parametrize("target", ["{unlisted}/raw/x.png", "http://localhost:{ls_port}/raw/x.png"])
+def test_label_studio_redirecting_elsewhere_sends_no_key(status, target, ls, unlisted, monkeypatch):
+    """A presigned hop to another origin (another host, or Label Studio's own server under another
+    name) goes without the key, whatever the redirect's status."""
+    monkeypatch.setattr(ls, "presign_target", target.format(unlisted=unlisted.url, ls_port=ls.host.rsplit(":", 1)[1]))
+    monkeypatch.setattr(ls, "presign_status", status)
+    assert fetch_image("s3://bucket/x.png", client_for(ls), settings(), task_id=7)
+    hops = [auth for server in (ls, unlisted) for _, path, auth in server.requests if path.startswith("/raw/")]
+    assert hops == [None]
 
 
 def test_traversal_is_refused_with_a_403_naming_the_media_routes(ls):
