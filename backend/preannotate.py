@@ -165,7 +165,8 @@ def preannotate(client: LabelStudioClient, project: int, model: GroundedSamModel
         ``Summary`` of the run (``interrupted`` after Ctrl-C: what was predicted is written).
     Raises:
         LabelStudioError: Label Studio unreachable, the key rejected, no such project.
-        ValueError: a config without BrushLabels, a prompt matching no label (BadRequest).
+        ValueError: a config without BrushLabels, a prompt matching no label (BadRequest), a phrase
+            longer than Grounding DINO reads in one pass (PromptError).
     """
     from .label_config import parse_label_config
     from .project_state import project_key
@@ -185,6 +186,8 @@ def preannotate(client: LabelStudioClient, project: int, model: GroundedSamModel
     parsed = parse_label_config(str(config))
     given = PromptInput(tuple(split_typed_prompt(prompt)) if prompt and prompt.strip() else None)
     plan = check_prompt_labels(parsed, model.plan_for(key, parsed, given))
+    # Phrases the text encoder can't read are dropped, and one too long for a pass fails, here too.
+    plan = model.readable_plan(model.engine.get(timeout=model.settings.engine_wait_s), plan)
     logger.info("project %s: prompt %s (from %s), model %s", project, list(plan.phrases), plan.source, version)
 
     listed = list_tasks(client, project, version, limit)

@@ -261,6 +261,7 @@ def test_personal_access_token(label_studio: LabelStudioServer, photos: list[Pat
     ("wrong-key", "rejected LABEL_STUDIO_API_KEY (HTTP 401)"),
     ("no-project", "no such object"),
     ("unknown-prompt", "unknown labels"),
+    ("long-label", "Grounding DINO reads at most 256 per pass"),
 ])
 def test_bad_input_is_one_clear_message(label_studio: LabelStudioServer, quick_engine: Any, case: str, expected: str,
                                         jobs_db: str, capsys: pytest.CaptureFixture[str],
@@ -273,6 +274,9 @@ def test_bad_input_is_one_clear_message(label_studio: LabelStudioServer, quick_e
     if case == "no-brush":
         config = ('<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
                   '<Choice value="a"/></Choices></View>')
+    if case == "long-label":  # no split into passes can help a label longer than one pass
+        config = CONFIG.replace('<Label value="tabby cat"/>', f'<Label value="{" ".join(["tabby"] * 300)}"/>')
+        assert config != CONFIG
     pid = create_project(ls, config, title=f"preannotate-{case}")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-a-valid-token-0123" if case == "wrong-key" else ls.token)
     args = ["--project", str(pid + 1000 if case == "no-project" else pid), "--url", ls.url, "--no-progress"]
