@@ -30,7 +30,8 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
                    "mask IoU vs torch fp32 on the same boxes", "SAM encoder (openvino) with capture / without",
                    "OpenVINO capture graph: conversion", "OpenVINO plain graph: conversion", "cache on disk",
                    "OpenVINO dino_text graph: conversion", "OpenVINO dino_image graph: conversion",
-                   "mask IoU, SAM bf16 vs fp32, same boxes (mean)", "ours re-prompt"):
+                   "mask IoU, SAM bf16 vs fp32, same boxes (mean)", "ours re-prompt",
+                   "new threshold (same image + text) / cold"):
         assert figure in proc.stdout, f"{figure!r} missing from the report:\n{proc.stdout}"
     data = json.loads(out.read_text())
     # OpenVINO f32 against torch fp32 on the same boxes: the same masks.
@@ -41,8 +42,10 @@ def test_bench_smoke_runs_and_reports(tiny_cache, tmp_path):
     assert rows["ours_reprompt_boxes"][0] == int(rows["ours_reprompt_boxes"][0]) >= 0  # a count, logged per repeat
     # Same weights, same photo: the engine's masks are the reference chain's.
     assert rows["mask_iou"][0] >= 0.99
-    for key in ("reference_cold", "ours_cold", "ours_reprompt", "ours_explain_cached"):
+    for key in ("reference_cold", "ours_cold", "ours_reprompt", "ours_threshold", "ours_explain_cached"):
         assert rows[key][0] > 0 and math.isfinite(rows[key][0])
+    # A looser threshold keeps every box of the stricter one (its text half comes from the cache).
+    assert rows["ours_threshold_boxes"][0] >= rows["ours_reprompt_boxes"][0]
     # An already-explained task comes from the cache: far below a cold run even on tiny models.
     assert rows["ours_explain_cached"][0] < rows["ours_cold"][0] / 5
     memory = data["notes"]["memory"]
