@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from backend.fetch import FetchSettings, URLNotAllowedError, fetch_image
+from backend.fetch import URLNotAllowedError, fetch_image
 from backend.fetch_guard import key_path_refusal
-from backend.ls_api import Credentials, LabelStudioClient
-from tests.test_fetch import LEGACY_TOKEN, FakeLabelStudio, png_bytes
+from tests.test_fetch import FakeLabelStudio, png_bytes
+from tests.test_fetch_guard import client_for, settings
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,6 @@ def ls(_servers):
 def unlisted(_servers):
     _servers[1].requests.clear()
     return _servers[1]
-
-
-def client_for(server: FakeLabelStudio) -> LabelStudioClient:
-    return LabelStudioClient(Credentials(server.url, LEGACY_TOKEN))
-
-
-def settings() -> FetchSettings:
-    return FetchSettings(max_bytes=1 << 20, timeout=5)
 
 
 @pytest.mark.parametrize("path, query, reason", [
