@@ -160,14 +160,14 @@ def test_task_of_a_killed_worker_is_claimed_again_after_its_lease(db_url: str) -
 def test_restart_reclaims_a_killed_local_workers_tasks_without_waiting_for_the_lease(db_url: str) -> None:
     """A backend killed with SIGKILL and restarted on the same host: its runner's claims (named by
     ``worker_name``: host, pid, process start) come back at once; a live runner's stay its own."""
-    from backend.jobs.runner import worker_gone, worker_name
+    from backend.jobs.workers import worker_gone, worker_name
 
     store = JobStore(db_url)
     job = store.create_job("7", "v1", tasks(range(4))).job_id
     assert job is not None
     worker = run_python("""
         import sys, time
-        from backend.jobs.runner import worker_name
+        from backend.jobs.workers import worker_name
         from backend.jobs.store import JobStore
         name = worker_name()
         JobStore(sys.argv[1]).claim_tasks(sys.argv[2], 2, name, lease_s=600)

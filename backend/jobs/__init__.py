@@ -10,6 +10,7 @@ Modules:
               config and credentials, shared by every worker
     writer    write_predictions: bulk ``import/predictions`` in chunks, skipping tasks that already
               have a prediction of the version; 401/403 -> LabelStudioAuthError
+    workers   worker_name / worker_gone: who holds a lease, and whether its process is dead
     runner    JobRunner: claim, predict (a TaskPredictor), buffer, write, record; start()/stop() for
               a background thread that resumes unfinished jobs, run_job()/run_until_idle() for a CLI
 

@@ -36,8 +36,9 @@ from ..fetch import FetchError
 from ..images import ImageError
 from ..label_config import TaskDataError
 from ..ls_api import Credentials, LabelStudioAuthError, LabelStudioClient, LabelStudioError
-from .runner import PermanentTaskError, worker_name
+from .runner import PermanentTaskError
 from .store import ACTIVE_JOB_STATES, ClaimedTask, Job, JobStore, JsonObject
+from .workers import worker_name
 from .writer import DEFAULT_CHUNK, has_prediction_of, tasks_with_prediction, write_predictions
 
 if TYPE_CHECKING:

@@ -20,8 +20,9 @@ import re
 import socket
 
 from .ray_runner import RaySettings, run_job_on_ray
-from .runner import DEFAULT_POLL_S, JobThread, worker_name
+from .runner import DEFAULT_POLL_S, JobThread
 from .store import JobStore
+from .workers import worker_name
 
 logger = logging.getLogger(__name__)
 

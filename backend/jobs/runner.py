@@ -13,7 +13,11 @@ predicting them again, and the writer checks once more before writing.
 Failure policy: a task that fails is retried (after a back-off) until it has used the store's
 ``max_attempts``, unless its data is wrong (``PermanentTaskError``, an undecodable image, a task
 without the image the config names): no retry fixes that; a prediction Label Studio refuses
-fails its task for good; Label Studio unreachable makes the batch retryable; a rejected key
+fails its task for good. Label Studio unreachable or unavailable (restarting: refused connections,
+timeouts, 502/503/504, 429) is no fault of the tasks: they go back untried, after a growing back-off,
+so a restart never burns their attempts, and a job that has waited OUTAGE_GIVE_UP_S for it stops with
+the reason (its tasks kept for a later Retrieve). A cancelled job writes nothing more, even what was
+predicted before the cancel. A rejected key
 (``LabelStudioAuthError``, from the writer or the predictor's image download) or a model version that
 no longer matches the job's stops the whole job with the reason on it, so it never spins.
 """
@@ -21,15 +25,11 @@ no longer matches the job's stops the whole job with the reason on it, so it nev
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from ..fetch import FetchError
@@ -37,9 +37,18 @@ from ..images import ImageError
 from ..label_config import TaskDataError
 from ..ls_api import LabelStudioAuthError, LabelStudioClient, LabelStudioError
 from .store import ACTIVE_JOB_STATES, DEFAULT_LEASE_S, ClaimedTask, Job, JobProgress, JobStore, JsonObject
-from .writer import DEFAULT_CHUNK, tasks_with_prediction, write_predictions
+from .workers import worker_gone, worker_name
+from .writer import (
+    DEFAULT_CHUNK,
+    DEFAULT_CHUNK_BYTES,
+    LabelStudioUnavailable,
+    entry_bytes,
+    tasks_with_prediction,
+    write_predictions,
+)
 
 logger = logging.getLogger(__name__)
+
 
 # Tasks claimed and predicted at a time by one runner.
 DEFAULT_BATCH = 8
@@ -50,6 +59,11 @@ DEFAULT_FLUSH_S = 30.0
 WRITE_QUEUE = 2
 # How long an idle runner sleeps before looking for work again (``wake()`` cuts it short).
 DEFAULT_POLL_S = 2.0
+# Label Studio unavailable: a job's tasks wait this long, doubling per failed try up to the maximum ...
+OUTAGE_BACKOFF_S = 5.0
+MAX_OUTAGE_BACKOFF_S = 120.0
+# ... and the job stops (failed, with the reason) once Label Studio has been unavailable this long.
+OUTAGE_GIVE_UP_S = 1800.0
 
 
 class TaskPredictor(Protocol):
@@ -155,42 +169,7 @@ class _Unwritten:
     entries: dict[int, Mapping[str, Any]] = field(default_factory=dict)
     items: dict[int, ClaimedTask] = field(default_factory=dict)
     since: float = field(default_factory=time.monotonic)
-
-
-def worker_name() -> str:
-    """Unique per runner: host, process id, the process's start time (a reused pid is another
-    process) and a random part (two runners in one process differ)."""
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_started(pid)}:{uuid.uuid4().hex[:6]}"
-
-
-def _process_started(pid: int) -> str:
-    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22); "" where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
-    return fields[19] if len(fields) > 19 else ""
-
-
-def worker_gone(owner: str) -> bool:
-    """True when ``owner`` (a ``worker_name``) is a runner of a process on this host that no longer
-    runs (killed, crashed): its claims need not wait for their leases to run out. False when that
-    can't be told (another host, an unknown name): the lease decides."""
-    host, _, rest = owner.partition(":")
-    parts = rest.split(":")
-    if host != socket.gethostname() or len(parts) != 3 or not parts[0].isdigit():
-        return False
-    pid, started = int(parts[0]), parts[1]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        pass
-    now = _process_started(pid)
-    return bool(started and now) and now != started  # the pid was reused by another process
+    size: int = 0  # about how many bytes the entries take in a bulk request (``entry_bytes``)
 
 
 class JobRunner(JobThread):
@@ -205,14 +184,19 @@ class JobRunner(JobThread):
         batch_size: tasks claimed and predicted at a time.
         chunk_size: predictions per bulk request to Label Studio; made predictions wait until there
             are this many, or the oldest is ``flush_s`` old, or there is nothing more to claim.
+        chunk_bytes: about the most bytes of predictions per bulk request, and held unwritten.
         lease_s: how long a claim lasts; renewed while tasks are in hand.
         poll_s: idle wait between looks for work.
+        outage_backoff_s, outage_give_up_s: Label Studio unavailable: the first wait (doubling up to
+            MAX_OUTAGE_BACKOFF_S), and how long a job waits for it in all before it stops.
     """
 
     def __init__(self, store: JobStore, predict: TaskPredictor, client_factory: ClientFactory, *,
                  batch_size: int = DEFAULT_BATCH, chunk_size: int = DEFAULT_CHUNK,
                  lease_s: float = DEFAULT_LEASE_S, poll_s: float = DEFAULT_POLL_S,
-                 flush_s: float = DEFAULT_FLUSH_S, worker_id: str | None = None) -> None:
+                 flush_s: float = DEFAULT_FLUSH_S, worker_id: str | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, outage_backoff_s: float = OUTAGE_BACKOFF_S,
+                 outage_give_up_s: float = OUTAGE_GIVE_UP_S) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         super().__init__(store, poll_s)
@@ -222,6 +206,11 @@ class JobRunner(JobThread):
         self.chunk_size = chunk_size
         self.lease_s = lease_s
         self.flush_s = flush_s
+        self.chunk_bytes = chunk_bytes
+        self.outage_backoff_s = outage_backoff_s
+        self.outage_give_up_s = outage_give_up_s
+        # job id -> (when Label Studio first failed it, tries since): reset by any answer from it.
+        self._outages: dict[str, tuple[float, int]] = {}
         self._unwritten: _Unwritten | None = None
         # Writing a chunk costs Label Studio about as long as predicting it with the tiny models, so a
         # writer thread stores one chunk while the next is predicted.
@@ -373,7 +362,9 @@ class JobRunner(JobThread):
                 for task_id, entry in entries.items():
                     unwritten.entries[task_id] = entry
                     unwritten.items[task_id] = unfinished.pop(task_id)
-                if len(unwritten.entries) >= self.chunk_size or time.monotonic() - unwritten.since >= self.flush_s:
+                    unwritten.size += entry_bytes(entry)
+                if (len(unwritten.entries) >= self.chunk_size or unwritten.size >= self.chunk_bytes
+                        or time.monotonic() - unwritten.since >= self.flush_s):
                     self.flush()
         except JobStopped as exc:
             self._job_stopped(job, exc)
@@ -399,10 +390,16 @@ class JobRunner(JobThread):
             have = tasks_with_prediction(client, _project_id(job), list(unfinished), job.model_version)
         except LabelStudioAuthError as exc:
             raise JobStopped(str(exc)) from exc
-        except LabelStudioError as exc:  # unreachable: the write would fail too; try the batch later
+        except LabelStudioUnavailable as exc:  # the write would fail too: try the batch later
+            self._unavailable(job, [item.task_id for item in claimed], exc)  # raises JobStopped at the limit
+            for item in claimed:
+                unfinished.pop(item.task_id)
+            return []
+        except LabelStudioError as exc:  # an error answer: retry, spending an attempt
             for item in claimed:
                 self._failed(job, unfinished.pop(item.task_id), str(exc), retryable=True)
             return []
+        self._outages.pop(job.id, None)
         if have:
             self.store.mark_done(job.id, sorted(have))
             for task_id in have:
@@ -447,15 +444,24 @@ class JobRunner(JobThread):
 
     def _write(self, job: Job, client: LabelStudioClient, entries: dict[int, Mapping[str, Any]],
                unfinished: dict[int, ClaimedTask]) -> None:
+        if self.store.job_state(job.id) not in ACTIVE_JOB_STATES:
+            # Cancelled (or stopped) after these were predicted: a cancel means nothing more is written.
+            logger.info("job %s is no longer active: %d prediction(s) not written", job.id, len(entries))
+            return
         self.store.renew(job.id, list(entries), self.worker_id, self.lease_s)
         try:
-            outcome = write_predictions(client, _project_id(job), entries, job.model_version, self.chunk_size)
+            outcome = write_predictions(client, _project_id(job), entries, job.model_version, self.chunk_size,
+                                        self.chunk_bytes)
         except LabelStudioAuthError as exc:
             raise JobStopped(str(exc)) from exc
-        except LabelStudioError as exc:  # unreachable or failing: worth another try later
+        except LabelStudioUnavailable as exc:  # restarting or overloaded: not the tasks' fault
+            self._unavailable(job, list(entries), exc)
+            return
+        except LabelStudioError as exc:  # failing: worth another try later
             for task_id in entries:
                 self._failed(job, unfinished.pop(task_id), str(exc), retryable=True)
             return
+        self._outages.pop(job.id, None)
         self.store.mark_done(job.id, outcome.written + outcome.skipped)
         for task_id in outcome.written + outcome.skipped:
             unfinished.pop(task_id, None)
@@ -464,6 +470,22 @@ class JobRunner(JobThread):
         if outcome.skipped:
             logger.info("job %s: %d task(s) already had a prediction of %s", job.id, len(outcome.skipped),
                         job.model_version)
+
+    def _unavailable(self, job: Job, task_ids: list[int], exc: LabelStudioError) -> None:
+        """Label Studio is unavailable: hand ``task_ids`` back untried (their attempts are for faults of
+        their own) to wait a growing back-off; stop the job once it has waited ``outage_give_up_s``."""
+        now = time.monotonic()
+        first, tries = self._outages.get(job.id, (now, 0))
+        if now - first >= self.outage_give_up_s:
+            self._outages.pop(job.id, None)
+            raise JobStopped(f"{exc}; Label Studio has been unavailable for {now - first:.0f} s (the limit is "
+                             f"{self.outage_give_up_s:g} s), so the job stops; its unfinished tasks get "
+                             "predictions from the next Retrieve once Label Studio is back")
+        self._outages[job.id] = (first, tries + 1)
+        delay = min(self.outage_backoff_s * 2 ** tries, MAX_OUTAGE_BACKOFF_S)
+        reason = f"waiting for Label Studio (retry in {delay:.3g} s): {exc}"
+        self.store.release(job.id, task_ids, self.worker_id, delay_s=delay, reason=reason)
+        logger.warning("job %s: %d task(s) wait %.3g s for Label Studio: %s", job.id, len(task_ids), delay, exc)
 
     def _failed(self, job: Job, item: ClaimedTask, reason: str, retryable: bool) -> None:
         state = self.store.mark_failed(job.id, item.task_id, reason, retryable=retryable, worker_id=self.worker_id)

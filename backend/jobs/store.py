@@ -384,18 +384,23 @@ class JobStore:
             self._settle(conn, job_id, now)
         return PENDING if again else FAILED
 
-    def release(self, job_id: str, task_ids: Sequence[int], worker_id: str) -> None:
-        """Hand claimed tasks back untried (cancel, shutdown, a stopped job): the claim's attempt is
-        not counted."""
+    def release(self, job_id: str, task_ids: Sequence[int], worker_id: str, *, delay_s: float = 0.0,
+                reason: str | None = None) -> None:
+        """Hand claimed tasks back untried (cancel, shutdown, a stopped job, Label Studio unavailable):
+        the claim's attempt is not counted. ``delay_s``: not claimable before then (waiting for Label
+        Studio to come back); ``reason``: shown as the tasks' error meanwhile."""
         if not task_ids:
             return
         now = self.clock()
         t = job_tasks_table
+        extra: JsonObject = {"not_before": now + delay_s} if delay_s > 0 else {}
+        if reason is not None:
+            extra["last_error"] = reason
         with self._write() as conn:
             conn.execute(t.update().where(
                 t.c.job_id == job_id, t.c.task_id.in_(list(task_ids)), t.c.state == RUNNING,
                 t.c.lease_owner == worker_id).values(
-                state=PENDING, lease_owner=None, lease_expires=None, updated=now,
+                state=PENDING, lease_owner=None, lease_expires=None, updated=now, **extra,
                 attempts=sa.func.max(t.c.attempts - 1, 0) if self.engine.dialect.name == "sqlite"
                 else sa.func.greatest(t.c.attempts - 1, 0)))
 

@@ -14,6 +14,14 @@ whose result fails the labeling config's validation is silently dropped (``creat
 writer splits a rejected chunk to find the bad task, and re-checks the tasks of a short chunk to name
 the ones Label Studio dropped. A 401 or 403 (wrong, expired or revoked key; no access to the project)
 raises ``LabelStudioAuthError``: no retry fixes it, so the job stops.
+
+Size: a chunk is bounded by bytes (``DEFAULT_CHUNK_BYTES``) as well as by count, since brush masks of
+12-megapixel images make long RLE lists; a chunk refused as too large (HTTP 413, from Label Studio or
+the reverse proxy in front of it, e.g. nginx's ``client_max_body_size``) or failing with HTTP 500 is
+split like a rejected one, so one prediction can't take its chunk's others down with it; one that is
+too large alone is rejected, naming the limit. Label Studio unreachable, timing out, or answering
+429/502/503/504 (restarting, overloaded) raises ``LabelStudioUnavailable``: nothing is wrong with the
+tasks, so the runner waits and tries again without spending their attempts.
 """
 
 from __future__ import annotations
@@ -33,10 +41,21 @@ from ..ls_api import API_KEY_HELP, LabelStudioAuthError, LabelStudioClient, Labe
 # every task) against ~300 ms for one POST /api/predictions/ per task, and ~200 ms per real-size brush
 # mask either way; so chunks need not be huge, and a small one keeps the last write of a job short.
 DEFAULT_CHUNK = 20
+# ... and at most about this many bytes of JSON per bulk request (a single larger prediction goes
+# alone): below nginx's common client_max_body_size settings and far below Label Studio's own
+# DATA_UPLOAD_MAX_MEMORY_SIZE (250 MB), and it bounds what a runner holds in memory.
+DEFAULT_CHUNK_BYTES = 8 << 20
+# Answers that mean "not now" rather than "not this": wait and retry without counting an attempt.
+_UNAVAILABLE = frozenset({429, 502, 503, 504})
 # The task list is paged; Label Studio may cap page_size (TASK_API_PAGE_SIZE_MAX).
 _PAGE_SIZE = 100
 
 _local = threading.local()  # one HTTP session per thread (keep-alive without sharing a Session)
+
+
+class LabelStudioUnavailable(LabelStudioError):
+    """Label Studio can't be reached, timed out, or said it is unavailable (HTTP 429/502/503/504):
+    it is restarting or overloaded, and nothing is wrong with the tasks; try again later."""
 
 
 @dataclass
@@ -65,8 +84,8 @@ def _request(client: LabelStudioClient, method: str, path: str, what: str, *,
              params: Mapping[str, str | int] | None = None, body: Any = None) -> requests.Response:
     """One API call with the client's auth; a PAT's access token is refreshed once after a 401.
 
-    Raises LabelStudioAuthError on 401/403, LabelStudioError when Label Studio can't be reached;
-    any other answer is returned for the caller to judge.
+    Raises LabelStudioAuthError on 401/403, LabelStudioUnavailable when Label Studio can't be reached
+    or answers 429/502/503/504; any other answer is returned for the caller to judge.
     """
     url = f"{client.url}/{path.lstrip('/')}"
     for attempt in (1, 2):
@@ -74,8 +93,8 @@ def _request(client: LabelStudioClient, method: str, path: str, what: str, *,
             response = _session().request(method, url, params=params, json=body, headers=client.auth_header(),
                                           timeout=client.timeout)
         except requests.RequestException as exc:
-            raise LabelStudioError(f"can't reach Label Studio at {client.url} while {what}: "
-                                   f"{type(exc).__name__}") from exc
+            raise LabelStudioUnavailable(f"can't reach Label Studio at {client.url} while {what}: "
+                                         f"{type(exc).__name__}") from exc
         if response.status_code == 401 and attempt == 1 and client.is_pat:
             client.invalidate()  # the access token expired: refresh once
             continue
@@ -85,6 +104,9 @@ def _request(client: LabelStudioClient, method: str, path: str, what: str, *,
             raise LabelStudioAuthError(
                 f"Label Studio at {client.url} refused access (HTTP 403) while {what}: the key's user may not "
                 f"see or change this project; {API_KEY_HELP}")
+        if response.status_code in _UNAVAILABLE:
+            raise LabelStudioUnavailable(f"Label Studio at {client.url} is unavailable (HTTP {response.status_code}) "
+                                         f"while {what}: {_detail(response)}")
         return response
     raise AssertionError("unreachable")
 
@@ -153,8 +175,33 @@ def tasks_with_prediction(client: LabelStudioClient, project: int, task_ids: Seq
     return found & set(ids)
 
 
+def entry_bytes(entry: Mapping[str, Any]) -> int:
+    """About how many bytes of a bulk request ``entry`` (a /predict entry) takes."""
+    return len(json.dumps(list(entry.get("result") or []), separators=(",", ":"))) + 100
+
+
+def chunked(predictions: Mapping[int, Mapping[str, Any]], chunk_size: int = DEFAULT_CHUNK,
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[list[int]]:
+    """The task ids of ``predictions`` in chunks of at most ``chunk_size`` and about ``chunk_bytes``
+    (a larger prediction is a chunk of its own)."""
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    size = 0
+    for task_id, entry in predictions.items():
+        n = entry_bytes(entry)
+        if chunk and (len(chunk) >= chunk_size or size + n > chunk_bytes):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(task_id)
+        size += n
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
 def write_predictions(client: LabelStudioClient, project: int, predictions: Mapping[int, Mapping[str, Any]],
-                      model_version: str, chunk_size: int = DEFAULT_CHUNK) -> WriteOutcome:
+                      model_version: str, chunk_size: int = DEFAULT_CHUNK,
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> WriteOutcome:
     """Store one prediction of ``model_version`` per task that has none yet, in bulk chunks.
 
     Arguments:
@@ -164,18 +211,18 @@ def write_predictions(client: LabelStudioClient, project: int, predictions: Mapp
             is replaced by ``model_version`` so every stored prediction carries the job's.
         model_version: the version the job predicts with.
         chunk_size: predictions per request.
+        chunk_bytes: about the most bytes per request (a larger prediction goes alone).
     Returns:
         ``WriteOutcome``: every task is in exactly one of written, skipped, rejected.
     Raises:
         LabelStudioAuthError: the key was rejected (401/403): stop the job.
-        LabelStudioError: Label Studio unreachable or failing (5xx): retry later.
+        LabelStudioUnavailable: Label Studio unreachable, restarting or overloaded: retry later.
+        LabelStudioError: Label Studio failing otherwise (no such project, a lone prediction's 500).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     outcome = WriteOutcome()
-    task_ids = list(predictions)
-    for start in range(0, len(task_ids), chunk_size):
-        chunk = task_ids[start:start + chunk_size]
+    for chunk in chunked(predictions, chunk_size, chunk_bytes):
         have = tasks_with_prediction(client, project, chunk, model_version)
         outcome.skipped += [t for t in chunk if t in have]
         todo = [t for t in chunk if t not in have]
@@ -186,23 +233,31 @@ def write_predictions(client: LabelStudioClient, project: int, predictions: Mapp
 
 def _import(client: LabelStudioClient, project: int, predictions: Mapping[int, Mapping[str, Any]],
             model_version: str) -> WriteOutcome:
-    """One bulk import; a chunk Label Studio rejects (HTTP 400) is split until the bad task is alone."""
+    """One bulk import; a chunk Label Studio rejects (HTTP 400), refuses as too large (413) or fails on
+    (500) is split until the bad task is alone: one prediction never costs the others theirs."""
     body = [{"task": int(task_id), "result": list(entry.get("result") or []), "score": entry.get("score"),
              "model_version": model_version} for task_id, entry in predictions.items()]
     what = f"storing {len(body)} predictions in project {project}"
     response = _request(client, "POST", f"/api/projects/{int(project)}/import/predictions", what, body=body)
-    if response.status_code == 400:
+    del body  # the chunk's JSON: don't hold it through the halves' requests
+    status = response.status_code
+    if status in (400, 413) or (status >= 500 and len(predictions) > 1):
         ids = list(predictions)
         if len(ids) == 1:
+            if status == 413:
+                return WriteOutcome(rejected={ids[0]: (
+                    "the prediction is too large for Label Studio to accept (HTTP 413 for one prediction of "
+                    f"{entry_bytes(predictions[ids[0]]):,} bytes): raise the request body limit of Label Studio "
+                    "or of the proxy in front of it (nginx client_max_body_size, DATA_UPLOAD_MAX_MEMORY_SIZE)")})
             return WriteOutcome(rejected={ids[0]: f"Label Studio rejected the prediction: {_detail(response)}"})
         half = len(ids) // 2
         outcome = _import(client, project, {t: predictions[t] for t in ids[:half]}, model_version)
         outcome.merge(_import(client, project, {t: predictions[t] for t in ids[half:]}, model_version))
         return outcome
-    if response.status_code == 404:
+    if status == 404:
         raise LabelStudioError(f"Label Studio at {client.url} has no project {project} (HTTP 404) while {what}")
     if not response.ok:
-        raise LabelStudioError(f"Label Studio at {client.url} answered HTTP {response.status_code} while "
+        raise LabelStudioError(f"Label Studio at {client.url} answered HTTP {status} while "
                                f"{what}: {_detail(response)}")
     try:
         created = int(response.json()["created"])
