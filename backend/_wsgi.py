@@ -30,7 +30,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .detector import PromptError
 from .engine_holder import EngineHolder
-from .errors import BadRequest, EngineNotReady
+from .errors import BadRequest, EngineNotReady, NotFound
 from .fetch import FetchError, FetchTimeoutError, ImageDataError, ImageTooLargeError, ImageURLError, URLNotAllowedError
 from .images import ImageError
 from .json_input import JsonInputError, parse_json
@@ -89,6 +89,8 @@ class _InOrderJSON(DefaultJSONProvider):
 def _status_for(exc: BaseException) -> int:
     if isinstance(exc, (BadRequest, JsonInputError, LabelConfigError, PromptError)):
         return 400
+    if isinstance(exc, NotFound):  # a task or project id Label Studio doesn't have
+        return 404
     if isinstance(exc, URLNotAllowedError):  # a host, credentials or Label Studio path we must not use
         return 403
     if isinstance(exc, ImageTooLargeError):

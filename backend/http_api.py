@@ -40,12 +40,12 @@ from .api_schema import (
     TokenScoreJson,
 )
 from .detector import parse_prompt
-from .errors import BadRequest
+from .errors import BadRequest, NotFound
 from .fetch import ImageTooLargeError, decode_base64, decode_data_url, fetch_image
 from .heatmaps import LEGEND, MASK_MAPS, WORKING_SIDE, token_map_png
 from .images import working_size
 from .label_config import LabelConfig, parse_label_config
-from .ls_api import LabelStudioClient, LabelStudioError
+from .ls_api import LabelStudioClient, LabelStudioError, LabelStudioNotFound
 from .ls_results import prediction, segments_to_results
 from .project_state import project_key
 from .prompts import PromptInput, PromptPlan, parse_threshold, split_typed_prompt
@@ -174,14 +174,22 @@ def _task_and_config(task_id: int) -> tuple[dict[str, Any], LabelConfig, LabelSt
     # ?project=<id> (the explain UI passes it) picks that project's /setup connection to Label Studio.
     hint = _project_id(request.args.get("project") or None)
     client = _ls_client(hint)
-    task = client.get_task(task_id)
+    try:
+        task = client.get_task(task_id)
+    except LabelStudioNotFound:  # the id typed or linked is wrong: a 404 of ours, not Label Studio failing (502)
+        raise NotFound(f"Label Studio at {client.url} has no task {task_id} (or its API key can't see it): "
+                       "check the Task ID") from None
     try:
         project = _project_id(task.get("project")) or hint
     except BadRequest as exc:  # Label Studio's answer, not the request, is wrong
         raise LabelStudioError(f"Label Studio sent task {task_id} with a malformed project: {exc}") from None
     schema = model.memory.get(project).label_config
     if not schema and project is not None:
-        schema = client.get_project(int(project)).get("label_config")
+        try:
+            schema = client.get_project(int(project)).get("label_config")
+        except LabelStudioNotFound:
+            raise NotFound(f"Label Studio at {client.url} has no project {project} (or its API key can't see it): "
+                           "check the Project") from None
     if not schema:
         raise LabelStudioError(f"can't find the labeling config of task {task_id}'s project")
     return task, parse_label_config(schema), client

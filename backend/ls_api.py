@@ -40,6 +40,11 @@ class LabelStudioError(RuntimeError):
     """Label Studio could not be reached or answered with an error."""
 
 
+class LabelStudioNotFound(LabelStudioError):
+    """Label Studio has no such object (HTTP 404): a task or project id that doesn't exist, or one the
+    API key's organisation can't see."""
+
+
 class LabelStudioAuthError(LabelStudioError):
     """Label Studio rejected our API key (HTTP 401)."""
 
@@ -312,7 +317,7 @@ class LabelStudioClient:
             if response.status_code == 401:
                 raise self.auth_error(what)
             if response.status_code == 404:
-                raise LabelStudioError(f"Label Studio at {self.url} has no such object while {what} (HTTP 404)")
+                raise LabelStudioNotFound(f"Label Studio at {self.url} has no such object while {what} (HTTP 404)")
             if not response.ok:
                 raise LabelStudioError(f"Label Studio at {self.url} answered HTTP {response.status_code} while {what}")
             try:

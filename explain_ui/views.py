@@ -7,7 +7,8 @@ images, gallery items and HTML/markdown; ``explain_ui/app.py`` only lays them ou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -348,13 +349,26 @@ def stored_segments(prediction: Mapping[str, Any] | None, rgb: np.ndarray) -> li
     return segments
 
 
+@contextmanager
+def _typed_ids() -> Iterator[None]:
+    """A task route's 404 (Label Studio has no such task or project) as an InputError: the Task ID or
+    Project typed is what to fix, so its message belongs beside them, not in the Output panel."""
+    try:
+        yield
+    except BackendError as exc:
+        if exc.status == 404:
+            raise InputError(str(exc)) from None
+        raise
+
+
 def load_task(client: BackendClient, task_id: Any, project: str | None = None,
               progress: Progress = _no_progress) -> TaskView:
     """A task's image and its newest stored prediction, through the backend (which holds the LS key)."""
     number = check_task_id(task_id)
     project = asked = (project or "").strip()
     progress(0.1, desc=f"Fetching task {number}")
-    task = client.task(number, project or None)
+    with _typed_ids():
+        task = client.task(number, project or None)
     progress(0.4, desc="Fetching the task's image")
     rgb = client.task_image(number, project or None)
     predictions = task["predictions"]
@@ -398,10 +412,11 @@ def segment_task(client: BackendClient, task_id: Any, project: str | None, promp
                  rgb: np.ndarray | None = None, progress: Progress = _no_progress) -> Segmentation:
     """Run Segmentation on a task's image (empty prompt: the project's labels / remembered prompt)."""
     number, project = check_task_id(task_id), (project or "").strip()
-    rgb = _task_rgb(client, number, project, rgb)
-    progress(0.1, desc=f"Segmenting task {number} on the backend")
-    body = client.segment_task(number, project or None, prompt, *_task_thresholds(
-        use_project_thresholds, box_threshold, text_threshold))
+    with _typed_ids():
+        rgb = _task_rgb(client, number, project, rgb)
+        progress(0.1, desc=f"Segmenting task {number} on the backend")
+        body = client.segment_task(number, project or None, prompt, *_task_thresholds(
+            use_project_thresholds, box_threshold, text_threshold))
     segments = segments_from_json(body["segments"], _image_for(body, rgb))
     return Segmentation(rgb, segments, _summary(body, segments, body), (number, project))
 
@@ -412,10 +427,11 @@ def explain_task(client: BackendClient, task_id: Any, project: str | None, promp
                  progress: Progress = _no_progress) -> tuple[Segmentation, ExplanationView]:
     """Explain a task's segmentation (a task the backend already predicted comes from its cache)."""
     number, project = check_task_id(task_id), (project or "").strip()
-    rgb = _task_rgb(client, number, project, rgb)
-    progress(0.05, desc=f"Explaining task {number} on the backend")
-    body = client.explain_task(number, project or None, prompt, *_task_thresholds(
-        use_project_thresholds, box_threshold, text_threshold))
+    with _typed_ids():
+        rgb = _task_rgb(client, number, project, rgb)
+        progress(0.05, desc=f"Explaining task {number} on the backend")
+        body = client.explain_task(number, project or None, prompt, *_task_thresholds(
+            use_project_thresholds, box_threshold, text_threshold))
     result, view = _explained(body, rgb, progress, body)
     result.task = (number, project)
     return result, view

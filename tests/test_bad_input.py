@@ -373,6 +373,15 @@ def test_project_query_must_be_an_id(task_client, project):
     assert task_client.get("/api/tasks/1", query_string={"project": "1.1700000000"}).status_code == 200
 
 
+def test_a_task_or_project_label_studio_does_not_have_is_a_404_naming_it(task_client):
+    # The id typed on the explain page is wrong, not Label Studio failing (a 502 before).
+    for method, route in [("get", "/api/tasks/99"), ("get", "/api/tasks/99/image"),
+                          ("post", "/api/tasks/99/segment"), ("post", "/api/tasks/99/explain")]:
+        assert_error(getattr(task_client, method)(route), 404, "has no task 99", "check the Task ID")
+    # Task 1 has no project of its own: the one asked for is looked up, and isn't there.
+    assert_error(task_client.post("/api/tasks/1/explain", query_string={"project": "7"}), 404, "has no project 7")
+
+
 def test_task_with_a_malformed_project_is_label_studios_fault(task_client):
     assert_error(task_client.get("/api/tasks/2"), 502, "Label Studio sent task 2 with a malformed project", "'abc'")
 

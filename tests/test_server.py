@@ -544,7 +544,7 @@ def test_task_explain_after_predict_runs_no_model(quick_engine, fake_ls):
     parse(segmented, TaskSegmentationJson)
     assert segmented["prompt_source"] == "context"
     assert segmented["prediction"]["model_version"] == entry["model_version"]
-    assert client.post("/api/tasks/61/explain").status_code == 502  # Label Studio has no such task
+    assert client.post("/api/tasks/61/explain").status_code == 404  # Label Studio has no such task
     # After an interactive prediction, the task's explanation uses the prompt the project remembers.
     predict(client, [fake_ls.tasks[60]], project="6.17", context={"result": [textarea("truck")]})
     with counting_sam_encodes(quick_engine.segmenter) as calls:
