@@ -267,21 +267,25 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
             return trigger(start, [run_count], list(panels.buttons), queue=False, show_progress="hidden",
                            js=started_js(tab, scroll))
 
-        def on_change(trigger: Callable[..., Any], panels: Panels, tab: str, note: str, runs: list[Any]) -> None:
-            """An input's change: what is on show no longer matches the inputs, so it goes, the buttons come
-            on and the tab's ``runs`` in progress stop; unless a run started after the change was sent,
-            whose progress, masks and busy buttons this older answer must leave alone (``run_order``)."""
+        def on_change(trigger: Callable[..., Any], panels: Panels, tab: str, note: str, runs: list[Any],
+                      hidden: tuple[gr.HTML, ...] = ()) -> None:
+            """An input's change: what is on show no longer matches the inputs, so it goes (with the tab's
+            ``hidden`` blocks about it, e.g. a link's region), the buttons come on and the tab's ``runs`` in
+            progress stop; unless a run started after the change was sent, whose progress, masks and busy
+            buttons this older answer must leave alone (``run_order``)."""
 
             def clear(runs_before: float | None, request: gr.Request) -> Any:
                 if order.overtaken(request.session_hash, tab, runs_before):
                     return gr.skip()
-                return {**panels.nothing_shown(note), **panels.busy(False)}
+                return {**panels.nothing_shown(note), **panels.busy(False),
+                        **{block: gr.HTML(visible=False) for block in hidden}}
 
             # The cancel is a listener of its own, before the clear: the page sends one trigger's listeners
             # in turn, each after the one before was answered, so a cancel after the clear (``cancels=`` on
             # it) would wait for the clear's answer and, were that late, stop a run started after the change.
             trigger(None, None, None, cancels=runs, queue=False, show_progress="hidden")
-            trigger(clear, [run_count], panels.outputs(), show_progress="hidden", queue=False, js=changed_js(tab))
+            trigger(clear, [run_count], [*panels.outputs(), *hidden], show_progress="hidden", queue=False,
+                    js=changed_js(tab))
 
         # -- events: uploaded image --
         def on_run(upload, text_prompt, box_t, text_t, show) -> Updates:
@@ -402,7 +406,8 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                       ((use_project, task_box, task_text), "Settings changed: press Run to segment and explain."))
         for edits, note in task_notes:
             for edited in edits:
-                on_change(edited.input, task_panels, "task", note, task_events)
+                # The link's region block was about the masks on show: it goes with them.
+                on_change(edited.input, task_panels, "task", note, task_events, hidden=(region,))
         task_labels.change(redraw, [task_labels, task_panels.state], [task_panels.overlay], show_progress="hidden")
         for new_masks in (load.click, task_id.submit, task_run.click):
             # The link's region block was about the masks the link opened.
