@@ -42,6 +42,7 @@ from .panels import (
     SCROLL_JS,
     SEGMENT_STEPS,
     THEME,
+    UPLOAD_GUARD_JS,
     Panels,
     error_html,
     error_line,
@@ -184,7 +185,7 @@ def build_demo(client: BackendClient | None = None, settings: UISettings | None 
                 with gr.Row():
                     with gr.Column(scale=1, min_width=300):
                         gr.Markdown("### Input")
-                        image_error = error_line("image-input-error")
+                        image_error = error_line("image-input-error", UPLOAD_GUARD_JS)
                         image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
                                          elem_id="image-input")
                         prompt = gr.Textbox(label="Text prompt", placeholder="cat . dog", elem_id="image-prompt")

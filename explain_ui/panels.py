@@ -158,8 +158,41 @@ def error_html(message: str) -> str:
     return f'<p role="alert">&#9888; {html.escape(message)}</p>' if message else ""
 
 
-def error_line(elem_id: str) -> gr.HTML:
-    return gr.HTML(elem_id=elem_id, elem_classes=["panel-error", "collapse-empty"], js_on_load=None)
+def error_line(elem_id: str, js_on_load: str | None = None) -> gr.HTML:
+    return gr.HTML(elem_id=elem_id, elem_classes=["panel-error", "collapse-empty"], js_on_load=js_on_load)
+
+
+# The Image input refuses a file whose type isn't image/* (a PDF, a text file, one of unknown type) in
+# the page itself, before any upload, with a pop-up that fades ("Invalid file type only image/*
+# allowed.", or nothing at all for a drop) and no event for the server to answer. So the Input panel's
+# error line (this is its js_on_load: ``props`` is its own value) catches such a file first, picked or
+# dropped, and says in its lasting line which file and why; the next good upload or run clears it as
+# any error of the panel. Files of an image type go on to Gradio and are checked by ``uploaded_rgb``.
+UPLOAD_GUARD_JS = """
+const input = '#image-input';
+window.explainRefuseUpload = message => { props.value = message; };
+if (!window.explainUploadGuard) {
+  window.explainUploadGuard = true;
+  const escape = text => String(text).replace(/[&<>"']/g, c => `&#${c.charCodeAt(0)};`);
+  const refuse = (event, files) => {
+    const bad = [...(files || [])].find(file => !(file.type || '').startsWith('image/'));
+    if (!bad) return;
+    event.stopImmediatePropagation();
+    event.preventDefault();
+    if (event.target instanceof HTMLInputElement) event.target.value = '';
+    const kind = bad.type ? `a ${escape(bad.type)} file` : 'a file of unknown type';
+    window.explainRefuseUpload(`<p role="alert">&#9888; ${escape(bad.name)} can't be used as an image: it is `
+      + `${kind}, not an image. Upload a PNG, JPEG or WebP photo.</p>`);
+  };
+  document.addEventListener('change', event => {
+    if (event.target.matches && event.target.matches(`${input} input[type=file]`)) refuse(event, event.target.files);
+  }, true);
+  document.addEventListener('drop', event => {
+    const dropped = event.dataTransfer && event.dataTransfer.files;
+    if (event.target.closest && event.target.closest(input)) refuse(event, dropped);
+  }, true);
+}
+"""
 
 
 def _shown_html(elem_id: str) -> gr.HTML:
