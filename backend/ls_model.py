@@ -222,7 +222,7 @@ class GroundedSamModel:
                     plan.source)
         batch = context is None and len(tasks) > 1  # interactive requests are never deferred
         held = self._held_by_jobs(key, version, tasks) if batch else {}
-        todo = [task for task in tasks if _task_id(task) not in held]
+        todo, repeats = _first_copies(tasks, held)
         started = time.monotonic()
         slowest = 0.0  # the longest task so far: a task is only started when it can end in time
         entries: dict[int, dict[str, Any]] = {}  # position in ``todo`` -> entry
@@ -246,6 +246,11 @@ class GroundedSamModel:
         results = []
         for task in tasks:
             task_id = _task_id(task)
+            if id(task) in repeats:  # one prediction per task: the first copy's (stored once)
+                message = f"task {task_id} appears more than once in this request: predicted once, for its first copy"
+                errors.append({"task": task_id, "error": message})
+                results.append(failed_entry(message, version))
+                continue
             entry = by_id.get(id(task)) or (deferred.get(task_id) if task_id is not None else None)
             if entry is None:
                 entry = failed_entry("not predicted before PREDICT_DEADLINE_S",
@@ -385,6 +390,25 @@ class GroundedSamModel:
             reply["detail"] = "Grounded SAM is zero-shot: training is a no-op"
         return reply
 
+
+
+def _first_copies(tasks: Sequence[Any], held: Mapping[int, str]) -> tuple[list[Any], set[int]]:
+    """(the tasks to predict: neither held by a job nor a repeat of an earlier task's id, in order; the
+    ``id()`` of the repeats). Label Studio sends each task once, but a direct caller may not, and two
+    answers with a result for one task would be two stored predictions."""
+    todo: list[Any] = []
+    repeats: set[int] = set()
+    seen: set[int] = set()
+    for task in tasks:
+        task_id = _task_id(task)
+        if task_id is not None and task_id in seen:
+            repeats.add(id(task))
+            continue
+        if task_id is not None:
+            seen.add(task_id)
+        if task_id not in held:
+            todo.append(task)
+    return todo, repeats
 
 
 def _task_id(task: Any) -> int | None:

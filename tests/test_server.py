@@ -196,6 +196,17 @@ def test_setup_version_is_a_stable_string_carried_by_every_prediction(client, qu
 
 
 # -- /predict ---------------------------------------------------------------------------------------------
+def test_a_task_sent_twice_in_one_request_is_predicted_and_stored_once(client):
+    first, other = data_url(photo(2)), data_url(photo(3))
+    tasks = [{"id": 7, "data": {"image": first}}, {"id": 8, "data": {"image": other}},
+             {"id": 7, "data": {"image": first}}]
+    body = predict(client, tasks).get_json()
+    results = body["results"]
+    assert len(results) == 3 and "result" in results[0] and "result" in results[1]
+    assert "result" not in results[2]  # Label Studio skips an entry without a result: one stored prediction
+    assert [e["task"] for e in body["errors"]] == [7] and "more than once" in body["errors"][0]["error"]
+
+
 @pytest.mark.parametrize("prefetch_tasks", [0, 2])  # one after the other, or images fetched ahead on threads
 def test_batch_with_bad_tasks_answers_every_task_in_order(quick_engine, fake_ls, caplog, prefetch_tasks):
     good_upload, good_data = photo(2), photo(3)
