@@ -3,6 +3,8 @@ credentials, fetching, prefetch, the /predict deadline, size limits), checked wh
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,10 +18,13 @@ from .ls_api import Credentials
 from .project_state import DEFAULT_PROJECT_MEMORY_BYTES
 from .prompts import split_typed_prompt
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_PREFETCH_TASKS = 2
 # Label Studio waits ML_TIMEOUT_PREDICT (100 s by default) for a /predict and stores nothing when it
 # gives up: answer before that, and hand the tasks not reached to a background job.
 DEFAULT_PREDICT_DEADLINE_S = 80.0
+LABEL_STUDIO_PREDICT_TIMEOUT_S = 100.0  # Label Studio's ML_TIMEOUT_PREDICT default
 DEFAULT_MAX_LABEL_CONFIG_BYTES = 1 << 20  # Label Studio's configs are a few KiB; 1000 labels ~60 KiB
 
 
@@ -42,8 +47,13 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.prefetch_tasks < 0:
             raise ValueError(f"PREFETCH_TASKS must be >= 0, got {self.prefetch_tasks}")
-        if not self.predict_deadline_s >= 0:
-            raise ValueError(f"PREDICT_DEADLINE_S must be >= 0 seconds, got {self.predict_deadline_s}")
+        if not 0 <= self.predict_deadline_s < math.inf:
+            raise ValueError(f"PREDICT_DEADLINE_S must be a finite number of seconds >= 0 (0: no deadline), "
+                             f"got {self.predict_deadline_s}")
+        if self.predict_deadline_s >= LABEL_STUDIO_PREDICT_TIMEOUT_S:
+            logger.warning("PREDICT_DEADLINE_S=%g s is not below Label Studio's default ML_TIMEOUT_PREDICT (%g s): "
+                           "unless Label Studio's is raised too, it gives up on a long /predict first and stores "
+                           "nothing", self.predict_deadline_s, LABEL_STUDIO_PREDICT_TIMEOUT_S)
 
     def check_label_config(self, schema: str | None) -> None:
         """BadRequest naming MAX_LABEL_CONFIG_BYTES when ``schema`` is bigger than that."""

@@ -108,3 +108,20 @@ def test_project_state_is_shared_through_the_store(engine, tmp_path, fake_ls):
     assert model.credentials_for("10") is None
     plan = model.plan("9", parse_label_config(CONFIG), None)
     assert plan.phrases == ("dog",) and plan.box_threshold == 0.4 and plan.source == "extra_params"
+
+
+@pytest.mark.parametrize("value, problem", [("-1", ">= 0"), ("inf", "finite"), ("nan", "finite"),
+                                            ("soon", "number of seconds")])
+def test_a_bad_deadline_setting_is_refused_naming_it(value, problem):
+    with pytest.raises(ValueError, match="PREDICT_DEADLINE_S") as refused:
+        ModelSettings.from_env({"PREDICT_DEADLINE_S": value})
+    assert problem in str(refused.value)
+
+
+def test_a_deadline_past_label_studios_timeout_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="backend.model_settings"):
+        assert ModelSettings.from_env({"PREDICT_DEADLINE_S": "120"}).predict_deadline_s == 120
+        assert ModelSettings.from_env({"PREDICT_DEADLINE_S": "0"}).predict_deadline_s == 0  # no deadline
+    assert [r.message for r in caplog.records if "ML_TIMEOUT_PREDICT" in r.message] == [
+        "PREDICT_DEADLINE_S=120 s is not below Label Studio's default ML_TIMEOUT_PREDICT (100 s): unless Label "
+        "Studio's is raised too, it gives up on a long /predict first and stores nothing"]
