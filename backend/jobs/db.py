@@ -11,6 +11,7 @@ Secrets: to resume a job after a restart without anyone calling /setup again, th
 a job was created with is stored in its row (and /setup's key in ``project_state``), in clear text. The
 SQLite file is created with mode 0600 (its -wal/-shm files inherit it); for other databases, protect
 the database itself. Nothing here logs a key, and the dataclasses handed out keep it out of reprs.
+Finished jobs, and the keys in their rows, are deleted after JOBS_KEEP_DAYS (``retention.py``).
 """
 
 from __future__ import annotations

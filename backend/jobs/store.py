@@ -18,13 +18,14 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from ..api_schema import ACTIVE_JOB_STATES, JOB_STATES, JobJson
 from ..ls_api import Credentials
+from . import retention
 from .db import (
     Database,
     JobStoreError,
@@ -149,12 +150,17 @@ class JobStore:
             open ``Database``; default: ``default_url()``.
         clock: epoch seconds (``time.time``); tests pass another to move time.
         max_attempts: tries per task (MAX_TASK_ATTEMPTS).
+        keep_finished: seconds a finished job stays before ``create_job`` or ``resume`` deletes it
+            (``retention``; None: forever); "env": JOBS_KEEP_DAYS (default 30 days).
     """
 
     def __init__(self, url: str | Database | None = None, *, clock: Callable[[], float] = time.time,
-                 max_attempts: int = MAX_TASK_ATTEMPTS, retry_delay_s: float = RETRY_DELAY_S) -> None:
+                 max_attempts: int = MAX_TASK_ATTEMPTS, retry_delay_s: float = RETRY_DELAY_S,
+                 keep_finished: float | None | Literal["env"] = "env") -> None:
         if max_attempts < 1:
             raise JobStoreError(f"max_attempts must be at least 1, got {max_attempts}")
+        # Seconds a finished job is kept (``retention``): JOBS_KEEP_DAYS by default; None: forever.
+        self.keep_finished_s = retention.keep_finished_s() if keep_finished == "env" else keep_finished
         self.db = url if isinstance(url, Database) else Database(url, clock)
         self.clock = self.db.clock
         self.max_attempts = max_attempts
@@ -208,6 +214,7 @@ class JobStore:
             new = [task_id for task_id in by_id if task_id not in held]
             if not new:
                 return JobCreated(min(held.values()), 0, len(held))
+            retention.prune_finished(conn, now, self.keep_finished_s)
             job_id = uuid.uuid4().hex
             conn.execute(jobs_table.insert().values(
                 id=job_id, project=project, model_version=model_version, plan=dict(plan or {}),
@@ -287,10 +294,12 @@ class JobStore:
     def resume(self, gone: Callable[[str], bool] | None = None) -> list[str]:
         """On start: tasks whose lease ran out (their worker died) go back to pending, and so do the
         tasks of a worker ``gone(lease_owner)`` knows is dead (a backend restarted after a kill -9
-        would otherwise wait out the whole lease); returns the ids of the unfinished jobs, oldest first."""
+        would otherwise wait out the whole lease); finished jobs past ``keep_finished`` are deleted;
+        returns the ids of the unfinished jobs, oldest first."""
         now = self.clock()
         t = job_tasks_table
         with self._write() as conn:
+            retention.prune_finished(conn, now, self.keep_finished_s)
             conn.execute(t.update().where(t.c.state == RUNNING, t.c.lease_expires < now).values(
                 state=PENDING, lease_owner=None, lease_expires=None, updated=now))
             if gone is not None:
