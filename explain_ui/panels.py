@@ -49,6 +49,11 @@ CSS = """
 .panel-error p, .output-column .prose { overflow-wrap: anywhere; }  /* long URLs and versions wrap */
 .dark .panel-error p { color: #fca5a5; }
 .progress-line { min-height: 2.2em; }
+/* The progress line is the page's own: a run's failures go to its panel's error line. Gradio's bare
+   "Error" badge there only says that a run was stopped as it ended (an input edited during it): no text,
+   so none is shown. */
+.progress-line [data-testid="status-tracker"] .error,
+.progress-line [data-testid="status-tracker"] .clear-status { display: none; }
 .progress-line p.step::before { content: ""; display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.5em;
   vertical-align: -0.1em; border: 2px solid currentColor; border-right-color: transparent; border-radius: 50%;
   animation: step-spin 1s linear infinite; }
