@@ -45,6 +45,11 @@ class LabelStudioNotFound(LabelStudioError):
     API key's organisation can't see."""
 
 
+class LabelStudioUnavailable(LabelStudioError):
+    """Label Studio can't be reached, timed out, or said it is unavailable (HTTP 429/502/503/504):
+    it is restarting or overloaded, and nothing is wrong with the request; try again later."""
+
+
 class LabelStudioAuthError(LabelStudioError):
     """Label Studio rejected our API key (HTTP 401)."""
 

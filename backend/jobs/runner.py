@@ -35,17 +35,10 @@ from typing import Any, Protocol
 from ..fetch import FetchError
 from ..images import ImageError
 from ..label_config import TaskDataError
-from ..ls_api import LabelStudioAuthError, LabelStudioClient, LabelStudioError
+from ..ls_api import LabelStudioAuthError, LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 from .store import ACTIVE_JOB_STATES, DEFAULT_LEASE_S, ClaimedTask, Job, JobProgress, JobStore, JsonObject
 from .workers import worker_gone, worker_name
-from .writer import (
-    DEFAULT_CHUNK,
-    DEFAULT_CHUNK_BYTES,
-    LabelStudioUnavailable,
-    entry_bytes,
-    tasks_with_prediction,
-    write_predictions,
-)
+from .writer import DEFAULT_CHUNK, DEFAULT_CHUNK_BYTES, entry_bytes, tasks_with_prediction, write_predictions
 
 logger = logging.getLogger(__name__)
 

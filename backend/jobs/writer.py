@@ -34,7 +34,7 @@ from typing import Any
 
 import requests
 
-from ..ls_api import API_KEY_HELP, LabelStudioAuthError, LabelStudioClient, LabelStudioError
+from ..ls_api import API_KEY_HELP, LabelStudioAuthError, LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 
 # Predictions per bulk request. Measured on Label Studio 1.23.2 (2 shared cores): a bulk request costs
 # it ~35-65 ms per small prediction (rising with the project's size: it recounts the predictions of
@@ -51,11 +51,6 @@ _UNAVAILABLE = frozenset({429, 502, 503, 504})
 _PAGE_SIZE = 100
 
 _local = threading.local()  # one HTTP session per thread (keep-alive without sharing a Session)
-
-
-class LabelStudioUnavailable(LabelStudioError):
-    """Label Studio can't be reached, timed out, or said it is unavailable (HTTP 429/502/503/504):
-    it is restarting or overloaded, and nothing is wrong with the tasks; try again later."""
 
 
 @dataclass
